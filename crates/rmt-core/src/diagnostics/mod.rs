@@ -1,0 +1,521 @@
+//! Marchenko–Pastur diagnostics of the query/key spectrum (seed 000, Table 1, made precise by
+//! DESIGN.md).
+//!
+//! For one attention layer with effective query and key weights `Q, K ∈ ℝ^{m×d}` (rows
+//! grouped by head, `m = H·d_k`):
+//!
+//! * `M = QKᵀ ∈ ℝ^{m×m}`, `G = MMᵀ/d`, eigenvalues `λ₁ ≥ … ≥ λ_m ≥ 0`;
+//! * `γ = m/d`, `σ²` estimated (default: `Var(M_ij)` over all entries, the paper's
+//!   "empirical variance correction"), `λ₊ = σ²(1 + √γ)²` under the paper's MP null;
+//! * MP-Gap `Δ = λ₁ − λ₊` (raw, may be negative), outlier count `#{λᵢ > λ₊}`, outlier
+//!   energy `Σ_{λᵢ>λ₊} λᵢ / Σλᵢ`, MP soft rank `ρ = λ₁/λ₊`, stable rank `Σλᵢ/λ₁`,
+//!   normalised stable rank `stable rank / m`;
+//! * the same per head (`M_h = Q_hK_hᵀ`, `γ_h = d_k/d`);
+//! * a Tracy–Widom test of whether `λ₁` is above the bulk.
+//!
+//! Every σ² estimator ([`VarianceEstimator`]) and every null law ([`NullModel`]) asked for is
+//! reported side by side, named; nothing switches silently.
+
+mod estimators;
+mod fast;
+
+pub use estimators::VarianceEstimator;
+
+use crate::eigen::{EigenSolver, eigenvalues_descending};
+use crate::error::{Result, RmtError};
+use crate::laws::{MarchenkoPastur, ProductGaussianLaw, SpectralLaw};
+use crate::linalg::{Element, MatrixView, as_faer, check_matrix, gram_aat, product_abt, to_f64_mat};
+use crate::tracy_widom::{TracyWidomTest, wishart_largest_eigenvalue_scaling};
+use faer::{Mat, MatRef};
+use serde::{Deserialize, Serialize};
+
+/// The null law against which the spectrum of `G` is compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NullModel {
+    /// The paper's rule: `MP(γ = m/d, σ²)`, edge `λ₊ = σ²(1 + √γ)²`.
+    Mp,
+    /// The law of `G` when `M` is a product of independent Gaussian factors with the layer's
+    /// true shapes (Fuss–Catalan for `QKᵀ` with dense square `Q, K`: edge `27/4·σ²`). See
+    /// DESIGN.md, "the product null".
+    Product,
+}
+
+impl NullModel {
+    /// Name used in reports and CSV (`mp`, `product`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            NullModel::Mp => "mp",
+            NullModel::Product => "product",
+        }
+    }
+
+    /// Parses a name.
+    pub fn from_name(s: &str) -> Result<Self> {
+        match s {
+            "mp" => Ok(NullModel::Mp),
+            "product" => Ok(NullModel::Product),
+            _ => Err(RmtError::invalid("null", s, "expected `mp` or `product`")),
+        }
+    }
+}
+
+/// How `M = QKᵀ` factorises, for the product null: the inner dimensions of
+/// `M = X₁⋯X_s`, between the `m` rows of `Q` and the `m` rows of `K`.
+///
+/// * MHA, `M = QKᵀ`: `[d]`.
+/// * MLA, `M = W_uq·W_dq·W_dkvᵀ·W_ukᵀ`: `[q_latent, d, kv_latent]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Factorization {
+    /// Inner dimensions `N₁ … N_{s−1}`.
+    pub inner: Vec<usize>,
+}
+
+impl Factorization {
+    /// `M = QKᵀ` with dense `Q, K ∈ ℝ^{m×d}`.
+    pub fn dense(d: usize) -> Self {
+        Self { inner: vec![d] }
+    }
+
+    /// The factor shapes for rows `rows` (`[rows, inner…, rows]`).
+    pub fn dims(&self, rows: usize) -> Vec<usize> {
+        let mut dims = vec![rows];
+        dims.extend(&self.inner);
+        dims.push(rows);
+        dims
+    }
+}
+
+/// What to compute.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiagnosticsConfig {
+    /// σ² estimators, each reported separately. Default: the paper's `Empirical`.
+    pub estimators: Vec<VarianceEstimator>,
+    /// Null laws, each reported separately. Default: the paper's `Mp`.
+    pub nulls: Vec<NullModel>,
+    /// Also diagnose every head (`M_h = Q_hK_hᵀ`).
+    pub per_head: bool,
+    /// Full-spectrum eigensolver.
+    pub solver: EigenSolver,
+    /// Allow the partial-spectrum path when only the empirical estimator is asked for: the
+    /// outlier count from the inertia of `G − λ₊I`, λ₁ and the outliers' sum from a
+    /// certified Lanczos iteration; falls back to the full spectrum when it cannot certify.
+    pub fast_path: bool,
+}
+
+impl Default for DiagnosticsConfig {
+    fn default() -> Self {
+        Self {
+            estimators: vec![VarianceEstimator::Empirical],
+            nulls: vec![NullModel::Mp],
+            per_head: false,
+            solver: EigenSolver::default(),
+            fast_path: true,
+        }
+    }
+}
+
+impl DiagnosticsConfig {
+    /// Every estimator under every null, per head too.
+    pub fn everything() -> Self {
+        Self {
+            estimators: VarianceEstimator::ALL.to_vec(),
+            nulls: vec![NullModel::Mp, NullModel::Product],
+            per_head: true,
+            ..Self::default()
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.estimators.is_empty() {
+            return Err(RmtError::invalid("estimators", "[]", "ask for at least one σ² estimator"));
+        }
+        if self.nulls.is_empty() {
+            return Err(RmtError::invalid("nulls", "[]", "ask for at least one null law"));
+        }
+        Ok(())
+    }
+}
+
+/// The diagnostics of one spectrum under one (estimator, null) pair.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SpectralMetrics {
+    /// `λ₁`.
+    pub lambda_max: f64,
+    /// The null's bulk edge `λ₊`.
+    pub lambda_plus: f64,
+    /// The estimated `σ²`.
+    pub sigma2: f64,
+    /// `Δ = λ₁ − λ₊`.
+    pub mp_gap: f64,
+    /// `#{λᵢ > λ₊}`.
+    pub outlier_count: usize,
+    /// `Σ_{λᵢ>λ₊} λᵢ / Σᵢ λᵢ`.
+    pub outlier_energy: f64,
+    /// `ρ = λ₁/λ₊`.
+    pub mp_soft_rank: f64,
+    /// `Σλᵢ/λ₁`.
+    pub stable_rank: f64,
+    /// `stable rank / m`.
+    pub normalized_stable_rank: f64,
+    /// Tracy–Widom statistic of `λ₁` against the null's edge.
+    pub tw_statistic: f64,
+    /// Its β = 1 upper-tail p-value.
+    pub tw_p_value: f64,
+}
+
+impl SpectralMetrics {
+    /// Metric names in CSV order.
+    pub const NAMES: [&'static str; 11] = [
+        "lambda_max",
+        "lambda_plus",
+        "sigma2",
+        "mp_gap",
+        "outlier_count",
+        "outlier_energy",
+        "mp_soft_rank",
+        "stable_rank",
+        "normalized_stable_rank",
+        "tw_statistic",
+        "tw_p_value",
+    ];
+
+    /// `(name, value)` pairs in [`Self::NAMES`] order.
+    pub fn named_values(&self) -> [(&'static str, f64); 11] {
+        let v = [
+            self.lambda_max,
+            self.lambda_plus,
+            self.sigma2,
+            self.mp_gap,
+            self.outlier_count as f64,
+            self.outlier_energy,
+            self.mp_soft_rank,
+            self.stable_rank,
+            self.normalized_stable_rank,
+            self.tw_statistic,
+            self.tw_p_value,
+        ];
+        let mut out = [("", 0.0); 11];
+        for (i, name) in Self::NAMES.iter().enumerate() {
+            out[i] = (name, v[i]);
+        }
+        out
+    }
+}
+
+/// One (estimator, null) result.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Diagnosis {
+    /// How σ² was estimated.
+    pub estimator: VarianceEstimator,
+    /// Which null law gave `λ₊`.
+    pub null: NullModel,
+    /// The metrics.
+    pub metrics: SpectralMetrics,
+}
+
+/// The diagnostics of one `G` (a whole layer or one head).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpectrumDiagnostics {
+    /// `None` for the whole layer, `Some(h)` for head `h`.
+    pub head: Option<usize>,
+    /// Rows of `Q` (and of `K`): `m`, or `d_k` for a head.
+    pub rows: usize,
+    /// Model width `d`.
+    pub width: usize,
+    /// `tr G = ‖M‖_F²/d`.
+    pub trace: f64,
+    /// Whether the partial-spectrum path produced these numbers.
+    pub partial_spectrum: bool,
+    /// One entry per requested (estimator, null), estimators outermost.
+    pub diagnoses: Vec<Diagnosis>,
+}
+
+impl SpectrumDiagnostics {
+    /// The diagnosis for an (estimator, null) pair.
+    pub fn get(&self, estimator: VarianceEstimator, null: NullModel) -> Option<&SpectralMetrics> {
+        self.diagnoses.iter().find(|d| d.estimator == estimator && d.null == null).map(|d| &d.metrics)
+    }
+}
+
+/// Whole-layer and per-head diagnostics of one attention layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerDiagnostics {
+    /// Number of heads.
+    pub heads: usize,
+    /// The whole layer (`M = QKᵀ`).
+    pub layer: SpectrumDiagnostics,
+    /// Per head, when asked for.
+    pub per_head: Vec<SpectrumDiagnostics>,
+}
+
+/// Diagnoses one attention layer from its effective `Q, K ∈ ℝ^{m×d}` (rows grouped by
+/// head, `m = heads·d_k`). Products are formed in `T`'s precision, spectra in `f64`.
+///
+/// `factorization` describes `M` for the product null (defaults to dense `QKᵀ`).
+///
+/// # Errors
+/// Empty or non-finite matrices, shapes of `Q` and `K` that differ, `heads` = 0 or not
+/// dividing `m`, an all-zero `M`, or an invalid configuration.
+///
+/// # Example
+/// ```
+/// use nalgebra::DMatrix;
+/// use rand::SeedableRng;
+/// use rand_distr::{Distribution, StandardNormal};
+/// use rmt_core::diagnostics::{diagnose_layer, DiagnosticsConfig, NullModel, VarianceEstimator};
+/// use rmt_core::linalg::view;
+///
+/// let mut rng = rand_pcg::Pcg64::seed_from_u64(0);
+/// let (m, d) = (128, 128);
+/// let mut q = DMatrix::<f64>::from_fn(m, d, |_, _| StandardNormal.sample(&mut rng));
+/// let k = DMatrix::<f64>::from_fn(m, d, |_, _| StandardNormal.sample(&mut rng));
+/// // Plant a strong rank-one spike in Q.
+/// let u = DMatrix::<f64>::from_fn(m, 1, |_, _| StandardNormal.sample(&mut rng));
+/// q += &u * (&u.transpose() * &k) * 0.5;
+/// let cfg = DiagnosticsConfig { nulls: vec![NullModel::Mp, NullModel::Product], ..Default::default() };
+/// let diag = diagnose_layer(view(&q), view(&k), 4, &cfg, None).unwrap();
+/// let paper = diag.layer.get(VarianceEstimator::Empirical, NullModel::Mp).unwrap();
+/// assert!(paper.mp_gap > 0.0 && paper.outlier_count >= 1);
+/// assert!(paper.tw_p_value < 1e-6);
+/// ```
+pub fn diagnose_layer<T: Element>(
+    q: MatrixView<'_, T>,
+    k: MatrixView<'_, T>,
+    heads: usize,
+    config: &DiagnosticsConfig,
+    factorization: Option<&Factorization>,
+) -> Result<LayerDiagnostics> {
+    config.validate()?;
+    let (q, k) = (as_faer(&q), as_faer(&k));
+    check_matrix("Q", q)?;
+    check_matrix("K", k)?;
+    if q.nrows() != k.nrows() || q.ncols() != k.ncols() {
+        return Err(RmtError::ShapeMismatch {
+            context: "diagnose_layer",
+            detail: format!("Q is {}×{} but K is {}×{}", q.nrows(), q.ncols(), k.nrows(), k.ncols()),
+        });
+    }
+    let (m, d) = (q.nrows(), q.ncols());
+    if heads == 0 || m % heads != 0 {
+        return Err(RmtError::ShapeMismatch {
+            context: "diagnose_layer",
+            detail: format!("{m} rows of Q cannot be split into {heads} heads"),
+        });
+    }
+    let dense = Factorization::dense(d);
+    let factorization = factorization.unwrap_or(&dense);
+    let layer = diagnose_block(q, k, None, config, factorization)?;
+    let mut per_head = Vec::new();
+    if config.per_head {
+        let dk = m / heads;
+        for h in 0..heads {
+            let rows = h * dk..(h + 1) * dk;
+            per_head.push(diagnose_block(
+                q.subrows(rows.start, dk),
+                k.subrows(rows.start, dk),
+                Some(h),
+                &DiagnosticsConfig { fast_path: false, ..config.clone() },
+                factorization,
+            )?);
+        }
+    }
+    Ok(LayerDiagnostics { heads, layer, per_head })
+}
+
+/// The statistics of `M` that the metrics need besides the spectrum.
+#[derive(Debug, Clone, Copy)]
+struct EntryMoments {
+    /// `Var(M_ij)` over all entries.
+    variance: f64,
+    /// `‖M‖_F²`.
+    frobenius2: f64,
+}
+
+fn entry_moments<T: Element>(mm: MatRef<'_, T>) -> EntryMoments {
+    // Column sums in f64, then pairwise over columns: no catastrophic accumulation.
+    let (mut sum, mut sum2) = (0.0, 0.0);
+    for j in 0..mm.ncols() {
+        let (mut s, mut s2) = (0.0, 0.0);
+        for i in 0..mm.nrows() {
+            let x = mm[(i, j)].to_f64();
+            s += x;
+            s2 += x * x;
+        }
+        sum += s;
+        sum2 += s2;
+    }
+    let count = (mm.nrows() * mm.ncols()) as f64;
+    let mean = sum / count;
+    EntryMoments { variance: (sum2 / count - mean * mean).max(0.0), frobenius2: sum2 }
+}
+
+/// A null law at unit σ², rescalable.
+#[derive(Debug, Clone)]
+pub(crate) enum NullLaw {
+    Mp(MarchenkoPastur),
+    Product(ProductGaussianLaw),
+}
+
+impl NullLaw {
+    fn new(null: NullModel, rows: usize, width: usize, factorization: &Factorization) -> Result<Self> {
+        Ok(match null {
+            NullModel::Mp => NullLaw::Mp(MarchenkoPastur::new(rows as f64 / width as f64, 1.0)?),
+            NullModel::Product => {
+                NullLaw::Product(ProductGaussianLaw::for_product(&factorization.dims(rows), width as f64, 1.0)?)
+            }
+        })
+    }
+
+    /// The law at entry variance `σ²`.
+    pub(crate) fn at(&self, sigma2: f64) -> Result<NullLaw> {
+        Ok(match self {
+            NullLaw::Mp(l) => NullLaw::Mp(l.with_variance(sigma2)?),
+            NullLaw::Product(l) => NullLaw::Product(l.with_scale(l.scale() * sigma2)?),
+        })
+    }
+
+    pub(crate) fn law(&self) -> &dyn SpectralLaw {
+        match self {
+            NullLaw::Mp(l) => l,
+            NullLaw::Product(l) => l,
+        }
+    }
+
+    /// Tracy–Widom location and scale of the largest of `rows` eigenvalues: Johnstone's
+    /// real-Wishart scaling for MP (columns `d`), edge universality for the product law.
+    fn tracy_widom(&self, rows: usize, width: usize) -> (f64, f64) {
+        match self {
+            NullLaw::Mp(l) => wishart_largest_eigenvalue_scaling(rows, width, l.entry_variance()),
+            NullLaw::Product(l) => l.soft_edge_scaling(rows),
+        }
+    }
+}
+
+/// Metrics from `λ₁`, `λ₊`, σ², the outliers' count and sum, and `tr G`.
+#[allow(clippy::too_many_arguments)]
+fn metrics(
+    lambda_max: f64,
+    lambda_plus: f64,
+    sigma2: f64,
+    outlier_count: usize,
+    outlier_sum: f64,
+    trace: f64,
+    rows: usize,
+    tw: TracyWidomTest,
+) -> SpectralMetrics {
+    let stable_rank = trace / lambda_max;
+    SpectralMetrics {
+        lambda_max,
+        lambda_plus,
+        sigma2,
+        mp_gap: lambda_max - lambda_plus,
+        outlier_count,
+        outlier_energy: outlier_sum / trace,
+        mp_soft_rank: lambda_max / lambda_plus,
+        stable_rank,
+        normalized_stable_rank: stable_rank / rows as f64,
+        tw_statistic: tw.statistic,
+        tw_p_value: tw.p_value,
+    }
+}
+
+/// Diagnoses `G = (QKᵀ)(QKᵀ)ᵀ/d` for one block of rows.
+fn diagnose_block<T: Element>(
+    q: MatRef<'_, T>,
+    k: MatRef<'_, T>,
+    head: Option<usize>,
+    config: &DiagnosticsConfig,
+    factorization: &Factorization,
+) -> Result<SpectrumDiagnostics> {
+    let (rows, width) = (q.nrows(), q.ncols());
+    let mm = product_abt(q, k);
+    let moments = entry_moments(mm.as_ref());
+    if moments.frobenius2 == 0.0 || moments.variance == 0.0 {
+        return Err(RmtError::Degenerate(format!(
+            "M = QKᵀ{} has no variance (all entries equal): the diagnostics are undefined",
+            head.map(|h| format!(" of head {h}")).unwrap_or_default()
+        )));
+    }
+    let trace = moments.frobenius2 / width as f64;
+    let g: Mat<f64> = to_f64_mat(gram_aat(mm.as_ref(), 1.0 / width as f64).as_ref());
+    drop(mm);
+    let unit_laws: Vec<(NullModel, NullLaw)> = config
+        .nulls
+        .iter()
+        .map(|&n| NullLaw::new(n, rows, width, factorization).map(|l| (n, l)))
+        .collect::<Result<_>>()?;
+
+    let only_empirical = config.estimators.iter().all(|e| *e == VarianceEstimator::Empirical);
+    if config.fast_path && only_empirical {
+        let edges: Vec<f64> = unit_laws
+            .iter()
+            .map(|(_, l)| l.at(moments.variance).map(|l| l.law().upper_edge()))
+            .collect::<Result<_>>()?;
+        if let Some(partial) = fast::partial_spectrum(g.as_ref(), &edges)? {
+            let mut diagnoses = Vec::new();
+            for ((null, unit), (count, sum)) in unit_laws.iter().zip(&partial.outliers) {
+                let law = unit.at(moments.variance)?;
+                let (loc, scale) = law.tracy_widom(rows, width);
+                let tw = TracyWidomTest::new(partial.lambda_max, loc, scale);
+                let lp = law.law().upper_edge();
+                diagnoses.push(Diagnosis {
+                    estimator: VarianceEstimator::Empirical,
+                    null: *null,
+                    metrics: metrics(partial.lambda_max, lp, moments.variance, *count, *sum, trace, rows, tw),
+                });
+            }
+            return Ok(SpectrumDiagnostics { head, rows, width, trace, partial_spectrum: true, diagnoses });
+        }
+    }
+
+    let spectrum = eigenvalues_descending(g.as_ref(), config.solver)?;
+    let mut diagnoses = Vec::new();
+    for &estimator in &config.estimators {
+        for (null, unit) in &unit_laws {
+            let sigma2 = estimator.estimate(&spectrum, unit, moments.variance)?;
+            let law = unit.at(sigma2)?;
+            let lp = law.law().upper_edge();
+            let (count, sum) = outliers_above(&spectrum, lp);
+            let (loc, scale) = law.tracy_widom(rows, width);
+            let tw = TracyWidomTest::new(spectrum[0], loc, scale);
+            diagnoses.push(Diagnosis {
+                estimator,
+                null: *null,
+                metrics: metrics(spectrum[0], lp, sigma2, count, sum, trace, rows, tw),
+            });
+        }
+    }
+    Ok(SpectrumDiagnostics { head, rows, width, trace, partial_spectrum: false, diagnoses })
+}
+
+/// `(#{λ > edge}, Σ_{λ > edge} λ)` of a descending spectrum.
+fn outliers_above(spectrum: &[f64], edge: f64) -> (usize, f64) {
+    let count = spectrum.iter().take_while(|&&l| l > edge).count();
+    (count, spectrum[..count].iter().sum())
+}
+
+/// Diagnostics straight from a spectrum of `G` (for users who already have eigenvalues):
+/// the metrics for a given `σ²` and `λ₊`. The spectrum need not be sorted.
+///
+/// # Errors
+/// Empty or non-finite spectrum, `λ₁ ≤ 0`, or a non-positive `lambda_plus`.
+pub fn metrics_from_spectrum(eigenvalues: &[f64], sigma2: f64, lambda_plus: f64) -> Result<SpectralMetrics> {
+    if eigenvalues.is_empty() {
+        return Err(RmtError::Empty { what: "spectrum" });
+    }
+    crate::error::all_finite("spectrum", eigenvalues.iter().copied())?;
+    crate::error::positive("λ₊", lambda_plus)?;
+    let mut sorted = eigenvalues.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    if sorted[0] <= 0.0 {
+        return Err(RmtError::Degenerate("largest eigenvalue ≤ 0".into()));
+    }
+    let (count, sum) = outliers_above(&sorted, lambda_plus);
+    let trace: f64 = sorted.iter().sum();
+    let tw = TracyWidomTest { statistic: f64::NAN, p_value: f64::NAN, location: f64::NAN, scale: f64::NAN };
+    Ok(metrics(sorted[0], lambda_plus, sigma2, count, sum, trace, sorted.len(), tw))
+}
+
+#[cfg(test)]
+mod tests;

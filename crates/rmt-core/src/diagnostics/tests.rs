@@ -1,0 +1,228 @@
+use super::*;
+use crate::linalg::view;
+use nalgebra::DMatrix;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+
+fn gaussian(rows: usize, cols: usize, rng: &mut rand_pcg::Pcg64) -> DMatrix<f64> {
+    DMatrix::from_fn(rows, cols, |_, _| StandardNormal.sample(rng))
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let cfg = DiagnosticsConfig::default();
+    let q = DMatrix::<f64>::zeros(8, 4);
+    let k = DMatrix::<f64>::zeros(8, 5);
+    assert!(matches!(diagnose_layer(view(&q), view(&k), 2, &cfg, None), Err(RmtError::ShapeMismatch { .. })));
+    let k = DMatrix::<f64>::zeros(8, 4);
+    assert!(matches!(diagnose_layer(view(&q), view(&k), 3, &cfg, None), Err(RmtError::ShapeMismatch { .. })));
+    assert!(matches!(diagnose_layer(view(&q), view(&k), 2, &cfg, None), Err(RmtError::Degenerate(_))));
+    let mut q = DMatrix::<f64>::from_element(8, 4, 1.0);
+    q[(3, 2)] = f64::NAN;
+    assert!(matches!(diagnose_layer(view(&q), view(&k), 2, &cfg, None), Err(RmtError::NonFinite { .. })));
+    let e = DMatrix::<f64>::zeros(0, 4);
+    assert!(matches!(diagnose_layer(view(&e), view(&e), 1, &cfg, None), Err(RmtError::Empty { .. })));
+    let bad = DiagnosticsConfig { estimators: vec![], ..Default::default() };
+    let q = DMatrix::<f64>::from_element(8, 4, 1.0);
+    assert!(diagnose_layer(view(&q), view(&q), 2, &bad, None).is_err());
+}
+
+/// The metrics are exactly DESIGN.md's formulas on the full spectrum.
+#[test]
+fn metrics_follow_the_definitions() {
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(1);
+    let (m, d) = (48, 96);
+    let q = gaussian(m, d, &mut rng);
+    let k = gaussian(m, d, &mut rng);
+    let cfg = DiagnosticsConfig { fast_path: false, ..Default::default() };
+    let diag = diagnose_layer(view(&q), view(&k), 4, &cfg, None).unwrap();
+    let mm = &q * k.transpose();
+    let g = &mm * mm.transpose() / d as f64;
+    let ev = crate::spectra::symmetric_eigenvalues(&g).unwrap();
+    let mean = mm.iter().sum::<f64>() / (m * m) as f64;
+    let sigma2 = mm.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (m * m) as f64;
+    let lp = sigma2 * (1.0 + (m as f64 / d as f64).sqrt()).powi(2);
+    let out: Vec<f64> = ev.iter().copied().filter(|&l| l > lp).collect();
+    let total: f64 = ev.iter().sum();
+    let got = diag.layer.get(VarianceEstimator::Empirical, NullModel::Mp).unwrap();
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1e-12);
+    assert!(close(got.sigma2, sigma2));
+    assert!(close(got.lambda_plus, lp));
+    assert!(close(got.lambda_max, ev[0]));
+    assert!(close(got.mp_gap, ev[0] - lp));
+    assert_eq!(got.outlier_count, out.len());
+    assert!(close(got.outlier_energy, out.iter().sum::<f64>() / total));
+    assert!(close(got.mp_soft_rank, ev[0] / lp));
+    assert!(close(got.stable_rank, total / ev[0]));
+    assert!(close(got.normalized_stable_rank, total / ev[0] / m as f64));
+    assert!(close(diag.layer.trace, total));
+}
+
+/// BBP transition (Baik–Ben Arous–Péché; Benaych-Georges & Nadakuditi 2012) for
+/// information-plus-noise `X = Z + Σ θᵢ√d·uᵢvᵢᵀ`, `Z` i.i.d. N(0,1), `G = XXᵀ/d` at γ = 1:
+/// a spike detaches iff `θ > γ^{1/4} = 1`, to `λ(θ) = (1+θ²)(γ+θ²)/θ²`. Diagnosed as
+/// `M = X·I` (K = I). Outlier eigenvalues fluctuate by O(m^{−1/2}) (5 % at m = 400); the bulk
+/// edge by the Tracy–Widom scale s ≈ 2^{4/3}m^{−2/3} ≈ 0.046, so one bulk eigenvalue may sit
+/// just above λ₊ (P ≈ 1 − F₁(0) ≈ 0.17) but none beyond λ₊ + 3s.
+#[test]
+fn planted_spikes_follow_the_bbp_transition() {
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(2);
+    let (m, d) = (400, 400);
+    let thetas = [0.5, 1.5, 2.0, 3.0];
+    let u = gaussian(m, 4, &mut rng).qr().q();
+    let v = gaussian(d, 4, &mut rng).qr().q();
+    let mut x = gaussian(m, d, &mut rng);
+    for (i, t) in thetas.iter().enumerate() {
+        x += u.column(i) * v.column(i).transpose() * (t * (d as f64).sqrt());
+    }
+    let eye = DMatrix::<f64>::identity(d, d);
+    let cfg = DiagnosticsConfig { estimators: vec![VarianceEstimator::Trimmed], fast_path: false, ..Default::default() };
+    let diag = diagnose_layer(view(&x), view(&eye), 1, &cfg, None).unwrap();
+    let got = diag.layer.get(VarianceEstimator::Trimmed, NullModel::Mp).unwrap();
+    assert!((got.sigma2 - 1.0).abs() < 0.03, "σ² = {}", got.sigma2);
+    assert!((3..=4).contains(&got.outlier_count), "{got:?}");
+    let g = &x * x.transpose() / d as f64;
+    let ev = crate::spectra::symmetric_eigenvalues(&g).unwrap();
+    // Near the transition the finite-size bias grows (the scale there is m^{−1/3}): 10 % at
+    // θ = 1.5, 5 % further out.
+    for (i, (t, tol)) in [(3.0f64, 0.05), (2.0, 0.05), (1.5, 0.10)].iter().enumerate() {
+        let predicted = (1.0 + t * t).powi(2) / (t * t);
+        assert!((ev[i] / predicted - 1.0).abs() < *tol, "spike θ={t}: λ = {} vs {predicted}", ev[i]);
+    }
+    let s_tw = 2f64.powf(4.0 / 3.0) * (m as f64).powf(-2.0 / 3.0);
+    let beyond = ev.iter().filter(|&&l| l > got.lambda_plus + 3.0 * s_tw).count();
+    assert_eq!(beyond, 3);
+}
+
+/// At initialisation (Q, K i.i.d. Gaussian, m = d = 768) G's spectrum is Fuss–Catalan with
+/// edge 27/4·σ²: the paper's MP rule flags the FC mass above 4σ² as "outliers" — expected
+/// 768·(1 − F_FC(4)) of them (DESIGN.md measured 47) — while the product null flags none
+/// (up to the TW fluctuation of one eigenvalue). Eigenvalue counts in an interval fluctuate
+/// by O(√log m) ≈ 3.
+#[test]
+fn paper_rule_flags_the_fuss_catalan_tail_at_initialisation() {
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(12);
+    let (m, d) = (768, 768);
+    let q = gaussian(m, d, &mut rng);
+    let k = gaussian(m, d, &mut rng);
+    let cfg = DiagnosticsConfig { nulls: vec![NullModel::Mp, NullModel::Product], fast_path: false, ..Default::default() };
+    let diag = diagnose_layer(view(&q), view(&k), 12, &cfg, None).unwrap();
+    let mp = diag.layer.get(VarianceEstimator::Empirical, NullModel::Mp).unwrap();
+    let product = diag.layer.get(VarianceEstimator::Empirical, NullModel::Product).unwrap();
+    let fc = crate::laws::ProductGaussianLaw::fuss_catalan(2, 1.0).unwrap();
+    let expected = m as f64 * (1.0 - fc.cdf(4.0));
+    assert!((mp.outlier_count as f64 - expected).abs() < 8.0, "{} vs {expected}", mp.outlier_count);
+    // λ₁/σ² ≈ 27/4 + c·TW₁ with c the soft-edge scale: mean −1.21c, sd 1.27c; 3 sd.
+    let (edge, c) = fc.soft_edge_scaling(m);
+    let ratio = mp.lambda_max / mp.sigma2;
+    assert!((ratio - (edge - 1.21 * c)).abs() < 3.0 * 1.27 * c, "λ₁/σ² = {ratio}, edge {edge}, scale {c}");
+    assert!(product.outlier_count <= 1, "{product:?}");
+    assert!(product.tw_p_value > 0.01, "{product:?}");
+}
+
+/// The partial-spectrum path returns the full path's numbers, including with outliers close
+/// to λ₊, and reports when it was used.
+#[test]
+fn fast_path_matches_full_spectrum() {
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(3);
+    let (m, d) = (256, 256);
+    let mut q = gaussian(m, d, &mut rng);
+    let k = gaussian(m, d, &mut rng);
+    // Spikes of graded strength, from far above the edge down to just above it.
+    let u = gaussian(m, 6, &mut rng).qr().q();
+    for i in 0..6 {
+        let w = u.column(i) * (u.column(i).transpose() * &k) * (0.08 * (i as f64 + 1.0));
+        q += w;
+    }
+    let cfg_fast = DiagnosticsConfig { nulls: vec![NullModel::Mp, NullModel::Product], ..Default::default() };
+    let cfg_full = DiagnosticsConfig { fast_path: false, ..cfg_fast.clone() };
+    let fast = diagnose_layer(view(&q), view(&k), 4, &cfg_fast, None).unwrap();
+    let full = diagnose_layer(view(&q), view(&k), 4, &cfg_full, None).unwrap();
+    assert!(!full.layer.partial_spectrum);
+    for (a, b) in fast.layer.diagnoses.iter().zip(&full.layer.diagnoses) {
+        let (x, y) = (a.metrics.named_values(), b.metrics.named_values());
+        for ((name, vx), (_, vy)) in x.iter().zip(&y) {
+            assert!((vx - vy).abs() <= 1e-8 * vy.abs().max(1e-9), "{name}: fast {vx} vs full {vy}");
+        }
+    }
+}
+
+#[test]
+fn per_head_diagnostics_use_each_heads_block() {
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(4);
+    let (heads, dk, d) = (4, 16, 64);
+    let mut q = gaussian(heads * dk, d, &mut rng);
+    let k = gaussian(heads * dk, d, &mut rng);
+    // Plant a spike in head 2 only.
+    let rows = 2 * dk..3 * dk;
+    let kh = k.rows(rows.start, dk).clone_owned();
+    let u = gaussian(dk, 1, &mut rng);
+    let spike = &u * (u.transpose() * &kh) * 2.0;
+    let mut block = q.rows_mut(rows.start, dk);
+    block += spike;
+    let cfg = DiagnosticsConfig { per_head: true, ..Default::default() };
+    let diag = diagnose_layer(view(&q), view(&k), heads, &cfg, None).unwrap();
+    assert_eq!(diag.per_head.len(), heads);
+    let gaps: Vec<f64> = diag
+        .per_head
+        .iter()
+        .map(|h| h.get(VarianceEstimator::Empirical, NullModel::Mp).unwrap().mp_soft_rank)
+        .collect();
+    let best = gaps.iter().cloned().enumerate().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
+    assert_eq!(best, 2, "{gaps:?}");
+    for (h, hd) in diag.per_head.iter().enumerate() {
+        assert_eq!(hd.head, Some(h));
+        assert_eq!(hd.rows, dk);
+    }
+}
+
+#[test]
+fn estimators_recover_the_bulk_variance_despite_spikes() {
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(5);
+    let (m, d) = (300, 300);
+    let x = gaussian(m, d, &mut rng) * 1.5; // entry variance 2.25
+    let u = gaussian(m, 4, &mut rng).qr().q();
+    let mut spiked = x.clone();
+    for i in 0..4 {
+        spiked += u.column(i) * u.column(i).transpose() * (30.0 * (i + 1) as f64);
+    }
+    // G = XXᵀ/d is MP(1, 2.25) plus spikes: diagnose it as M = X·I.
+    let eye = DMatrix::<f64>::identity(d, d);
+    let cfg = DiagnosticsConfig { estimators: VarianceEstimator::ALL.to_vec(), fast_path: false, ..Default::default() };
+    let diag = diagnose_layer(view(&spiked), view(&eye), 1, &cfg, None).unwrap();
+    for est in [VarianceEstimator::Median, VarianceEstimator::Trimmed, VarianceEstimator::CdfFit] {
+        let s2 = diag.layer.get(est, NullModel::Mp).unwrap().sigma2;
+        // Finite-n fluctuation of a bulk statistic at m = 300 is O(1/m); 3 % is generous.
+        assert!((s2 / 2.25 - 1.0).abs() < 0.03, "{est:?}: σ² = {s2}");
+        assert_eq!(diag.layer.get(est, NullModel::Mp).unwrap().outlier_count, 4, "{est:?}");
+    }
+    // The paper's empirical estimator is inflated by the spikes.
+    let emp = diag.layer.get(VarianceEstimator::Empirical, NullModel::Mp).unwrap().sigma2;
+    assert!(emp > 2.25 * 1.1, "{emp}");
+}
+
+#[test]
+fn f32_and_f64_inputs_agree() {
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(6);
+    let q = gaussian(64, 64, &mut rng);
+    let k = gaussian(64, 64, &mut rng);
+    let q32 = q.map(|x| x as f32);
+    let k32 = k.map(|x| x as f32);
+    let cfg = DiagnosticsConfig::default();
+    let a = diagnose_layer(view(&q), view(&k), 2, &cfg, None).unwrap();
+    let b = diagnose_layer(view(&q32), view(&k32), 2, &cfg, None).unwrap();
+    let (x, y) = (a.layer.diagnoses[0].metrics, b.layer.diagnoses[0].metrics);
+    assert!((x.lambda_max / y.lambda_max - 1.0).abs() < 1e-5);
+    assert!((x.sigma2 / y.sigma2 - 1.0).abs() < 1e-5);
+}
+
+#[test]
+fn results_round_trip_through_json() {
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(7);
+    let q = gaussian(32, 32, &mut rng);
+    let k = gaussian(32, 32, &mut rng);
+    let diag = diagnose_layer(view(&q), view(&k), 2, &DiagnosticsConfig::everything(), None).unwrap();
+    let json = serde_json::to_string(&diag).unwrap();
+    let back: LayerDiagnostics = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, diag);
+}

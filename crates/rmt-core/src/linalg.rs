@@ -1,0 +1,301 @@
+//! Dense kernels shared by the crate: precision trait, nalgebra ↔ faer views, products,
+//! Gram matrices, inertia.
+//!
+//! nalgebra is the public type (`DMatrix`, strided [`MatrixView`]); faer does the work
+//! (its GEMM is multithreaded through rayon and dispatches on the CPU's SIMD width at run
+//! time). Views are converted without copying.
+
+use crate::error::{Result, RmtError};
+use faer::linalg::matmul::triangular::BlockStructure;
+use faer::{Accum, Mat, MatRef, Par};
+use nalgebra::{DMatrix, Dyn};
+
+/// A borrowed dense matrix with arbitrary row and column strides.
+///
+/// Build one from a [`DMatrix`] with [`view`], or from a row-major buffer (PyTorch's
+/// `Linear.weight`, a safetensors tensor) with [`row_major_view`], without copying.
+pub type MatrixView<'a, T> = nalgebra::MatrixView<'a, T, Dyn, Dyn, Dyn, Dyn>;
+
+/// Floating-point element types the crate computes with: `f32` and `f64`.
+///
+/// Products (`M = QKᵀ`, `G = MMᵀ/d`) are formed in the input's precision; every spectral
+/// computation after that (eigenvalues, sums, statistics) is carried out in `f64`.
+pub trait Element:
+    faer::traits::RealField + nalgebra::Scalar + Copy + Send + Sync + Default + 'static
+{
+    /// `"f32"` or `"f64"`.
+    const NAME: &'static str;
+    /// Widens (or keeps) the value as `f64`.
+    fn to_f64(self) -> f64;
+    /// Rounds an `f64` to this type.
+    fn from_f64(x: f64) -> Self;
+}
+
+impl Element for f32 {
+    const NAME: &'static str = "f32";
+    #[inline]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline]
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+}
+
+impl Element for f64 {
+    const NAME: &'static str = "f64";
+    #[inline]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline]
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+}
+
+/// A strided view of a whole [`DMatrix`].
+pub fn view<T: nalgebra::Scalar>(m: &DMatrix<T>) -> MatrixView<'_, T> {
+    let (rows, cols) = m.shape();
+    if rows == 0 || cols == 0 {
+        // nalgebra's constructor checks the buffer against the last element's offset, which
+        // an empty matrix does not have: view a 0×0 slice with its shape.
+        return empty_view(rows, cols);
+    }
+    // Column-major: element (i, j) at i + j·rows.
+    nalgebra::MatrixView::from_slice_with_strides_generic(m.as_slice(), Dyn(rows), Dyn(cols), Dyn(1), Dyn(rows))
+}
+
+/// A strided view of a row-major `rows × cols` buffer (element `(i, j)` at `i·cols + j`).
+///
+/// # Errors
+/// [`RmtError::ShapeMismatch`] if `data.len() != rows·cols`.
+///
+/// # Example
+/// ```
+/// let w = [1.0_f32, 2.0, 3.0, 4.0, 5.0, 6.0]; // 2×3, row-major
+/// let v = rmt_core::linalg::row_major_view(&w, 2, 3).unwrap();
+/// assert_eq!(v[(1, 0)], 4.0);
+/// ```
+pub fn row_major_view<T: nalgebra::Scalar>(data: &[T], rows: usize, cols: usize) -> Result<MatrixView<'_, T>> {
+    if rows.checked_mul(cols) != Some(data.len()) {
+        return Err(RmtError::ShapeMismatch {
+            context: "row_major_view",
+            detail: format!("{} values cannot form a {rows}×{cols} matrix", data.len()),
+        });
+    }
+    if rows == 0 || cols == 0 {
+        return Ok(empty_view(rows, cols));
+    }
+    Ok(nalgebra::MatrixView::from_slice_with_strides_generic(data, Dyn(rows), Dyn(cols), Dyn(cols), Dyn(1)))
+}
+
+/// A view with a zero dimension. Strides chosen to satisfy nalgebra's bound check
+/// `len + rs + cs ≥ rows·rs + cols·cs + 1` with `len = 0`.
+fn empty_view<'a, T: nalgebra::Scalar>(rows: usize, cols: usize) -> MatrixView<'a, T> {
+    let (rs, cs) = if rows == 0 { (1, 0) } else { (0, 1) };
+    nalgebra::MatrixView::from_slice_with_strides_generic(&[], Dyn(rows), Dyn(cols), Dyn(rs), Dyn(cs))
+}
+
+/// The faer view of a nalgebra view (no copy).
+pub(crate) fn as_faer<'a, T: Element>(m: &MatrixView<'a, T>) -> MatRef<'a, T> {
+    let (rows, cols) = m.shape();
+    let (rs, cs) = m.strides();
+    // SAFETY: nalgebra guarantees that every (i, j) < (rows, cols) addresses
+    // ptr + i·rs + j·cs inside the borrowed slice, for the lifetime 'a.
+    unsafe { MatRef::from_raw_parts(m.as_ptr(), rows, cols, rs as isize, cs as isize) }
+}
+
+/// The faer view of a `DMatrix` (no copy).
+pub(crate) fn dmatrix_as_faer<T: Element>(m: &DMatrix<T>) -> MatRef<'_, T> {
+    as_faer(&view(m))
+}
+
+/// Copies a faer matrix into a nalgebra `DMatrix`.
+pub(crate) fn to_dmatrix<T: Element>(m: MatRef<'_, T>) -> DMatrix<T> {
+    DMatrix::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)])
+}
+
+/// The parallelism used for dense kernels: rayon's global pool.
+pub(crate) fn par() -> Par {
+    Par::rayon(0)
+}
+
+/// Checks that the matrix has entries and that they are all finite.
+pub(crate) fn check_matrix<T: Element>(what: &'static str, m: MatRef<'_, T>) -> Result<()> {
+    if m.nrows() == 0 || m.ncols() == 0 {
+        return Err(RmtError::Empty { what });
+    }
+    for j in 0..m.ncols() {
+        for i in 0..m.nrows() {
+            let x = m[(i, j)].to_f64();
+            if !x.is_finite() {
+                return Err(RmtError::NonFinite { what, index: i + j * m.nrows(), value: x });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `A·Bᵀ` for `A ∈ ℝ^{m×k}`, `B ∈ ℝ^{n×k}` (the attention bilinear form `M = QKᵀ`).
+pub(crate) fn product_abt<T: Element>(a: MatRef<'_, T>, b: MatRef<'_, T>) -> Mat<T> {
+    let mut out = Mat::<T>::zeros(a.nrows(), b.nrows());
+    faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, a, b.transpose(), T::from_f64(1.0), par());
+    out
+}
+
+/// `scale·A·Aᵀ`, computing only the lower triangle (half the flops of a GEMM) and
+/// mirroring it, so the result is exactly symmetric.
+pub(crate) fn gram_aat<T: Element>(a: MatRef<'_, T>, scale: f64) -> Mat<T> {
+    let n = a.nrows();
+    let mut out = Mat::<T>::zeros(n, n);
+    faer::linalg::matmul::triangular::matmul(
+        out.as_mut(),
+        BlockStructure::TriangularLower,
+        Accum::Replace,
+        a,
+        BlockStructure::Rectangular,
+        a.transpose(),
+        BlockStructure::Rectangular,
+        T::from_f64(scale),
+        par(),
+    );
+    for j in 0..n {
+        for i in 0..j {
+            out[(i, j)] = out[(j, i)];
+        }
+    }
+    out
+}
+
+/// Converts to `f64` (a copy; `f64 → f64` is a plain copy).
+pub(crate) fn to_f64_mat<T: Element>(a: MatRef<'_, T>) -> Mat<f64> {
+    Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)].to_f64())
+}
+
+/// Sylvester inertia of a symmetric matrix: how many eigenvalues are positive, negative
+/// and zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Inertia {
+    /// Number of eigenvalues > 0.
+    pub positive: usize,
+    /// Number of eigenvalues < 0.
+    pub negative: usize,
+    /// Number of eigenvalues that are exactly 0 in the factorisation.
+    pub zero: usize,
+}
+
+/// Inertia of `A − shift·I` for symmetric `A` (lower triangle read), from one Bunch–Kaufman
+/// `LBLᵀ` factorisation (`n³/3` flops): by Sylvester's law, the inertia of the block
+/// diagonal `B` is that of `A − shift·I`. So the number of eigenvalues of `A` above
+/// `shift` is `inertia(A, shift).positive`, without computing any eigenvalue.
+pub fn inertia(a: &DMatrix<f64>, shift: f64) -> Result<Inertia> {
+    let (r, c) = a.shape();
+    if r != c {
+        return Err(RmtError::NotSquare { what: "inertia input", rows: r, cols: c });
+    }
+    check_matrix("inertia input", dmatrix_as_faer(a))?;
+    if !shift.is_finite() {
+        return Err(RmtError::invalid("shift", shift, "must be finite"));
+    }
+    Ok(shifted_inertia(dmatrix_as_faer(a), shift))
+}
+
+/// Inertia of `A − shift·I` (no input checks; lower triangle of `a` read).
+pub(crate) fn shifted_inertia(a: MatRef<'_, f64>, shift: f64) -> Inertia {
+    let n = a.nrows();
+    let mut shifted = a.to_owned();
+    for i in 0..n {
+        shifted[(i, i)] -= shift;
+    }
+    let f = shifted.lblt(faer::Side::Lower);
+    let d = f.B_diag();
+    let e = f.B_subdiag();
+    let mut inertia = Inertia { positive: 0, negative: 0, zero: 0 };
+    let mut i = 0;
+    while i < n {
+        if i + 1 < n && e[i] != 0.0 {
+            // 2×2 pivot [[a, b], [b, c]]: eigenvalue signs from det and trace.
+            let (p, q, b) = (d[i], d[i + 1], e[i]);
+            let det = p * q - b * b;
+            if det < 0.0 {
+                inertia.positive += 1;
+                inertia.negative += 1;
+            } else if det > 0.0 {
+                if p + q > 0.0 {
+                    inertia.positive += 2;
+                } else {
+                    inertia.negative += 2;
+                }
+            } else {
+                inertia.zero += 1;
+                if p + q > 0.0 {
+                    inertia.positive += 1;
+                } else {
+                    inertia.negative += 1;
+                }
+            }
+            i += 2;
+        } else {
+            match d[i].partial_cmp(&0.0) {
+                Some(std::cmp::Ordering::Greater) => inertia.positive += 1,
+                Some(std::cmp::Ordering::Less) => inertia.negative += 1,
+                _ => inertia.zero += 1,
+            }
+            i += 1;
+        }
+    }
+    inertia
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_major_view_reads_pytorch_layout() {
+        let w: Vec<f64> = (0..6).map(|x| x as f64).collect();
+        let v = row_major_view(&w, 2, 3).unwrap();
+        assert_eq!(v[(0, 2)], 2.0);
+        assert_eq!(v[(1, 1)], 4.0);
+        let f = as_faer(&v);
+        assert_eq!(f[(1, 2)], 5.0);
+        assert!(row_major_view(&w, 4, 2).is_err());
+    }
+
+    #[test]
+    fn gram_is_exactly_symmetric_and_correct() {
+        let a = DMatrix::<f64>::from_fn(5, 3, |i, j| (i as f64 + 1.0) * (j as f64 - 1.0) + 0.5);
+        let g = gram_aat(dmatrix_as_faer(&a), 0.5);
+        let reference = &a * a.transpose() * 0.5;
+        for i in 0..5 {
+            for j in 0..5 {
+                assert_eq!(g[(i, j)], g[(j, i)]);
+                assert!((g[(i, j)] - reference[(i, j)]).abs() < 1e-12);
+            }
+        }
+    }
+
+    #[test]
+    fn inertia_counts_eigenvalues_above_a_shift() {
+        let d = DMatrix::<f64>::from_diagonal(&nalgebra::DVector::from_vec(vec![5.0, -1.0, 3.0, 0.5, 2.0]));
+        // Rotate so the factorisation has real work to do.
+        let q = DMatrix::<f64>::from_fn(5, 5, |i, j| ((i * 5 + j) as f64 * 0.7).sin()).qr().q();
+        let a = &q * d * q.transpose();
+        let a = (&a + a.transpose()) * 0.5;
+        let i = inertia(&a, 1.0).unwrap();
+        assert_eq!((i.positive, i.negative), (3, 2));
+        let i = inertia(&a, 10.0).unwrap();
+        assert_eq!(i.positive, 0);
+    }
+
+    #[test]
+    fn inertia_rejects_bad_input() {
+        let a = DMatrix::<f64>::from_element(2, 3, 1.0);
+        assert!(matches!(inertia(&a, 0.0), Err(RmtError::NotSquare { .. })));
+        let mut a = DMatrix::<f64>::identity(3, 3);
+        a[(1, 2)] = f64::NAN;
+        assert!(matches!(inertia(&a, 0.0), Err(RmtError::NonFinite { .. })));
+    }
+}
