@@ -1,1 +1,43 @@
-fn main() {}
+//! `cargo xtask …`: the project's runner.
+//!
+//! * `cargo xtask diagnose CHECKPOINT.safetensors [--format table|csv|json] [--per-head]`
+//! * `cargo xtask bench eigen|diagnose` — performance against a reference measured in the
+//!   same invocation (numpy/LAPACK), one line per size.
+
+mod bench;
+mod diagnose;
+mod npy;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Attention-spectra project runner", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Marchenko–Pastur diagnostics of QKᵀ for every attention layer of a safetensors checkpoint.
+    Diagnose(diagnose::Args),
+    /// Benchmarks against a reference measured in the same run.
+    #[command(subcommand)]
+    Bench(bench::Bench),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Diagnose(args) => diagnose::run(args),
+        Command::Bench(b) => bench::run(b),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

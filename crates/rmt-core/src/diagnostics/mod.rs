@@ -17,16 +17,15 @@
 //! reported side by side, named; nothing switches silently.
 
 mod estimators;
-mod fast;
 
 pub use estimators::VarianceEstimator;
 
-use crate::eigen::{EigenSolver, eigenvalues_descending};
+use crate::eigen::{EigenSolver, eigenvalues_descending, tridiagonalize};
 use crate::error::{Result, RmtError};
 use crate::laws::{MarchenkoPastur, ProductGaussianLaw, SpectralLaw};
-use crate::linalg::{Element, MatrixView, as_faer, check_matrix, gram_aat, product_abt, to_f64_mat};
+use crate::linalg::{Element, MatrixView, as_faer, check_matrix, gram_of_transpose, product_abt};
 use crate::tracy_widom::{TracyWidomTest, wishart_largest_eigenvalue_scaling};
-use faer::{Mat, MatRef};
+use faer::MatRef;
 use serde::{Deserialize, Serialize};
 
 /// The null law against which the spectrum of `G` is compared.
@@ -97,9 +96,10 @@ pub struct DiagnosticsConfig {
     pub per_head: bool,
     /// Full-spectrum eigensolver.
     pub solver: EigenSolver,
-    /// Allow the partial-spectrum path when only the empirical estimator is asked for: the
-    /// outlier count from the inertia of `G − λ₊I`, λ₁ and the outliers' sum from a
-    /// certified Lanczos iteration; falls back to the full spectrum when it cannot certify.
+    /// Allow the partial-spectrum path when only the empirical estimator is asked for (its
+    /// `λ₊` is known before any eigenvalue): after the two-stage tridiagonalisation, the
+    /// outlier count is a Sturm count — the inertia of `G − λ₊I` — and only the eigenvalues
+    /// above `λ₊` (and λ₁) are computed, by bisection. It returns the full path's numbers.
     pub fast_path: bool,
 }
 
@@ -429,8 +429,9 @@ fn diagnose_block<T: Element>(
     factorization: &Factorization,
 ) -> Result<SpectrumDiagnostics> {
     let (rows, width) = (q.nrows(), q.ncols());
-    let mm = product_abt(q, k);
-    let moments = entry_moments(mm.as_ref());
+    // Mᵀ = KQᵀ, column-major: G = MMᵀ is then a TN product of it with itself.
+    let mt = product_abt(k, q);
+    let moments = entry_moments(mt.as_ref());
     if moments.frobenius2 == 0.0 || moments.variance == 0.0 {
         return Err(RmtError::Degenerate(format!(
             "M = QKᵀ{} has no variance (all entries equal): the diagnostics are undefined",
@@ -438,8 +439,8 @@ fn diagnose_block<T: Element>(
         )));
     }
     let trace = moments.frobenius2 / width as f64;
-    let g: Mat<f64> = to_f64_mat(gram_aat(mm.as_ref(), 1.0 / width as f64).as_ref());
-    drop(mm);
+    let g = gram_of_transpose(mt.as_ref(), 1.0 / width as f64);
+    drop(mt);
     let unit_laws: Vec<(NullModel, NullLaw)> = config
         .nulls
         .iter()
@@ -447,30 +448,28 @@ fn diagnose_block<T: Element>(
         .collect::<Result<_>>()?;
 
     let only_empirical = config.estimators.iter().all(|e| *e == VarianceEstimator::Empirical);
-    if config.fast_path && only_empirical {
-        let edges: Vec<f64> = unit_laws
-            .iter()
-            .map(|(_, l)| l.at(moments.variance).map(|l| l.law().upper_edge()))
-            .collect::<Result<_>>()?;
-        if let Some(partial) = fast::partial_spectrum(g.as_ref(), &edges)? {
-            let mut diagnoses = Vec::new();
-            for ((null, unit), (count, sum)) in unit_laws.iter().zip(&partial.outliers) {
-                let law = unit.at(moments.variance)?;
-                let (loc, scale) = law.tracy_widom(rows, width);
-                let tw = TracyWidomTest::new(partial.lambda_max, loc, scale);
-                let lp = law.law().upper_edge();
-                diagnoses.push(Diagnosis {
-                    estimator: VarianceEstimator::Empirical,
-                    null: *null,
-                    metrics: metrics(partial.lambda_max, lp, moments.variance, *count, *sum, trace, rows, tw),
-                });
-            }
-            return Ok(SpectrumDiagnostics { head, rows, width, trace, partial_spectrum: true, diagnoses });
+    let partial = config.fast_path && only_empirical && config.solver == EigenSolver::TwoStage;
+    let mut diagnoses = Vec::new();
+    if partial {
+        let tri = tridiagonalize(g.as_ref());
+        drop(g);
+        for (null, unit) in &unit_laws {
+            let law = unit.at(moments.variance)?;
+            let lp = law.law().upper_edge();
+            let (above, lambda_max) = tri.eigenvalues_above(lp);
+            let (loc, scale) = law.tracy_widom(rows, width);
+            let tw = TracyWidomTest::new(lambda_max, loc, scale);
+            diagnoses.push(Diagnosis {
+                estimator: VarianceEstimator::Empirical,
+                null: *null,
+                metrics: metrics(lambda_max, lp, moments.variance, above.len(), above.iter().sum(), trace, rows, tw),
+            });
         }
+        return Ok(SpectrumDiagnostics { head, rows, width, trace, partial_spectrum: true, diagnoses });
     }
 
     let spectrum = eigenvalues_descending(g.as_ref(), config.solver)?;
-    let mut diagnoses = Vec::new();
+    drop(g);
     for &estimator in &config.estimators {
         for (null, unit) in &unit_laws {
             let sigma2 = estimator.estimate(&spectrum, unit, moments.variance)?;

@@ -1,0 +1,181 @@
+//! Stage 1 of the two-stage reduction: dense symmetric → symmetric band of half-bandwidth
+//! `b`, by blocked Householder QR of each panel and a two-sided update of the trailing
+//! matrix made entirely of matrix–matrix products (LAPACK's `dsytrd_sy2sb`).
+//!
+//! For the panel `P = A[j+b.., j..j+b] = Q R` with `Q = I − V T Vᵀ` (compact WY), the trailing
+//! matrix becomes `QᵀA₂₂Q = A₂₂ − V Wᵀ − W Vᵀ` with `X = A₂₂ V T` and
+//! `W = X − ½ V (Tᵀ Vᵀ X)`. Only the lower triangle of `A₂₂` is read and written: `A₂₂V` is
+//! two triangular products, the update one triangular rank-2b product.
+
+use crate::linalg::{Element, par};
+use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{BlockStructure, matmul as tri_matmul};
+use faer::reborrow::{Reborrow, ReborrowMut};
+use faer::{Accum, Mat, MatMut};
+
+/// Householder reflector `H = I − τ v vᵀ` (`v₀ = 1`) with `H x = β e₁` (LAPACK `dlarfg`).
+/// Returns `(τ, β)` and overwrites `x[1..]` with `v[1..]`.
+pub(crate) fn householder<T: Element>(x: &mut [T]) -> (T, T) {
+    let alpha = x[0];
+    let tail = dot(&x[1..], &x[1..]);
+    if tail == T::ZERO {
+        return (T::ZERO, alpha);
+    }
+    let norm = (alpha * alpha + tail).square_root();
+    let beta = if alpha >= T::ZERO { -norm } else { norm };
+    let tau = (beta - alpha) / beta;
+    let scale = T::ONE / (alpha - beta);
+    for v in &mut x[1..] {
+        *v *= scale;
+    }
+    x[0] = T::ONE;
+    (tau, beta)
+}
+
+/// Reduces the symmetric matrix whose lower triangle is `a` (overwritten) to lower band form
+/// with half-bandwidth `b`: afterwards `a[i, j]` for `0 ≤ i − j ≤ b` holds the band of a
+/// matrix orthogonally similar to the input. Entries below the band are garbage.
+pub(crate) fn reduce_to_band<T: Element>(mut a: MatMut<'_, T>, b: usize) {
+    let n = a.nrows();
+    let mut j = 0;
+    while j + b + 1 < n {
+        let k = n - j - b; // rows of the panel, ≥ 2
+        let nb = b.min(k);
+        // Panel QR, unblocked, on a contiguous column-major copy of the k × b panel.
+        let mut panel = vec![T::ZERO; k * b];
+        for c in 0..b {
+            for i in 0..k {
+                panel[c * k + i] = a[(j + b + i, j + c)];
+            }
+        }
+        let mut taus = vec![T::ZERO; nb];
+        for c in 0..nb {
+            let (head, rest) = panel.split_at_mut((c + 1) * k);
+            let x = &mut head[c * k + c..];
+            let (tau, beta) = householder(x);
+            taus[c] = tau;
+            if tau != T::ZERO {
+                // Apply H = I − τ v vᵀ to the remaining columns (rows c..k).
+                for col in rest.chunks_exact_mut(k) {
+                    let y = &mut col[c..];
+                    let s = tau * dot(x, y);
+                    axpy(-s, x, y);
+                }
+            }
+            x[0] = beta; // R's diagonal; v₀ = 1 is implicit from here on
+        }
+        // V (k × nb, unit lower trapezoidal) and T (nb × nb upper triangular, dlarft).
+        let v = Mat::<T>::from_fn(k, nb, |i, c| {
+            if i == c {
+                T::ONE
+            } else if i > c {
+                panel[c * k + i]
+            } else {
+                T::ZERO
+            }
+        });
+        let mut t = Mat::<T>::zeros(nb, nb);
+        for c in 0..nb {
+            t[(c, c)] = taus[c];
+            if c > 0 && taus[c] != T::ZERO {
+                // t[0..c, c] = −τ_c · T[0..c, 0..c] · (V[:, 0..c]ᵀ v_c)
+                let vc: Vec<T> = (c..k).map(|i| v[(i, c)]).collect();
+                let w: Vec<T> = (0..c).map(|q| dot(&panel_col(&v, q)[c..], &vc)).collect();
+                for r in 0..c {
+                    let mut s = T::ZERO;
+                    for q in r..c {
+                        s += t[(r, q)] * w[q];
+                    }
+                    t[(r, c)] = -taus[c] * s;
+                }
+            }
+        }
+        // Write R back (upper trapezoid of the panel); below it the band is zero.
+        for c in 0..b {
+            for i in 0..k {
+                a[(j + b + i, j + c)] = if i <= c { panel[c * k + i] } else { T::ZERO };
+            }
+        }
+        // Two-sided update of the trailing k × k block.
+        let mut a22 = a.rb_mut().submatrix_mut(j + b, j + b, k, k);
+        // Y = A₂₂ V with A₂₂ = L + L_strictᵀ (lower storage).
+        let mut y = Mat::<T>::zeros(k, nb);
+        tri_matmul(
+            y.as_mut(),
+            BlockStructure::Rectangular,
+            Accum::Replace,
+            a22.rb(),
+            BlockStructure::TriangularLower,
+            v.as_ref(),
+            BlockStructure::Rectangular,
+            T::ONE,
+            par(),
+        );
+        tri_matmul(
+            y.as_mut(),
+            BlockStructure::Rectangular,
+            Accum::Add,
+            a22.rb().transpose(),
+            BlockStructure::StrictTriangularUpper,
+            v.as_ref(),
+            BlockStructure::Rectangular,
+            T::ONE,
+            par(),
+        );
+        let x = &y * &t; // X = A₂₂ V T
+        let s = v.transpose() * &x; // Vᵀ X
+        let u = t.transpose() * &s; // Tᵀ Vᵀ X
+        let mut w = x;
+        matmul(w.as_mut(), Accum::Add, v.as_ref(), u.as_ref(), T::from_f64(-0.5), par());
+        // A₂₂ ← A₂₂ − [V W]·[W V]ᵀ on the lower triangle: one rank-2nb product, arranged as
+        // TN (transposed column-major left operand), faer's fastest layout.
+        let lhs_t = Mat::<T>::from_fn(2 * nb, k, |c, i| if c < nb { v[(i, c)] } else { w[(i, c - nb)] });
+        let rhs_t = Mat::<T>::from_fn(2 * nb, k, |c, i| if c < nb { w[(i, c)] } else { v[(i, c - nb)] });
+        tri_matmul(
+            a22.rb_mut(),
+            BlockStructure::TriangularLower,
+            Accum::Add,
+            lhs_t.as_ref().transpose(),
+            BlockStructure::Rectangular,
+            rhs_t.as_ref(),
+            BlockStructure::Rectangular,
+            -T::ONE,
+            par(),
+        );
+        j += b;
+    }
+}
+
+/// Column `c` of a column-major faer matrix as a slice.
+fn panel_col<T: Element>(m: &Mat<T>, c: usize) -> &[T] {
+    let col = m.as_ref().col(c);
+    col.try_as_col_major().expect("Mat columns are contiguous").as_slice()
+}
+
+/// `Σ xᵢyᵢ` with eight accumulators (lets LLVM vectorise the reduction).
+#[inline]
+pub(crate) fn dot<T: Element>(x: &[T], y: &[T]) -> T {
+    let n = x.len().min(y.len());
+    let (x, y) = (&x[..n], &y[..n]);
+    let mut acc = [T::ZERO; 8];
+    let mut xc = x.chunks_exact(8);
+    let mut yc = y.chunks_exact(8);
+    for (a, b) in (&mut xc).zip(&mut yc) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    let mut tail = T::ZERO;
+    for (a, b) in xc.remainder().iter().zip(yc.remainder()) {
+        tail += *a * *b;
+    }
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail
+}
+
+/// `y += α x`.
+#[inline]
+pub(crate) fn axpy<T: Element>(alpha: T, x: &[T], y: &mut [T]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += alpha * *xi;
+    }
+}

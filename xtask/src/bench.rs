@@ -1,0 +1,241 @@
+//! `cargo xtask bench …`: the project's hot paths against numpy (OpenBLAS/LAPACK) on the
+//! same matrices, in the same invocation. One line per size, `key=value` pairs, so a script
+//! can read it; `ratio = project / reference` (below 1 is faster).
+
+use crate::npy;
+use nalgebra::DMatrix;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use rmt_core::diagnostics::{DiagnosticsConfig, NullModel, VarianceEstimator, diagnose_layer};
+use rmt_core::eigen::EigenSolver;
+use rmt_core::linalg::view;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+#[derive(clap::Subcommand)]
+pub enum Bench {
+    /// Full symmetric spectrum: the project's solver vs numpy.linalg.eigvalsh (LAPACK).
+    Eigen {
+        /// Matrix sizes.
+        #[arg(long, value_delimiter = ',', default_value = "256,768,2048")]
+        sizes: Vec<usize>,
+        /// Timed repetitions per size (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Solver: two-stage (the default) or faer.
+        #[arg(long, default_value = "two-stage")]
+        solver: String,
+    },
+    /// The whole-layer paper metrics of one layer (M = QKᵀ, G, every metric) vs numpy.
+    Diagnose {
+        /// Widths n (Q, K ∈ ℝ^{n×n}).
+        #[arg(long, value_delimiter = ',', default_value = "768,2048,4096")]
+        sizes: Vec<usize>,
+        /// Precision of Q and K (and of the products): f32, f64 or both.
+        #[arg(long, default_value = "both")]
+        dtype: String,
+        /// Timed repetitions per size (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Also time a whole model: this many layers of width 768.
+        #[arg(long, default_value_t = 12)]
+        layers: usize,
+    },
+}
+
+pub fn run(b: Bench) -> Result<(), String> {
+    check_numpy()?;
+    let dir = std::env::temp_dir().join(format!("xtask-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let result = match b {
+        Bench::Eigen { sizes, repeats, solver } => eigen(&dir, &sizes, repeats.max(1), &solver),
+        Bench::Diagnose { sizes, dtype, repeats, layers } => diagnose(&dir, &sizes, &dtype, repeats.max(1), layers),
+    };
+    std::fs::remove_dir_all(&dir).ok();
+    result
+}
+
+fn check_numpy() -> Result<(), String> {
+    let ok = Command::new("python3").args(["-c", "import numpy"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if ok { Ok(()) } else { Err("the reference needs python3 with numpy (`pip install numpy`)".into()) }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+/// Median wall time in ms of `repeats` runs of `f`, after one warm-up run.
+fn time_ms<T>(repeats: usize, mut f: impl FnMut() -> T) -> (f64, T) {
+    let mut last = f();
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let t = Instant::now();
+        last = f();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    (median(times), last)
+}
+
+/// Runs a Python snippet with `sys.argv[1:] = args` and returns its stdout's last line.
+fn python(script: &str, args: &[String]) -> Result<String, String> {
+    let out = Command::new("python3").arg("-c").arg(script).args(args).output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("numpy reference failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string())
+}
+
+/// Parses `key=value` pairs of a reference's output line.
+fn field(line: &str, key: &str) -> Result<f64, String> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("reference output lacks {key}: {line}"))
+}
+
+const EIGEN_REFERENCE: &str = r#"
+import sys, time, numpy as np
+a = np.load(sys.argv[1]); repeats = int(sys.argv[2])
+np.linalg.eigvalsh(a)
+ts = []
+for _ in range(repeats):
+    t = time.perf_counter(); ev = np.linalg.eigvalsh(a); ts.append(time.perf_counter() - t)
+print(f"ms={sorted(ts)[len(ts)//2]*1e3} max={float(ev[-1])!r} min={float(ev[0])!r}")
+"#;
+
+fn wishart(n: usize, seed: u64) -> DMatrix<f64> {
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
+    let x = DMatrix::<f64>::from_fn(n, n, |_, _| StandardNormal.sample(&mut rng));
+    rmt_core::spectra::gram(&x, 1.0 / n as f64).expect("finite Gaussian matrix")
+}
+
+fn eigen(dir: &Path, sizes: &[usize], repeats: usize, solver: &str) -> Result<(), String> {
+    let solver = match solver {
+        "two-stage" => EigenSolver::TwoStage,
+        "faer" => EigenSolver::Faer,
+        other => return Err(format!("unknown solver `{other}` (two-stage, faer)")),
+    };
+    println!("# bench eigen: {solver:?} vs numpy.linalg.eigvalsh, f64, median of {repeats}, threads={}", rayon_threads());
+    for &n in sizes {
+        let a = wishart(n, n as u64);
+        let path = dir.join(format!("eig{n}.npy"));
+        npy::write(&path, a.transpose().as_slice(), n, n).map_err(|e| e.to_string())?;
+        let (project_ms, ev) =
+            time_ms(repeats, || rmt_core::spectra::symmetric_eigenvalues_with(&a, solver).expect("valid matrix"));
+        let line = python(EIGEN_REFERENCE, &[path_arg(&path), repeats.to_string()])?;
+        let lapack_ms = field(&line, "ms")?;
+        let err = ((ev[0] - field(&line, "max")?).abs()).max((ev[n - 1] - field(&line, "min")?).abs()) / ev[0];
+        println!(
+            "n={n} project_ms={project_ms:.2} lapack_ms={lapack_ms:.2} ratio={:.3} max_rel_diff={err:.1e}",
+            project_ms / lapack_ms
+        );
+    }
+    Ok(())
+}
+
+const DIAGNOSE_REFERENCE: &str = r#"
+import sys, time, numpy as np
+q = np.load(sys.argv[1]); k = np.load(sys.argv[2]); repeats = int(sys.argv[3]); layers = int(sys.argv[4])
+def metrics(q, k):
+    m, d = q.shape
+    M = q @ k.T
+    G = (M @ M.T) / d
+    s2 = M.astype(np.float64).var()
+    ev = np.linalg.eigvalsh(G)
+    lp = s2 * (1 + np.sqrt(m / d)) ** 2
+    out = ev[ev > lp]
+    tr = ev.sum()
+    return dict(lmax=float(ev[-1]), lp=float(lp), gap=float(ev[-1] - lp), count=int(out.size),
+                energy=float(out.sum() / tr), soft=float(ev[-1] / lp), stable=float(tr / ev[-1]))
+metrics(q, k)
+ts = []
+for _ in range(repeats):
+    t = time.perf_counter()
+    for _ in range(layers):
+        r = metrics(q, k)
+    ts.append(time.perf_counter() - t)
+print(f"ms={sorted(ts)[len(ts)//2]*1e3} lmax={r['lmax']!r} count={r['count']} energy={r['energy']!r}")
+"#;
+
+/// `Q, K ∈ ℝ^{n×n}` Gaussian with 16 planted rank-one spikes of graded strength in `Q`
+/// (a trained layer has tens of outliers; this exercises the outlier path, not only the bulk).
+fn spiked_layer(n: usize, seed: u64) -> (DMatrix<f64>, DMatrix<f64>) {
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
+    let mut q = DMatrix::<f64>::from_fn(n, n, |_, _| StandardNormal.sample(&mut rng));
+    let k = DMatrix::<f64>::from_fn(n, n, |_, _| StandardNormal.sample(&mut rng));
+    let u = DMatrix::<f64>::from_fn(n, 16, |_, _| StandardNormal.sample(&mut rng)).qr().q();
+    for i in 0..16 {
+        let strength = 0.15 * (i + 1) as f64;
+        q += u.column(i) * (u.column(i).transpose() * &k) * strength;
+    }
+    (q, k)
+}
+
+fn diagnose(dir: &Path, sizes: &[usize], dtype: &str, repeats: usize, layers: usize) -> Result<(), String> {
+    let dtypes: Vec<&str> = match dtype {
+        "both" => vec!["f32", "f64"],
+        "f32" | "f64" => vec![dtype],
+        other => return Err(format!("unknown dtype `{other}` (f32, f64, both)")),
+    };
+    let config = DiagnosticsConfig::default();
+    println!(
+        "# bench diagnose: paper metrics (empirical σ², MP null) of one layer vs numpy (same dtype for products, eigvalsh), median of {repeats}, threads={}",
+        rayon_threads()
+    );
+    let mut jobs: Vec<(usize, usize)> = sizes.iter().map(|&n| (n, 1)).collect();
+    if layers > 0 {
+        jobs.push((768, layers));
+    }
+    for (n, count) in jobs {
+        let (q, k) = spiked_layer(n, 1000 + n as u64);
+        for &dt in &dtypes {
+            let qp = dir.join(format!("q{n}{dt}.npy"));
+            let kp = dir.join(format!("k{n}{dt}.npy"));
+            let (project_ms, metrics) = if dt == "f32" {
+                let (q32, k32) = (q.map(|x| x as f32), k.map(|x| x as f32));
+                npy::write(&qp, q32.transpose().as_slice(), n, n).map_err(|e| e.to_string())?;
+                npy::write(&kp, k32.transpose().as_slice(), n, n).map_err(|e| e.to_string())?;
+                time_ms(repeats, || {
+                    let mut last = None;
+                    for _ in 0..count {
+                        last = Some(diagnose_layer(view(&q32), view(&k32), 1, &config, None).expect("valid layer"));
+                    }
+                    last.unwrap()
+                })
+            } else {
+                npy::write(&qp, q.transpose().as_slice(), n, n).map_err(|e| e.to_string())?;
+                npy::write(&kp, k.transpose().as_slice(), n, n).map_err(|e| e.to_string())?;
+                time_ms(repeats, || {
+                    let mut last = None;
+                    for _ in 0..count {
+                        last = Some(diagnose_layer(view(&q), view(&k), 1, &config, None).expect("valid layer"));
+                    }
+                    last.unwrap()
+                })
+            };
+            let ours = metrics.layer.get(VarianceEstimator::Empirical, NullModel::Mp).expect("default pair");
+            let line = python(DIAGNOSE_REFERENCE, &[path_arg(&qp), path_arg(&kp), repeats.to_string(), count.to_string()])?;
+            let numpy_ms = field(&line, "ms")?;
+            let agree = (ours.lambda_max / field(&line, "lmax")? - 1.0).abs();
+            let prefix = if count > 1 { format!("layers={count} ") } else { String::new() };
+            println!(
+                "{prefix}n={n} dtype={dt} project_ms={project_ms:.1} numpy_ms={numpy_ms:.1} ratio={:.3} partial_spectrum={} outliers={}/{} lambda_max_rel_diff={agree:.1e}",
+                project_ms / numpy_ms,
+                metrics.layer.partial_spectrum,
+                ours.outlier_count,
+                field(&line, "count")? as usize,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn path_arg(p: &PathBuf) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}

@@ -1,0 +1,136 @@
+//! `cargo xtask diagnose`.
+
+use rmt_core::checkpoint::Checkpoint;
+use rmt_core::diagnostics::{DiagnosticsConfig, NullModel, SpectralMetrics, SpectrumDiagnostics, VarianceEstimator};
+use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A safetensors checkpoint (HF LLaMA, DeepSeek-V2/V3 MLA, or this project's export).
+    checkpoint: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+    /// Also diagnose every head.
+    #[arg(long)]
+    per_head: bool,
+    /// Number of attention heads (default: `num_attention_heads` of a config.json beside the file).
+    #[arg(long)]
+    heads: Option<usize>,
+    /// σ² estimators, comma-separated: empirical (the paper's), median, trimmed, cdf_fit.
+    #[arg(long, value_delimiter = ',', default_value = "empirical")]
+    estimators: Vec<String>,
+    /// Null laws, comma-separated: mp (the paper's), product.
+    #[arg(long, value_delimiter = ',', default_value = "mp")]
+    nulls: Vec<String>,
+    /// Only these layers (comma-separated indices).
+    #[arg(long, value_delimiter = ',')]
+    layers: Option<Vec<usize>>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Serialize)]
+struct LayerReport {
+    layer: usize,
+    attention: rmt_core::checkpoint::AttentionKind,
+    rows: usize,
+    width: usize,
+    diagnostics: rmt_core::diagnostics::LayerDiagnostics,
+}
+
+pub fn run(args: Args) -> Result<(), String> {
+    let estimators = args
+        .estimators
+        .iter()
+        .map(|s| VarianceEstimator::from_name(s.trim()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let nulls = args.nulls.iter().map(|s| NullModel::from_name(s.trim())).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+    let config = DiagnosticsConfig { estimators, nulls, per_head: args.per_head, ..Default::default() };
+    let checkpoint = Checkpoint::open(&args.checkpoint, args.heads).map_err(|e| e.to_string())?;
+    let mut indices = checkpoint.layer_indices();
+    if let Some(only) = &args.layers {
+        for l in only {
+            if !indices.contains(l) {
+                return Err(format!("layer {l} has no attention weights (layers: {indices:?})"));
+            }
+        }
+        indices.retain(|i| only.contains(i));
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut reports = Vec::new();
+    let io = |e: std::io::Error| e.to_string();
+    match args.format {
+        Format::Csv => writeln!(out, "layer,head,estimator,null,metric,value").map_err(io)?,
+        Format::Table => writeln!(
+            out,
+            "{:>5} {:>4} {:>9} {:>7} {:>12} {:>12} {:>11} {:>8} {:>8} {:>8} {:>9} {:>9}",
+            "layer", "head", "estimator", "null", "lambda_max", "lambda_plus", "mp_gap", "outliers", "energy", "soft_rk", "stable_rk", "tw_p"
+        )
+        .map_err(io)?,
+        Format::Json => {}
+    }
+    for index in indices {
+        let layer = checkpoint.layer(index).map_err(|e| e.to_string())?;
+        let diag = layer.diagnose(&config).map_err(|e| format!("layer {index}: {e}"))?;
+        match args.format {
+            Format::Json => reports.push(LayerReport {
+                layer: index,
+                attention: layer.kind.clone(),
+                rows: layer.rows,
+                width: layer.width,
+                diagnostics: diag,
+            }),
+            Format::Csv | Format::Table => {
+                for spectrum in std::iter::once(&diag.layer).chain(diag.per_head.iter()) {
+                    write_rows(&mut out, args.format, index, spectrum).map_err(io)?;
+                }
+            }
+        }
+    }
+    if let Format::Json = args.format {
+        serde_json::to_writer_pretty(&mut out, &reports).map_err(|e| e.to_string())?;
+        writeln!(out).map_err(io)?;
+    }
+    Ok(())
+}
+
+fn write_rows(out: &mut impl Write, format: Format, layer: usize, s: &SpectrumDiagnostics) -> std::io::Result<()> {
+    let head = s.head.map(|h| h.to_string()).unwrap_or_else(|| "all".to_string());
+    for d in &s.diagnoses {
+        let (e, n) = (d.estimator.name(), d.null.name());
+        match format {
+            Format::Csv => {
+                for (metric, value) in d.metrics.named_values() {
+                    writeln!(out, "{layer},{head},{e},{n},{metric},{value}")?;
+                }
+            }
+            Format::Table => {
+                let m: &SpectralMetrics = &d.metrics;
+                writeln!(
+                    out,
+                    "{layer:>5} {head:>4} {e:>9} {n:>7} {:>12.5e} {:>12.5e} {:>11.3e} {:>8} {:>8.4} {:>8.4} {:>9.3} {:>9.2e}",
+                    m.lambda_max,
+                    m.lambda_plus,
+                    m.mp_gap,
+                    m.outlier_count,
+                    m.outlier_energy,
+                    m.mp_soft_rank,
+                    m.stable_rank,
+                    m.tw_p_value
+                )?;
+            }
+            Format::Json => {}
+        }
+    }
+    Ok(())
+}
