@@ -74,17 +74,17 @@ pub(crate) fn reduce_to_band<T: Element>(mut a: MatMut<'_, T>, b: usize) {
                 T::ZERO
             }
         });
+        // dlarft: T[0..c, c] = −τ_c · T[0..c, 0..c] · (V[:, 0..c]ᵀ v_c), with all the inner
+        // products VᵀV from one GEMM.
+        let vtv = v.transpose() * &v;
         let mut t = Mat::<T>::zeros(nb, nb);
         for c in 0..nb {
             t[(c, c)] = taus[c];
             if c > 0 && taus[c] != T::ZERO {
-                // t[0..c, c] = −τ_c · T[0..c, 0..c] · (V[:, 0..c]ᵀ v_c)
-                let vc: Vec<T> = (c..k).map(|i| v[(i, c)]).collect();
-                let w: Vec<T> = (0..c).map(|q| dot(&panel_col(&v, q)[c..], &vc)).collect();
                 for r in 0..c {
                     let mut s = T::ZERO;
                     for q in r..c {
-                        s += t[(r, q)] * w[q];
+                        s += t[(r, q)] * vtv[(q, c)];
                     }
                     t[(r, c)] = -taus[c] * s;
                 }
@@ -144,12 +144,6 @@ pub(crate) fn reduce_to_band<T: Element>(mut a: MatMut<'_, T>, b: usize) {
         );
         j += b;
     }
-}
-
-/// Column `c` of a column-major faer matrix as a slice.
-fn panel_col<T: Element>(m: &Mat<T>, c: usize) -> &[T] {
-    let col = m.as_ref().col(c);
-    col.try_as_col_major().expect("Mat columns are contiguous").as_slice()
 }
 
 /// `Σ xᵢyᵢ` with eight accumulators (lets LLVM vectorise the reduction).

@@ -1,13 +1,14 @@
 //! Symmetric eigenvalue solvers (eigenvalues only).
 //!
-//! [`EigenSolver::TwoStage`], the default, reduces the matrix to a band of half-bandwidth
-//! `b` with matrix–matrix products only ([`band`]), chases the band down to tridiagonal form
-//! ([`bulge`]), and finds the tridiagonal eigenvalues with implicit QR (faer's). The
-//! one-stage Householder tridiagonalisation of LAPACK's `dsyevd` and of faer spends half its
-//! flops in matrix–vector products, bound by memory bandwidth; the two-stage path moves them
-//! into GEMM and keeps the `O(n²b)` chase in cache. [`EigenSolver::Faer`] is faer 0.24's
-//! one-stage `self_adjoint_eigenvalues`, kept as a reference. `cargo xtask bench eigen`
-//! measures both against LAPACK.
+//! [`EigenSolver::TwoStage`], the default, works in the input's precision (`f32` or `f64`):
+//! it reduces the matrix to a band of half-bandwidth `b = 32` with matrix–matrix products
+//! only (`band`), chases the band down to tridiagonal form (`bulge`), and finds the
+//! tridiagonal eigenvalues in `f64` with the Pal–Walker–Kahan QL/QR iteration, or only those
+//! above a threshold by Sturm bisection (`tridiagonal`). The one-stage Householder
+//! tridiagonalisation of LAPACK's `dsyevd` spends half its flops in matrix–vector products,
+//! bound by memory bandwidth; the two-stage path moves them into GEMM and keeps the `O(n²b)`
+//! chase in cache. [`EigenSolver::Faer`] is faer 0.24's one-stage solver, kept as a
+//! reference. `cargo xtask bench eigen` measures both against LAPACK (docs/performance.md).
 
 mod band;
 mod bulge;
@@ -33,8 +34,7 @@ pub enum EigenSolver {
 /// Half-bandwidth of the intermediate band: wide enough for efficient GEMM in stage 1, narrow
 /// enough that the `6bn²` flops of the chase stay small.
 fn bandwidth(n: usize) -> usize {
-    let b = if n >= 1536 { 48 } else { 32 };
-    b.min(n.saturating_sub(1)).max(1)
+    32.min(n.saturating_sub(1)).max(1)
 }
 
 /// A symmetric tridiagonal matrix: diagonal `d`, subdiagonal `e`.
@@ -64,6 +64,9 @@ impl Tridiagonal {
 /// tridiagonal matrix (two-stage, in `T`'s precision).
 pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
     let n = a.nrows();
+    if n < TWO_STAGE_MIN {
+        return tridiagonalize_one_stage(a);
+    }
     let b = bandwidth(n);
     let mut work = a.to_owned();
     band::reduce_to_band(work.as_mut(), b);
@@ -71,6 +74,30 @@ pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
     drop(work);
     let (d, e) = band.tridiagonalize();
     Tridiagonal { d, e }
+}
+
+/// Below this size faer's one-stage Householder tridiagonalisation is faster (measured:
+/// n = 256, 5.8 ms one-stage vs 8.0 ms two-stage; two-stage wins from n ≈ 600).
+const TWO_STAGE_MIN: usize = 1024;
+
+/// faer's one-stage (blocked Householder) tridiagonalisation.
+fn tridiagonalize_one_stage<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
+    use faer::linalg::evd::tridiag;
+    let n = a.nrows();
+    if n == 0 {
+        return Tridiagonal { d: vec![], e: vec![] };
+    }
+    let mut t = a.to_owned();
+    let par = crate::linalg::par();
+    let params = Default::default();
+    let bs = faer::linalg::qr::no_pivoting::factor::recommended_block_size::<T>(n, n);
+    let mut householder = faer::Mat::<T>::zeros(bs, n.saturating_sub(1));
+    let mut mem = faer::dyn_stack::MemBuffer::new(tridiag::tridiag_in_place_scratch::<T>(n, par, params));
+    tridiag::tridiag_in_place(t.as_mut(), householder.as_mut(), par, faer::dyn_stack::MemStack::new(&mut mem), params);
+    Tridiagonal {
+        d: (0..n).map(|i| t[(i, i)].to_f64()).collect(),
+        e: (0..n - 1).map(|i| t[(i + 1, i)].to_f64()).collect(),
+    }
 }
 
 /// Eigenvalues of the symmetric matrix whose lower triangle is `a`, in descending order.
