@@ -9,7 +9,7 @@ use rand_distr::{Distribution, StandardNormal};
 use rmt_core::diagnostics::{DiagnosticsConfig, NullModel, VarianceEstimator, diagnose_layer};
 use rmt_core::eigen::EigenSolver;
 use rmt_core::linalg::view;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -49,16 +49,33 @@ pub fn run(b: Bench) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("xtask-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let result = match b {
-        Bench::Eigen { sizes, repeats, solver } => eigen(&dir, &sizes, repeats.max(1), &solver),
-        Bench::Diagnose { sizes, dtype, repeats, layers } => diagnose(&dir, &sizes, &dtype, repeats.max(1), layers),
+        Bench::Eigen {
+            sizes,
+            repeats,
+            solver,
+        } => eigen(&dir, &sizes, repeats.max(1), &solver),
+        Bench::Diagnose {
+            sizes,
+            dtype,
+            repeats,
+            layers,
+        } => diagnose(&dir, &sizes, &dtype, repeats.max(1), layers),
     };
     std::fs::remove_dir_all(&dir).ok();
     result
 }
 
 fn check_numpy() -> Result<(), String> {
-    let ok = Command::new("python3").args(["-c", "import numpy"]).output().map(|o| o.status.success()).unwrap_or(false);
-    if ok { Ok(()) } else { Err("the reference needs python3 with numpy (`pip install numpy`)".into()) }
+    let ok = Command::new("python3")
+        .args(["-c", "import numpy"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if ok {
+        Ok(())
+    } else {
+        Err("the reference needs python3 with numpy (`pip install numpy`)".into())
+    }
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -80,11 +97,23 @@ fn time_ms<T>(repeats: usize, mut f: impl FnMut() -> T) -> (f64, T) {
 
 /// Runs a Python snippet with `sys.argv[1:] = args` and returns its stdout's last line.
 fn python(script: &str, args: &[String]) -> Result<String, String> {
-    let out = Command::new("python3").arg("-c").arg(script).args(args).output().map_err(|e| e.to_string())?;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
     if !out.status.success() {
-        return Err(format!("numpy reference failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(format!(
+            "numpy reference failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string())
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string())
 }
 
 /// Parses `key=value` pairs of a reference's output line.
@@ -117,16 +146,22 @@ fn eigen(dir: &Path, sizes: &[usize], repeats: usize, solver: &str) -> Result<()
         "faer" => EigenSolver::Faer,
         other => return Err(format!("unknown solver `{other}` (two-stage, faer)")),
     };
-    println!("# bench eigen: {solver:?} vs numpy.linalg.eigvalsh, f64, median of {repeats}, threads={}", rayon_threads());
+    println!(
+        "# bench eigen: {solver:?} vs numpy.linalg.eigvalsh, f64, median of {repeats}, threads={}",
+        rayon_threads()
+    );
     for &n in sizes {
         let a = wishart(n, n as u64);
         let path = dir.join(format!("eig{n}.npy"));
         npy::write(&path, a.transpose().as_slice(), n, n).map_err(|e| e.to_string())?;
-        let (project_ms, ev) =
-            time_ms(repeats, || rmt_core::spectra::symmetric_eigenvalues_with(&a, solver).expect("valid matrix"));
+        let (project_ms, ev) = time_ms(repeats, || {
+            rmt_core::spectra::symmetric_eigenvalues_with(&a, solver).expect("valid matrix")
+        });
         let line = python(EIGEN_REFERENCE, &[path_arg(&path), repeats.to_string()])?;
         let lapack_ms = field(&line, "ms")?;
-        let err = ((ev[0] - field(&line, "max")?).abs()).max((ev[n - 1] - field(&line, "min")?).abs()) / ev[0];
+        let err = ((ev[0] - field(&line, "max")?).abs())
+            .max((ev[n - 1] - field(&line, "min")?).abs())
+            / ev[0];
         println!(
             "n={n} project_ms={project_ms:.2} lapack_ms={lapack_ms:.2} ratio={:.3} max_rel_diff={err:.1e}",
             project_ms / lapack_ms
@@ -165,7 +200,9 @@ fn spiked_layer(n: usize, seed: u64) -> (DMatrix<f64>, DMatrix<f64>) {
     let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
     let mut q = DMatrix::<f64>::from_fn(n, n, |_, _| StandardNormal.sample(&mut rng));
     let k = DMatrix::<f64>::from_fn(n, n, |_, _| StandardNormal.sample(&mut rng));
-    let u = DMatrix::<f64>::from_fn(n, 16, |_, _| StandardNormal.sample(&mut rng)).qr().q();
+    let u = DMatrix::<f64>::from_fn(n, 16, |_, _| StandardNormal.sample(&mut rng))
+        .qr()
+        .q();
     for i in 0..16 {
         let strength = 0.15 * (i + 1) as f64;
         q += u.column(i) * (u.column(i).transpose() * &k) * strength;
@@ -173,7 +210,13 @@ fn spiked_layer(n: usize, seed: u64) -> (DMatrix<f64>, DMatrix<f64>) {
     (q, k)
 }
 
-fn diagnose(dir: &Path, sizes: &[usize], dtype: &str, repeats: usize, layers: usize) -> Result<(), String> {
+fn diagnose(
+    dir: &Path,
+    sizes: &[usize],
+    dtype: &str,
+    repeats: usize,
+    layers: usize,
+) -> Result<(), String> {
     let dtypes: Vec<&str> = match dtype {
         "both" => vec!["f32", "f64"],
         "f32" | "f64" => vec![dtype],
@@ -200,7 +243,10 @@ fn diagnose(dir: &Path, sizes: &[usize], dtype: &str, repeats: usize, layers: us
                 time_ms(repeats, || {
                     let mut last = None;
                     for _ in 0..count {
-                        last = Some(diagnose_layer(view(&q32), view(&k32), 1, &config, None).expect("valid layer"));
+                        last = Some(
+                            diagnose_layer(view(&q32), view(&k32), 1, &config, None)
+                                .expect("valid layer"),
+                        );
                     }
                     last.unwrap()
                 })
@@ -210,16 +256,34 @@ fn diagnose(dir: &Path, sizes: &[usize], dtype: &str, repeats: usize, layers: us
                 time_ms(repeats, || {
                     let mut last = None;
                     for _ in 0..count {
-                        last = Some(diagnose_layer(view(&q), view(&k), 1, &config, None).expect("valid layer"));
+                        last = Some(
+                            diagnose_layer(view(&q), view(&k), 1, &config, None)
+                                .expect("valid layer"),
+                        );
                     }
                     last.unwrap()
                 })
             };
-            let ours = metrics.layer.get(VarianceEstimator::Empirical, NullModel::Mp).expect("default pair");
-            let line = python(DIAGNOSE_REFERENCE, &[path_arg(&qp), path_arg(&kp), repeats.to_string(), count.to_string()])?;
+            let ours = metrics
+                .layer
+                .get(VarianceEstimator::Empirical, NullModel::Mp)
+                .expect("default pair");
+            let line = python(
+                DIAGNOSE_REFERENCE,
+                &[
+                    path_arg(&qp),
+                    path_arg(&kp),
+                    repeats.to_string(),
+                    count.to_string(),
+                ],
+            )?;
             let numpy_ms = field(&line, "ms")?;
             let agree = (ours.lambda_max / field(&line, "lmax")? - 1.0).abs();
-            let prefix = if count > 1 { format!("layers={count} ") } else { String::new() };
+            let prefix = if count > 1 {
+                format!("layers={count} ")
+            } else {
+                String::new()
+            };
             println!(
                 "{prefix}n={n} dtype={dt} project_ms={project_ms:.1} numpy_ms={numpy_ms:.1} ratio={:.3} partial_spectrum={} outliers={}/{} lambda_max_rel_diff={agree:.1e}",
                 project_ms / numpy_ms,
@@ -232,10 +296,12 @@ fn diagnose(dir: &Path, sizes: &[usize], dtype: &str, repeats: usize, layers: us
     Ok(())
 }
 
-fn path_arg(p: &PathBuf) -> String {
+fn path_arg(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
 fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }

@@ -1,7 +1,10 @@
 //! `cargo xtask diagnose`.
 
-use rmt_core::checkpoint::Checkpoint;
-use rmt_core::diagnostics::{DiagnosticsConfig, NullModel, SpectralMetrics, SpectrumDiagnostics, VarianceEstimator};
+use rmt_core::checkpoint::{AttentionKind, AttentionLayer, Checkpoint};
+use rmt_core::diagnostics::{
+    DiagnosticsConfig, Factorization, NullModel, SpectralMetrics, SpectrumDiagnostics,
+    VarianceEstimator,
+};
 use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
@@ -9,7 +12,9 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct Args {
     /// A safetensors checkpoint (HF LLaMA, DeepSeek-V2/V3 MLA, or this project's export).
-    checkpoint: PathBuf,
+    /// Without one, a freshly initialised LLaMA-130M attention stack is diagnosed (12 layers,
+    /// d = 768, 12 heads, weights N(0, 0.02²), seed 0) — the paper's starting point.
+    checkpoint: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     format: Format,
@@ -53,14 +58,42 @@ pub fn run(args: Args) -> Result<(), String> {
         .map(|s| VarianceEstimator::from_name(s.trim()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
-    let nulls = args.nulls.iter().map(|s| NullModel::from_name(s.trim())).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
-    let config = DiagnosticsConfig { estimators, nulls, per_head: args.per_head, ..Default::default() };
-    let checkpoint = Checkpoint::open(&args.checkpoint, args.heads).map_err(|e| e.to_string())?;
-    let mut indices = checkpoint.layer_indices();
+    let nulls = args
+        .nulls
+        .iter()
+        .map(|s| NullModel::from_name(s.trim()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let config = DiagnosticsConfig {
+        estimators,
+        nulls,
+        per_head: args.per_head,
+        ..Default::default()
+    };
+    let source = match &args.checkpoint {
+        Some(path) => {
+            Source::Checkpoint(Checkpoint::open(path, args.heads).map_err(|e| e.to_string())?)
+        }
+        None => {
+            eprintln!(
+                "no checkpoint given: diagnosing a freshly initialised LLaMA-130M attention stack \
+                 (12 layers, d = 768, 12 heads, W ~ N(0, 0.02²), seed 0); pass a .safetensors path to diagnose a model"
+            );
+            Source::Initialised {
+                layers: 12,
+                width: 768,
+                heads: args.heads.unwrap_or(12),
+                seed: 0,
+            }
+        }
+    };
+    let mut indices = source.layer_indices();
     if let Some(only) = &args.layers {
         for l in only {
             if !indices.contains(l) {
-                return Err(format!("layer {l} has no attention weights (layers: {indices:?})"));
+                return Err(format!(
+                    "layer {l} has no attention weights (layers: {indices:?})"
+                ));
             }
         }
         indices.retain(|i| only.contains(i));
@@ -74,14 +107,27 @@ pub fn run(args: Args) -> Result<(), String> {
         Format::Table => writeln!(
             out,
             "{:>5} {:>4} {:>9} {:>7} {:>12} {:>12} {:>11} {:>8} {:>8} {:>8} {:>9} {:>9}",
-            "layer", "head", "estimator", "null", "lambda_max", "lambda_plus", "mp_gap", "outliers", "energy", "soft_rk", "stable_rk", "tw_p"
+            "layer",
+            "head",
+            "estimator",
+            "null",
+            "lambda_max",
+            "lambda_plus",
+            "mp_gap",
+            "outliers",
+            "energy",
+            "soft_rk",
+            "stable_rk",
+            "tw_p"
         )
         .map_err(io)?,
         Format::Json => {}
     }
     for index in indices {
-        let layer = checkpoint.layer(index).map_err(|e| e.to_string())?;
-        let diag = layer.diagnose(&config).map_err(|e| format!("layer {index}: {e}"))?;
+        let layer = source.layer(index)?;
+        let diag = layer
+            .diagnose(&config)
+            .map_err(|e| format!("layer {index}: {e}"))?;
         match args.format {
             Format::Json => reports.push(LayerReport {
                 layer: index,
@@ -104,8 +150,16 @@ pub fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-fn write_rows(out: &mut impl Write, format: Format, layer: usize, s: &SpectrumDiagnostics) -> std::io::Result<()> {
-    let head = s.head.map(|h| h.to_string()).unwrap_or_else(|| "all".to_string());
+fn write_rows(
+    out: &mut impl Write,
+    format: Format,
+    layer: usize,
+    s: &SpectrumDiagnostics,
+) -> std::io::Result<()> {
+    let head = s
+        .head
+        .map(|h| h.to_string())
+        .unwrap_or_else(|| "all".to_string());
     for d in &s.diagnoses {
         let (e, n) = (d.estimator.name(), d.null.name());
         match format {
@@ -133,4 +187,62 @@ fn write_rows(out: &mut impl Write, format: Format, layer: usize, s: &SpectrumDi
         }
     }
     Ok(())
+}
+
+/// Where the layers come from.
+enum Source {
+    Checkpoint(Checkpoint),
+    /// LLaMA-style initialisation: `Q, K ∈ ℝ^{d×d}` with i.i.d. `N(0, 0.02²)` entries.
+    Initialised {
+        layers: usize,
+        width: usize,
+        heads: usize,
+        seed: u64,
+    },
+}
+
+impl Source {
+    fn layer_indices(&self) -> Vec<usize> {
+        match self {
+            Source::Checkpoint(c) => c.layer_indices(),
+            Source::Initialised { layers, .. } => (0..*layers).collect(),
+        }
+    }
+
+    fn layer(&self, index: usize) -> Result<AttentionLayer, String> {
+        match self {
+            Source::Checkpoint(c) => c.layer(index).map_err(|e| e.to_string()),
+            Source::Initialised {
+                width, heads, seed, ..
+            } => {
+                use rand::SeedableRng;
+                use rand_distr::{Distribution, Normal};
+                let d = *width;
+                if *heads == 0 || d % heads != 0 {
+                    return Err(format!("--heads {heads} does not divide the width {d}"));
+                }
+                let mut rng = rand_pcg::Pcg64::seed_from_u64(seed.wrapping_add(index as u64));
+                let normal = Normal::new(0.0f32, 0.02).map_err(|e| e.to_string())?;
+                let mut draw = || {
+                    (0..d * d)
+                        .map(|_| normal.sample(&mut rng))
+                        .collect::<Vec<f32>>()
+                };
+                let (q, k) = (draw(), draw());
+                Ok(AttentionLayer {
+                    index,
+                    kind: AttentionKind::Mha {
+                        heads: *heads,
+                        kv_heads: *heads,
+                        head_dim: d / heads,
+                    },
+                    rows: d,
+                    width: d,
+                    q,
+                    k,
+                    factorization: Factorization::dense(d),
+                })
+            }
+        }
+    }
 }

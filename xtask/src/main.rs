@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Attention-spectra project runner", version)]
+#[command(
+    name = "cargo xtask",
+    about = "Attention-spectra project runner",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

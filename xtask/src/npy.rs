@@ -4,8 +4,16 @@ use std::io::Write;
 use std::path::Path;
 
 /// Writes a row-major `rows × cols` matrix of `f64` (`'<f8'`) or `f32` (`'<f4'`).
-pub fn write<T: Copy + ToLe>(path: &Path, data: &[T], rows: usize, cols: usize) -> std::io::Result<()> {
-    let mut header = format!("{{'descr': '{}', 'fortran_order': False, 'shape': ({rows}, {cols}), }}", T::DESCR);
+pub fn write<T: Copy + ToLe>(
+    path: &Path,
+    data: &[T],
+    rows: usize,
+    cols: usize,
+) -> std::io::Result<()> {
+    let mut header = format!(
+        "{{'descr': '{}', 'fortran_order': False, 'shape': ({rows}, {cols}), }}",
+        T::DESCR
+    );
     // Magic (6) + version (2) + length (2) + header + '\n' must be a multiple of 64.
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));

@@ -106,7 +106,10 @@ pub struct Checkpoint {
 
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Checkpoint").field("path", &self.path).field("layers", &self.layers.len()).finish()
+        f.debug_struct("Checkpoint")
+            .field("path", &self.path)
+            .field("layers", &self.layers.len())
+            .finish()
     }
 }
 
@@ -136,8 +139,8 @@ fn heads_from_config(path: &Path) -> Result<Option<usize>> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(None);
     };
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| err(format!("{}: not valid JSON ({e})", path.display())))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| err(format!("{}: not valid JSON ({e})", path.display())))?;
     for key in ["num_attention_heads", "n_heads", "num_heads", "n_head"] {
         if let Some(h) = value.get(key).and_then(|v| v.as_u64()) {
             return Ok(Some(h as usize));
@@ -155,16 +158,25 @@ impl Checkpoint {
     /// `config.json` that is not JSON, or no attention weights at all.
     pub fn open(path: impl AsRef<Path>, heads: Option<usize>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = std::fs::File::open(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+        let file =
+            std::fs::File::open(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
         // SAFETY: the map is read-only and private to this process; a file truncated or
         // rewritten underneath it is the caller's concurrency problem, as with any reader.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| err(format!("{}: {e}", path.display())))?;
-        let tensors = SafeTensors::deserialize(&map)
-            .map_err(|e| err(format!("{}: not a valid safetensors file ({e})", path.display())))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| err(format!("{}: {e}", path.display())))?;
+        let tensors = SafeTensors::deserialize(&map).map_err(|e| {
+            err(format!(
+                "{}: not a valid safetensors file ({e})",
+                path.display()
+            ))
+        })?;
         let mut layers: BTreeMap<usize, BTreeMap<String, String>> = BTreeMap::new();
         for name in tensors.names() {
             if let Some((index, leaf)) = parse_attention_name(name) {
-                layers.entry(index).or_default().insert(leaf, name.to_string());
+                layers
+                    .entry(index)
+                    .or_default()
+                    .insert(leaf, name.to_string());
             }
         }
         if layers.is_empty() {
@@ -182,7 +194,12 @@ impl Checkpoint {
         {
             return Err(err("--heads must be at least 1"));
         }
-        Ok(Self { heads: heads.or(config_heads), path, map, layers })
+        Ok(Self {
+            heads: heads.or(config_heads),
+            path,
+            map,
+            layers,
+        })
     }
 
     /// The layer indices that have attention weights, ascending.
@@ -196,29 +213,54 @@ impl Checkpoint {
     }
 
     fn tensors(&self) -> Result<SafeTensors<'_>> {
-        SafeTensors::deserialize(&self.map).map_err(|e| err(format!("{}: {e}", self.path.display())))
+        SafeTensors::deserialize(&self.map)
+            .map_err(|e| err(format!("{}: {e}", self.path.display())))
     }
 
     /// Loads one tensor as `f32`, checking its rank.
-    fn load(&self, st: &SafeTensors<'_>, name: &str, rank: usize) -> Result<(Vec<f32>, Vec<usize>)> {
+    fn load(
+        &self,
+        st: &SafeTensors<'_>,
+        name: &str,
+        rank: usize,
+    ) -> Result<(Vec<f32>, Vec<usize>)> {
         let view = st.tensor(name).map_err(|e| err(format!("{name}: {e}")))?;
         let shape = view.shape().to_vec();
         if shape.len() != rank {
-            return Err(err(format!("{name}: expected a rank-{rank} tensor, found shape {shape:?}")));
+            return Err(err(format!(
+                "{name}: expected a rank-{rank} tensor, found shape {shape:?}"
+            )));
         }
         let bytes = view.data();
         let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
             Dtype::F64 => bytes
                 .chunks_exact(8)
-                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+                .map(|c| {
+                    f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+                })
                 .collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            other => return Err(err(format!("{name}: unsupported dtype {other:?} (F32, F16, BF16, F64 are read)"))),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(err(format!(
+                    "{name}: unsupported dtype {other:?} (F32, F16, BF16, F64 are read)"
+                )));
+            }
         };
         if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(err(format!("{name}: non-finite value {v} at flat index {i}")));
+            return Err(err(format!(
+                "{name}: non-finite value {v} at flat index {i}"
+            )));
         }
         Ok((values, shape))
     }
@@ -229,7 +271,10 @@ impl Checkpoint {
     /// Unknown head count, missing tensors, or shapes that contradict the head count or each
     /// other.
     pub fn layer(&self, index: usize) -> Result<AttentionLayer> {
-        let leaves = self.layers.get(&index).ok_or_else(|| err(format!("no attention weights for layer {index}")))?;
+        let leaves = self
+            .layers
+            .get(&index)
+            .ok_or_else(|| err(format!("no attention weights for layer {index}")))?;
         let heads = self.heads.ok_or_else(|| {
             err("cannot tell the number of heads: put the model's config.json beside the checkpoint or pass --heads")
         })?;
@@ -247,15 +292,26 @@ impl Checkpoint {
         }
     }
 
-    fn mha_layer(&self, st: &SafeTensors<'_>, index: usize, heads: usize, q: &str, k: &str) -> Result<AttentionLayer> {
+    fn mha_layer(
+        &self,
+        st: &SafeTensors<'_>,
+        index: usize,
+        heads: usize,
+        q: &str,
+        k: &str,
+    ) -> Result<AttentionLayer> {
         let (qw, qs) = self.load(st, q, 2)?;
         let (kw, ks) = self.load(st, k, 2)?;
         let (m, d) = (qs[0], qs[1]);
         if ks[1] != d {
-            return Err(err(format!("layer {index}: q_proj is {qs:?} but k_proj is {ks:?} (widths differ)")));
+            return Err(err(format!(
+                "layer {index}: q_proj is {qs:?} but k_proj is {ks:?} (widths differ)"
+            )));
         }
         if m % heads != 0 {
-            return Err(err(format!("layer {index}: q_proj has {m} rows, not a multiple of {heads} heads")));
+            return Err(err(format!(
+                "layer {index}: q_proj has {m} rows, not a multiple of {heads} heads"
+            )));
         }
         let head_dim = m / heads;
         if ks[0] % head_dim != 0 || heads % (ks[0] / head_dim).max(1) != 0 || ks[0] == 0 {
@@ -274,7 +330,11 @@ impl Checkpoint {
         }
         Ok(AttentionLayer {
             index,
-            kind: AttentionKind::Mha { heads, kv_heads, head_dim },
+            kind: AttentionKind::Mha {
+                heads,
+                kv_heads,
+                head_dim,
+            },
             rows: m,
             width: d,
             q: qw,
@@ -291,7 +351,9 @@ impl Checkpoint {
         kva_name: &str,
         name: &dyn Fn(&str) -> Option<&'n str>,
     ) -> Result<AttentionLayer> {
-        let need = |leaf: &str| name(leaf).ok_or_else(|| err(format!("layer {index}: MLA layer without {leaf}")));
+        let need = |leaf: &str| {
+            name(leaf).ok_or_else(|| err(format!("layer {index}: MLA layer without {leaf}")))
+        };
         let (kva, kva_s) = self.load(st, kva_name, 2)?;
         let (kvb, kvb_s) = self.load(st, need("kv_b_proj")?, 2)?;
         let d = kva_s[1];
@@ -321,30 +383,44 @@ impl Checkpoint {
                     g_q.len()
                 )));
             }
-            (scaled_product(&qb, qb_s[0], &g_q, &qa, qa_s[1]), qb_s[0], Some(qa_s[0]))
+            (
+                scaled_product(&qb, qb_s[0], &g_q, &qa, qa_s[1]),
+                qb_s[0],
+                Some(qa_s[0]),
+            )
         } else {
             let (q, qs) = self.load(st, need("q_proj")?, 2)?;
             if qs[1] != d {
-                return Err(err(format!("layer {index}: q_proj {qs:?} does not match width {d}")));
+                return Err(err(format!(
+                    "layer {index}: q_proj {qs:?} does not match width {d}"
+                )));
             }
             (q, qs[0], None)
         };
         if q_rows % heads != 0 {
-            return Err(err(format!("layer {index}: {q_rows} query rows are not a multiple of {heads} heads")));
+            return Err(err(format!(
+                "layer {index}: {q_rows} query rows are not a multiple of {heads} heads"
+            )));
         }
         let qk_dim = q_rows / heads;
         if qk_dim < rope {
-            return Err(err(format!("layer {index}: query head width {qk_dim} is below the rotary width {rope}")));
+            return Err(err(format!(
+                "layer {index}: query head width {qk_dim} is below the rotary width {rope}"
+            )));
         }
         let nope = qk_dim - rope;
         if kvb_s[0] % heads != 0 || kvb_s[0] / heads < nope {
-            return Err(err(format!("layer {index}: kv_b_proj has {} rows, not {heads} heads of ≥ {nope}", kvb_s[0])));
+            return Err(err(format!(
+                "layer {index}: kv_b_proj has {} rows, not {heads} heads of ≥ {nope}",
+                kvb_s[0]
+            )));
         }
         let kv_head = kvb_s[0] / heads; // d_nope + d_v
         // Key content rows of every head: W_kb[nope rows]·diag(g)·W_kva[latent rows].
         let mut kb_nope = Vec::with_capacity(heads * nope * kv_latent);
         for h in 0..heads {
-            kb_nope.extend_from_slice(&kvb[h * kv_head * kv_latent..(h * kv_head + nope) * kv_latent]);
+            kb_nope
+                .extend_from_slice(&kvb[h * kv_head * kv_latent..(h * kv_head + nope) * kv_latent]);
         }
         let k_content = scaled_product(&kb_nope, heads * nope, &g_kv, &kva[..kv_latent * d], d);
         let rope_rows = &kva[kv_latent * d..];
@@ -363,7 +439,13 @@ impl Checkpoint {
         inner.push(kv_latent + rope);
         Ok(AttentionLayer {
             index,
-            kind: AttentionKind::Mla { heads, q_latent, kv_latent, nope_dim: nope, rope_dim: rope },
+            kind: AttentionKind::Mla {
+                heads,
+                q_latent,
+                kv_latent,
+                nope_dim: nope,
+                rope_dim: rope,
+            },
             rows: q_rows,
             width: d,
             q: q_eff,
@@ -381,7 +463,14 @@ fn scaled_product(a: &[f32], m: usize, g: &[f32], b: &[f32], n: usize) -> Vec<f3
     let av = MatRef::from_row_major_slice(&scaled, m, r);
     let bv = MatRef::from_row_major_slice(b, r, n);
     let mut out = faer::Mat::<f32>::zeros(m, n);
-    faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, av, bv, 1.0f32, crate::linalg::par());
+    faer::linalg::matmul::matmul(
+        out.as_mut(),
+        Accum::Replace,
+        av,
+        bv,
+        1.0f32,
+        crate::linalg::par(),
+    );
     let mut rows = Vec::with_capacity(m * n);
     for i in 0..m {
         for j in 0..n {
@@ -397,34 +486,67 @@ mod tests {
     use std::collections::HashMap;
 
     /// Writes a safetensors file from (name, shape, f32 data) triples.
-    pub(crate) fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)], dtype: Dtype) {
+    pub(crate) fn write_safetensors(
+        path: &Path,
+        tensors: &[(&str, Vec<usize>, Vec<f32>)],
+        dtype: Dtype,
+    ) {
         let bytes: Vec<Vec<u8>> = tensors
             .iter()
             .map(|(_, _, v)| match dtype {
                 Dtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                Dtype::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
-                Dtype::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+                Dtype::BF16 => v
+                    .iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                    .collect(),
+                Dtype::F16 => v
+                    .iter()
+                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                    .collect(),
                 _ => unreachable!(),
             })
             .collect();
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
             .iter()
             .zip(&bytes)
-            .map(|((n, s, _), b)| (n.to_string(), safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap()))
+            .map(|((n, s, _), b)| {
+                (
+                    n.to_string(),
+                    safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap(),
+                )
+            })
             .collect();
         safetensors::serialize_to_file(views, None::<HashMap<String, String>>, path).unwrap();
     }
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed * 97)) % 1000) as f32 / 500.0 - 1.0).collect()
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed * 97)) % 1000) as f32
+                    / 500.0
+                    - 1.0
+            })
+            .collect()
     }
 
     #[test]
     fn parses_attention_names() {
-        assert_eq!(parse_attention_name("model.layers.11.self_attn.q_proj.weight"), Some((11, "q_proj".into())));
-        assert_eq!(parse_attention_name("layers.0.attn.kv_b_proj.weight"), Some((0, "kv_b_proj".into())));
-        assert_eq!(parse_attention_name("model.layers.3.mlp.up_proj.weight"), None);
-        assert_eq!(parse_attention_name("model.layers.x.self_attn.q_proj.weight"), None);
+        assert_eq!(
+            parse_attention_name("model.layers.11.self_attn.q_proj.weight"),
+            Some((11, "q_proj".into()))
+        );
+        assert_eq!(
+            parse_attention_name("layers.0.attn.kv_b_proj.weight"),
+            Some((0, "kv_b_proj".into()))
+        );
+        assert_eq!(
+            parse_attention_name("model.layers.3.mlp.up_proj.weight"),
+            None
+        );
+        assert_eq!(
+            parse_attention_name("model.layers.x.self_attn.q_proj.weight"),
+            None
+        );
     }
 
     #[test]
@@ -438,14 +560,29 @@ mod tests {
         write_safetensors(
             &path,
             &[
-                ("model.layers.0.self_attn.q_proj.weight", vec![heads * hd, d], q.clone()),
-                ("model.layers.0.self_attn.k_proj.weight", vec![kv * hd, d], k.clone()),
+                (
+                    "model.layers.0.self_attn.q_proj.weight",
+                    vec![heads * hd, d],
+                    q.clone(),
+                ),
+                (
+                    "model.layers.0.self_attn.k_proj.weight",
+                    vec![kv * hd, d],
+                    k.clone(),
+                ),
             ],
             Dtype::F32,
         );
         let ck = Checkpoint::open(&path, Some(heads)).unwrap();
         let layer = ck.layer(0).unwrap();
-        assert_eq!(layer.kind, AttentionKind::Mha { heads, kv_heads: kv, head_dim: hd });
+        assert_eq!(
+            layer.kind,
+            AttentionKind::Mha {
+                heads,
+                kv_heads: kv,
+                head_dim: hd
+            }
+        );
         // Query heads 0, 1 read key head 0; heads 2, 3 read key head 1.
         assert_eq!(&layer.k[0..hd * d], &k[0..hd * d]);
         assert_eq!(&layer.k[hd * d..2 * hd * d], &k[0..hd * d]);
@@ -472,37 +609,70 @@ mod tests {
             &[
                 (&format!("{p}q_a_proj.weight"), vec![rq, d], qa.clone()),
                 (&format!("{p}q_a_layernorm.weight"), vec![rq], gq.clone()),
-                (&format!("{p}q_b_proj.weight"), vec![h * (nope + rope), rq], qb.clone()),
-                (&format!("{p}kv_a_proj_with_mqa.weight"), vec![rkv + rope, d], kva.clone()),
+                (
+                    &format!("{p}q_b_proj.weight"),
+                    vec![h * (nope + rope), rq],
+                    qb.clone(),
+                ),
+                (
+                    &format!("{p}kv_a_proj_with_mqa.weight"),
+                    vec![rkv + rope, d],
+                    kva.clone(),
+                ),
                 (&format!("{p}kv_a_layernorm.weight"), vec![rkv], gkv.clone()),
-                (&format!("{p}kv_b_proj.weight"), vec![h * (nope + v), rkv], kvb.clone()),
-                (&format!("{p}o_proj.weight"), vec![d, h * v], values(d * h * v, 7)),
+                (
+                    &format!("{p}kv_b_proj.weight"),
+                    vec![h * (nope + v), rkv],
+                    kvb.clone(),
+                ),
+                (
+                    &format!("{p}o_proj.weight"),
+                    vec![d, h * v],
+                    values(d * h * v, 7),
+                ),
             ],
             Dtype::F32,
         );
-        std::fs::write(dir.join("config.json"), format!("{{\"num_attention_heads\": {h}}}")).unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            format!("{{\"num_attention_heads\": {h}}}"),
+        )
+        .unwrap();
         let ck = Checkpoint::open(&path, None).unwrap();
         assert_eq!(ck.layer_indices(), vec![2]);
         let layer = ck.layer(2).unwrap();
         assert_eq!(
             layer.kind,
-            AttentionKind::Mla { heads: h, q_latent: Some(rq), kv_latent: rkv, nope_dim: nope, rope_dim: rope }
+            AttentionKind::Mla {
+                heads: h,
+                q_latent: Some(rq),
+                kv_latent: rkv,
+                nope_dim: nope,
+                rope_dim: rope
+            }
         );
         assert_eq!(layer.factorization.inner, vec![rq, d, rkv + rope]);
         // Reference by explicit sums.
         let m = h * (nope + rope);
         for row in 0..m {
             for col in 0..d {
-                let q_ref: f32 = (0..rq).map(|r| qb[row * rq + r] * gq[r] * qa[r * d + col]).sum();
+                let q_ref: f32 = (0..rq)
+                    .map(|r| qb[row * rq + r] * gq[r] * qa[r * d + col])
+                    .sum();
                 assert!((layer.q[row * d + col] - q_ref).abs() < 1e-5);
                 let (head, within) = (row / (nope + rope), row % (nope + rope));
                 let k_ref: f32 = if within < nope {
                     let kb_row = head * (nope + v) + within;
-                    (0..rkv).map(|r| kvb[kb_row * rkv + r] * gkv[r] * kva[r * d + col]).sum()
+                    (0..rkv)
+                        .map(|r| kvb[kb_row * rkv + r] * gkv[r] * kva[r * d + col])
+                        .sum()
                 } else {
                     kva[(rkv + within - nope) * d + col]
                 };
-                assert!((layer.k[row * d + col] - k_ref).abs() < 1e-5, "row {row} col {col}");
+                assert!(
+                    (layer.k[row * d + col] - k_ref).abs() < 1e-5,
+                    "row {row} col {col}"
+                );
             }
         }
         std::fs::remove_dir_all(&dir).ok();
@@ -519,7 +689,11 @@ mod tests {
                 &path,
                 &[
                     ("layers.0.self_attn.q_proj.weight", vec![16, 8], q.clone()),
-                    ("layers.0.self_attn.k_proj.weight", vec![16, 8], values(16 * 8, 2)),
+                    (
+                        "layers.0.self_attn.k_proj.weight",
+                        vec![16, 8],
+                        values(16 * 8, 2),
+                    ),
                 ],
                 dtype,
             );
@@ -545,8 +719,16 @@ mod tests {
         write_safetensors(
             &good,
             &[
-                ("layers.0.self_attn.q_proj.weight", vec![4, 4], values(16, 1)),
-                ("layers.0.self_attn.k_proj.weight", vec![4, 4], values(16, 2)),
+                (
+                    "layers.0.self_attn.q_proj.weight",
+                    vec![4, 4],
+                    values(16, 1),
+                ),
+                (
+                    "layers.0.self_attn.k_proj.weight",
+                    vec![4, 4],
+                    values(16, 2),
+                ),
             ],
             Dtype::F32,
         );
@@ -556,13 +738,29 @@ mod tests {
         assert!(Checkpoint::open(&cut, Some(1)).is_err());
         // No attention weights.
         let mlp = dir.join("mlp.safetensors");
-        write_safetensors(&mlp, &[("model.layers.0.mlp.up_proj.weight", vec![4, 4], values(16, 1))], Dtype::F32);
+        write_safetensors(
+            &mlp,
+            &[(
+                "model.layers.0.mlp.up_proj.weight",
+                vec![4, 4],
+                values(16, 1),
+            )],
+            Dtype::F32,
+        );
         let e = Checkpoint::open(&mlp, Some(1)).unwrap_err().to_string();
         assert!(e.contains("no attention weights"), "{e}");
         // Heads that contradict the shapes, and unknown heads.
-        let e = Checkpoint::open(&good, Some(3)).unwrap().layer(0).unwrap_err().to_string();
+        let e = Checkpoint::open(&good, Some(3))
+            .unwrap()
+            .layer(0)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a multiple of 3 heads"), "{e}");
-        let e = Checkpoint::open(&good, None).unwrap().layer(0).unwrap_err().to_string();
+        let e = Checkpoint::open(&good, None)
+            .unwrap()
+            .layer(0)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--heads"), "{e}");
         // Non-finite weights.
         let nan = dir.join("nan.safetensors");
@@ -572,11 +770,19 @@ mod tests {
             &nan,
             &[
                 ("layers.0.self_attn.q_proj.weight", vec![4, 4], q),
-                ("layers.0.self_attn.k_proj.weight", vec![4, 4], values(16, 2)),
+                (
+                    "layers.0.self_attn.k_proj.weight",
+                    vec![4, 4],
+                    values(16, 2),
+                ),
             ],
             Dtype::F32,
         );
-        let e = Checkpoint::open(&nan, Some(1)).unwrap().layer(0).unwrap_err().to_string();
+        let e = Checkpoint::open(&nan, Some(1))
+            .unwrap()
+            .layer(0)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("non-finite"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -53,7 +53,9 @@ pub enum RmtError {
         value: f64,
     },
     /// A matrix that must be symmetric is not (relative asymmetry above the tolerance).
-    #[error("{what} is not symmetric: max |a_ij − a_ji| = {asymmetry:e} exceeds {tolerance:e}·max|a|")]
+    #[error(
+        "{what} is not symmetric: max |a_ij − a_ji| = {asymmetry:e} exceeds {tolerance:e}·max|a|"
+    )]
     NotSymmetric {
         /// Which matrix.
         what: &'static str,
@@ -82,8 +84,16 @@ pub enum RmtError {
 pub type Result<T> = std::result::Result<T, RmtError>;
 
 impl RmtError {
-    pub(crate) fn invalid(name: &'static str, value: impl std::fmt::Display, reason: &'static str) -> Self {
-        RmtError::InvalidParameter { name, value: value.to_string(), reason }
+    pub(crate) fn invalid(
+        name: &'static str,
+        value: impl std::fmt::Display,
+        reason: &'static str,
+    ) -> Self {
+        RmtError::InvalidParameter {
+            name,
+            value: value.to_string(),
+            reason,
+        }
     }
 }
 
@@ -101,7 +111,11 @@ pub(crate) fn open_probability(name: &'static str, p: f64) -> Result<f64> {
     if p > 0.0 && p < 1.0 {
         Ok(p)
     } else {
-        Err(RmtError::invalid(name, p, "must lie in the open interval (0, 1)"))
+        Err(RmtError::invalid(
+            name,
+            p,
+            "must lie in the open interval (0, 1)",
+        ))
     }
 }
 

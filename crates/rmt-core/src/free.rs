@@ -36,7 +36,9 @@ pub struct MeanVariance {
 /// ```
 pub fn lemma4_mean_variance(factors: &[MarchenkoPastur]) -> Result<MeanVariance> {
     if factors.is_empty() {
-        return Err(RmtError::Empty { what: "list of MP factors" });
+        return Err(RmtError::Empty {
+            what: "list of MP factors",
+        });
     }
     let mean: f64 = factors.iter().map(|f| f.entry_variance()).product();
     let variance = mean * mean * factors.iter().map(|f| f.ratio()).sum::<f64>();
@@ -52,7 +54,11 @@ pub fn free_product_moments(factors: &[MarchenkoPastur], k_max: u32) -> Result<V
 
 fn check_model(gamma: f64, sigma2: f64, sigma_w2: f64, depth: u32) -> Result<()> {
     if !(gamma.is_finite() && gamma > 0.0 && gamma <= 1.0) {
-        return Err(RmtError::invalid("γ = n/d", gamma, "Props 7–8 need 0 < γ ≤ 1"));
+        return Err(RmtError::invalid(
+            "γ = n/d",
+            gamma,
+            "Props 7–8 need 0 < γ ≤ 1",
+        ));
     }
     positive("σ²", sigma2)?;
     positive("σ_W²", sigma_w2)?;
@@ -77,11 +83,19 @@ fn check_model(gamma: f64, sigma2: f64, sigma_w2: f64, depth: u32) -> Result<()>
 /// assert_eq!(mv.mean, 1.0);
 /// assert_eq!(mv.variance, 4.0 * 1.5);
 /// ```
-pub fn covariance_kernel_moments(gamma: f64, sigma2: f64, sigma_w2: f64, depth: u32) -> Result<MeanVariance> {
+pub fn covariance_kernel_moments(
+    gamma: f64,
+    sigma2: f64,
+    sigma_w2: f64,
+    depth: u32,
+) -> Result<MeanVariance> {
     check_model(gamma, sigma2, sigma_w2, depth)?;
     let l = depth as f64;
     let mean = (sigma2 * sigma_w2 / gamma).powf(l);
-    Ok(MeanVariance { mean, variance: mean * mean * l * (1.0 + gamma) })
+    Ok(MeanVariance {
+        mean,
+        variance: mean * mean * l * (1.0 + gamma),
+    })
 }
 
 /// Prop 8: mean and variance of the limiting squared-singular-value law of the input–output
@@ -93,12 +107,20 @@ pub fn covariance_kernel_moments(gamma: f64, sigma2: f64, sigma_w2: f64, depth: 
 /// factors' moments; both factors are Fuss–Catalan of order ℓ (`FC_ℓ(1) = 1`,
 /// `FC_ℓ(2) = ℓ + 1`), scaled by `(dσ_W²)^ℓ` and `(σ²/n)^ℓ`. Fixing the mean at 1 leaves a
 /// variance growing quadratically in ℓ.
-pub fn jacobian_moments(gamma: f64, sigma2: f64, sigma_w2: f64, depth: u32) -> Result<MeanVariance> {
+pub fn jacobian_moments(
+    gamma: f64,
+    sigma2: f64,
+    sigma_w2: f64,
+    depth: u32,
+) -> Result<MeanVariance> {
     check_model(gamma, sigma2, sigma_w2, depth)?;
     let l = depth as f64;
     let mean = (sigma2 * sigma_w2 / gamma).powf(l);
     let fc2 = fuss_catalan(depth, 2);
-    Ok(MeanVariance { mean, variance: mean * mean * (fc2 * fc2 - 1.0) })
+    Ok(MeanVariance {
+        mean,
+        variance: mean * mean * (fc2 * fc2 - 1.0),
+    })
 }
 
 #[cfg(test)]
@@ -112,7 +134,10 @@ mod tests {
 
     #[test]
     fn moments_from_lagrange_match_lemma4() {
-        let f = [MarchenkoPastur::new(0.3, 1.5).unwrap(), MarchenkoPastur::new(0.9, 0.7).unwrap()];
+        let f = [
+            MarchenkoPastur::new(0.3, 1.5).unwrap(),
+            MarchenkoPastur::new(0.9, 0.7).unwrap(),
+        ];
         let m = free_product_moments(&f, 2).unwrap();
         let mv = lemma4_mean_variance(&f).unwrap();
         assert!((m[0] - mv.mean).abs() < 1e-14);
@@ -158,8 +183,16 @@ mod tests {
         let mean = ev.iter().sum::<f64>() / n as f64;
         let var = ev.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / n as f64;
         let p7 = covariance_kernel_moments(gamma, 1.0, sigma_w2, depth).unwrap();
-        assert!((mean / p7.mean - 1.0).abs() < 0.08, "Prop 7 mean {mean} vs {}", p7.mean);
-        assert!((var / p7.variance - 1.0).abs() < 0.15, "Prop 7 var {var} vs {}", p7.variance);
+        assert!(
+            (mean / p7.mean - 1.0).abs() < 0.08,
+            "Prop 7 mean {mean} vs {}",
+            p7.mean
+        );
+        assert!(
+            (var / p7.variance - 1.0).abs() < 0.15,
+            "Prop 7 var {var} vs {}",
+            p7.variance
+        );
         // Prop 8: moments of J's squared singular values are products of the factors' moments.
         let ea = symmetric_eigenvalues(&gram(&a_prod, 1.0).unwrap()).unwrap();
         let ew = symmetric_eigenvalues(&gram(&w_prod.transpose(), 1.0).unwrap()).unwrap();
@@ -167,7 +200,15 @@ mod tests {
         let mean_j = m(&ea, 1) * m(&ew, 1);
         let var_j = m(&ea, 2) * m(&ew, 2) - mean_j * mean_j;
         let p8 = jacobian_moments(gamma, 1.0, sigma_w2, depth).unwrap();
-        assert!((mean_j / p8.mean - 1.0).abs() < 0.08, "Prop 8 mean {mean_j} vs {}", p8.mean);
-        assert!((var_j / p8.variance - 1.0).abs() < 0.15, "Prop 8 var {var_j} vs {}", p8.variance);
+        assert!(
+            (mean_j / p8.mean - 1.0).abs() < 0.08,
+            "Prop 8 mean {mean_j} vs {}",
+            p8.mean
+        );
+        assert!(
+            (var_j / p8.variance - 1.0).abs() < 0.15,
+            "Prop 8 var {var_j} vs {}",
+            p8.variance
+        );
     }
 }

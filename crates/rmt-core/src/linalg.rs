@@ -92,7 +92,13 @@ pub fn view<T: nalgebra::Scalar>(m: &DMatrix<T>) -> MatrixView<'_, T> {
         return empty_view(rows, cols);
     }
     // Column-major: element (i, j) at i + j·rows.
-    nalgebra::MatrixView::from_slice_with_strides_generic(m.as_slice(), Dyn(rows), Dyn(cols), Dyn(1), Dyn(rows))
+    nalgebra::MatrixView::from_slice_with_strides_generic(
+        m.as_slice(),
+        Dyn(rows),
+        Dyn(cols),
+        Dyn(1),
+        Dyn(rows),
+    )
 }
 
 /// A strided view of a row-major `rows × cols` buffer (element `(i, j)` at `i·cols + j`).
@@ -106,7 +112,11 @@ pub fn view<T: nalgebra::Scalar>(m: &DMatrix<T>) -> MatrixView<'_, T> {
 /// let v = rmt_core::linalg::row_major_view(&w, 2, 3).unwrap();
 /// assert_eq!(v[(1, 0)], 4.0);
 /// ```
-pub fn row_major_view<T: nalgebra::Scalar>(data: &[T], rows: usize, cols: usize) -> Result<MatrixView<'_, T>> {
+pub fn row_major_view<T: nalgebra::Scalar>(
+    data: &[T],
+    rows: usize,
+    cols: usize,
+) -> Result<MatrixView<'_, T>> {
     if rows.checked_mul(cols) != Some(data.len()) {
         return Err(RmtError::ShapeMismatch {
             context: "row_major_view",
@@ -116,14 +126,26 @@ pub fn row_major_view<T: nalgebra::Scalar>(data: &[T], rows: usize, cols: usize)
     if rows == 0 || cols == 0 {
         return Ok(empty_view(rows, cols));
     }
-    Ok(nalgebra::MatrixView::from_slice_with_strides_generic(data, Dyn(rows), Dyn(cols), Dyn(cols), Dyn(1)))
+    Ok(nalgebra::MatrixView::from_slice_with_strides_generic(
+        data,
+        Dyn(rows),
+        Dyn(cols),
+        Dyn(cols),
+        Dyn(1),
+    ))
 }
 
 /// A view with a zero dimension. Strides chosen to satisfy nalgebra's bound check
 /// `len + rs + cs ≥ rows·rs + cols·cs + 1` with `len = 0`.
 fn empty_view<'a, T: nalgebra::Scalar>(rows: usize, cols: usize) -> MatrixView<'a, T> {
     let (rs, cs) = if rows == 0 { (1, 0) } else { (0, 1) };
-    nalgebra::MatrixView::from_slice_with_strides_generic(&[], Dyn(rows), Dyn(cols), Dyn(rs), Dyn(cs))
+    nalgebra::MatrixView::from_slice_with_strides_generic(
+        &[],
+        Dyn(rows),
+        Dyn(cols),
+        Dyn(rs),
+        Dyn(cs),
+    )
 }
 
 /// The faer view of a nalgebra view (no copy).
@@ -159,7 +181,11 @@ pub(crate) fn check_matrix<T: Element>(what: &'static str, m: MatRef<'_, T>) -> 
         for i in 0..m.nrows() {
             let x = m[(i, j)].to_f64();
             if !x.is_finite() {
-                return Err(RmtError::NonFinite { what, index: i + j * m.nrows(), value: x });
+                return Err(RmtError::NonFinite {
+                    what,
+                    index: i + j * m.nrows(),
+                    value: x,
+                });
             }
         }
     }
@@ -177,7 +203,14 @@ pub(crate) fn product_abt<T: Element>(a: MatRef<'_, T>, b: MatRef<'_, T>) -> Mat
     let at = ColMajorTranspose::new(a);
     let bt = ColMajorTranspose::new(b);
     let mut out = Mat::<T>::zeros(a.nrows(), b.nrows());
-    faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, at.get().transpose(), bt.get(), T::from_f64(1.0), par());
+    faer::linalg::matmul::matmul(
+        out.as_mut(),
+        Accum::Replace,
+        at.get().transpose(),
+        bt.get(),
+        T::from_f64(1.0),
+        par(),
+    );
     out
 }
 
@@ -262,7 +295,11 @@ pub struct Inertia {
 pub fn inertia(a: &DMatrix<f64>, shift: f64) -> Result<Inertia> {
     let (r, c) = a.shape();
     if r != c {
-        return Err(RmtError::NotSquare { what: "inertia input", rows: r, cols: c });
+        return Err(RmtError::NotSquare {
+            what: "inertia input",
+            rows: r,
+            cols: c,
+        });
     }
     check_matrix("inertia input", dmatrix_as_faer(a))?;
     if !shift.is_finite() {
@@ -281,7 +318,11 @@ pub(crate) fn shifted_inertia(a: MatRef<'_, f64>, shift: f64) -> Inertia {
     let f = shifted.lblt(faer::Side::Lower);
     let d = f.B_diag();
     let e = f.B_subdiag();
-    let mut inertia = Inertia { positive: 0, negative: 0, zero: 0 };
+    let mut inertia = Inertia {
+        positive: 0,
+        negative: 0,
+        zero: 0,
+    };
     let mut i = 0;
     while i < n {
         if i + 1 < n && e[i] != 0.0 {
@@ -348,9 +389,13 @@ mod tests {
 
     #[test]
     fn inertia_counts_eigenvalues_above_a_shift() {
-        let d = DMatrix::<f64>::from_diagonal(&nalgebra::DVector::from_vec(vec![5.0, -1.0, 3.0, 0.5, 2.0]));
+        let d = DMatrix::<f64>::from_diagonal(&nalgebra::DVector::from_vec(vec![
+            5.0, -1.0, 3.0, 0.5, 2.0,
+        ]));
         // Rotate so the factorisation has real work to do.
-        let q = DMatrix::<f64>::from_fn(5, 5, |i, j| ((i * 5 + j) as f64 * 0.7).sin()).qr().q();
+        let q = DMatrix::<f64>::from_fn(5, 5, |i, j| ((i * 5 + j) as f64 * 0.7).sin())
+            .qr()
+            .q();
         let a = &q * d * q.transpose();
         let a = (&a + a.transpose()) * 0.5;
         let i = inertia(&a, 1.0).unwrap();

@@ -61,7 +61,9 @@ impl EntryDistribution {
     /// adjusts the moments "so that" the attention has a prescribed variance).
     pub fn softmax_with_variance(sigma2: f64) -> Result<Self> {
         positive("σ²", sigma2)?;
-        Ok(Self::SoftmaxGaussian { logit_std: (1.0 + sigma2).ln().sqrt() })
+        Ok(Self::SoftmaxGaussian {
+            logit_std: (1.0 + sigma2).ln().sqrt(),
+        })
     }
 
     /// Checks the parameters.
@@ -70,13 +72,21 @@ impl EntryDistribution {
             Self::Exponential { rate } => positive("rate", rate).map(|_| ()),
             Self::Uniform { low, high } => {
                 if !(low.is_finite() && high.is_finite() && low >= 0.0 && high > low) {
-                    return Err(RmtError::invalid("uniform bounds", format!("[{low}, {high}]"), "need 0 ≤ low < high"));
+                    return Err(RmtError::invalid(
+                        "uniform bounds",
+                        format!("[{low}, {high}]"),
+                        "need 0 ≤ low < high",
+                    ));
                 }
                 Ok(())
             }
             Self::LogNormal { mu, sigma } => {
-                if !mu.is_finite() || !(sigma.is_finite() && sigma > 0.0) {
-                    return Err(RmtError::invalid("log-normal", format!("μ={mu}, s={sigma}"), "need finite μ and s > 0"));
+                if !(mu.is_finite() && sigma.is_finite() && sigma > 0.0) {
+                    return Err(RmtError::invalid(
+                        "log-normal",
+                        format!("μ={mu}, s={sigma}"),
+                        "need finite μ and s > 0",
+                    ));
                 }
                 Ok(())
             }
@@ -118,9 +128,15 @@ impl EntryDistribution {
     pub fn sample<R: Rng + ?Sized>(&self, rng: &mut R) -> f64 {
         match *self {
             Self::Exponential { rate } => Exp::new(rate).map(|d| d.sample(rng)).unwrap_or(f64::NAN),
-            Self::Uniform { low, high } => Uniform::new_inclusive(low, high).map(|d| d.sample(rng)).unwrap_or(f64::NAN),
-            Self::LogNormal { mu, sigma } => LogNormal::new(mu, sigma).map(|d| d.sample(rng)).unwrap_or(f64::NAN),
-            Self::HalfNormal { sigma } => Normal::new(0.0, sigma).map(|d| d.sample(rng).abs()).unwrap_or(f64::NAN),
+            Self::Uniform { low, high } => Uniform::new_inclusive(low, high)
+                .map(|d| d.sample(rng))
+                .unwrap_or(f64::NAN),
+            Self::LogNormal { mu, sigma } => LogNormal::new(mu, sigma)
+                .map(|d| d.sample(rng))
+                .unwrap_or(f64::NAN),
+            Self::HalfNormal { sigma } => Normal::new(0.0, sigma)
+                .map(|d| d.sample(rng).abs())
+                .unwrap_or(f64::NAN),
             Self::SoftmaxGaussian { logit_std } => {
                 let z: f64 = StandardNormal.sample(rng);
                 (logit_std * z).exp()
@@ -144,7 +160,11 @@ impl EntryDistribution {
 ///     assert!((a.row(i).sum() - 1.0).abs() < 1e-12);
 /// }
 /// ```
-pub fn random_markov<R: Rng + ?Sized>(n: usize, dist: &EntryDistribution, rng: &mut R) -> Result<DMatrix<f64>> {
+pub fn random_markov<R: Rng + ?Sized>(
+    n: usize,
+    dist: &EntryDistribution,
+    rng: &mut R,
+) -> Result<DMatrix<f64>> {
     dist.validate()?;
     random_markov_from(n, |r: &mut R| dist.sample(r), rng)
 }
@@ -161,7 +181,9 @@ pub fn random_markov_from<R: Rng + ?Sized>(
     rng: &mut R,
 ) -> Result<DMatrix<f64>> {
     if n == 0 {
-        return Err(RmtError::Empty { what: "Random Markov matrix (n = 0)" });
+        return Err(RmtError::Empty {
+            what: "Random Markov matrix (n = 0)",
+        });
     }
     // Draw row by row (row-major order) so a seed gives the same matrix whatever n's layout.
     let mut a = DMatrix::<f64>::zeros(n, n);
@@ -170,13 +192,19 @@ pub fn random_markov_from<R: Rng + ?Sized>(
         for j in 0..n {
             let x = sample(rng);
             if !(x.is_finite() && x >= 0.0) {
-                return Err(RmtError::invalid("entry", x, "Random Markov entries must be finite and ≥ 0"));
+                return Err(RmtError::invalid(
+                    "entry",
+                    x,
+                    "Random Markov entries must be finite and ≥ 0",
+                ));
             }
             a[(i, j)] = x;
             sum += x;
         }
         if sum <= 0.0 {
-            return Err(RmtError::Degenerate(format!("row {i} of X is all zero and cannot be normalised")));
+            return Err(RmtError::Degenerate(format!(
+                "row {i} of X is all zero and cannot be normalised"
+            )));
         }
         for j in 0..n {
             a[(i, j)] /= sum;
@@ -219,7 +247,11 @@ pub fn row_normalize(x: &DMatrix<f64>) -> Result<DMatrix<f64>> {
 pub fn gap_removed(a: &DMatrix<f64>) -> Result<DMatrix<f64>> {
     let (r, c) = a.shape();
     if r != c {
-        return Err(RmtError::NotSquare { what: "attention matrix", rows: r, cols: c });
+        return Err(RmtError::NotSquare {
+            what: "attention matrix",
+            rows: r,
+            cols: c,
+        });
     }
     crate::linalg::check_matrix("attention matrix", crate::linalg::dmatrix_as_faer(a))?;
     let u = 1.0 / c as f64;
@@ -239,7 +271,10 @@ pub struct SpectralGap {
 impl SpectralGap {
     /// The limits for variance `σ²`.
     pub fn predict(sigma2: f64) -> Result<Self> {
-        Ok(Self { sigma1: 1.0, scaled_bulk_edge: 2.0 * positive("σ²", sigma2)?.sqrt() })
+        Ok(Self {
+            sigma1: 1.0,
+            scaled_bulk_edge: 2.0 * positive("σ²", sigma2)?.sqrt(),
+        })
     }
 
     /// The gap `σ₁(A) − σ₂(A) ≈ 1 − 2σ/√n` at size `n`.
@@ -252,7 +287,11 @@ fn check_gamma(gamma: f64) -> Result<f64> {
     if gamma.is_finite() && gamma > 0.0 && gamma <= 1.0 {
         Ok(gamma)
     } else {
-        Err(RmtError::invalid("γ = n/d", gamma, "the theory needs 0 < γ ≤ 1 (isometric input)"))
+        Err(RmtError::invalid(
+            "γ = n/d",
+            gamma,
+            "the theory needs 0 < γ ≤ 1 (isometric input)",
+        ))
     }
 }
 
@@ -268,7 +307,11 @@ pub fn stable_rank_excess_width(n: usize, gamma: f64, sigma2: f64, depth: u32) -
     check_gamma(gamma)?;
     positive("σ²", sigma2)?;
     if n == 0 || depth == 0 {
-        return Err(RmtError::invalid("n, depth", format!("{n}, {depth}"), "need n ≥ 1 and depth ≥ 1"));
+        return Err(RmtError::invalid(
+            "n, depth",
+            format!("{n}, {depth}"),
+            "need n ≥ 1 and depth ≥ 1",
+        ));
     }
     let l = depth as f64;
     Ok(sigma2.powf(2.0 * l) * (1.0 + l * (1.0 + gamma)) / (n as f64).powf(2.0 * l - 1.0))
@@ -284,7 +327,12 @@ pub fn stable_rank_fraction_gap_removed(gamma: f64, sigma2: f64, depth: u32) -> 
 
 /// The law of the eigenvalues of `Σ̄_ℓ = X̄_ℓX̄_ℓᵀ` in the gap-removed model:
 /// `MP(1, σ²/n)^{⊠ℓ} ⊠ MP(γ, dσ_W²)^{⊠ℓ}`, whose mean is `(σ²σ_W²/γ)^ℓ`.
-pub fn gap_removed_covariance_law(gamma: f64, sigma2: f64, sigma_w2: f64, depth: u32) -> Result<ProductGaussianLaw> {
+pub fn gap_removed_covariance_law(
+    gamma: f64,
+    sigma2: f64,
+    sigma_w2: f64,
+    depth: u32,
+) -> Result<ProductGaussianLaw> {
     check_gamma(gamma)?;
     positive("σ²", sigma2)?;
     positive("σ_W²", sigma_w2)?;
@@ -306,9 +354,20 @@ pub fn gap_removed_covariance_law(gamma: f64, sigma2: f64, sigma_w2: f64, depth:
 /// From `∂X_L/∂W_ℓ = (W_{ℓ+1}⋯W_L)ᵀ ⊗ (A_L⋯A_ℓX_{ℓ−1})` (seed 002, eq. 19),
 /// `‖P ⊗ Q‖_F = ‖P‖_F‖Q‖_F`, `E‖PW‖_F² = dσ_W²‖P‖_F²`, `‖A‖_F² ≈ 1 + σ²` and
 /// `‖A − 1ₙₙ/n‖_F² = ‖A‖_F² − 1` exactly.
-pub fn gradient_norm_squared(n: usize, d: usize, sigma2: f64, sigma_w2: f64, depth: u32, gap_removed: bool) -> Result<f64> {
+pub fn gradient_norm_squared(
+    n: usize,
+    d: usize,
+    sigma2: f64,
+    sigma_w2: f64,
+    depth: u32,
+    gap_removed: bool,
+) -> Result<f64> {
     if n == 0 || d == 0 || depth == 0 {
-        return Err(RmtError::invalid("n, d, depth", format!("{n}, {d}, {depth}"), "all must be ≥ 1"));
+        return Err(RmtError::invalid(
+            "n, d, depth",
+            format!("{n}, {d}, {depth}"),
+            "all must be ≥ 1",
+        ));
     }
     let gamma = check_gamma(n as f64 / d as f64)?;
     positive("σ²", sigma2)?;
@@ -339,8 +398,14 @@ pub(crate) mod tests {
     fn all_distributions() -> Vec<EntryDistribution> {
         vec![
             EntryDistribution::Exponential { rate: 2.0 },
-            EntryDistribution::Uniform { low: 0.0, high: 1.0 },
-            EntryDistribution::LogNormal { mu: 0.3, sigma: 0.5 },
+            EntryDistribution::Uniform {
+                low: 0.0,
+                high: 1.0,
+            },
+            EntryDistribution::LogNormal {
+                mu: 0.3,
+                sigma: 0.5,
+            },
             EntryDistribution::HalfNormal { sigma: 1.5 },
             EntryDistribution::softmax_with_variance(0.5).unwrap(),
         ]
@@ -355,18 +420,43 @@ pub(crate) mod tests {
             let mean = xs.iter().sum::<f64>() / n as f64;
             let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
             // Standard error of the mean is √(var/n) ≈ 0.002·sd: 1 % is ≥ 4 s.e.
-            assert!((mean / dist.mean() - 1.0).abs() < 0.01, "{dist:?}: mean {mean}");
-            assert!((var / dist.variance() - 1.0).abs() < 0.03, "{dist:?}: var {var}");
+            assert!(
+                (mean / dist.mean() - 1.0).abs() < 0.01,
+                "{dist:?}: mean {mean}"
+            );
+            assert!(
+                (var / dist.variance() - 1.0).abs() < 0.03,
+                "{dist:?}: var {var}"
+            );
         }
-        assert!((EntryDistribution::softmax_with_variance(0.5).unwrap().variance_at_unit_mean() - 0.5).abs() < 1e-12);
+        assert!(
+            (EntryDistribution::softmax_with_variance(0.5)
+                .unwrap()
+                .variance_at_unit_mean()
+                - 0.5)
+                .abs()
+                < 1e-12
+        );
     }
 
     #[test]
     fn invalid_distributions_and_sizes_are_errors() {
         let mut rng = rand_pcg::Pcg64::seed_from_u64(1);
         assert!(random_markov(0, &EntryDistribution::Exponential { rate: 1.0 }, &mut rng).is_err());
-        assert!(random_markov(3, &EntryDistribution::Exponential { rate: -1.0 }, &mut rng).is_err());
-        assert!(random_markov(3, &EntryDistribution::Uniform { low: 1.0, high: 0.5 }, &mut rng).is_err());
+        assert!(
+            random_markov(3, &EntryDistribution::Exponential { rate: -1.0 }, &mut rng).is_err()
+        );
+        assert!(
+            random_markov(
+                3,
+                &EntryDistribution::Uniform {
+                    low: 1.0,
+                    high: 0.5
+                },
+                &mut rng
+            )
+            .is_err()
+        );
         assert!(random_markov_from(3, |_: &mut rand_pcg::Pcg64| -1.0, &mut rng).is_err());
         assert!(random_markov_from(3, |_: &mut rand_pcg::Pcg64| 0.0, &mut rng).is_err());
         assert!(gap_removed(&DMatrix::<f64>::zeros(2, 3)).is_err());
@@ -386,14 +476,21 @@ pub(crate) mod tests {
             for n in [200usize, 800] {
                 let a = random_markov(n, &dist, &mut rng).unwrap();
                 let sv = singular_values(&a).unwrap();
-                assert!((sv[0] - 1.0).abs() < 3.0 * sigma2 / n as f64 + 1e-3, "{dist:?} n={n}: σ₁ = {}", sv[0]);
+                assert!(
+                    (sv[0] - 1.0).abs() < 3.0 * sigma2 / n as f64 + 1e-3,
+                    "{dist:?} n={n}: σ₁ = {}",
+                    sv[0]
+                );
                 let edge = sv[1] * (n as f64).sqrt();
                 errors.push((edge / prediction.scaled_bulk_edge - 1.0).abs());
                 // Lemma 3: the gap-removed matrix has no outlier: its top singular value is the
                 // quarter-circle edge.
                 let sv_bar = singular_values(&gap_removed(&a).unwrap()).unwrap();
                 let edge_bar = sv_bar[0] * (n as f64).sqrt();
-                assert!((edge_bar / prediction.scaled_bulk_edge - 1.0).abs() < 0.1, "{dist:?} n={n}: {edge_bar}");
+                assert!(
+                    (edge_bar / prediction.scaled_bulk_edge - 1.0).abs() < 0.1,
+                    "{dist:?} n={n}: {edge_bar}"
+                );
             }
             assert!(errors[1] < 0.06, "{dist:?}: relative edge error {errors:?}");
         }
@@ -406,7 +503,11 @@ pub(crate) mod tests {
         let dist = EntryDistribution::Exponential { rate: 1.0 };
         let n = 600;
         let a = random_markov(n, &dist, &mut rng).unwrap();
-        let sv: Vec<f64> = singular_values(&gap_removed(&a).unwrap()).unwrap().iter().map(|s| s * (n as f64).sqrt()).collect();
+        let sv: Vec<f64> = singular_values(&gap_removed(&a).unwrap())
+            .unwrap()
+            .iter()
+            .map(|s| s * (n as f64).sqrt())
+            .collect();
         let ks = crate::laws::ks_test(&QuarterCircle::new(1.0).unwrap(), &sv).unwrap();
         assert!(ks.statistic < 0.03, "D = {}", ks.statistic);
     }
@@ -442,12 +543,18 @@ pub(crate) mod tests {
             }
             let excess = excess / reps as f64;
             let predicted = stable_rank_excess_width(n, gamma, 1.0, depth).unwrap();
-            assert!((excess / predicted - 1.0).abs() < 0.25, "depth {depth}: {excess:e} vs {predicted:e}");
+            assert!(
+                (excess / predicted - 1.0).abs() < 0.25,
+                "depth {depth}: {excess:e} vs {predicted:e}"
+            );
             // Gap removed: a constant fraction of n (Prop 5). The top eigenvalue sits below the
             // edge by the TW scale at n = 200 (≈ 5 %), which raises the ratio: 30 %.
             let fraction_bar = fraction_bar / reps as f64;
             let limit = stable_rank_fraction_gap_removed(gamma, 1.0, depth).unwrap();
-            assert!((fraction_bar / limit - 1.0).abs() < 0.3, "depth {depth}: {fraction_bar} vs {limit}");
+            assert!(
+                (fraction_bar / limit - 1.0).abs() < 0.3,
+                "depth {depth}: {fraction_bar} vs {limit}"
+            );
         }
     }
 
@@ -467,7 +574,10 @@ pub(crate) mod tests {
         let p_gap = gradient_norm_squared(n, d, sigma2, 1.0, 1, false).unwrap();
         let p_bar = gradient_norm_squared(n, d, sigma2, 1.0, 1, true).unwrap();
         // ‖A‖_F² − 1 − σ² is O(n^{-1/2}) relative to σ².
-        assert!((with_gap / p_gap - 1.0).abs() < 0.05, "{with_gap} vs {p_gap}");
+        assert!(
+            (with_gap / p_gap - 1.0).abs() < 0.05,
+            "{with_gap} vs {p_gap}"
+        );
         assert!((without / p_bar - 1.0).abs() < 0.1, "{without} vs {p_bar}");
     }
 

@@ -13,7 +13,11 @@ pub const SYMMETRY_TOLERANCE: f64 = 1e-10;
 pub(crate) fn check_symmetric(what: &'static str, a: &DMatrix<f64>) -> Result<()> {
     let (r, c) = a.shape();
     if r != c {
-        return Err(RmtError::NotSquare { what, rows: r, cols: c });
+        return Err(RmtError::NotSquare {
+            what,
+            rows: r,
+            cols: c,
+        });
     }
     check_matrix(what, dmatrix_as_faer(a))?;
     let scale = a.iter().fold(0.0f64, |m, x| m.max(x.abs()));
@@ -24,7 +28,11 @@ pub(crate) fn check_symmetric(what: &'static str, a: &DMatrix<f64>) -> Result<()
         }
     }
     if asym > SYMMETRY_TOLERANCE * scale {
-        return Err(RmtError::NotSymmetric { what, asymmetry: asym, tolerance: SYMMETRY_TOLERANCE });
+        return Err(RmtError::NotSymmetric {
+            what,
+            asymmetry: asym,
+            tolerance: SYMMETRY_TOLERANCE,
+        });
     }
     Ok(())
 }
@@ -64,7 +72,10 @@ pub fn singular_values(a: &DMatrix<f64>) -> Result<Vec<f64>> {
     check_matrix("matrix", dmatrix_as_faer(a))?;
     let mut sv = dmatrix_as_faer(a)
         .singular_values()
-        .map_err(|e| RmtError::NoConvergence { method: "faer singular_values", detail: format!("{e:?}") })?;
+        .map_err(|e| RmtError::NoConvergence {
+            method: "faer singular_values",
+            detail: format!("{e:?}"),
+        })?;
     sv.sort_by(|x, y| y.total_cmp(x));
     Ok(sv)
 }
@@ -110,9 +121,14 @@ pub fn stable_rank_of_spectrum(eigenvalues: &[f64]) -> Result<f64> {
         return Err(RmtError::Empty { what: "spectrum" });
     }
     crate::error::all_finite("spectrum", eigenvalues.iter().copied())?;
-    let top = eigenvalues.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let top = eigenvalues
+        .iter()
+        .cloned()
+        .fold(f64::NEG_INFINITY, f64::max);
     if top <= 0.0 {
-        return Err(RmtError::Degenerate(format!("largest eigenvalue {top} ≤ 0: stable rank undefined")));
+        return Err(RmtError::Degenerate(format!(
+            "largest eigenvalue {top} ≤ 0: stable rank undefined"
+        )));
     }
     Ok(eigenvalues.iter().sum::<f64>() / top)
 }
@@ -124,12 +140,24 @@ mod tests {
     #[test]
     fn rejects_asymmetric_nonfinite_and_empty() {
         let a = nalgebra::dmatrix![1.0, 2.0; 0.0, 1.0];
-        assert!(matches!(symmetric_eigenvalues(&a), Err(RmtError::NotSymmetric { .. })));
+        assert!(matches!(
+            symmetric_eigenvalues(&a),
+            Err(RmtError::NotSymmetric { .. })
+        ));
         let a = nalgebra::dmatrix![1.0, f64::INFINITY; f64::INFINITY, 1.0];
-        assert!(matches!(symmetric_eigenvalues(&a), Err(RmtError::NonFinite { .. })));
+        assert!(matches!(
+            symmetric_eigenvalues(&a),
+            Err(RmtError::NonFinite { .. })
+        ));
         let a = DMatrix::<f64>::zeros(0, 0);
-        assert!(matches!(symmetric_eigenvalues(&a), Err(RmtError::Empty { .. })));
-        assert!(matches!(stable_rank(&DMatrix::<f64>::zeros(3, 3)), Err(RmtError::Degenerate(_))));
+        assert!(matches!(
+            symmetric_eigenvalues(&a),
+            Err(RmtError::Empty { .. })
+        ));
+        assert!(matches!(
+            stable_rank(&DMatrix::<f64>::zeros(3, 3)),
+            Err(RmtError::Degenerate(_))
+        ));
     }
 
     #[test]

@@ -124,7 +124,11 @@ impl TracyWidom {
                 lo = x;
             }
             let newton = x - g / d;
-            let next = if d > 0.0 && newton > lo && newton < hi { newton } else { 0.5 * (lo + hi) };
+            let next = if d > 0.0 && newton > lo && newton < hi {
+                newton
+            } else {
+                0.5 * (lo + hi)
+            };
             if (next - x).abs() < 1e-12 || hi - lo < 1e-12 {
                 return Ok(next);
             }
@@ -138,7 +142,12 @@ impl TracyWidom {
         let (x, w) = gauss_legendre(160, LEFT_CUTOFF, 10.0);
         let f: Vec<f64> = x.iter().map(|&s| self.density(s)).collect();
         let mean: f64 = x.iter().zip(&w).zip(&f).map(|((x, w), f)| w * x * f).sum();
-        let second: f64 = x.iter().zip(&w).zip(&f).map(|((x, w), f)| w * x * x * f).sum();
+        let second: f64 = x
+            .iter()
+            .zip(&w)
+            .zip(&f)
+            .map(|((x, w), f)| w * x * x * f)
+            .sum();
         (mean, second - mean * mean)
     }
 
@@ -208,7 +217,11 @@ impl TracyWidom {
 ///
 /// For `G = XXᵀ/d` with entry variance `σ²` (the paper's null, `p = m` rows and `n = d`
 /// columns), `λ₁(G) ≈ (σ²/d)(μ + σ_J·TW₁)`; this returns that location and scale.
-pub fn wishart_largest_eigenvalue_scaling(rows: usize, columns: usize, entry_variance: f64) -> (f64, f64) {
+pub fn wishart_largest_eigenvalue_scaling(
+    rows: usize,
+    columns: usize,
+    entry_variance: f64,
+) -> (f64, f64) {
     let n1 = (columns as f64 - 1.0).max(1.0).sqrt();
     let p = (rows as f64).sqrt();
     let mu = (n1 + p).powi(2);
@@ -236,7 +249,12 @@ impl TracyWidomTest {
     pub fn new(lambda_max: f64, location: f64, scale: f64) -> Self {
         let statistic = (lambda_max - location) / scale;
         let p_value = TracyWidom::new(Beta::One).sf(statistic);
-        Self { statistic, p_value, location, scale }
+        Self {
+            statistic,
+            p_value,
+            location,
+            scale,
+        }
     }
 
     /// Whether λ₁ is a significant outlier at error rate `alpha`.
@@ -257,7 +275,11 @@ mod tests {
     fn quantiles_match_published_tables() {
         let tw1 = TracyWidom::new(Beta::One);
         let tw2 = TracyWidom::new(Beta::Two);
-        for (p, q1, q2) in [(0.90, 0.4501, -0.5969), (0.95, 0.9793, -0.2325), (0.99, 2.0234, 0.4776)] {
+        for (p, q1, q2) in [
+            (0.90, 0.4501, -0.5969),
+            (0.95, 0.9793, -0.2325),
+            (0.99, 2.0234, 0.4776),
+        ] {
             assert!((tw1.quantile(p).unwrap() - q1).abs() < 6e-5, "F1 {p}");
             assert!((tw2.quantile(p).unwrap() - q2).abs() < 6e-5, "F2 {p}");
         }
@@ -283,7 +305,11 @@ mod tests {
                 let h = 1e-3;
                 let fd = (tw.cdf(s + h) - tw.cdf(s - h)) / (2.0 * h);
                 // Central difference error h²/6·|F'''| < 1e-7.
-                assert!((fd - tw.density(s)).abs() < 1e-7, "{beta:?} s={s}: {fd} vs {}", tw.density(s));
+                assert!(
+                    (fd - tw.density(s)).abs() < 1e-7,
+                    "{beta:?} s={s}: {fd} vs {}",
+                    tw.density(s)
+                );
             }
             assert_eq!(tw.cdf(-20.0), 0.0);
             assert!((tw.cdf(16.0) - 1.0).abs() < 1e-13);
@@ -296,12 +322,18 @@ mod tests {
     #[test]
     fn upper_tail_matches_its_asymptotics() {
         let pi = std::f64::consts::PI;
-        for (beta, c, a, p) in [(Beta::One, 2.0 / 3.0, 4.0 * pi.sqrt(), 0.75), (Beta::Two, 4.0 / 3.0, 16.0 * pi, 1.5)] {
+        for (beta, c, a, p) in [
+            (Beta::One, 2.0 / 3.0, 4.0 * pi.sqrt(), 0.75),
+            (Beta::Two, 4.0 / 3.0, 16.0 * pi, 1.5),
+        ] {
             let tw = TracyWidom::new(beta);
             let s = 9.0f64;
             let asymptotic = (-c * s.powf(1.5)).exp() / (a * s.powf(p));
             let sf = tw.sf(s);
-            assert!(sf > 0.0 && (sf / asymptotic - 1.0).abs() < 0.1, "{beta:?}: {sf:e} vs {asymptotic:e}");
+            assert!(
+                sf > 0.0 && (sf / asymptotic - 1.0).abs() < 0.1,
+                "{beta:?}: {sf:e} vs {asymptotic:e}"
+            );
             // Continuity with 1 − F where both are accurate.
             assert!((tw.sf(2.5) - (1.0 - tw.cdf(2.5))).abs() < 1e-13);
         }

@@ -16,8 +16,10 @@ pub enum VarianceEstimator {
     /// outliers.
     Median,
     /// Bulk-trimmed iteration: start from the median estimate; repeatedly set σ² so that the
-    /// mean of the eigenvalues at or below `λ₊(σ²)` equals the null's mean, until the set of
-    /// outliers stops changing (at most 100 rounds).
+    /// mean of the eigenvalues at or below `λ₊(σ²)` — a fraction `f` of the spectrum — equals
+    /// the null's mean below its own `f`-quantile, until the set of outliers stops changing
+    /// (at most 100 rounds). If the bulk shrinks below half the spectrum the null does not
+    /// describe it, and the estimator reports an error instead of running away.
     Trimmed,
     /// Fit of the null's CDF: the σ² minimising the Kolmogorov–Smirnov distance between the
     /// spectrum and the null (coarse log-grid over [¼, 4]× the median estimate, then golden
@@ -27,8 +29,12 @@ pub enum VarianceEstimator {
 
 impl VarianceEstimator {
     /// Every estimator.
-    pub const ALL: [VarianceEstimator; 4] =
-        [VarianceEstimator::Empirical, VarianceEstimator::Median, VarianceEstimator::Trimmed, VarianceEstimator::CdfFit];
+    pub const ALL: [VarianceEstimator; 4] = [
+        VarianceEstimator::Empirical,
+        VarianceEstimator::Median,
+        VarianceEstimator::Trimmed,
+        VarianceEstimator::CdfFit,
+    ];
 
     /// Name used in reports and CSV.
     pub fn name(&self) -> &'static str {
@@ -46,11 +52,22 @@ impl VarianceEstimator {
             .iter()
             .copied()
             .find(|e| e.name() == s)
-            .ok_or_else(|| RmtError::invalid("estimator", s, "expected empirical, median, trimmed or cdf_fit"))
+            .ok_or_else(|| {
+                RmtError::invalid(
+                    "estimator",
+                    s,
+                    "expected empirical, median, trimmed or cdf_fit",
+                )
+            })
     }
 
     /// σ² from a descending spectrum, the unit-scale null, and `Var(M_ij)`.
-    pub(crate) fn estimate(&self, spectrum: &[f64], unit: &NullLaw, entry_variance: f64) -> Result<f64> {
+    pub(crate) fn estimate(
+        &self,
+        spectrum: &[f64],
+        unit: &NullLaw,
+        entry_variance: f64,
+    ) -> Result<f64> {
         match self {
             VarianceEstimator::Empirical => Ok(entry_variance),
             VarianceEstimator::Median => median_matching(spectrum, unit),
@@ -71,14 +88,22 @@ fn continuous_part(spectrum: &[f64], unit: &NullLaw) -> Vec<f64> {
 fn median_matching(spectrum: &[f64], unit: &NullLaw) -> Result<f64> {
     let cont = continuous_part(spectrum, unit);
     if cont.is_empty() {
-        return Err(RmtError::Degenerate("no eigenvalue outside the null's atom".into()));
+        return Err(RmtError::Degenerate(
+            "no eigenvalue outside the null's atom".into(),
+        ));
     }
     let n = cont.len();
-    let median = if n % 2 == 1 { cont[n / 2] } else { 0.5 * (cont[n / 2 - 1] + cont[n / 2]) };
+    let median = if n % 2 == 1 {
+        cont[n / 2]
+    } else {
+        0.5 * (cont[n / 2 - 1] + cont[n / 2])
+    };
     let atom = unit.law().atom_at_zero();
     let null_median = unit.law().quantile(atom + 0.5 * (1.0 - atom))?;
     if median <= 0.0 {
-        return Err(RmtError::Degenerate("median eigenvalue is 0: σ² cannot be matched".into()));
+        return Err(RmtError::Degenerate(
+            "median eigenvalue is 0: σ² cannot be matched".into(),
+        ));
     }
     Ok(median / null_median)
 }
@@ -86,26 +111,56 @@ fn median_matching(spectrum: &[f64], unit: &NullLaw) -> Result<f64> {
 fn trimmed(spectrum: &[f64], unit: &NullLaw) -> Result<f64> {
     let cont = continuous_part(spectrum, unit);
     let law = unit.law();
-    // Mean of the continuous part at unit scale.
     let atom = law.atom_at_zero();
-    let unit_mean = law.mean() / (1.0 - atom);
     let unit_edge = law.upper_edge();
     let mut sigma2 = median_matching(spectrum, unit)?;
     let mut previous = usize::MAX;
     for _ in 0..100 {
         let edge = sigma2 * unit_edge;
         let bulk: Vec<f64> = cont.iter().copied().filter(|&l| l <= edge).collect();
-        if bulk.is_empty() {
-            return Err(RmtError::Degenerate("trimmed estimator: no eigenvalue below the edge".into()));
+        if 2 * bulk.len() < cont.len() {
+            return Err(RmtError::Degenerate(format!(
+                "trimmed σ² estimator diverged: fewer than half the eigenvalues lie below λ₊ = {edge:e} \
+                 (the null law does not describe this bulk)"
+            )));
         }
+        // Match the bulk's mean to the null's mean *conditional on the same quantile*, so
+        // that trimming a fraction f of a spectrum that follows the null leaves σ² unbiased.
+        let fraction = bulk.len() as f64 / cont.len() as f64;
+        let target = if fraction >= 1.0 {
+            law.mean() / (1.0 - atom)
+        } else {
+            let q = law.quantile(atom + fraction * (1.0 - atom))?;
+            truncated_mean(law, q)
+        };
+        sigma2 = bulk.iter().sum::<f64>() / bulk.len() as f64 / target;
         let outliers = cont.len() - bulk.len();
-        sigma2 = bulk.iter().sum::<f64>() / bulk.len() as f64 / unit_mean;
         if outliers == previous {
             return Ok(sigma2);
         }
         previous = outliers;
     }
     Ok(sigma2)
+}
+
+/// `E[X | 0 < X ≤ q]` for the continuous part of `law`, by Gauss–Legendre in `x = a + (q−a)t³`
+/// (smooths the square-root and `x^{−s/(s+1)}` edge behaviours at the lower edge `a`).
+fn truncated_mean(law: &dyn crate::laws::SpectralLaw, q: f64) -> f64 {
+    let a = law.lower_edge();
+    let (t, w) = crate::special::gauss_legendre(12, 0.0, 1.0);
+    let panels = 24;
+    let (mut mass, mut first) = (0.0, 0.0);
+    for p in 0..panels {
+        for (ti, wi) in t.iter().zip(&w) {
+            let u = (p as f64 + ti) / panels as f64;
+            let x = a + (q - a) * u * u * u;
+            let dx = 3.0 * (q - a) * u * u / panels as f64;
+            let f = law.density(x) * dx * wi;
+            mass += f;
+            first += x * f;
+        }
+    }
+    if mass > 0.0 { first / mass } else { q }
 }
 
 /// KS distance between the ascending sample `cont` and the continuous part of `law`.
@@ -120,7 +175,9 @@ fn ks_distance(cont: &[f64], unit: &NullLaw, sigma2: f64) -> f64 {
     let mut d = 0.0f64;
     for (i, &x) in cont.iter().enumerate() {
         let f = ((law.cdf(x) - atom) / (1.0 - atom)).clamp(0.0, 1.0);
-        d = d.max((f - i as f64 / n).abs()).max(((i + 1) as f64 / n - f).abs());
+        d = d
+            .max((f - i as f64 / n).abs())
+            .max(((i + 1) as f64 / n - f).abs());
     }
     d
 }
@@ -128,7 +185,9 @@ fn ks_distance(cont: &[f64], unit: &NullLaw, sigma2: f64) -> f64 {
 fn cdf_fit(spectrum: &[f64], unit: &NullLaw) -> Result<f64> {
     let cont = continuous_part(spectrum, unit);
     if cont.len() < 2 {
-        return Err(RmtError::Degenerate("CDF fit needs at least two eigenvalues".into()));
+        return Err(RmtError::Degenerate(
+            "CDF fit needs at least two eigenvalues".into(),
+        ));
     }
     let start = median_matching(spectrum, unit)?;
     // Coarse grid in log σ², then golden section around the best grid point.
@@ -148,7 +207,10 @@ fn cdf_fit(spectrum: &[f64], unit: &NullLaw) -> Result<f64> {
     let phi = 0.5 * (5f64.sqrt() - 1.0);
     let mut c = b - phi * (b - a);
     let mut e = a + phi * (b - a);
-    let (mut fc, mut fe) = (ks_distance(&cont, unit, at(c)), ks_distance(&cont, unit, at(e)));
+    let (mut fc, mut fe) = (
+        ks_distance(&cont, unit, at(c)),
+        ks_distance(&cont, unit, at(e)),
+    );
     for _ in 0..60 {
         if fc <= fe {
             b = e;

@@ -128,10 +128,18 @@ impl DiagnosticsConfig {
 
     fn validate(&self) -> Result<()> {
         if self.estimators.is_empty() {
-            return Err(RmtError::invalid("estimators", "[]", "ask for at least one σ² estimator"));
+            return Err(RmtError::invalid(
+                "estimators",
+                "[]",
+                "ask for at least one σ² estimator",
+            ));
         }
         if self.nulls.is_empty() {
-            return Err(RmtError::invalid("nulls", "[]", "ask for at least one null law"));
+            return Err(RmtError::invalid(
+                "nulls",
+                "[]",
+                "ask for at least one null law",
+            ));
         }
         Ok(())
     }
@@ -234,7 +242,10 @@ pub struct SpectrumDiagnostics {
 impl SpectrumDiagnostics {
     /// The diagnosis for an (estimator, null) pair.
     pub fn get(&self, estimator: VarianceEstimator, null: NullModel) -> Option<&SpectralMetrics> {
-        self.diagnoses.iter().find(|d| d.estimator == estimator && d.null == null).map(|d| &d.metrics)
+        self.diagnoses
+            .iter()
+            .find(|d| d.estimator == estimator && d.null == null)
+            .map(|d| &d.metrics)
     }
 }
 
@@ -293,7 +304,13 @@ pub fn diagnose_layer<T: Element>(
     if q.nrows() != k.nrows() || q.ncols() != k.ncols() {
         return Err(RmtError::ShapeMismatch {
             context: "diagnose_layer",
-            detail: format!("Q is {}×{} but K is {}×{}", q.nrows(), q.ncols(), k.nrows(), k.ncols()),
+            detail: format!(
+                "Q is {}×{} but K is {}×{}",
+                q.nrows(),
+                q.ncols(),
+                k.nrows(),
+                k.ncols()
+            ),
         });
     }
     let (m, d) = (q.nrows(), q.ncols());
@@ -315,12 +332,19 @@ pub fn diagnose_layer<T: Element>(
                 q.subrows(rows.start, dk),
                 k.subrows(rows.start, dk),
                 Some(h),
-                &DiagnosticsConfig { fast_path: false, ..config.clone() },
+                &DiagnosticsConfig {
+                    fast_path: false,
+                    ..config.clone()
+                },
                 factorization,
             )?);
         }
     }
-    Ok(LayerDiagnostics { heads, layer, per_head })
+    Ok(LayerDiagnostics {
+        heads,
+        layer,
+        per_head,
+    })
 }
 
 /// The statistics of `M` that the metrics need besides the spectrum.
@@ -347,7 +371,10 @@ fn entry_moments<T: Element>(mm: MatRef<'_, T>) -> EntryMoments {
     }
     let count = (mm.nrows() * mm.ncols()) as f64;
     let mean = sum / count;
-    EntryMoments { variance: (sum2 / count - mean * mean).max(0.0), frobenius2: sum2 }
+    EntryMoments {
+        variance: (sum2 / count - mean * mean).max(0.0),
+        frobenius2: sum2,
+    }
 }
 
 /// A null law at unit σ², rescalable.
@@ -358,12 +385,19 @@ pub(crate) enum NullLaw {
 }
 
 impl NullLaw {
-    fn new(null: NullModel, rows: usize, width: usize, factorization: &Factorization) -> Result<Self> {
+    fn new(
+        null: NullModel,
+        rows: usize,
+        width: usize,
+        factorization: &Factorization,
+    ) -> Result<Self> {
         Ok(match null {
             NullModel::Mp => NullLaw::Mp(MarchenkoPastur::new(rows as f64 / width as f64, 1.0)?),
-            NullModel::Product => {
-                NullLaw::Product(ProductGaussianLaw::for_product(&factorization.dims(rows), width as f64, 1.0)?)
-            }
+            NullModel::Product => NullLaw::Product(ProductGaussianLaw::for_product(
+                &factorization.dims(rows),
+                width as f64,
+                1.0,
+            )?),
         })
     }
 
@@ -411,7 +445,12 @@ fn metrics(
         sigma2,
         mp_gap: lambda_max - lambda_plus,
         outlier_count,
-        outlier_energy: outlier_sum / trace,
+        // An empty sum is −0.0 in Rust; report a plain 0 when there is no outlier.
+        outlier_energy: if outlier_count == 0 {
+            0.0
+        } else {
+            outlier_sum / trace
+        },
         mp_soft_rank: lambda_max / lambda_plus,
         stable_rank,
         normalized_stable_rank: stable_rank / rows as f64,
@@ -447,7 +486,10 @@ fn diagnose_block<T: Element>(
         .map(|&n| NullLaw::new(n, rows, width, factorization).map(|l| (n, l)))
         .collect::<Result<_>>()?;
 
-    let only_empirical = config.estimators.iter().all(|e| *e == VarianceEstimator::Empirical);
+    let only_empirical = config
+        .estimators
+        .iter()
+        .all(|e| *e == VarianceEstimator::Empirical);
     let partial = config.fast_path && only_empirical && config.solver == EigenSolver::TwoStage;
     let mut diagnoses = Vec::new();
     if partial {
@@ -462,10 +504,26 @@ fn diagnose_block<T: Element>(
             diagnoses.push(Diagnosis {
                 estimator: VarianceEstimator::Empirical,
                 null: *null,
-                metrics: metrics(lambda_max, lp, moments.variance, above.len(), above.iter().sum(), trace, rows, tw),
+                metrics: metrics(
+                    lambda_max,
+                    lp,
+                    moments.variance,
+                    above.len(),
+                    above.iter().sum(),
+                    trace,
+                    rows,
+                    tw,
+                ),
             });
         }
-        return Ok(SpectrumDiagnostics { head, rows, width, trace, partial_spectrum: true, diagnoses });
+        return Ok(SpectrumDiagnostics {
+            head,
+            rows,
+            width,
+            trace,
+            partial_spectrum: true,
+            diagnoses,
+        });
     }
 
     let spectrum = eigenvalues_descending(g.as_ref(), config.solver)?;
@@ -485,7 +543,14 @@ fn diagnose_block<T: Element>(
             });
         }
     }
-    Ok(SpectrumDiagnostics { head, rows, width, trace, partial_spectrum: false, diagnoses })
+    Ok(SpectrumDiagnostics {
+        head,
+        rows,
+        width,
+        trace,
+        partial_spectrum: false,
+        diagnoses,
+    })
 }
 
 /// `(#{λ > edge}, Σ_{λ > edge} λ)` of a descending spectrum.
@@ -499,7 +564,11 @@ fn outliers_above(spectrum: &[f64], edge: f64) -> (usize, f64) {
 ///
 /// # Errors
 /// Empty or non-finite spectrum, `λ₁ ≤ 0`, or a non-positive `lambda_plus`.
-pub fn metrics_from_spectrum(eigenvalues: &[f64], sigma2: f64, lambda_plus: f64) -> Result<SpectralMetrics> {
+pub fn metrics_from_spectrum(
+    eigenvalues: &[f64],
+    sigma2: f64,
+    lambda_plus: f64,
+) -> Result<SpectralMetrics> {
     if eigenvalues.is_empty() {
         return Err(RmtError::Empty { what: "spectrum" });
     }
@@ -512,8 +581,22 @@ pub fn metrics_from_spectrum(eigenvalues: &[f64], sigma2: f64, lambda_plus: f64)
     }
     let (count, sum) = outliers_above(&sorted, lambda_plus);
     let trace: f64 = sorted.iter().sum();
-    let tw = TracyWidomTest { statistic: f64::NAN, p_value: f64::NAN, location: f64::NAN, scale: f64::NAN };
-    Ok(metrics(sorted[0], lambda_plus, sigma2, count, sum, trace, sorted.len(), tw))
+    let tw = TracyWidomTest {
+        statistic: f64::NAN,
+        p_value: f64::NAN,
+        location: f64::NAN,
+        scale: f64::NAN,
+    };
+    Ok(metrics(
+        sorted[0],
+        lambda_plus,
+        sigma2,
+        count,
+        sum,
+        trace,
+        sorted.len(),
+        tw,
+    ))
 }
 
 #[cfg(test)]

@@ -13,16 +13,34 @@ fn bad_inputs_are_clear_errors() {
     let cfg = DiagnosticsConfig::default();
     let q = DMatrix::<f64>::zeros(8, 4);
     let k = DMatrix::<f64>::zeros(8, 5);
-    assert!(matches!(diagnose_layer(view(&q), view(&k), 2, &cfg, None), Err(RmtError::ShapeMismatch { .. })));
+    assert!(matches!(
+        diagnose_layer(view(&q), view(&k), 2, &cfg, None),
+        Err(RmtError::ShapeMismatch { .. })
+    ));
     let k = DMatrix::<f64>::zeros(8, 4);
-    assert!(matches!(diagnose_layer(view(&q), view(&k), 3, &cfg, None), Err(RmtError::ShapeMismatch { .. })));
-    assert!(matches!(diagnose_layer(view(&q), view(&k), 2, &cfg, None), Err(RmtError::Degenerate(_))));
+    assert!(matches!(
+        diagnose_layer(view(&q), view(&k), 3, &cfg, None),
+        Err(RmtError::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        diagnose_layer(view(&q), view(&k), 2, &cfg, None),
+        Err(RmtError::Degenerate(_))
+    ));
     let mut q = DMatrix::<f64>::from_element(8, 4, 1.0);
     q[(3, 2)] = f64::NAN;
-    assert!(matches!(diagnose_layer(view(&q), view(&k), 2, &cfg, None), Err(RmtError::NonFinite { .. })));
+    assert!(matches!(
+        diagnose_layer(view(&q), view(&k), 2, &cfg, None),
+        Err(RmtError::NonFinite { .. })
+    ));
     let e = DMatrix::<f64>::zeros(0, 4);
-    assert!(matches!(diagnose_layer(view(&e), view(&e), 1, &cfg, None), Err(RmtError::Empty { .. })));
-    let bad = DiagnosticsConfig { estimators: vec![], ..Default::default() };
+    assert!(matches!(
+        diagnose_layer(view(&e), view(&e), 1, &cfg, None),
+        Err(RmtError::Empty { .. })
+    ));
+    let bad = DiagnosticsConfig {
+        estimators: vec![],
+        ..Default::default()
+    };
     let q = DMatrix::<f64>::from_element(8, 4, 1.0);
     assert!(diagnose_layer(view(&q), view(&q), 2, &bad, None).is_err());
 }
@@ -34,7 +52,10 @@ fn metrics_follow_the_definitions() {
     let (m, d) = (48, 96);
     let q = gaussian(m, d, &mut rng);
     let k = gaussian(m, d, &mut rng);
-    let cfg = DiagnosticsConfig { fast_path: false, ..Default::default() };
+    let cfg = DiagnosticsConfig {
+        fast_path: false,
+        ..Default::default()
+    };
     let diag = diagnose_layer(view(&q), view(&k), 4, &cfg, None).unwrap();
     let mm = &q * k.transpose();
     let g = &mm * mm.transpose() / d as f64;
@@ -44,7 +65,10 @@ fn metrics_follow_the_definitions() {
     let lp = sigma2 * (1.0 + (m as f64 / d as f64).sqrt()).powi(2);
     let out: Vec<f64> = ev.iter().copied().filter(|&l| l > lp).collect();
     let total: f64 = ev.iter().sum();
-    let got = diag.layer.get(VarianceEstimator::Empirical, NullModel::Mp).unwrap();
+    let got = diag
+        .layer
+        .get(VarianceEstimator::Empirical, NullModel::Mp)
+        .unwrap();
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1e-12);
     assert!(close(got.sigma2, sigma2));
     assert!(close(got.lambda_plus, lp));
@@ -76,21 +100,38 @@ fn planted_spikes_follow_the_bbp_transition() {
         x += u.column(i) * v.column(i).transpose() * (t * (d as f64).sqrt());
     }
     let eye = DMatrix::<f64>::identity(d, d);
-    let cfg = DiagnosticsConfig { estimators: vec![VarianceEstimator::Trimmed], fast_path: false, ..Default::default() };
+    let cfg = DiagnosticsConfig {
+        estimators: vec![VarianceEstimator::Trimmed],
+        fast_path: false,
+        ..Default::default()
+    };
     let diag = diagnose_layer(view(&x), view(&eye), 1, &cfg, None).unwrap();
-    let got = diag.layer.get(VarianceEstimator::Trimmed, NullModel::Mp).unwrap();
+    let got = diag
+        .layer
+        .get(VarianceEstimator::Trimmed, NullModel::Mp)
+        .unwrap();
     assert!((got.sigma2 - 1.0).abs() < 0.03, "σ² = {}", got.sigma2);
     assert!((3..=4).contains(&got.outlier_count), "{got:?}");
     let g = &x * x.transpose() / d as f64;
     let ev = crate::spectra::symmetric_eigenvalues(&g).unwrap();
     // Near the transition the finite-size bias grows (the scale there is m^{−1/3}): 10 % at
     // θ = 1.5, 5 % further out.
-    for (i, (t, tol)) in [(3.0f64, 0.05), (2.0, 0.05), (1.5, 0.10)].iter().enumerate() {
+    for (i, (t, tol)) in [(3.0f64, 0.05), (2.0, 0.05), (1.5, 0.10)]
+        .iter()
+        .enumerate()
+    {
         let predicted = (1.0 + t * t).powi(2) / (t * t);
-        assert!((ev[i] / predicted - 1.0).abs() < *tol, "spike θ={t}: λ = {} vs {predicted}", ev[i]);
+        assert!(
+            (ev[i] / predicted - 1.0).abs() < *tol,
+            "spike θ={t}: λ = {} vs {predicted}",
+            ev[i]
+        );
     }
     let s_tw = 2f64.powf(4.0 / 3.0) * (m as f64).powf(-2.0 / 3.0);
-    let beyond = ev.iter().filter(|&&l| l > got.lambda_plus + 3.0 * s_tw).count();
+    let beyond = ev
+        .iter()
+        .filter(|&&l| l > got.lambda_plus + 3.0 * s_tw)
+        .count();
     assert_eq!(beyond, 3);
 }
 
@@ -105,17 +146,34 @@ fn paper_rule_flags_the_fuss_catalan_tail_at_initialisation() {
     let (m, d) = (768, 768);
     let q = gaussian(m, d, &mut rng);
     let k = gaussian(m, d, &mut rng);
-    let cfg = DiagnosticsConfig { nulls: vec![NullModel::Mp, NullModel::Product], fast_path: false, ..Default::default() };
+    let cfg = DiagnosticsConfig {
+        nulls: vec![NullModel::Mp, NullModel::Product],
+        fast_path: false,
+        ..Default::default()
+    };
     let diag = diagnose_layer(view(&q), view(&k), 12, &cfg, None).unwrap();
-    let mp = diag.layer.get(VarianceEstimator::Empirical, NullModel::Mp).unwrap();
-    let product = diag.layer.get(VarianceEstimator::Empirical, NullModel::Product).unwrap();
+    let mp = diag
+        .layer
+        .get(VarianceEstimator::Empirical, NullModel::Mp)
+        .unwrap();
+    let product = diag
+        .layer
+        .get(VarianceEstimator::Empirical, NullModel::Product)
+        .unwrap();
     let fc = crate::laws::ProductGaussianLaw::fuss_catalan(2, 1.0).unwrap();
     let expected = m as f64 * (1.0 - fc.cdf(4.0));
-    assert!((mp.outlier_count as f64 - expected).abs() < 8.0, "{} vs {expected}", mp.outlier_count);
+    assert!(
+        (mp.outlier_count as f64 - expected).abs() < 8.0,
+        "{} vs {expected}",
+        mp.outlier_count
+    );
     // λ₁/σ² ≈ 27/4 + c·TW₁ with c the soft-edge scale: mean −1.21c, sd 1.27c; 3 sd.
     let (edge, c) = fc.soft_edge_scaling(m);
     let ratio = mp.lambda_max / mp.sigma2;
-    assert!((ratio - (edge - 1.21 * c)).abs() < 3.0 * 1.27 * c, "λ₁/σ² = {ratio}, edge {edge}, scale {c}");
+    assert!(
+        (ratio - (edge - 1.21 * c)).abs() < 3.0 * 1.27 * c,
+        "λ₁/σ² = {ratio}, edge {edge}, scale {c}"
+    );
     assert!(product.outlier_count <= 1, "{product:?}");
     assert!(product.tw_p_value > 0.01, "{product:?}");
 }
@@ -134,15 +192,24 @@ fn fast_path_matches_full_spectrum() {
         let w = u.column(i) * (u.column(i).transpose() * &k) * (0.08 * (i as f64 + 1.0));
         q += w;
     }
-    let cfg_fast = DiagnosticsConfig { nulls: vec![NullModel::Mp, NullModel::Product], ..Default::default() };
-    let cfg_full = DiagnosticsConfig { fast_path: false, ..cfg_fast.clone() };
+    let cfg_fast = DiagnosticsConfig {
+        nulls: vec![NullModel::Mp, NullModel::Product],
+        ..Default::default()
+    };
+    let cfg_full = DiagnosticsConfig {
+        fast_path: false,
+        ..cfg_fast.clone()
+    };
     let fast = diagnose_layer(view(&q), view(&k), 4, &cfg_fast, None).unwrap();
     let full = diagnose_layer(view(&q), view(&k), 4, &cfg_full, None).unwrap();
     assert!(!full.layer.partial_spectrum);
     for (a, b) in fast.layer.diagnoses.iter().zip(&full.layer.diagnoses) {
         let (x, y) = (a.metrics.named_values(), b.metrics.named_values());
         for ((name, vx), (_, vy)) in x.iter().zip(&y) {
-            assert!((vx - vy).abs() <= 1e-8 * vy.abs().max(1e-9), "{name}: fast {vx} vs full {vy}");
+            assert!(
+                (vx - vy).abs() <= 1e-8 * vy.abs().max(1e-9),
+                "{name}: fast {vx} vs full {vy}"
+            );
         }
     }
 }
@@ -160,15 +227,28 @@ fn per_head_diagnostics_use_each_heads_block() {
     let spike = &u * (u.transpose() * &kh) * 2.0;
     let mut block = q.rows_mut(rows.start, dk);
     block += spike;
-    let cfg = DiagnosticsConfig { per_head: true, ..Default::default() };
+    let cfg = DiagnosticsConfig {
+        per_head: true,
+        ..Default::default()
+    };
     let diag = diagnose_layer(view(&q), view(&k), heads, &cfg, None).unwrap();
     assert_eq!(diag.per_head.len(), heads);
     let gaps: Vec<f64> = diag
         .per_head
         .iter()
-        .map(|h| h.get(VarianceEstimator::Empirical, NullModel::Mp).unwrap().mp_soft_rank)
+        .map(|h| {
+            h.get(VarianceEstimator::Empirical, NullModel::Mp)
+                .unwrap()
+                .mp_soft_rank
+        })
         .collect();
-    let best = gaps.iter().cloned().enumerate().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
+    let best = gaps
+        .iter()
+        .cloned()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap()
+        .0;
     assert_eq!(best, 2, "{gaps:?}");
     for (h, hd) in diag.per_head.iter().enumerate() {
         assert_eq!(hd.head, Some(h));
@@ -188,16 +268,32 @@ fn estimators_recover_the_bulk_variance_despite_spikes() {
     }
     // G = XXᵀ/d is MP(1, 2.25) plus spikes: diagnose it as M = X·I.
     let eye = DMatrix::<f64>::identity(d, d);
-    let cfg = DiagnosticsConfig { estimators: VarianceEstimator::ALL.to_vec(), fast_path: false, ..Default::default() };
+    let cfg = DiagnosticsConfig {
+        estimators: VarianceEstimator::ALL.to_vec(),
+        fast_path: false,
+        ..Default::default()
+    };
     let diag = diagnose_layer(view(&spiked), view(&eye), 1, &cfg, None).unwrap();
-    for est in [VarianceEstimator::Median, VarianceEstimator::Trimmed, VarianceEstimator::CdfFit] {
+    for est in [
+        VarianceEstimator::Median,
+        VarianceEstimator::Trimmed,
+        VarianceEstimator::CdfFit,
+    ] {
         let s2 = diag.layer.get(est, NullModel::Mp).unwrap().sigma2;
         // Finite-n fluctuation of a bulk statistic at m = 300 is O(1/m); 3 % is generous.
         assert!((s2 / 2.25 - 1.0).abs() < 0.03, "{est:?}: σ² = {s2}");
-        assert_eq!(diag.layer.get(est, NullModel::Mp).unwrap().outlier_count, 4, "{est:?}");
+        assert_eq!(
+            diag.layer.get(est, NullModel::Mp).unwrap().outlier_count,
+            4,
+            "{est:?}"
+        );
     }
     // The paper's empirical estimator is inflated by the spikes.
-    let emp = diag.layer.get(VarianceEstimator::Empirical, NullModel::Mp).unwrap().sigma2;
+    let emp = diag
+        .layer
+        .get(VarianceEstimator::Empirical, NullModel::Mp)
+        .unwrap()
+        .sigma2;
     assert!(emp > 2.25 * 1.1, "{emp}");
 }
 
@@ -221,7 +317,14 @@ fn results_round_trip_through_json() {
     let mut rng = rand_pcg::Pcg64::seed_from_u64(7);
     let q = gaussian(32, 32, &mut rng);
     let k = gaussian(32, 32, &mut rng);
-    let diag = diagnose_layer(view(&q), view(&k), 2, &DiagnosticsConfig::everything(), None).unwrap();
+    let diag = diagnose_layer(
+        view(&q),
+        view(&k),
+        2,
+        &DiagnosticsConfig::everything(),
+        None,
+    )
+    .unwrap();
     let json = serde_json::to_string(&diag).unwrap();
     let back: LayerDiagnostics = serde_json::from_str(&json).unwrap();
     assert_eq!(back, diag);

@@ -126,11 +126,26 @@ pub(crate) fn reduce_to_band<T: Element>(mut a: MatMut<'_, T>, b: usize) {
         let s = v.transpose() * &x; // Vᵀ X
         let u = t.transpose() * &s; // Tᵀ Vᵀ X
         let mut w = x;
-        matmul(w.as_mut(), Accum::Add, v.as_ref(), u.as_ref(), T::from_f64(-0.5), par());
+        matmul(
+            w.as_mut(),
+            Accum::Add,
+            v.as_ref(),
+            u.as_ref(),
+            T::from_f64(-0.5),
+            par(),
+        );
         // A₂₂ ← A₂₂ − [V W]·[W V]ᵀ on the lower triangle: one rank-2nb product, arranged as
         // TN (transposed column-major left operand), faer's fastest layout.
-        let lhs_t = Mat::<T>::from_fn(2 * nb, k, |c, i| if c < nb { v[(i, c)] } else { w[(i, c - nb)] });
-        let rhs_t = Mat::<T>::from_fn(2 * nb, k, |c, i| if c < nb { w[(i, c)] } else { v[(i, c - nb)] });
+        let lhs_t = Mat::<T>::from_fn(
+            2 * nb,
+            k,
+            |c, i| if c < nb { v[(i, c)] } else { w[(i, c - nb)] },
+        );
+        let rhs_t = Mat::<T>::from_fn(
+            2 * nb,
+            k,
+            |c, i| if c < nb { w[(i, c)] } else { v[(i, c - nb)] },
+        );
         tri_matmul(
             a22.rb_mut(),
             BlockStructure::TriangularLower,

@@ -114,15 +114,13 @@ impl<T: Element> Band<T> {
                 // B = A[r1..r1+len2, r0..r0+len] ← B·H: B −= (Bv)(τv)ᵀ.
                 if tau != T::ZERO {
                     bv[..len2].iter_mut().for_each(|e| *e = T::ZERO);
-                    for j in 0..len {
-                        let vj = v[j];
+                    for (j, &vj) in v[..len].iter().enumerate() {
                         let col = self.col_mut(r1, len2, r0 + j);
                         axpy(vj, col, &mut bv[..len2]);
                     }
-                    for j in 0..len {
-                        let s = -tau * v[j];
+                    for (j, &vj) in v[..len].iter().enumerate() {
                         let col = self.col_mut(r1, len2, r0 + j);
-                        axpy(s, &bv[..len2], col);
+                        axpy(-tau * vj, &bv[..len2], col);
                     }
                 }
                 // Annihilate the bulge's first column B[1.., 0].
@@ -151,7 +149,9 @@ impl<T: Element> Band<T> {
             }
         }
         let diag = (0..n).map(|i| self.data[self.at(i, i)].to_f64()).collect();
-        let sub = (0..n.saturating_sub(1)).map(|i| self.data[self.at(i + 1, i)].to_f64()).collect();
+        let sub = (0..n.saturating_sub(1))
+            .map(|i| self.data[self.at(i + 1, i)].to_f64())
+            .collect();
         (diag, sub)
     }
 }

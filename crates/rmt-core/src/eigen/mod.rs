@@ -46,9 +46,11 @@ pub(crate) struct Tridiagonal {
 impl Tridiagonal {
     /// All eigenvalues, descending.
     pub(crate) fn eigenvalues_descending(&self) -> Result<Vec<f64>> {
-        let mut ev = tridiagonal::all_eigenvalues(&self.d, &self.e).ok_or_else(|| RmtError::NoConvergence {
-            method: "tridiagonal QL/QR (dsterf)",
-            detail: format!("no convergence in {} sweeps", 30 * self.d.len()),
+        let mut ev = tridiagonal::all_eigenvalues(&self.d, &self.e).ok_or_else(|| {
+            RmtError::NoConvergence {
+                method: "tridiagonal QL/QR (dsterf)",
+                detail: format!("no convergence in {} sweeps", 30 * self.d.len()),
+            }
         })?;
         ev.reverse();
         Ok(ev)
@@ -76,8 +78,9 @@ pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
     Tridiagonal { d, e }
 }
 
-/// Below this size faer's one-stage Householder tridiagonalisation is faster (measured:
-/// n = 256, 5.8 ms one-stage vs 8.0 ms two-stage; two-stage wins from n ≈ 600).
+/// Below this size faer's one-stage Householder tridiagonalisation is faster. Measured with
+/// `cargo xtask bench`: f64 n = 256 one-stage 3.8 ms vs two-stage 8.0 ms, n = 768 57 vs
+/// 62–78 ms; f32 n = 768 (whole diagnostics) 52.6 vs 70.9 ms.
 const TWO_STAGE_MIN: usize = 1024;
 
 /// faer's one-stage (blocked Householder) tridiagonalisation.
@@ -85,15 +88,25 @@ fn tridiagonalize_one_stage<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
     use faer::linalg::evd::tridiag;
     let n = a.nrows();
     if n == 0 {
-        return Tridiagonal { d: vec![], e: vec![] };
+        return Tridiagonal {
+            d: vec![],
+            e: vec![],
+        };
     }
     let mut t = a.to_owned();
     let par = crate::linalg::par();
     let params = Default::default();
     let bs = faer::linalg::qr::no_pivoting::factor::recommended_block_size::<T>(n, n);
     let mut householder = faer::Mat::<T>::zeros(bs, n.saturating_sub(1));
-    let mut mem = faer::dyn_stack::MemBuffer::new(tridiag::tridiag_in_place_scratch::<T>(n, par, params));
-    tridiag::tridiag_in_place(t.as_mut(), householder.as_mut(), par, faer::dyn_stack::MemStack::new(&mut mem), params);
+    let mut mem =
+        faer::dyn_stack::MemBuffer::new(tridiag::tridiag_in_place_scratch::<T>(n, par, params));
+    tridiag::tridiag_in_place(
+        t.as_mut(),
+        householder.as_mut(),
+        par,
+        faer::dyn_stack::MemStack::new(&mut mem),
+        params,
+    );
     Tridiagonal {
         d: (0..n).map(|i| t[(i, i)].to_f64()).collect(),
         e: (0..n - 1).map(|i| t[(i + 1, i)].to_f64()).collect(),
@@ -102,15 +115,20 @@ fn tridiagonalize_one_stage<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
 
 /// Eigenvalues of the symmetric matrix whose lower triangle is `a`, in descending order.
 /// No input checks (callers validate).
-pub(crate) fn eigenvalues_descending<T: Element>(a: MatRef<'_, T>, solver: EigenSolver) -> Result<Vec<f64>> {
+pub(crate) fn eigenvalues_descending<T: Element>(
+    a: MatRef<'_, T>,
+    solver: EigenSolver,
+) -> Result<Vec<f64>> {
     match solver {
         EigenSolver::TwoStage => tridiagonalize(a).eigenvalues_descending(),
         EigenSolver::Faer => {
             let a64 = crate::linalg::to_f64_mat(a);
-            let mut ev = a64.self_adjoint_eigenvalues(faer::Side::Lower).map_err(|e| RmtError::NoConvergence {
-                method: "faer self_adjoint_eigenvalues",
-                detail: format!("{e:?}"),
-            })?;
+            let mut ev = a64
+                .self_adjoint_eigenvalues(faer::Side::Lower)
+                .map_err(|e| RmtError::NoConvergence {
+                    method: "faer self_adjoint_eigenvalues",
+                    detail: format!("{e:?}"),
+                })?;
             ev.sort_by(|x, y| y.total_cmp(x));
             Ok(ev)
         }
@@ -134,7 +152,16 @@ mod tests {
     /// sizes around the bandwidth, odd sizes, and bandwidths that do and do not divide n.
     #[test]
     fn two_stage_matches_one_stage() {
-        for (n, b) in [(3, 2), (10, 4), (33, 8), (64, 16), (100, 32), (257, 32), (300, 48), (411, 17)] {
+        for (n, b) in [
+            (3, 2),
+            (10, 4),
+            (33, 8),
+            (64, 16),
+            (100, 32),
+            (257, 32),
+            (300, 48),
+            (411, 17),
+        ] {
             let a = random_symmetric(n, n as u64);
             let mut reference = a.self_adjoint_eigenvalues(faer::Side::Lower).unwrap();
             reference.sort_by(|x, y| y.total_cmp(x));
@@ -142,7 +169,10 @@ mod tests {
             got.sort_by(|x, y| y.total_cmp(x));
             let scale = reference[0].abs().max(reference[n - 1].abs());
             for (g, r) in got.iter().zip(&reference) {
-                assert!((g - r).abs() <= 1e-12 * scale * (n as f64).sqrt(), "n={n} b={b}: {g} vs {r}");
+                assert!(
+                    (g - r).abs() <= 1e-12 * scale * (n as f64).sqrt(),
+                    "n={n} b={b}: {g} vs {r}"
+                );
             }
         }
     }

@@ -55,7 +55,10 @@ pub(crate) fn all_eigenvalues(d: &[f64], e: &[f64]) -> Option<Vec<f64>> {
             continue;
         }
         // Scale the block to avoid over/underflow of the squared off-diagonals.
-        let anorm = d[l..=lend].iter().chain(&e[l..lend]).fold(0.0f64, |a, x| a.max(x.abs()));
+        let anorm = d[l..=lend]
+            .iter()
+            .chain(&e[l..lend])
+            .fold(0.0f64, |a, x| a.max(x.abs()));
         if anorm == 0.0 {
             continue;
         }
@@ -144,7 +147,11 @@ pub(crate) fn all_eigenvalues(d: &[f64], e: &[f64]) -> Option<Vec<f64>> {
                     let alpha = d[i];
                     gamma = c * (alpha - sigma) - s * oldgam;
                     d[i + 1] = oldgam + (alpha - gamma);
-                    p = if c != 0.0 { (gamma * gamma) / c } else { oldc * bb };
+                    p = if c != 0.0 {
+                        (gamma * gamma) / c
+                    } else {
+                        oldc * bb
+                    };
                 }
                 e[l] = s * p;
                 d[l] = sigma + gamma;
@@ -209,7 +216,11 @@ pub(crate) fn all_eigenvalues(d: &[f64], e: &[f64]) -> Option<Vec<f64>> {
                     let alpha = d[i + 1];
                     gamma = c * (alpha - sigma) - s * oldgam;
                     d[i] = oldgam + (alpha - gamma);
-                    p = if c != 0.0 { (gamma * gamma) / c } else { oldc * bb };
+                    p = if c != 0.0 {
+                        (gamma * gamma) / c
+                    } else {
+                        oldc * bb
+                    };
                 }
                 e[l - 1] = s * p;
                 d[l] = sigma + gamma;
@@ -217,7 +228,11 @@ pub(crate) fn all_eigenvalues(d: &[f64], e: &[f64]) -> Option<Vec<f64>> {
         }
         // Undo the scaling of the block [lsv, lendsv] (ordered).
         if scale != 1.0 {
-            let (a, b) = if lsv <= lendsv { (lsv, lendsv) } else { (lendsv, lsv) };
+            let (a, b) = if lsv <= lendsv {
+                (lsv, lendsv)
+            } else {
+                (lendsv, lsv)
+            };
             for x in &mut d[a..=b] {
                 *x /= scale;
             }
@@ -282,7 +297,14 @@ impl Sturm {
         }
         let norm = lower.abs().max(upper.abs());
         let pad = 2.0 * f64::EPSILON * norm * n as f64 + pivmin;
-        Self { d: d.to_vec(), e2, pivmin, abstol: 2.0 * f64::EPSILON * norm, lower: lower - pad, upper: upper + pad }
+        Self {
+            d: d.to_vec(),
+            e2,
+            pivmin,
+            abstol: 2.0 * f64::EPSILON * norm,
+            lower: lower - pad,
+            upper: upper + pad,
+        }
     }
 
     /// Number of eigenvalues `< x` (the negative pivots of `LDLᵀ` of `T − xI`).
@@ -340,10 +362,20 @@ pub(crate) fn eigenvalues_above(d: &[f64], e: &[f64], threshold: f64) -> (Vec<f6
     // Ties at the threshold (count_below counts < x) are not outliers: x > threshold strictly.
     let mut above: Vec<f64> = {
         use rayon::prelude::*;
-        (0..count).into_par_iter().map(|j| sturm.kth_largest(j)).collect()
+        (0..count)
+            .into_par_iter()
+            .map(|j| sturm.kth_largest(j))
+            .collect()
     };
     above.retain(|&l| l > threshold);
-    let top = if count > 0 { above.first().copied().unwrap_or_else(|| sturm.kth_largest(0)) } else { sturm.kth_largest(0) };
+    let top = if count > 0 {
+        above
+            .first()
+            .copied()
+            .unwrap_or_else(|| sturm.kth_largest(0))
+    } else {
+        sturm.kth_largest(0)
+    };
     (above, top)
 }
 
@@ -352,9 +384,13 @@ mod tests {
     use super::*;
 
     fn random_tridiagonal(n: usize, seed: u64) -> (Vec<f64>, Vec<f64>) {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let mut next = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
         };
         let d = (0..n).map(|_| next()).collect();
@@ -404,7 +440,11 @@ mod tests {
             e_ref[10] = 0.0;
             let reference = dense_reference(&d, &e_ref);
             for (g, r) in got.iter().zip(&reference) {
-                assert!((g / scale - r).abs() < 1e-12, "scale {scale}: {} vs {r}", g / scale);
+                assert!(
+                    (g / scale - r).abs() < 1e-12,
+                    "scale {scale}: {} vs {r}",
+                    g / scale
+                );
             }
         }
     }
@@ -415,7 +455,12 @@ mod tests {
         let all = all_eigenvalues(&d, &e).unwrap();
         for threshold in [-2.0, 0.5, 1.2, 5.0] {
             let (above, top) = eigenvalues_above(&d, &e, threshold);
-            let expected: Vec<f64> = all.iter().rev().copied().filter(|&l| l > threshold).collect();
+            let expected: Vec<f64> = all
+                .iter()
+                .rev()
+                .copied()
+                .filter(|&l| l > threshold)
+                .collect();
             assert_eq!(above.len(), expected.len(), "threshold {threshold}");
             for (a, b) in above.iter().zip(&expected) {
                 assert!((a - b).abs() < 1e-13, "{a} vs {b}");

@@ -37,7 +37,10 @@ impl MarchenkoPastur {
     /// # Errors
     /// Either parameter not finite and positive.
     pub fn new(ratio: f64, variance: f64) -> Result<Self> {
-        Ok(Self { ratio: positive("ratio γ", ratio)?, variance: positive("variance σ²", variance)? })
+        Ok(Self {
+            ratio: positive("ratio γ", ratio)?,
+            variance: positive("variance σ²", variance)?,
+        })
     }
 
     /// The aspect ratio `γ = m/d`.
@@ -70,7 +73,11 @@ impl MarchenkoPastur {
     ///
     /// # Errors
     /// `d == 0` or `m` rounds to 0.
-    pub fn sample_wishart_spectrum<R: Rng + ?Sized>(&self, d: usize, rng: &mut R) -> Result<Vec<f64>> {
+    pub fn sample_wishart_spectrum<R: Rng + ?Sized>(
+        &self,
+        d: usize,
+        rng: &mut R,
+    ) -> Result<Vec<f64>> {
         let m = (self.ratio * d as f64).round() as usize;
         if d == 0 || m == 0 {
             return Err(RmtError::invalid("d", d, "needs d ≥ 1 and round(γ·d) ≥ 1"));
@@ -116,7 +123,11 @@ impl SpectralLaw for MarchenkoPastur {
     }
 
     fn atom_at_zero(&self) -> f64 {
-        if self.ratio > 1.0 { 1.0 - 1.0 / self.ratio } else { 0.0 }
+        if self.ratio > 1.0 {
+            1.0 - 1.0 / self.ratio
+        } else {
+            0.0
+        }
     }
 
     fn density(&self, x: f64) -> f64 {
@@ -160,7 +171,9 @@ impl SpectralLaw for MarchenkoPastur {
         if k == 0 {
             return 1.0;
         }
-        let poly: f64 = (0..k).map(|j| narayana(k, j + 1) * self.ratio.powi(j as i32)).sum();
+        let poly: f64 = (0..k)
+            .map(|j| narayana(k, j + 1) * self.ratio.powi(j as i32))
+            .sum();
         self.variance.powi(k as i32) * poly
     }
 }
@@ -194,7 +207,11 @@ mod tests {
                 };
                 let th_max = t.sqrt().asin();
                 let numeric = mp.atom_at_zero() + integrate(f, 0.0, th_max, 8, 20);
-                assert!((numeric - mp.cdf(x)).abs() < 1e-10, "γ={gamma} x={x}: {numeric} vs {}", mp.cdf(x));
+                assert!(
+                    (numeric - mp.cdf(x)).abs() < 1e-10,
+                    "γ={gamma} x={x}: {numeric} vs {}",
+                    mp.cdf(x)
+                );
             }
             assert!((mp.cdf(b) - 1.0).abs() < 1e-15);
         }
@@ -214,7 +231,10 @@ mod tests {
                 };
                 let numeric = integrate(f, 0.0, std::f64::consts::FRAC_PI_2, 16, 20);
                 let exact = mp.moment(k as u32);
-                assert!((numeric - exact).abs() < 1e-9 * exact, "γ={gamma} k={k}: {numeric} vs {exact}");
+                assert!(
+                    (numeric - exact).abs() < 1e-9 * exact,
+                    "γ={gamma} k={k}: {numeric} vs {exact}"
+                );
             }
         }
         // Catalan numbers at γ = 1, σ² = 1.

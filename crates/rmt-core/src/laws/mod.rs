@@ -64,7 +64,11 @@ pub trait SpectralLaw {
             }
             let d = self.density(x);
             let newton = if d > 0.0 { x - f / d } else { f64::NAN };
-            let next = if newton > lo && newton < hi { newton } else { 0.5 * (lo + hi) };
+            let next = if newton > lo && newton < hi {
+                newton
+            } else {
+                0.5 * (lo + hi)
+            };
             if (next - x).abs() <= 1e-15 * x.abs().max(1e-300) || hi - lo <= 1e-15 * hi.abs() {
                 return Ok(next);
             }
@@ -116,7 +120,9 @@ pub fn ks_test(law: &dyn SpectralLaw, eigenvalues: &[f64]) -> Result<KsTest> {
     let skip = (atom * sorted.len() as f64).round() as usize;
     let data = sorted[skip.min(sorted.len())..].to_vec();
     if data.len() < 2 {
-        return Err(RmtError::Empty { what: "spectrum left after removing the atom at zero" });
+        return Err(RmtError::Empty {
+            what: "spectrum left after removing the atom at zero",
+        });
     }
     let conditional = Conditional { law, atom };
     let (statistic, p_value) = statrs::stats_tests::ks_test::ks_onesample(
@@ -126,7 +132,11 @@ pub fn ks_test(law: &dyn SpectralLaw, eigenvalues: &[f64]) -> Result<KsTest> {
         statrs::stats_tests::NaNPolicy::Error,
     )
     .map_err(|e| RmtError::Degenerate(format!("KS test: {e}")))?;
-    Ok(KsTest { statistic, p_value: p_value.clamp(0.0, 1.0), n: data.len() })
+    Ok(KsTest {
+        statistic,
+        p_value: p_value.clamp(0.0, 1.0),
+        n: data.len(),
+    })
 }
 
 /// The continuous part of a law, renormalised, as a statrs distribution.
@@ -156,7 +166,9 @@ impl statrs::distribution::ContinuousCDF<f64, f64> for Conditional<'_> {
     }
 
     fn inverse_cdf(&self, p: f64) -> f64 {
-        self.law.quantile(self.atom + p * (1.0 - self.atom)).unwrap_or(f64::NAN)
+        self.law
+            .quantile(self.atom + p * (1.0 - self.atom))
+            .unwrap_or(f64::NAN)
     }
 }
 

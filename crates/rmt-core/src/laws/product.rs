@@ -66,7 +66,10 @@ impl TryFrom<ProductLawParameters> for ProductGaussianLaw {
 
 impl From<ProductGaussianLaw> for ProductLawParameters {
     fn from(l: ProductGaussianLaw) -> Self {
-        Self { ratios: l.ratios, scale: l.scale }
+        Self {
+            ratios: l.ratios,
+            scale: l.scale,
+        }
     }
 }
 
@@ -97,14 +100,22 @@ impl ProductGaussianLaw {
     /// No factor, or a ratio or the scale not finite and positive.
     pub fn new(ratios: Vec<f64>, scale: f64) -> Result<Self> {
         if ratios.is_empty() {
-            return Err(RmtError::Empty { what: "factor ratios" });
+            return Err(RmtError::Empty {
+                what: "factor ratios",
+            });
         }
         for &r in &ratios {
             positive("ratio ρ", r)?;
         }
         let scale = positive("scale", scale)?;
-        let mut law =
-            Self { ratios, scale, critical: 0.0, unit_lower: 0.0, unit_upper: 0.0, table: Arc::new(OnceLock::new()) };
+        let mut law = Self {
+            ratios,
+            scale,
+            critical: 0.0,
+            unit_lower: 0.0,
+            unit_upper: 0.0,
+            table: Arc::new(OnceLock::new()),
+        };
         law.critical = law.critical_point();
         law.unit_upper = law.x_of_m(law.critical);
         law.unit_lower = law.compute_lower_edge();
@@ -113,7 +124,12 @@ impl ProductGaussianLaw {
 
     /// The unit-scale law sharing this one's table.
     fn unit(&self) -> Self {
-        Self { scale: 1.0, ratios: self.ratios.clone(), table: Arc::clone(&self.table), ..*self }
+        Self {
+            scale: 1.0,
+            ratios: self.ratios.clone(),
+            table: Arc::clone(&self.table),
+            ..*self
+        }
     }
 
     /// Fuss–Catalan law of order `s` (squared singular values of a product of `s` square
@@ -127,7 +143,10 @@ impl ProductGaussianLaw {
 
     /// Lemma 4's `MP(γ₁, σ₁²) ⊠ ⋯ ⊠ MP(γ_s, σ_s²)`.
     pub fn free_product(factors: &[super::MarchenkoPastur]) -> Result<Self> {
-        Self::new(factors.iter().map(|f| f.ratio()).collect(), factors.iter().map(|f| f.entry_variance()).product())
+        Self::new(
+            factors.iter().map(|f| f.ratio()).collect(),
+            factors.iter().map(|f| f.entry_variance()).product(),
+        )
     }
 
     /// The null law of `G = M Mᵀ / normalization` when `M = X₁⋯X_s` is a product of
@@ -145,7 +164,11 @@ impl ProductGaussianLaw {
     /// ```
     pub fn for_product(dims: &[usize], normalization: f64, entry_variance: f64) -> Result<Self> {
         if dims.len() < 2 || dims.contains(&0) {
-            return Err(RmtError::invalid("dims", format!("{dims:?}"), "needs ≥ 2 positive dimensions"));
+            return Err(RmtError::invalid(
+                "dims",
+                format!("{dims:?}"),
+                "needs ≥ 2 positive dimensions",
+            ));
         }
         positive("normalization", normalization)?;
         let n0 = dims[0] as f64;
@@ -166,7 +189,12 @@ impl ProductGaussianLaw {
 
     /// The same law rescaled to mean `scale`.
     pub fn with_scale(&self, scale: f64) -> Result<Self> {
-        Ok(Self { scale: positive("scale", scale)?, ratios: self.ratios.clone(), table: Arc::clone(&self.table), ..*self })
+        Ok(Self {
+            scale: positive("scale", scale)?,
+            ratios: self.ratios.clone(),
+            table: Arc::clone(&self.table),
+            ..*self
+        })
     }
 
     /// `x(M)/c = (1+M)∏(1+ρᵢM)/M`.
@@ -177,7 +205,15 @@ impl ProductGaussianLaw {
     /// The positive critical point `M*` of `x(M)`: the root of
     /// `h(M) = M/(1+M) + Σ ρᵢM/(1+ρᵢM) − 1`, strictly increasing from −1 to s on (0, ∞).
     fn critical_point(&self) -> f64 {
-        let h = |m: f64| m / (1.0 + m) + self.ratios.iter().map(|r| r * m / (1.0 + r * m)).sum::<f64>() - 1.0;
+        let h = |m: f64| {
+            m / (1.0 + m)
+                + self
+                    .ratios
+                    .iter()
+                    .map(|r| r * m / (1.0 + r * m))
+                    .sum::<f64>()
+                - 1.0
+        };
         let (mut lo, mut hi) = (0.0, 1.0);
         while h(hi) < 0.0 {
             hi *= 2.0;
@@ -203,7 +239,12 @@ impl ProductGaussianLaw {
     pub fn soft_edge_scaling(&self, n: usize) -> (f64, f64) {
         let m = self.critical;
         let x_plus = self.scale * self.unit_upper;
-        let l2 = -1.0 / (1.0 + m).powi(2) - self.ratios.iter().map(|r| r * r / (1.0 + r * m).powi(2)).sum::<f64>()
+        let l2 = -1.0 / (1.0 + m).powi(2)
+            - self
+                .ratios
+                .iter()
+                .map(|r| r * r / (1.0 + r * m).powi(2))
+                .sum::<f64>()
             + 1.0 / (m * m);
         let x2 = x_plus * l2;
         let a = (2.0 / x2).sqrt() / x_plus;
@@ -216,12 +257,20 @@ impl ProductGaussianLaw {
     /// their relative accuracy.
     fn shifted_polynomial(&self, w: Complex<f64>, z: Complex<f64>) -> (Complex<f64>, Complex<f64>) {
         let one = Complex::new(1.0, 0.0);
-        let factors: Vec<Complex<f64>> = self.ratios.iter().map(|&r| Complex::new(1.0 - r, 0.0) + w * r).collect();
+        let factors: Vec<Complex<f64>> = self
+            .ratios
+            .iter()
+            .map(|&r| Complex::new(1.0 - r, 0.0) + w * r)
+            .collect();
         let prod: Complex<f64> = factors.iter().fold(one, |acc, f| acc * f);
         // d/dw [w·∏F] = ∏F + w·Σ ρᵢ ∏_{j≠i} F_j
         let mut sum = Complex::new(0.0, 0.0);
         for (i, &r) in self.ratios.iter().enumerate() {
-            let others = factors.iter().enumerate().filter(|(j, _)| *j != i).fold(one, |acc, (_, f)| acc * f);
+            let others = factors
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .fold(one, |acc, (_, f)| acc * f);
             sum += others * r;
         }
         let p = w * prod * self.scale - z * (w - one);
@@ -268,7 +317,12 @@ impl ProductGaussianLaw {
     /// between 0 and the mean brackets the edge, which is then snapped to the exact critical
     /// value `x(M_c)` (a real negative critical point of `x(M)`) when one lies within 1e-6.
     fn compute_lower_edge(&self) -> f64 {
-        let unit = Self { scale: 1.0, ratios: self.ratios.clone(), table: Arc::new(OnceLock::new()), ..*self };
+        let unit = Self {
+            scale: 1.0,
+            ratios: self.ratios.clone(),
+            table: Arc::new(OnceLock::new()),
+            ..*self
+        };
         let inside = |x: f64| {
             let m = unit.m_transform(x);
             m.im < -1e-9 * m.norm().max(1e-300)
@@ -306,7 +360,9 @@ impl ProductGaussianLaw {
         poles.push(-1.0);
         poles.sort_by(|a, b| a.total_cmp(b));
         poles.dedup_by(|a, b| (*a - *b).abs() < 1e-14 * a.abs());
-        let k = |m: f64| m * (1.0 / (1.0 + m) + self.ratios.iter().map(|r| r / (1.0 + r * m)).sum::<f64>()) - 1.0;
+        let k = |m: f64| {
+            m * (1.0 / (1.0 + m) + self.ratios.iter().map(|r| r / (1.0 + r * m)).sum::<f64>()) - 1.0
+        };
         let mut bounds = poles;
         bounds.push(0.0);
         let mut values = Vec::new();
@@ -353,7 +409,14 @@ impl ProductGaussianLaw {
         } else {
             let q = (self.ratios.len() + 1) as f64;
             let s2q = s.powf(2.0 * q);
-            (b * s2q, if s > 0.0 { b * 2.0 * q * s2q / s * c } else { 0.0 })
+            (
+                b * s2q,
+                if s > 0.0 {
+                    b * 2.0 * q * s2q / s * c
+                } else {
+                    0.0
+                },
+            )
         }
     }
 
@@ -385,10 +448,18 @@ impl ProductGaussianLaw {
                 cumulative.push(total);
                 derivative.push(slope(left));
                 if j < CDF_NODES {
-                    total += gx.iter().zip(&gw).map(|(xi, wi)| wi * h * slope(left + xi * h)).sum::<f64>();
+                    total += gx
+                        .iter()
+                        .zip(&gw)
+                        .map(|(xi, wi)| wi * h * slope(left + xi * h))
+                        .sum::<f64>();
                 }
             }
-            CdfTable { step: h, cumulative, derivative }
+            CdfTable {
+                step: h,
+                cumulative,
+                derivative,
+            }
         })
     }
 }
@@ -436,7 +507,10 @@ impl SpectralLaw for ProductGaussianLaw {
         let (f0, f1) = (table.cumulative[j], table.cumulative[j + 1]);
         let (d0, d1) = (table.derivative[j] * h, table.derivative[j + 1] * h);
         let (t2, t3) = (t * t, t * t * t);
-        let value = (2.0 * t3 - 3.0 * t2 + 1.0) * f0 + (t3 - 2.0 * t2 + t) * d0 + (-2.0 * t3 + 3.0 * t2) * f1 + (t3 - t2) * d1;
+        let value = (2.0 * t3 - 3.0 * t2 + 1.0) * f0
+            + (t3 - 2.0 * t2 + t) * d0
+            + (-2.0 * t3 + 3.0 * t2) * f1
+            + (t3 - t2) * d1;
         (atom + value).clamp(0.0, 1.0)
     }
 
@@ -490,15 +564,28 @@ mod tests {
             let mp = MarchenkoPastur::new(gamma, 1.7).unwrap();
             let law = ProductGaussianLaw::free_product(&[mp]).unwrap();
             assert!((law.upper_edge() - mp.upper_edge()).abs() < 1e-12);
-            assert!((law.lower_edge() - mp.lower_edge()).abs() < 1e-9, "γ={gamma}: {} vs {}", law.lower_edge(), mp.lower_edge());
+            assert!(
+                (law.lower_edge() - mp.lower_edge()).abs() < 1e-9,
+                "γ={gamma}: {} vs {}",
+                law.lower_edge(),
+                mp.lower_edge()
+            );
             assert!((law.atom_at_zero() - mp.atom_at_zero()).abs() < 1e-15);
             for k in 1..7 {
                 assert!((law.moment(k) - mp.moment(k)).abs() < 1e-10 * mp.moment(k));
             }
             for t in [0.05, 0.3, 0.6, 0.95] {
                 let x = mp.lower_edge() + t * (mp.upper_edge() - mp.lower_edge());
-                assert!((law.density(x) - mp.density(x)).abs() < 1e-9 * mp.density(x).max(1.0), "γ={gamma} x={x}");
-                assert!((law.cdf(x) - mp.cdf(x)).abs() < 1e-9, "γ={gamma} x={x}: {} vs {}", law.cdf(x), mp.cdf(x));
+                assert!(
+                    (law.density(x) - mp.density(x)).abs() < 1e-9 * mp.density(x).max(1.0),
+                    "γ={gamma} x={x}"
+                );
+                assert!(
+                    (law.cdf(x) - mp.cdf(x)).abs() < 1e-9,
+                    "γ={gamma} x={x}: {} vs {}",
+                    law.cdf(x),
+                    mp.cdf(x)
+                );
             }
         }
     }
@@ -515,7 +602,11 @@ mod tests {
             assert!((law.upper_edge() - edge).abs() < 1e-10 * edge);
             assert_eq!(law.lower_edge(), 0.0);
             // The density integrates to one.
-            assert!((law.cdf(edge * (1.0 - 1e-12)) - 1.0).abs() < 1e-8, "s={s}: {}", law.cdf(edge * 0.999999));
+            assert!(
+                (law.cdf(edge * (1.0 - 1e-12)) - 1.0).abs() < 1e-8,
+                "s={s}: {}",
+                law.cdf(edge * 0.999999)
+            );
         }
     }
 
@@ -551,8 +642,16 @@ mod tests {
         let m1 = integrate(f(1), 0.0, std::f64::consts::FRAC_PI_2, 64, 16);
         let m2 = integrate(f(2), 0.0, std::f64::consts::FRAC_PI_2, 64, 16);
         assert!((mass - (1.0 - atom)).abs() < 1e-7, "mass {mass}");
-        assert!((m1 - law.moment(1)).abs() < 1e-7 * law.moment(1), "{m1} vs {}", law.moment(1));
-        assert!((m2 - law.moment(2)).abs() < 1e-7 * law.moment(2), "{m2} vs {}", law.moment(2));
+        assert!(
+            (m1 - law.moment(1)).abs() < 1e-7 * law.moment(1),
+            "{m1} vs {}",
+            law.moment(1)
+        );
+        assert!(
+            (m2 - law.moment(2)).abs() < 1e-7 * law.moment(2),
+            "{m2} vs {}",
+            law.moment(2)
+        );
     }
 
     /// Monte Carlo: the spectrum of G = QKᵀ(QKᵀ)ᵀ/d for i.i.d. Q, K is Fuss–Catalan (s = 2),
@@ -569,7 +668,12 @@ mod tests {
         let ev = crate::spectra::symmetric_eigenvalues(&g).unwrap();
         let law = ProductGaussianLaw::for_product(&[m, d, m], d as f64, sigma2).unwrap();
         // Edge: TW-scale fluctuation (m^{-2/3} ≈ 0.02 relative) plus O(m^{-1/2}) from σ̂².
-        assert!((ev[0] / law.upper_edge() - 1.0).abs() < 0.05, "{} vs {}", ev[0], law.upper_edge());
+        assert!(
+            (ev[0] / law.upper_edge() - 1.0).abs() < 0.05,
+            "{} vs {}",
+            ev[0],
+            law.upper_edge()
+        );
         let ks = crate::laws::ks_test(&law, &ev).unwrap();
         assert!(ks.statistic < 0.03, "D = {}", ks.statistic);
         // The MP law with the same variance does not fit.
@@ -586,7 +690,11 @@ mod tests {
         assert!((loc - (1.0 + gamma.sqrt()).powi(2)).abs() < 1e-12);
         // Johnstone: σ = (√d + √m)(1/√d + 1/√m)^{1/3} / d.
         let (df, mf) = (d as f64, m as f64);
-        let johnstone = (df.sqrt() + mf.sqrt()) * (1.0 / df.sqrt() + 1.0 / mf.sqrt()).powf(1.0 / 3.0) / df;
-        assert!((scale / johnstone - 1.0).abs() < 1e-9, "{scale} vs {johnstone}");
+        let johnstone =
+            (df.sqrt() + mf.sqrt()) * (1.0 / df.sqrt() + 1.0 / mf.sqrt()).powf(1.0 / 3.0) / df;
+        assert!(
+            (scale / johnstone - 1.0).abs() < 1e-9,
+            "{scale} vs {johnstone}"
+        );
     }
 }

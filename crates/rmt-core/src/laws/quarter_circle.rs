@@ -32,7 +32,9 @@ pub struct QuarterCircle {
 impl QuarterCircle {
     /// `Q_σ` with `σ = sigma > 0` (the standard deviation of the entries).
     pub fn new(sigma: f64) -> Result<Self> {
-        Ok(Self { sigma: positive("sigma σ", sigma)? })
+        Ok(Self {
+            sigma: positive("sigma σ", sigma)?,
+        })
     }
 
     /// `σ`.
@@ -67,7 +69,8 @@ impl SpectralLaw for QuarterCircle {
             return 1.0;
         }
         let s2 = sg * sg;
-        ((0.5 * s * (4.0 * s2 - s * s).sqrt() + 2.0 * s2 * (s / (2.0 * sg)).asin()) / (PI * s2)).clamp(0.0, 1.0)
+        ((0.5 * s * (4.0 * s2 - s * s).sqrt() + 2.0 * s2 * (s / (2.0 * sg)).asin()) / (PI * s2))
+            .clamp(0.0, 1.0)
     }
 
     /// `E[s^k] = (2σ)^k · (4/π) · ∫₀^{π/2} sin^k θ cos²θ dθ = (2σ)^k (2/π) B((k+1)/2, 3/2)`.

@@ -1,0 +1,238 @@
+//! End-to-end: `xtask diagnose` on checkpoints the test writes itself.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn xtask() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("xtask-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn write_bf16(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| {
+            v.iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect()
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None::<HashMap<String, String>>, path).unwrap();
+}
+
+/// A 3-layer LLaMA-style checkpoint (d = 64, 4 heads of 16) with config.json beside it.
+fn llama_checkpoint(dir: &Path) -> PathBuf {
+    let d = 64;
+    let mut tensors = Vec::new();
+    for layer in 0..3 {
+        for (i, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+            tensors.push((
+                format!("model.layers.{layer}.self_attn.{name}.weight"),
+                vec![d, d],
+                values(d * d, (layer * 10 + i) as u64),
+            ));
+        }
+    }
+    tensors.push((
+        "model.embed_tokens.weight".into(),
+        vec![100, d],
+        values(100 * d, 99),
+    ));
+    let path = dir.join("model.safetensors");
+    write_bf16(&path, &tensors);
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"num_attention_heads": 4, "hidden_size": 64}"#,
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn csv_has_the_documented_header_and_rows() {
+    let dir = temp_dir("csv");
+    let path = llama_checkpoint(&dir);
+    let out = xtask()
+        .args([
+            "diagnose",
+            path.to_str().unwrap(),
+            "--format",
+            "csv",
+            "--per-head",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("layer,head,estimator,null,metric,value"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    // 3 layers × (whole + 4 heads) × 11 metrics, default pair only.
+    assert_eq!(rows.len(), 3 * 5 * 11);
+    for r in &rows {
+        assert_eq!(r.len(), 6);
+        assert_eq!((r[2], r[3]), ("empirical", "mp"));
+        let v: f64 = r[5].parse().unwrap();
+        assert!(v.is_finite() || r[4].starts_with("tw_"), "{r:?}");
+    }
+    for metric in [
+        "lambda_max",
+        "lambda_plus",
+        "sigma2",
+        "mp_gap",
+        "outlier_count",
+        "outlier_energy",
+        "mp_soft_rank",
+        "stable_rank",
+        "normalized_stable_rank",
+    ] {
+        assert!(
+            rows.iter()
+                .any(|r| r[0] == "0" && r[1] == "all" && r[4] == metric),
+            "{metric}"
+        );
+    }
+    assert!(rows.iter().any(|r| r[1] == "3"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn json_and_table_formats_and_extra_estimators() {
+    let dir = temp_dir("json");
+    let path = llama_checkpoint(&dir);
+    let out = xtask()
+        .args([
+            "diagnose",
+            path.to_str().unwrap(),
+            "--format",
+            "json",
+            "--estimators",
+            "empirical,trimmed",
+            "--nulls",
+            "mp,product",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let layers = v.as_array().unwrap();
+    assert_eq!(layers.len(), 3);
+    assert_eq!(
+        layers[0]["diagnostics"]["layer"]["diagnoses"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    let out = xtask()
+        .args(["diagnose", path.to_str().unwrap(), "--layers", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 2);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_input_is_one_clear_line_and_a_failure_code() {
+    let dir = temp_dir("bad");
+    let path = llama_checkpoint(&dir);
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![dir.join("missing.safetensors").to_string_lossy().into()],
+            "No such file",
+        ),
+        (
+            vec![path.to_string_lossy().into(), "--heads".into(), "5".into()],
+            "not a multiple of 5 heads",
+        ),
+        (
+            vec![
+                path.to_string_lossy().into(),
+                "--estimators".into(),
+                "magic".into(),
+            ],
+            "estimator",
+        ),
+        (
+            vec![path.to_string_lossy().into(), "--layers".into(), "7".into()],
+            "layer 7",
+        ),
+    ];
+    let junk = dir.join("junk.safetensors");
+    std::fs::write(&junk, b"definitely not a safetensors file").unwrap();
+    let mut cases = cases;
+    cases.push((
+        vec![junk.to_string_lossy().into()],
+        "not a valid safetensors file",
+    ));
+    for (args, needle) in cases {
+        let out = xtask().arg("diagnose").args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn no_checkpoint_diagnoses_an_initialised_stack() {
+    let out = xtask()
+        .args(["diagnose", "--format", "csv", "--nulls", "mp,product"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    // At initialisation the paper's MP rule flags the Fuss–Catalan tail (≈ 47 of 768) while
+    // the product null flags at most a TW fluctuation.
+    let count = |null: &str| -> Vec<f64> {
+        text.lines()
+            .filter(|l| l.contains(&format!(",all,empirical,{null},outlier_count,")))
+            .map(|l| l.rsplit(',').next().unwrap().parse().unwrap())
+            .collect()
+    };
+    let mp = count("mp");
+    let product = count("product");
+    assert_eq!(mp.len(), 12);
+    assert!(mp.iter().all(|&c| (35.0..=60.0).contains(&c)), "{mp:?}");
+    assert!(product.iter().all(|&c| c <= 2.0), "{product:?}");
+}
