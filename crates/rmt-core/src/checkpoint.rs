@@ -21,79 +21,13 @@
 //! The head count comes from `config.json` beside the checkpoint (`num_attention_heads`) or
 //! from the caller. F32, F16, BF16 and F64 tensors are read (as `f32`).
 
-use crate::diagnostics::{DiagnosticsConfig, Factorization, LayerDiagnostics, diagnose_layer};
+use crate::effective::{MlaWeights, RowMajor, mha_effective, mla_effective};
 use crate::error::{Result, RmtError};
-use crate::linalg::row_major_view;
-use faer::{Accum, MatRef};
 use safetensors::{Dtype, SafeTensors};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// How a layer's attention is parametrised.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum AttentionKind {
-    /// Separate query and key projections (MHA, or GQA when `kv_heads < heads`).
-    Mha {
-        /// Query heads `H`.
-        heads: usize,
-        /// Key/value heads `H_kv`.
-        kv_heads: usize,
-        /// Head width `d_h`.
-        head_dim: usize,
-    },
-    /// Multi-head latent attention (DeepSeek-V2 layout).
-    Mla {
-        /// Heads `H`.
-        heads: usize,
-        /// Query latent width `r_q` (`None`: no query compression).
-        q_latent: Option<usize>,
-        /// Key/value latent width `r_kv`.
-        kv_latent: usize,
-        /// Per-head non-rotary query/key width.
-        nope_dim: usize,
-        /// Rotary width shared by all heads (0: none, e.g. MLA-PreRoPE).
-        rope_dim: usize,
-    },
-}
-
-impl AttentionKind {
-    /// Number of query heads.
-    pub fn heads(&self) -> usize {
-        match self {
-            AttentionKind::Mha { heads, .. } | AttentionKind::Mla { heads, .. } => *heads,
-        }
-    }
-}
-
-/// One layer's effective `Q, K ∈ ℝ^{m×d}` (row-major), ready to diagnose.
-#[derive(Debug, Clone)]
-pub struct AttentionLayer {
-    /// The `N` of `layers.N.`.
-    pub index: usize,
-    /// The parametrisation found.
-    pub kind: AttentionKind,
-    /// `m = H·d_k` rows.
-    pub rows: usize,
-    /// Model width `d`.
-    pub width: usize,
-    /// Effective query weights, row-major `[m, d]`.
-    pub q: Vec<f32>,
-    /// Effective key weights, row-major `[m, d]`.
-    pub k: Vec<f32>,
-    /// Factor shapes of `M = QKᵀ` for the product null.
-    pub factorization: Factorization,
-}
-
-impl AttentionLayer {
-    /// Diagnoses this layer (whole layer, and per head if `config.per_head`).
-    pub fn diagnose(&self, config: &DiagnosticsConfig) -> Result<LayerDiagnostics> {
-        let q = row_major_view(&self.q, self.rows, self.width)?;
-        let k = row_major_view(&self.k, self.rows, self.width)?;
-        diagnose_layer(q, k, self.kind.heads(), config, Some(&self.factorization))
-    }
-}
+pub use crate::effective::{AttentionKind, AttentionLayer};
 
 /// A memory-mapped safetensors checkpoint.
 pub struct Checkpoint {
@@ -292,55 +226,13 @@ impl Checkpoint {
         }
     }
 
-    fn mha_layer(
-        &self,
-        st: &SafeTensors<'_>,
-        index: usize,
-        heads: usize,
-        q: &str,
-        k: &str,
-    ) -> Result<AttentionLayer> {
-        let (qw, qs) = self.load(st, q, 2)?;
-        let (kw, ks) = self.load(st, k, 2)?;
-        let (m, d) = (qs[0], qs[1]);
-        if ks[1] != d {
-            return Err(err(format!(
-                "layer {index}: q_proj is {qs:?} but k_proj is {ks:?} (widths differ)"
-            )));
-        }
-        if m % heads != 0 {
-            return Err(err(format!(
-                "layer {index}: q_proj has {m} rows, not a multiple of {heads} heads"
-            )));
-        }
-        let head_dim = m / heads;
-        if ks[0] % head_dim != 0 || heads % (ks[0] / head_dim).max(1) != 0 || ks[0] == 0 {
-            return Err(err(format!(
-                "layer {index}: k_proj has {} rows, not a whole number of {head_dim}-wide heads dividing {heads}",
-                ks[0]
-            )));
-        }
-        let kv_heads = ks[0] / head_dim;
-        let group = heads / kv_heads;
-        // Repeat each key head for the query heads of its group.
-        let mut k_eff = Vec::with_capacity(m * d);
-        for h in 0..heads {
-            let kh = h / group;
-            k_eff.extend_from_slice(&kw[kh * head_dim * d..(kh + 1) * head_dim * d]);
-        }
-        Ok(AttentionLayer {
-            index,
-            kind: AttentionKind::Mha {
-                heads,
-                kv_heads,
-                head_dim,
-            },
-            rows: m,
-            width: d,
-            q: qw,
-            k: k_eff,
-            factorization: Factorization::dense(d),
-        })
+    fn load2(&self, st: &SafeTensors<'_>, name: &str) -> Result<RowMajor> {
+        let (data, shape) = self.load(st, name, 2)?;
+        RowMajor::new(data, shape[0], shape[1])
+    }
+
+    fn mha_layer(&self, st: &SafeTensors<'_>, index: usize, heads: usize, q: &str, k: &str) -> Result<AttentionLayer> {
+        mha_effective(index, heads, self.load2(st, q)?, self.load2(st, k)?)
     }
 
     fn mla_layer<'n>(
@@ -351,133 +243,27 @@ impl Checkpoint {
         kva_name: &str,
         name: &dyn Fn(&str) -> Option<&'n str>,
     ) -> Result<AttentionLayer> {
-        let need = |leaf: &str| {
-            name(leaf).ok_or_else(|| err(format!("layer {index}: MLA layer without {leaf}")))
+        let need = |leaf: &str| name(leaf).ok_or_else(|| err(format!("layer {index}: MLA layer without {leaf}")));
+        let vector = |leaf: &str| -> Result<Option<Vec<f32>>> {
+            name(leaf).map(|n| self.load(st, n, 1).map(|(v, _)| v)).transpose()
         };
-        let (kva, kva_s) = self.load(st, kva_name, 2)?;
-        let (kvb, kvb_s) = self.load(st, need("kv_b_proj")?, 2)?;
-        let d = kva_s[1];
-        let kv_latent = kvb_s[1];
-        let g_kv = match name("kv_a_layernorm") {
-            Some(n) => self.load(st, n, 1)?.0,
-            None => vec![1.0; kv_latent],
+        let q_down = match name("q_a_proj") {
+            Some(qa) => Some((self.load2(st, qa)?, vector("q_a_layernorm")?)),
+            None => None,
         };
-        if g_kv.len() != kv_latent || kva_s[0] < kv_latent {
-            return Err(err(format!(
-                "layer {index}: kv_b_proj {kvb_s:?}, kv_a_proj_with_mqa {kva_s:?} and kv_a_layernorm [{}] disagree on the latent width",
-                g_kv.len()
-            )));
-        }
-        let rope = kva_s[0] - kv_latent;
-        // Query: q_b·diag(g)·q_a, or q_proj.
-        let (q_eff, q_rows, q_latent) = if let Some(qa_name) = name("q_a_proj") {
-            let (qa, qa_s) = self.load(st, qa_name, 2)?;
-            let (qb, qb_s) = self.load(st, need("q_b_proj")?, 2)?;
-            let g_q = match name("q_a_layernorm") {
-                Some(n) => self.load(st, n, 1)?.0,
-                None => vec![1.0; qa_s[0]],
-            };
-            if qa_s[1] != d || qb_s[1] != qa_s[0] || g_q.len() != qa_s[0] {
-                return Err(err(format!(
-                    "layer {index}: q_a_proj {qa_s:?}, q_b_proj {qb_s:?}, q_a_layernorm [{}] and width {d} disagree",
-                    g_q.len()
-                )));
-            }
-            (
-                scaled_product(&qb, qb_s[0], &g_q, &qa, qa_s[1]),
-                qb_s[0],
-                Some(qa_s[0]),
-            )
-        } else {
-            let (q, qs) = self.load(st, need("q_proj")?, 2)?;
-            if qs[1] != d {
-                return Err(err(format!(
-                    "layer {index}: q_proj {qs:?} does not match width {d}"
-                )));
-            }
-            (q, qs[0], None)
+        let q_up = match q_down {
+            Some(_) => self.load2(st, need("q_b_proj")?)?,
+            None => self.load2(st, need("q_proj")?)?,
         };
-        if q_rows % heads != 0 {
-            return Err(err(format!(
-                "layer {index}: {q_rows} query rows are not a multiple of {heads} heads"
-            )));
-        }
-        let qk_dim = q_rows / heads;
-        if qk_dim < rope {
-            return Err(err(format!(
-                "layer {index}: query head width {qk_dim} is below the rotary width {rope}"
-            )));
-        }
-        let nope = qk_dim - rope;
-        if kvb_s[0] % heads != 0 || kvb_s[0] / heads < nope {
-            return Err(err(format!(
-                "layer {index}: kv_b_proj has {} rows, not {heads} heads of ≥ {nope}",
-                kvb_s[0]
-            )));
-        }
-        let kv_head = kvb_s[0] / heads; // d_nope + d_v
-        // Key content rows of every head: W_kb[nope rows]·diag(g)·W_kva[latent rows].
-        let mut kb_nope = Vec::with_capacity(heads * nope * kv_latent);
-        for h in 0..heads {
-            kb_nope
-                .extend_from_slice(&kvb[h * kv_head * kv_latent..(h * kv_head + nope) * kv_latent]);
-        }
-        let k_content = scaled_product(&kb_nope, heads * nope, &g_kv, &kva[..kv_latent * d], d);
-        let rope_rows = &kva[kv_latent * d..];
-        let mut k_eff = Vec::with_capacity(q_rows * d);
-        for h in 0..heads {
-            k_eff.extend_from_slice(&k_content[h * nope * d..(h + 1) * nope * d]);
-            k_eff.extend_from_slice(rope_rows);
-        }
-        let mut inner = Vec::new();
-        if let Some(r) = q_latent {
-            inner.push(r);
-        }
-        inner.push(d);
-        // The rotary key rows enter K outside the latent: the null's inner width counts them
-        // (an approximation for MLA-Decoupled, documented in docs/math.md).
-        inner.push(kv_latent + rope);
-        Ok(AttentionLayer {
-            index,
-            kind: AttentionKind::Mla {
-                heads,
-                q_latent,
-                kv_latent,
-                nope_dim: nope,
-                rope_dim: rope,
-            },
-            rows: q_rows,
-            width: d,
-            q: q_eff,
-            k: k_eff,
-            factorization: Factorization { inner },
-        })
+        let weights = MlaWeights {
+            q_down,
+            q_up,
+            kv_down: self.load2(st, kva_name)?,
+            kv_norm: vector("kv_a_layernorm")?,
+            kv_up: self.load2(st, need("kv_b_proj")?)?,
+        };
+        mla_effective(index, heads, weights)
     }
-}
-
-/// `A·diag(g)·B` for row-major `A ∈ ℝ^{m×r}`, `B ∈ ℝ^{r×n}`, as row-major `f32`.
-fn scaled_product(a: &[f32], m: usize, g: &[f32], b: &[f32], n: usize) -> Vec<f32> {
-    let r = g.len();
-    let scaled: Vec<f32> = a.iter().enumerate().map(|(i, x)| x * g[i % r]).collect();
-    // SAFETY-free views: row-major m×r and r×n.
-    let av = MatRef::from_row_major_slice(&scaled, m, r);
-    let bv = MatRef::from_row_major_slice(b, r, n);
-    let mut out = faer::Mat::<f32>::zeros(m, n);
-    faer::linalg::matmul::matmul(
-        out.as_mut(),
-        Accum::Replace,
-        av,
-        bv,
-        1.0f32,
-        crate::linalg::par(),
-    );
-    let mut rows = Vec::with_capacity(m * n);
-    for i in 0..m {
-        for j in 0..n {
-            rows.push(out[(i, j)]);
-        }
-    }
-    rows
 }
 
 #[cfg(test)]

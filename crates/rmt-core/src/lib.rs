@@ -25,6 +25,7 @@
 #![warn(missing_docs)]
 
 pub mod diagnostics;
+pub mod effective;
 pub mod eigen;
 pub mod error;
 pub mod free;

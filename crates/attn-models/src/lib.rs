@@ -1,0 +1,2 @@
+//! placeholder during bring-up
+pub use burn;

@@ -1,0 +1,280 @@
+//! Effective query/key weights of one attention layer (DESIGN.md, "Definitions").
+//!
+//! Given a layer's projection weights in PyTorch/HF layout (row-major `[out, in]`, `f32`),
+//! forms `Q, K ∈ ℝ^{m×d}` with rows grouped by head so that `Q_hK_hᵀ` is exactly the bilinear
+//! form head `h` uses:
+//!
+//! * MHA / GQA (`q_proj`, `k_proj`): `Q = W_q`; each key head is repeated for the `H/H_kv`
+//!   query heads of its group.
+//! * MLA (DeepSeek-V2 layout): `Q = W_qb·diag(g_q)·W_qa` (or `q_proj` without query
+//!   compression); head `h`'s key rows are its `d_nope` rows of `W_kb·diag(g_kv)·W_kva[latent]`
+//!   followed by the shared rotary rows `W_kva[rope]` (repeated in every head). A latent
+//!   RMSNorm's gain enters as `diag(g)`; its per-token `1/rms` is left out (it scales a whole
+//!   row of scores).
+//!
+//! The safetensors reader ([`crate::checkpoint`], feature `checkpoint`) and attn-models'
+//! `EffectiveQk` both go through these functions.
+
+use crate::diagnostics::{DiagnosticsConfig, Factorization, LayerDiagnostics, diagnose_layer};
+use crate::error::{Result, RmtError};
+use crate::linalg::row_major_view;
+use faer::{Accum, MatRef};
+use serde::{Deserialize, Serialize};
+
+/// How a layer's attention is parametrised.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AttentionKind {
+    /// Separate query and key projections (MHA, or GQA when `kv_heads < heads`).
+    Mha {
+        /// Query heads `H`.
+        heads: usize,
+        /// Key/value heads `H_kv`.
+        kv_heads: usize,
+        /// Head width `d_h`.
+        head_dim: usize,
+    },
+    /// Multi-head latent attention (DeepSeek-V2 layout).
+    Mla {
+        /// Heads `H`.
+        heads: usize,
+        /// Query latent width `r_q` (`None`: no query compression).
+        q_latent: Option<usize>,
+        /// Key/value latent width `r_kv`.
+        kv_latent: usize,
+        /// Per-head non-rotary query/key width.
+        nope_dim: usize,
+        /// Rotary width shared by all heads (0: none, e.g. MLA-PreRoPE).
+        rope_dim: usize,
+    },
+}
+
+impl AttentionKind {
+    /// Number of query heads.
+    pub fn heads(&self) -> usize {
+        match self {
+            AttentionKind::Mha { heads, .. } | AttentionKind::Mla { heads, .. } => *heads,
+        }
+    }
+}
+
+/// One layer's effective `Q, K ∈ ℝ^{m×d}` (row-major), ready to diagnose.
+#[derive(Debug, Clone)]
+pub struct AttentionLayer {
+    /// The `N` of `layers.N.`.
+    pub index: usize,
+    /// The parametrisation found.
+    pub kind: AttentionKind,
+    /// `m = H·d_k` rows.
+    pub rows: usize,
+    /// Model width `d`.
+    pub width: usize,
+    /// Effective query weights, row-major `[m, d]`.
+    pub q: Vec<f32>,
+    /// Effective key weights, row-major `[m, d]`.
+    pub k: Vec<f32>,
+    /// Factor shapes of `M = QKᵀ` for the product null.
+    pub factorization: Factorization,
+}
+
+impl AttentionLayer {
+    /// Diagnoses this layer (whole layer, and per head if `config.per_head`).
+    pub fn diagnose(&self, config: &DiagnosticsConfig) -> Result<LayerDiagnostics> {
+        let q = row_major_view(&self.q, self.rows, self.width)?;
+        let k = row_major_view(&self.k, self.rows, self.width)?;
+        diagnose_layer(q, k, self.kind.heads(), config, Some(&self.factorization))
+    }
+}
+
+/// A row-major `f32` matrix `[rows, cols]` in PyTorch's `Linear.weight` layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowMajor {
+    /// `rows·cols` values, row after row.
+    pub data: Vec<f32>,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+}
+
+impl RowMajor {
+    /// Checks `data.len() == rows·cols`.
+    pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Result<Self> {
+        if rows.checked_mul(cols) != Some(data.len()) {
+            return Err(err(format!("{} values cannot form a {rows}×{cols} matrix", data.len())));
+        }
+        Ok(Self { data, rows, cols })
+    }
+}
+
+/// The weights of one MLA layer (DeepSeek-V2 names in the comments).
+#[derive(Debug, Clone)]
+pub struct MlaWeights {
+    /// `q_a_proj` `[r_q, d]`, with `q_a_layernorm` `[r_q]` (None: no query compression).
+    pub q_down: Option<(RowMajor, Option<Vec<f32>>)>,
+    /// `q_b_proj` `[H·(d_nope + d_rope), r_q]`, or `q_proj` `[H·(d_nope + d_rope), d]`.
+    pub q_up: RowMajor,
+    /// `kv_a_proj_with_mqa` `[r_kv + d_rope, d]`.
+    pub kv_down: RowMajor,
+    /// `kv_a_layernorm` `[r_kv]`.
+    pub kv_norm: Option<Vec<f32>>,
+    /// `kv_b_proj` `[H·(d_nope + d_v), r_kv]`.
+    pub kv_up: RowMajor,
+}
+
+fn err(msg: impl Into<String>) -> RmtError {
+    RmtError::Checkpoint(msg.into())
+}
+
+/// Effective `Q, K` of an MHA/GQA layer from `q_proj` `[H·d_h, d]` and `k_proj` `[H_kv·d_h, d]`.
+///
+/// # Errors
+/// Shapes that contradict each other or the head count.
+pub fn mha_effective(index: usize, heads: usize, q: RowMajor, k: RowMajor) -> Result<AttentionLayer> {
+    let (m, d) = (q.rows, q.cols);
+    if heads == 0 {
+        return Err(err("the head count must be at least 1"));
+    }
+    if k.cols != d {
+        return Err(err(format!("layer {index}: q_proj is [{m}, {d}] but k_proj is [{}, {}] (widths differ)", k.rows, k.cols)));
+    }
+    if m % heads != 0 {
+        return Err(err(format!("layer {index}: q_proj has {m} rows, not a multiple of {heads} heads")));
+    }
+    let head_dim = m / heads;
+    if k.rows == 0 || k.rows % head_dim != 0 || heads % (k.rows / head_dim) != 0 {
+        return Err(err(format!(
+            "layer {index}: k_proj has {} rows, not a whole number of {head_dim}-wide heads dividing {heads}",
+            k.rows
+        )));
+    }
+    let kv_heads = k.rows / head_dim;
+    let group = heads / kv_heads;
+    let mut k_eff = Vec::with_capacity(m * d);
+    for h in 0..heads {
+        let kh = h / group;
+        k_eff.extend_from_slice(&k.data[kh * head_dim * d..(kh + 1) * head_dim * d]);
+    }
+    Ok(AttentionLayer {
+        index,
+        kind: AttentionKind::Mha { heads, kv_heads, head_dim },
+        rows: m,
+        width: d,
+        q: q.data,
+        k: k_eff,
+        factorization: Factorization::dense(d),
+    })
+}
+
+/// Effective `Q, K` of an MLA layer. Every size is read off the shapes and the head count.
+///
+/// # Errors
+/// Shapes that contradict each other or the head count.
+pub fn mla_effective(index: usize, heads: usize, w: MlaWeights) -> Result<AttentionLayer> {
+    if heads == 0 {
+        return Err(err("the head count must be at least 1"));
+    }
+    let d = w.kv_down.cols;
+    let kv_latent = w.kv_up.cols;
+    let g_kv = w.kv_norm.clone().unwrap_or_else(|| vec![1.0; kv_latent]);
+    if g_kv.len() != kv_latent || w.kv_down.rows < kv_latent {
+        return Err(err(format!(
+            "layer {index}: kv_b_proj [{}, {}], kv_a_proj_with_mqa [{}, {}] and kv_a_layernorm [{}] disagree on the latent width",
+            w.kv_up.rows,
+            w.kv_up.cols,
+            w.kv_down.rows,
+            w.kv_down.cols,
+            g_kv.len()
+        )));
+    }
+    let rope = w.kv_down.rows - kv_latent;
+    let (q_eff, q_latent) = match &w.q_down {
+        Some((qa, g)) => {
+            let g_q = g.clone().unwrap_or_else(|| vec![1.0; qa.rows]);
+            if qa.cols != d || w.q_up.cols != qa.rows || g_q.len() != qa.rows {
+                return Err(err(format!(
+                    "layer {index}: q_a_proj [{}, {}], q_b_proj [{}, {}], q_a_layernorm [{}] and width {d} disagree",
+                    qa.rows,
+                    qa.cols,
+                    w.q_up.rows,
+                    w.q_up.cols,
+                    g_q.len()
+                )));
+            }
+            (scaled_product(&w.q_up.data, w.q_up.rows, &g_q, &qa.data, d), Some(qa.rows))
+        }
+        None => {
+            if w.q_up.cols != d {
+                return Err(err(format!("layer {index}: q_proj [{}, {}] does not match width {d}", w.q_up.rows, w.q_up.cols)));
+            }
+            (w.q_up.data.clone(), None)
+        }
+    };
+    let q_rows = w.q_up.rows;
+    if q_rows % heads != 0 {
+        return Err(err(format!("layer {index}: {q_rows} query rows are not a multiple of {heads} heads")));
+    }
+    let qk_dim = q_rows / heads;
+    if qk_dim < rope {
+        return Err(err(format!("layer {index}: query head width {qk_dim} is below the rotary width {rope}")));
+    }
+    let nope = qk_dim - rope;
+    if w.kv_up.rows % heads != 0 || w.kv_up.rows / heads < nope {
+        return Err(err(format!("layer {index}: kv_b_proj has {} rows, not {heads} heads of ≥ {nope}", w.kv_up.rows)));
+    }
+    let kv_head = w.kv_up.rows / heads; // d_nope + d_v
+    let mut kb_nope = Vec::with_capacity(heads * nope * kv_latent);
+    for h in 0..heads {
+        kb_nope.extend_from_slice(&w.kv_up.data[h * kv_head * kv_latent..(h * kv_head + nope) * kv_latent]);
+    }
+    let k_content = scaled_product(&kb_nope, heads * nope, &g_kv, &w.kv_down.data[..kv_latent * d], d);
+    let rope_rows = &w.kv_down.data[kv_latent * d..];
+    let mut k_eff = Vec::with_capacity(q_rows * d);
+    for h in 0..heads {
+        k_eff.extend_from_slice(&k_content[h * nope * d..(h + 1) * nope * d]);
+        k_eff.extend_from_slice(rope_rows);
+    }
+    let mut inner = Vec::new();
+    if let Some(r) = q_latent {
+        inner.push(r);
+    }
+    inner.push(d);
+    // The rotary key rows enter K outside the latent: the null's inner width counts them
+    // (an approximation for MLA-Decoupled, documented in docs/math.md).
+    inner.push(kv_latent + rope);
+    Ok(AttentionLayer {
+        index,
+        kind: AttentionKind::Mla { heads, q_latent, kv_latent, nope_dim: nope, rope_dim: rope },
+        rows: q_rows,
+        width: d,
+        q: q_eff,
+        k: k_eff,
+        factorization: Factorization { inner },
+    })
+}
+
+/// `A·diag(g)·B` for row-major `A ∈ ℝ^{m×r}`, `B ∈ ℝ^{r×n}`, as row-major `f32`.
+fn scaled_product(a: &[f32], m: usize, g: &[f32], b: &[f32], n: usize) -> Vec<f32> {
+    let r = g.len();
+    let scaled: Vec<f32> = a.iter().enumerate().map(|(i, x)| x * g[i % r]).collect();
+    // SAFETY-free views: row-major m×r and r×n.
+    let av = MatRef::from_row_major_slice(&scaled, m, r);
+    let bv = MatRef::from_row_major_slice(b, r, n);
+    let mut out = faer::Mat::<f32>::zeros(m, n);
+    faer::linalg::matmul::matmul(
+        out.as_mut(),
+        Accum::Replace,
+        av,
+        bv,
+        1.0f32,
+        crate::linalg::par(),
+    );
+    let mut rows = Vec::with_capacity(m * n);
+    for i in 0..m {
+        for j in 0..n {
+            rows.push(out[(i, j)]);
+        }
+    }
+    rows
+}
+
