@@ -231,7 +231,14 @@ impl Checkpoint {
         RowMajor::new(data, shape[0], shape[1])
     }
 
-    fn mha_layer(&self, st: &SafeTensors<'_>, index: usize, heads: usize, q: &str, k: &str) -> Result<AttentionLayer> {
+    fn mha_layer(
+        &self,
+        st: &SafeTensors<'_>,
+        index: usize,
+        heads: usize,
+        q: &str,
+        k: &str,
+    ) -> Result<AttentionLayer> {
         mha_effective(index, heads, self.load2(st, q)?, self.load2(st, k)?)
     }
 
@@ -243,9 +250,13 @@ impl Checkpoint {
         kva_name: &str,
         name: &dyn Fn(&str) -> Option<&'n str>,
     ) -> Result<AttentionLayer> {
-        let need = |leaf: &str| name(leaf).ok_or_else(|| err(format!("layer {index}: MLA layer without {leaf}")));
+        let need = |leaf: &str| {
+            name(leaf).ok_or_else(|| err(format!("layer {index}: MLA layer without {leaf}")))
+        };
         let vector = |leaf: &str| -> Result<Option<Vec<f32>>> {
-            name(leaf).map(|n| self.load(st, n, 1).map(|(v, _)| v)).transpose()
+            name(leaf)
+                .map(|n| self.load(st, n, 1).map(|(v, _)| v))
+                .transpose()
         };
         let q_down = match name("q_a_proj") {
             Some(qa) => Some((self.load2(st, qa)?, vector("q_a_layernorm")?)),

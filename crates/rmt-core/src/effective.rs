@@ -101,7 +101,10 @@ impl RowMajor {
     /// Checks `data.len() == rows·cols`.
     pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Result<Self> {
         if rows.checked_mul(cols) != Some(data.len()) {
-            return Err(err(format!("{} values cannot form a {rows}×{cols} matrix", data.len())));
+            return Err(err(format!(
+                "{} values cannot form a {rows}×{cols} matrix",
+                data.len()
+            )));
         }
         Ok(Self { data, rows, cols })
     }
@@ -130,16 +133,26 @@ fn err(msg: impl Into<String>) -> RmtError {
 ///
 /// # Errors
 /// Shapes that contradict each other or the head count.
-pub fn mha_effective(index: usize, heads: usize, q: RowMajor, k: RowMajor) -> Result<AttentionLayer> {
+pub fn mha_effective(
+    index: usize,
+    heads: usize,
+    q: RowMajor,
+    k: RowMajor,
+) -> Result<AttentionLayer> {
     let (m, d) = (q.rows, q.cols);
     if heads == 0 {
         return Err(err("the head count must be at least 1"));
     }
     if k.cols != d {
-        return Err(err(format!("layer {index}: q_proj is [{m}, {d}] but k_proj is [{}, {}] (widths differ)", k.rows, k.cols)));
+        return Err(err(format!(
+            "layer {index}: q_proj is [{m}, {d}] but k_proj is [{}, {}] (widths differ)",
+            k.rows, k.cols
+        )));
     }
     if m % heads != 0 {
-        return Err(err(format!("layer {index}: q_proj has {m} rows, not a multiple of {heads} heads")));
+        return Err(err(format!(
+            "layer {index}: q_proj has {m} rows, not a multiple of {heads} heads"
+        )));
     }
     let head_dim = m / heads;
     if k.rows == 0 || k.rows % head_dim != 0 || heads % (k.rows / head_dim) != 0 {
@@ -157,7 +170,11 @@ pub fn mha_effective(index: usize, heads: usize, q: RowMajor, k: RowMajor) -> Re
     }
     Ok(AttentionLayer {
         index,
-        kind: AttentionKind::Mha { heads, kv_heads, head_dim },
+        kind: AttentionKind::Mha {
+            heads,
+            kv_heads,
+            head_dim,
+        },
         rows: m,
         width: d,
         q: q.data,
@@ -201,33 +218,54 @@ pub fn mla_effective(index: usize, heads: usize, w: MlaWeights) -> Result<Attent
                     g_q.len()
                 )));
             }
-            (scaled_product(&w.q_up.data, w.q_up.rows, &g_q, &qa.data, d), Some(qa.rows))
+            (
+                scaled_product(&w.q_up.data, w.q_up.rows, &g_q, &qa.data, d),
+                Some(qa.rows),
+            )
         }
         None => {
             if w.q_up.cols != d {
-                return Err(err(format!("layer {index}: q_proj [{}, {}] does not match width {d}", w.q_up.rows, w.q_up.cols)));
+                return Err(err(format!(
+                    "layer {index}: q_proj [{}, {}] does not match width {d}",
+                    w.q_up.rows, w.q_up.cols
+                )));
             }
             (w.q_up.data.clone(), None)
         }
     };
     let q_rows = w.q_up.rows;
     if q_rows % heads != 0 {
-        return Err(err(format!("layer {index}: {q_rows} query rows are not a multiple of {heads} heads")));
+        return Err(err(format!(
+            "layer {index}: {q_rows} query rows are not a multiple of {heads} heads"
+        )));
     }
     let qk_dim = q_rows / heads;
     if qk_dim < rope {
-        return Err(err(format!("layer {index}: query head width {qk_dim} is below the rotary width {rope}")));
+        return Err(err(format!(
+            "layer {index}: query head width {qk_dim} is below the rotary width {rope}"
+        )));
     }
     let nope = qk_dim - rope;
     if w.kv_up.rows % heads != 0 || w.kv_up.rows / heads < nope {
-        return Err(err(format!("layer {index}: kv_b_proj has {} rows, not {heads} heads of ≥ {nope}", w.kv_up.rows)));
+        return Err(err(format!(
+            "layer {index}: kv_b_proj has {} rows, not {heads} heads of ≥ {nope}",
+            w.kv_up.rows
+        )));
     }
     let kv_head = w.kv_up.rows / heads; // d_nope + d_v
     let mut kb_nope = Vec::with_capacity(heads * nope * kv_latent);
     for h in 0..heads {
-        kb_nope.extend_from_slice(&w.kv_up.data[h * kv_head * kv_latent..(h * kv_head + nope) * kv_latent]);
+        kb_nope.extend_from_slice(
+            &w.kv_up.data[h * kv_head * kv_latent..(h * kv_head + nope) * kv_latent],
+        );
     }
-    let k_content = scaled_product(&kb_nope, heads * nope, &g_kv, &w.kv_down.data[..kv_latent * d], d);
+    let k_content = scaled_product(
+        &kb_nope,
+        heads * nope,
+        &g_kv,
+        &w.kv_down.data[..kv_latent * d],
+        d,
+    );
     let rope_rows = &w.kv_down.data[kv_latent * d..];
     let mut k_eff = Vec::with_capacity(q_rows * d);
     for h in 0..heads {
@@ -244,7 +282,13 @@ pub fn mla_effective(index: usize, heads: usize, w: MlaWeights) -> Result<Attent
     inner.push(kv_latent + rope);
     Ok(AttentionLayer {
         index,
-        kind: AttentionKind::Mla { heads, q_latent, kv_latent, nope_dim: nope, rope_dim: rope },
+        kind: AttentionKind::Mla {
+            heads,
+            q_latent,
+            kv_latent,
+            nope_dim: nope,
+            rope_dim: rope,
+        },
         rows: q_rows,
         width: d,
         q: q_eff,
@@ -277,4 +321,3 @@ fn scaled_product(a: &[f32], m: usize, g: &[f32], b: &[f32], n: usize) -> Vec<f3
     }
     rows
 }
-
