@@ -42,9 +42,38 @@ pub enum Bench {
         #[arg(long, default_value_t = 12)]
         layers: usize,
     },
+    /// Forward + backward throughput of each attention variant (no reference: see the
+    /// PyTorch comparison in docs/performance.md).
+    Models {
+        /// Backend: cpu (ndarray, f32) or cuda (needs `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        /// Float type on CUDA: f32 or bf16.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        /// Preset: paper or tiny.
+        #[arg(long, default_value = "paper")]
+        preset: String,
+        /// Sequences per step.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Timed steps per variant (after two warm-up steps).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
 }
 
 pub fn run(b: Bench) -> Result<(), String> {
+    if let Bench::Models {
+        backend,
+        dtype,
+        preset,
+        batch,
+        steps,
+    } = &b
+    {
+        return models(backend, dtype, preset, *batch, (*steps).max(1));
+    }
     check_numpy()?;
     let dir = std::env::temp_dir().join(format!("xtask-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -60,6 +89,7 @@ pub fn run(b: Bench) -> Result<(), String> {
             repeats,
             layers,
         } => diagnose(&dir, &sizes, &dtype, repeats.max(1), layers),
+        Bench::Models { .. } => unreachable!("handled above"),
     };
     std::fs::remove_dir_all(&dir).ok();
     result
@@ -304,4 +334,90 @@ fn rayon_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+fn models(
+    backend: &str,
+    dtype: &str,
+    preset: &str,
+    batch: usize,
+    steps: usize,
+) -> Result<(), String> {
+    match backend {
+        "cpu" => models_on::<burn::backend::Autodiff<burn::backend::NdArray<f32>>>(
+            &Default::default(),
+            "cpu f32",
+            preset,
+            batch,
+            steps,
+        ),
+        "cuda" => cuda_models(dtype, preset, batch, steps),
+        other => Err(format!("unknown backend `{other}` (cpu, cuda)")),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_models(dtype: &str, preset: &str, batch: usize, steps: usize) -> Result<(), String> {
+    use burn::backend::{Autodiff, Cuda};
+    let device = burn::backend::cuda::CudaDevice::default();
+    match dtype {
+        "bf16" => {
+            models_on::<Autodiff<Cuda<half::bf16, i32>>>(&device, "cuda bf16", preset, batch, steps)
+        }
+        "f32" => models_on::<Autodiff<Cuda<f32, i32>>>(&device, "cuda f32", preset, batch, steps),
+        other => Err(format!("unknown dtype `{other}` (f32, bf16)")),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_models(_: &str, _: &str, _: usize, _: usize) -> Result<(), String> {
+    Err("this binary was built without CUDA: build with `cargo build --release -p xtask --features cuda`".into())
+}
+
+/// Times `steps` forward + backward passes of each variant (causal LM, mean of logits as the
+/// loss: the same graph as training without the optimizer) and prints tokens/s.
+fn models_on<B: burn::tensor::backend::AutodiffBackend>(
+    device: &B::Device,
+    label: &str,
+    preset: &str,
+    batch: usize,
+    steps: usize,
+) -> Result<(), String> {
+    use attn_models::config::{AttentionVariant, LlamaConfig};
+    use burn::prelude::*;
+    println!(
+        "# bench models: {preset} preset, {label}, batch {batch}, forward + backward, {steps} timed steps after 2 warm-up"
+    );
+    for variant in AttentionVariant::ALL {
+        let config = LlamaConfig::preset(preset, variant)
+            .ok_or_else(|| format!("unknown preset `{preset}` (paper, tiny)"))?;
+        let seq = config.context;
+        let model = config.init::<B>(device).map_err(|e| e.to_string())?;
+        let ids: Vec<i64> = (0..(batch * seq) as i64)
+            .map(|i| (i * 7919) % config.vocab_size as i64)
+            .collect();
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), device);
+        let step = || {
+            let grads = model.forward(tokens.clone()).mean().backward();
+            std::hint::black_box(grads);
+        };
+        for _ in 0..2 {
+            step();
+        }
+        B::sync(device).map_err(|e| format!("{e:?}"))?;
+        let t = Instant::now();
+        for _ in 0..steps {
+            step();
+        }
+        B::sync(device).map_err(|e| format!("{e:?}"))?;
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "variant={} params={} tokens_per_s={:.0} ms_per_step={:.1}",
+            variant.name(),
+            model.num_params(),
+            (batch * seq * steps) as f64 / secs,
+            secs * 1e3 / steps as f64
+        );
+    }
+    Ok(())
 }

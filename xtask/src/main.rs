@@ -6,6 +6,7 @@
 
 mod bench;
 mod diagnose;
+mod models;
 mod npy;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ enum Command {
     /// Benchmarks against a reference measured in the same run.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Parameter counts and KV-cache sizes of MHA, MLA-PreRoPE and MLA-Decoupled.
+    Models(models::Args),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Diagnose(args) => diagnose::run(args),
         Command::Bench(b) => bench::run(b),
+        Command::Models(args) => models::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -255,11 +255,15 @@ pub fn hf_config(config: &LlamaConfig) -> serde_json::Value {
                 (if decoupled { a.rope_dim } else { 0 }).into(),
             );
             m.insert("v_head_dim".into(), a.value_width().into());
-            m.insert("n_routed_experts".into(), serde_json::Value::Null);
-            m.insert("n_shared_experts".into(), serde_json::Value::Null);
+            // Dense feed-forward in every layer: HF DeepSeek-V2 uses its MoE block only for
+            // layers ≥ first_k_dense_replace, so the expert fields are placeholders it
+            // validates but never builds (transformers 5 wants integers there).
             m.insert("first_k_dense_replace".into(), config.n_layers.into());
+            m.insert("n_routed_experts".into(), 1.into());
+            m.insert("n_shared_experts".into(), 1.into());
+            m.insert("num_experts_per_tok".into(), 1.into());
+            m.insert("moe_intermediate_size".into(), config.ffn_hidden.into());
             m.insert("moe_layer_freq".into(), 1.into());
-            m.insert("rope_scaling".into(), serde_json::Value::Null);
             if !decoupled {
                 m.insert(
                     "prerope_placement".into(),
