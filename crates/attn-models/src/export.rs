@@ -368,31 +368,7 @@ pub fn load<B: Backend>(
         let view = st.tensor(&name).map_err(|_| {
             ModelError::Checkpoint(format!("{}: missing tensor {name}", path.display()))
         })?;
-        let data = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(ModelError::Checkpoint(format!(
-                    "{name}: unsupported dtype {other:?}"
-                )));
-            }
-        };
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(ModelError::Checkpoint(format!(
-                "{name}: non-finite value at flat index {i}"
-            )));
-        }
+        let values = rmt_core::checkpoint::tensor_to_f32(&name, &view)?;
         slot.write(&name, view.shape(), values)?;
     }
     Ok((config, model))

@@ -68,6 +68,44 @@ fn parse_attention_name(name: &str) -> Option<(usize, String)> {
     }
 }
 
+/// A safetensors tensor's values as `f32` (F32, F64, F16 and BF16 are read), rejecting NaN
+/// and infinities.
+///
+/// # Errors
+/// Another dtype, or a non-finite value.
+pub fn tensor_to_f32(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
+    let bytes = view.data();
+    let values: Vec<f32> = match view.dtype() {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(err(format!(
+                "{name}: unsupported dtype {other:?} (F32, F16, BF16, F64 are read)"
+            )));
+        }
+    };
+    if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(err(format!(
+            "{name}: non-finite value {v} at flat index {i}"
+        )));
+    }
+    Ok(values)
+}
+
 /// Reads the head count from a HF-style `config.json`.
 fn heads_from_config(path: &Path) -> Result<Option<usize>> {
     let Ok(text) = std::fs::read_to_string(path) else {
@@ -165,37 +203,7 @@ impl Checkpoint {
                 "{name}: expected a rank-{rank} tensor, found shape {shape:?}"
             )));
         }
-        let bytes = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F64 => bytes
-                .chunks_exact(8)
-                .map(|c| {
-                    f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
-                })
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(err(format!(
-                    "{name}: unsupported dtype {other:?} (F32, F16, BF16, F64 are read)"
-                )));
-            }
-        };
-        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(err(format!(
-                "{name}: non-finite value {v} at flat index {i}"
-            )));
-        }
+        let values = tensor_to_f32(name, &view)?;
         Ok((values, shape))
     }
 
