@@ -347,13 +347,26 @@ pub fn diagnose_layer<T: Element>(
     })
 }
 
-/// The statistics of `M` that the metrics need besides the spectrum.
-#[derive(Debug, Clone, Copy)]
-struct EntryMoments {
-    /// `Var(M_ij)` over all entries.
-    variance: f64,
-    /// `‖M‖_F²`.
-    frobenius2: f64,
+/// The statistics of `M`'s entries that the metrics need besides the spectrum of `G`: from
+/// them come the paper's `σ² = Var(M_ij)` and `tr G = ‖M‖_F²/d`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EntryMoments {
+    /// `Var(M_ij)` over all entries (population variance).
+    pub variance: f64,
+    /// `‖M‖_F² = Σ M_ij²`.
+    pub frobenius2: f64,
+}
+
+impl EntryMoments {
+    /// From `Σ M_ij`, `Σ M_ij²` and the number of entries (as a device would reduce them).
+    pub fn from_sums(sum: f64, sum_squares: f64, count: usize) -> Self {
+        let n = count as f64;
+        let mean = sum / n;
+        Self {
+            variance: (sum_squares / n - mean * mean).max(0.0),
+            frobenius2: sum_squares,
+        }
+    }
 }
 
 fn entry_moments<T: Element>(mm: MatRef<'_, T>) -> EntryMoments {
@@ -369,12 +382,7 @@ fn entry_moments<T: Element>(mm: MatRef<'_, T>) -> EntryMoments {
         sum += s;
         sum2 += s2;
     }
-    let count = (mm.nrows() * mm.ncols()) as f64;
-    let mean = sum / count;
-    EntryMoments {
-        variance: (sum2 / count - mean * mean).max(0.0),
-        frobenius2: sum2,
-    }
+    EntryMoments::from_sums(sum, sum2, mm.nrows() * mm.ncols())
 }
 
 /// A null law at unit σ², rescalable.
@@ -467,19 +475,70 @@ fn diagnose_block<T: Element>(
     config: &DiagnosticsConfig,
     factorization: &Factorization,
 ) -> Result<SpectrumDiagnostics> {
-    let (rows, width) = (q.nrows(), q.ncols());
+    let width = q.ncols();
     // Mᵀ = KQᵀ, column-major: G = MMᵀ is then a TN product of it with itself.
     let mt = product_abt(k, q);
     let moments = entry_moments(mt.as_ref());
-    if moments.frobenius2 == 0.0 || moments.variance == 0.0 {
+    let g = gram_of_transpose(mt.as_ref(), 1.0 / width as f64);
+    drop(mt);
+    spectrum_diagnostics(g.as_ref(), moments, width, head, config, factorization)
+}
+
+/// Diagnoses a Gram matrix `G = MMᵀ/d` computed elsewhere (on a training device, say) from
+/// `M = QKᵀ` with `rows` rows, model width `width`, and the entry moments of `M`. The same
+/// metrics as [`diagnose_layer`] for one block.
+///
+/// # Errors
+/// `G` not square, empty or non-finite; `M` without variance; an invalid configuration.
+pub fn diagnose_gram<T: Element>(
+    gram: MatrixView<'_, T>,
+    moments: EntryMoments,
+    width: usize,
+    head: Option<usize>,
+    config: &DiagnosticsConfig,
+    factorization: Option<&Factorization>,
+) -> Result<SpectrumDiagnostics> {
+    config.validate()?;
+    let g = as_faer(&gram);
+    check_matrix("G", g)?;
+    if g.nrows() != g.ncols() {
+        return Err(RmtError::NotSquare {
+            what: "G",
+            rows: g.nrows(),
+            cols: g.ncols(),
+        });
+    }
+    if width == 0 {
+        return Err(RmtError::invalid("width", width, "must be ≥ 1"));
+    }
+    let dense = Factorization::dense(width);
+    spectrum_diagnostics(
+        g,
+        moments,
+        width,
+        head,
+        config,
+        factorization.unwrap_or(&dense),
+    )
+}
+
+/// The metrics of one `G` (lower triangle read) with the moments of its `M`.
+fn spectrum_diagnostics<T: Element>(
+    g: MatRef<'_, T>,
+    moments: EntryMoments,
+    width: usize,
+    head: Option<usize>,
+    config: &DiagnosticsConfig,
+    factorization: &Factorization,
+) -> Result<SpectrumDiagnostics> {
+    let rows = g.nrows();
+    if moments.frobenius2 == 0.0 || moments.variance == 0.0 || !moments.variance.is_finite() {
         return Err(RmtError::Degenerate(format!(
             "M = QKᵀ{} has no variance (all entries equal): the diagnostics are undefined",
             head.map(|h| format!(" of head {h}")).unwrap_or_default()
         )));
     }
     let trace = moments.frobenius2 / width as f64;
-    let g = gram_of_transpose(mt.as_ref(), 1.0 / width as f64);
-    drop(mt);
     let unit_laws: Vec<(NullModel, NullLaw)> = config
         .nulls
         .iter()
@@ -493,8 +552,7 @@ fn diagnose_block<T: Element>(
     let partial = config.fast_path && only_empirical && config.solver == EigenSolver::TwoStage;
     let mut diagnoses = Vec::new();
     if partial {
-        let tri = tridiagonalize(g.as_ref());
-        drop(g);
+        let tri = tridiagonalize(g);
         for (null, unit) in &unit_laws {
             let law = unit.at(moments.variance)?;
             let lp = law.law().upper_edge();
@@ -526,8 +584,7 @@ fn diagnose_block<T: Element>(
         });
     }
 
-    let spectrum = eigenvalues_descending(g.as_ref(), config.solver)?;
-    drop(g);
+    let spectrum = eigenvalues_descending(g, config.solver)?;
     for &estimator in &config.estimators {
         for (null, unit) in &unit_laws {
             let sigma2 = estimator.estimate(&spectrum, unit, moments.variance)?;

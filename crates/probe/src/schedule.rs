@@ -1,0 +1,96 @@
+//! When to probe: every `every` steps, plus log-spaced early steps (the papers see most
+//! change in the first thousand steps).
+
+use serde::{Deserialize, Serialize};
+
+/// A probing schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schedule {
+    /// Probe every this many steps (0: never on this rule).
+    pub every: u64,
+    /// Also probe at `round(10^(i/per_decade))` for every such step `≤ log_until`.
+    pub log_until: u64,
+    /// Log-spaced points per decade.
+    pub per_decade: u32,
+    /// Probe step 0 (the initialisation).
+    pub include_zero: bool,
+}
+
+impl Schedule {
+    /// The paper's cadence for a 20 000-step run: every 100 steps, 10 points per decade
+    /// before step 1000, and the initialisation.
+    pub fn paper() -> Self {
+        Self {
+            every: 100,
+            log_until: 1000,
+            per_decade: 10,
+            include_zero: true,
+        }
+    }
+
+    /// Every `k` steps only.
+    pub fn every(k: u64) -> Self {
+        Self {
+            every: k,
+            log_until: 0,
+            per_decade: 0,
+            include_zero: true,
+        }
+    }
+
+    /// Whether `step` is probed.
+    ///
+    /// # Example
+    /// ```
+    /// let s = probe::Schedule::paper();
+    /// assert!(s.is_due(0) && s.is_due(1) && s.is_due(2) && s.is_due(200));
+    /// assert!(!s.is_due(150) && s.is_due(158)); // 10^(22/10) ≈ 158.5
+    /// ```
+    pub fn is_due(&self, step: u64) -> bool {
+        if step == 0 {
+            return self.include_zero;
+        }
+        if self.every > 0 && step % self.every == 0 {
+            return true;
+        }
+        if self.per_decade > 0 && step <= self.log_until {
+            let i = (step as f64).log10() * self.per_decade as f64;
+            // The nearest grid exponents round to at most one step each.
+            for j in [i.floor(), i.ceil()] {
+                if (10f64.powf(j / self.per_decade as f64)).round() as u64 == step {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// The probed steps in `0..=last`.
+    pub fn steps_up_to(&self, last: u64) -> Vec<u64> {
+        (0..=last).filter(|&s| self.is_due(s)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_spaced_steps_are_roughly_geometric() {
+        let s = Schedule {
+            every: 0,
+            log_until: 1000,
+            per_decade: 5,
+            include_zero: false,
+        };
+        let steps = s.steps_up_to(2000);
+        assert_eq!(
+            steps,
+            vec![
+                1, 2, 3, 4, 6, 10, 16, 25, 40, 63, 100, 158, 251, 398, 631, 1000
+            ]
+        );
+        let e = Schedule::every(50);
+        assert_eq!(e.steps_up_to(120), vec![0, 50, 100]);
+    }
+}
