@@ -6,8 +6,11 @@
 
 mod bench;
 mod diagnose;
+mod mla_spectra;
 mod models;
 mod npy;
+mod rank_collapse;
+mod reproduce;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -32,6 +35,9 @@ enum Command {
     Bench(bench::Bench),
     /// Parameter counts and KV-cache sizes of MHA, MLA-PreRoPE and MLA-Decoupled.
     Models(models::Args),
+    /// Reproduce a paper end to end: `mla-spectra` (seed 000) or `rank-collapse` (seed 002).
+    #[command(subcommand)]
+    Reproduce(reproduce::Reproduce),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +46,7 @@ fn main() -> ExitCode {
         Command::Diagnose(args) => diagnose::run(args),
         Command::Bench(b) => bench::run(b),
         Command::Models(args) => models::run(args),
+        Command::Reproduce(r) => reproduce::run(r),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -83,6 +83,7 @@ pub struct ProbeStats {
 enum Job {
     Weights { step: u64, grams: Vec<LayerGrams> },
     Activations { step: u64, maps: Vec<LayerMaps> },
+    Rows(Vec<MetricRow>),
 }
 
 struct Shared {
@@ -209,6 +210,17 @@ impl Probe {
         stats.events += 1;
         stats.device_seconds += device_time.as_secs_f64();
         Ok(())
+    }
+
+    /// Queues rows computed elsewhere (training loss, validation loss, learning rate…) for
+    /// the same files, in order with the probe's own rows, so that they share its exact
+    /// resumption.
+    ///
+    /// # Errors
+    /// A failure of an earlier host job.
+    pub fn record(&mut self, rows: Vec<MetricRow>) -> Result<(), ProbeError> {
+        self.check_worker_error()?;
+        self.submit(Job::Rows(rows))
     }
 
     fn submit(&mut self, job: Job) -> Result<(), ProbeError> {
@@ -343,6 +355,7 @@ fn rows_of(job: &Job, config: &ProbeConfig) -> Result<Vec<MetricRow>, ProbeError
         value,
     };
     let per_layer: Vec<Result<Vec<MetricRow>, ProbeError>> = match job {
+        Job::Rows(rows) => vec![Ok(rows.clone())],
         Job::Weights { step, grams } => grams
             .par_iter()
             .map(|g| {
@@ -361,6 +374,18 @@ fn rows_of(job: &Job, config: &ProbeConfig) -> Result<Vec<MetricRow>, ProbeError
                         "trace",
                         spectrum.trace,
                     ));
+                    for u in &spectrum.undefined {
+                        // Visible, not silent: the pair has no metrics on this spectrum.
+                        rows.push(row(
+                            *step,
+                            g.layer,
+                            head.clone(),
+                            "weight",
+                            format!("{}/{}", u.estimator.name(), u.null.name()),
+                            "undefined",
+                            1.0,
+                        ));
+                    }
                     for d in &spectrum.diagnoses {
                         let estimator = format!("{}/{}", d.estimator.name(), d.null.name());
                         for (metric, value) in d.metrics.named_values() {

@@ -1,8 +1,11 @@
 //! Metric rows and their append-only CSV and JSONL files.
 //!
 //! Columns: `run, variant, step, layer, head, space, estimator, metric, value` (`head` is
-//! `all` for a whole layer; `space` is `weight` or `activation`; `estimator` is
-//! `estimator/null` for the MP metrics, `-` where it does not apply).
+//! `all` for a whole layer; `space` is `weight` or `activation` — or `train`/`validation`
+//! for training scalars a loop records through [`crate::Probe::record`]; `estimator` is
+//! `estimator/null` for the MP metrics, `-` where it does not apply). An (estimator, null)
+//! pair that is undefined on a spectrum (see rmt-core's `UndefinedDiagnosis`) gets one row
+//! with metric `undefined` and value 1 instead of its metrics.
 //!
 //! Resumption: [`MetricsWriter::checkpoint`] flushes both files and returns their byte
 //! lengths; a run resumed from that checkpoint reopens them with [`MetricsWriter::resume`],

@@ -14,6 +14,9 @@ pub struct Schedule {
     pub per_decade: u32,
     /// Probe step 0 (the initialisation).
     pub include_zero: bool,
+    /// Also probe this step (a run's last, so that its final state is always measured).
+    #[serde(default)]
+    pub last: Option<u64>,
 }
 
 impl Schedule {
@@ -25,7 +28,14 @@ impl Schedule {
             log_until: 1000,
             per_decade: 10,
             include_zero: true,
+            last: None,
         }
+    }
+
+    /// The same schedule, also probing `step`.
+    pub fn with_last(mut self, step: u64) -> Self {
+        self.last = Some(step);
+        self
     }
 
     /// Every `k` steps only.
@@ -35,6 +45,7 @@ impl Schedule {
             log_until: 0,
             per_decade: 0,
             include_zero: true,
+            last: None,
         }
     }
 
@@ -47,6 +58,9 @@ impl Schedule {
     /// assert!(!s.is_due(150) && s.is_due(158)); // 10^(22/10) ≈ 158.5
     /// ```
     pub fn is_due(&self, step: u64) -> bool {
+        if self.last == Some(step) {
+            return true;
+        }
         if step == 0 {
             return self.include_zero;
         }
@@ -82,6 +96,7 @@ mod tests {
             log_until: 1000,
             per_decade: 5,
             include_zero: false,
+            last: None,
         };
         let steps = s.steps_up_to(2000);
         assert_eq!(

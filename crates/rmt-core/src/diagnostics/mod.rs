@@ -237,6 +237,22 @@ pub struct SpectrumDiagnostics {
     pub partial_spectrum: bool,
     /// One entry per requested (estimator, null), estimators outermost.
     pub diagnoses: Vec<Diagnosis>,
+    /// The (estimator, null) pairs whose σ² is undefined on this spectrum (e.g. the trimmed
+    /// estimator on a rank-deficient `M`, where most eigenvalues are 0), with the reason;
+    /// they have no entry in `diagnoses`. The paper's empirical estimator is always defined.
+    #[serde(default)]
+    pub undefined: Vec<UndefinedDiagnosis>,
+}
+
+/// An (estimator, null) pair that has no answer on a spectrum, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UndefinedDiagnosis {
+    /// The estimator.
+    pub estimator: VarianceEstimator,
+    /// The null law.
+    pub null: NullModel,
+    /// Why.
+    pub reason: String,
 }
 
 impl SpectrumDiagnostics {
@@ -386,6 +402,29 @@ fn entry_moments<T: Element>(mm: MatRef<'_, T>) -> EntryMoments {
 }
 
 /// A null law at unit σ², rescalable.
+/// The unit-variance product law of `dims` normalised by `width`, memoised: its lower edge
+/// and CDF table cost milliseconds to build, and a probe asks for the same few shapes at
+/// every layer, head and step. (Clones share the table.)
+fn unit_product_law(dims: &[usize], width: usize) -> Result<ProductGaussianLaw> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Cache = Mutex<HashMap<(Vec<usize>, usize), ProductGaussianLaw>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let key = (dims.to_vec(), width);
+    if let Some(law) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(law);
+    }
+    let law = ProductGaussianLaw::for_product(dims, width as f64, 1.0)?;
+    if let Ok(mut c) = cache.lock() {
+        if c.len() >= 256 {
+            c.clear();
+        }
+        c.insert(key, law.clone());
+    }
+    Ok(law)
+}
+
 #[derive(Debug, Clone)]
 pub(crate) enum NullLaw {
     Mp(MarchenkoPastur),
@@ -401,11 +440,9 @@ impl NullLaw {
     ) -> Result<Self> {
         Ok(match null {
             NullModel::Mp => NullLaw::Mp(MarchenkoPastur::new(rows as f64 / width as f64, 1.0)?),
-            NullModel::Product => NullLaw::Product(ProductGaussianLaw::for_product(
-                &factorization.dims(rows),
-                width as f64,
-                1.0,
-            )?),
+            NullModel::Product => {
+                NullLaw::Product(unit_product_law(&factorization.dims(rows), width)?)
+            }
         })
     }
 
@@ -581,13 +618,26 @@ fn spectrum_diagnostics<T: Element>(
             trace,
             partial_spectrum: true,
             diagnoses,
+            undefined: Vec::new(),
         });
     }
 
     let spectrum = eigenvalues_descending(g, config.solver)?;
+    let mut undefined = Vec::new();
     for &estimator in &config.estimators {
         for (null, unit) in &unit_laws {
-            let sigma2 = estimator.estimate(&spectrum, unit, moments.variance)?;
+            let sigma2 = match estimator.estimate(&spectrum, unit, moments.variance) {
+                Ok(s) => s,
+                Err(RmtError::Degenerate(reason)) if estimator != VarianceEstimator::Empirical => {
+                    undefined.push(UndefinedDiagnosis {
+                        estimator,
+                        null: *null,
+                        reason,
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let law = unit.at(sigma2)?;
             let lp = law.law().upper_edge();
             let (count, sum) = outliers_above(&spectrum, lp);
@@ -607,6 +657,7 @@ fn spectrum_diagnostics<T: Element>(
         trace,
         partial_spectrum: false,
         diagnoses,
+        undefined,
     })
 }
 

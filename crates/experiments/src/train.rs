@@ -1,0 +1,555 @@
+//! The pre-training loop: AdamW, linear warm-up then cosine decay, optional global-norm
+//! clipping, gradient accumulation, validation, checkpoints with exact resumption, and the
+//! probe attached.
+//!
+//! One step (nanoGPT's "iter") at `step` = number of optimizer updates so far:
+//!
+//! 1. if scheduled, probe the model (weight and activation space) and measure the
+//!    validation loss — both at `step`;
+//! 2. `accumulation` micro-batches of `batch` sequences: forward, cross-entropy, backward,
+//!    gradients summed (each loss divided by `accumulation`, so the sum is the mean);
+//! 3. clip to a global norm, if asked; AdamW update with the learning rate of `step`;
+//!    record `loss`, `grad_norm`, `lr` at `step`;
+//! 4. after every `checkpoint_every` updates, checkpoint: the model, the optimizer, and the
+//!    metrics files' lengths.
+//!
+//! The batch of every step is a pure function of `(seed, step)` ([`SequenceOrder`]), the model
+//! is initialised from the seed, and metric rows go through one ordered writer: two runs with
+//! the same seed write the same metrics, and a run resumed from a checkpoint continues
+//! exactly where it was, neither losing nor repeating a row.
+
+use crate::tokens::{Packed, SequenceOrder};
+use crate::{ExperimentError, io_err};
+use attn_models::{Llama, LlamaConfig};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use probe::{MetricRow, Probe, ProbeConfig, WriterState};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Optimisation and bookkeeping of one training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Optimizer updates.
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    pub batch: usize,
+    /// Micro-batches per update (global batch = `batch · accumulation`).
+    pub accumulation: usize,
+    /// Peak learning rate `η`.
+    pub lr: f64,
+    /// Linear warm-up updates, from `η/warmup` to `η`.
+    pub warmup: u64,
+    /// Cosine decay ends at `min_lr_ratio · η`.
+    pub min_lr_ratio: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// AdamW `β₁`.
+    pub beta1: f64,
+    /// AdamW `β₂`.
+    pub beta2: f64,
+    /// AdamW `ε`.
+    pub epsilon: f64,
+    /// Clip the gradient to this global L2 norm (`None`: no clipping, the paper's default).
+    pub clip_norm: Option<f64>,
+    /// Validation loss every this many updates (and at the end).
+    pub eval_every: u64,
+    /// Micro-batches of validation data per evaluation.
+    pub eval_batches: usize,
+    /// Checkpoint every this many updates (and at the end).
+    pub checkpoint_every: u64,
+    /// Sequences of the fixed activation-space probe batch.
+    pub probe_batch: usize,
+    /// Seed of initialisation and data order.
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    /// The learning rate at `step`: linear warm-up to `η` over `warmup` updates, then cosine
+    /// decay to `min_lr_ratio · η` at `steps`:
+    /// `η_t = η·(t+1)/W` for `t < W`, else
+    /// `η·(r + (1−r)·½(1 + cos(π (t−W)/(T−W))))`.
+    ///
+    /// # Example
+    /// ```
+    /// let mut c = experiments::mla_spectra::preset_train("tiny").unwrap();
+    /// c.steps = 100; c.warmup = 10; c.lr = 1e-3; c.min_lr_ratio = 0.1;
+    /// assert!((c.lr_at(9) - 1e-3).abs() < 1e-12);
+    /// assert!((c.lr_at(100) - 1e-4).abs() < 1e-12);
+    /// ```
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup {
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
+        let progress = ((step - self.warmup) as f64 / span).min(1.0);
+        let r = self.min_lr_ratio;
+        self.lr * (r + (1.0 - r) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+    }
+
+    /// Checks the configuration for contradictions.
+    ///
+    /// # Errors
+    /// Zero sizes, a warm-up longer than the run, rates outside their ranges.
+    pub fn validate(&self) -> Result<(), ExperimentError> {
+        let bad = |m: String| Err(ExperimentError::Invalid(m));
+        if self.steps == 0 || self.batch == 0 || self.accumulation == 0 {
+            return bad(format!(
+                "steps {}, batch {}, accumulation {} must all be ≥ 1",
+                self.steps, self.batch, self.accumulation
+            ));
+        }
+        if self.warmup > self.steps {
+            return bad(format!(
+                "warm-up of {} updates is longer than the run ({} steps)",
+                self.warmup, self.steps
+            ));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite() && (0.0..=1.0).contains(&self.min_lr_ratio)) {
+            return bad(format!(
+                "learning rate {} must be positive and min_lr_ratio {} in [0, 1]",
+                self.lr, self.min_lr_ratio
+            ));
+        }
+        if self.eval_every == 0 || self.checkpoint_every == 0 || self.eval_batches == 0 {
+            return bad("eval_every, eval_batches and checkpoint_every must be ≥ 1".into());
+        }
+        if let Some(c) = self.clip_norm
+            && !(c > 0.0 && c.is_finite())
+        {
+            return bad(format!("clip_norm {c} must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// What a checkpoint records besides the model and optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Updates done; the resumed run starts its loop at this step.
+    pub step: u64,
+    /// Lengths of the metrics files at this checkpoint.
+    pub metrics: WriterState,
+    /// Whether the run is complete (final probe and evaluation written).
+    pub finished: bool,
+}
+
+const STATE_FILE: &str = "state.json";
+const MODEL_FILE: &str = "model";
+const OPTIM_FILE: &str = "optimizer";
+
+/// The newest complete checkpoint under `dir/checkpoints`, if any.
+///
+/// # Errors
+/// An unreadable or corrupt `state.json`.
+pub fn latest_checkpoint(dir: &Path) -> Result<Option<(PathBuf, TrainState)>, ExperimentError> {
+    let root = dir.join("checkpoints");
+    if !root.is_dir() {
+        return Ok(None);
+    }
+    let mut best: Option<(PathBuf, TrainState)> = None;
+    for entry in std::fs::read_dir(&root).map_err(io_err(&root))? {
+        let p = entry.map_err(io_err(&root))?.path();
+        let state_path = p.join(STATE_FILE);
+        if !state_path.is_file() {
+            continue; // an interrupted checkpoint (`.tmp`) has no state yet
+        }
+        let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
+        let state: TrainState = serde_json::from_str(&text).map_err(|e| {
+            ExperimentError::Invalid(format!(
+                "{}: corrupt checkpoint state: {e}",
+                state_path.display()
+            ))
+        })?;
+        if best
+            .as_ref()
+            .is_none_or(|(_, b)| (state.step, state.finished) > (b.step, b.finished))
+        {
+            best = Some((p, state));
+        }
+    }
+    Ok(best)
+}
+
+/// Global L2 norm of the gradients of `module`'s parameters.
+fn grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, grads: &GradientsParams) -> f64 {
+    struct Norm<'a, B: AutodiffBackend> {
+        grads: &'a GradientsParams,
+        sum: Option<Tensor<B::InnerBackend, 1>>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Norm<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+                let s = g.powi_scalar(2).sum();
+                self.sum = Some(match self.sum.take() {
+                    Some(acc) => acc + s,
+                    None => s,
+                });
+            }
+        }
+    }
+    let mut v = Norm::<B> { grads, sum: None };
+    module.visit(&mut v);
+    v.sum.map_or(0.0, |s| s.into_scalar().elem::<f64>().sqrt())
+}
+
+/// Multiplies every gradient by `factor`.
+fn scale_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &mut GradientsParams,
+    factor: f64,
+) {
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+                self.grads.register(param.id, g.mul_scalar(self.factor));
+            }
+        }
+    }
+    module.visit(&mut Scale { grads, factor });
+}
+
+/// Inputs `[b, s]` and next-token targets `[b·s]` of the windows `indices`.
+fn batch_tensors<B: Backend>(
+    data: &Packed,
+    indices: &[usize],
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 1, Int>) {
+    let s = data.window - 1;
+    let mut inputs = Vec::with_capacity(indices.len() * s);
+    let mut targets = Vec::with_capacity(indices.len() * s);
+    for &i in indices {
+        let w = data.sequence(i);
+        inputs.extend(w[..s].iter().map(|&t| t as i64));
+        targets.extend(w[1..].iter().map(|&t| t as i64));
+    }
+    let b = indices.len();
+    (
+        Tensor::from_data(TensorData::new(inputs, [b, s]), device),
+        Tensor::from_data(TensorData::new(targets, [b * s]), device),
+    )
+}
+
+/// Mean next-token cross-entropy (nats) of `model` on windows `indices`.
+fn loss_of<B: Backend>(
+    model: &Llama<B>,
+    data: &Packed,
+    indices: &[usize],
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    let (inputs, targets) = batch_tensors::<B>(data, indices, device);
+    let logits = model.forward(inputs);
+    let [b, s, v] = logits.dims();
+    CrossEntropyLossConfig::new()
+        .init(device)
+        .forward(logits.reshape([b * s, v]), targets)
+}
+
+/// Validation loss: the first `eval_batches · batch` windows of the validation data (or all
+/// of them if fewer), in micro-batches.
+fn validation_loss<B: Backend>(
+    model: &Llama<B>,
+    data: &Packed,
+    config: &TrainConfig,
+    device: &B::Device,
+) -> f64 {
+    let n = data.len().min(config.eval_batches * config.batch);
+    let mut total = 0.0;
+    let mut count = 0usize;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(config.batch) {
+        let l = loss_of(model, data, chunk, device)
+            .into_scalar()
+            .elem::<f64>();
+        total += l * chunk.len() as f64;
+        count += chunk.len();
+    }
+    total / count.max(1) as f64
+}
+
+/// Progress of a run, reported once per update.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Updates done.
+    pub step: u64,
+    /// Training loss of this update.
+    pub loss: f64,
+    /// Tokens per second over this update (probe included).
+    pub tokens_per_second: f64,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Updates done in this invocation.
+    pub steps_run: u64,
+    /// Seconds of this invocation's training loop.
+    pub seconds: f64,
+    /// Mean training tokens per second in this invocation.
+    pub tokens_per_second: f64,
+    /// The probe's statistics in this invocation.
+    pub probe: probe::ProbeStats,
+}
+
+/// Everything one training run needs.
+pub struct RunSpec<'a> {
+    /// The model.
+    pub model: &'a LlamaConfig,
+    /// Optimisation.
+    pub train: &'a TrainConfig,
+    /// The probe (its schedule, estimators, run and variant names).
+    pub probe: ProbeConfig,
+    /// Training windows.
+    pub train_data: &'a Packed,
+    /// Validation windows.
+    pub validation_data: &'a Packed,
+    /// The run directory of this model: metrics and `checkpoints/`.
+    pub dir: &'a Path,
+}
+
+fn row(spec: &RunSpec, step: u64, space: &str, metric: &str, value: f64) -> MetricRow {
+    MetricRow {
+        run: spec.probe.run.clone(),
+        variant: spec.probe.variant.clone(),
+        step,
+        layer: 0,
+        head: "all".into(),
+        space: space.into(),
+        estimator: "-".into(),
+        metric: metric.into(),
+        value,
+    }
+}
+
+/// Trains one model, resuming from its newest checkpoint under `spec.dir` if there is one
+/// (and doing nothing if that run is finished). `progress` is called after every update.
+///
+/// Training scalars are written beside the probe's rows, with `space` = `train`
+/// (`loss`, `grad_norm`, `lr`) or `validation` (`loss`), layer 0 and head `all`.
+///
+/// # Errors
+/// An invalid configuration, data too small for one batch, a non-finite loss, corrupt
+/// checkpoints, and file system errors.
+pub fn train<B: AutodiffBackend>(
+    spec: &RunSpec,
+    device: &B::Device,
+    mut progress: impl FnMut(Progress),
+) -> Result<RunSummary, ExperimentError> {
+    let config = spec.train;
+    config.validate()?;
+    spec.model.validate()?;
+    if spec.train_data.window != spec.model.context + 1 {
+        return Err(ExperimentError::Invalid(format!(
+            "data windows of {} tokens do not match the model's context {}",
+            spec.train_data.window, spec.model.context
+        )));
+    }
+    if spec.train_data.len() < config.batch || spec.validation_data.is_empty() {
+        return Err(ExperimentError::Invalid(format!(
+            "{} training windows of {} tokens (need at least one batch of {}) and {} validation windows: the corpus is too small",
+            spec.train_data.len(),
+            spec.train_data.window,
+            config.batch,
+            spec.validation_data.len()
+        )));
+    }
+    let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
+    let adamw = AdamWConfig::new()
+        .with_beta_1(config.beta1 as f32)
+        .with_beta_2(config.beta2 as f32)
+        .with_epsilon(config.epsilon as f32)
+        .with_weight_decay(config.weight_decay as f32);
+    let mut optim = adamw.init::<B, Llama<B>>();
+    B::seed(device, config.seed);
+    let mut model: Llama<B> = spec.model.init(device)?;
+    // The final state is always probed.
+    let mut probe_config = spec.probe.clone();
+    probe_config.schedule = probe_config.schedule.with_last(config.steps);
+    let (start, mut probe) = match latest_checkpoint(spec.dir)? {
+        Some((_, state)) if state.finished => {
+            return Ok(RunSummary {
+                steps_run: 0,
+                seconds: 0.0,
+                tokens_per_second: 0.0,
+                probe: probe::ProbeStats::default(),
+            });
+        }
+        Some((path, state)) => {
+            let corrupt = |what: &str, e: burn::record::RecorderError| {
+                ExperimentError::Invalid(format!(
+                    "{}: corrupt checkpoint ({what}): {e}",
+                    path.display()
+                ))
+            };
+            let record = recorder
+                .load(path.join(MODEL_FILE), device)
+                .map_err(|e| corrupt("model", e))?;
+            model = model.load_record(record);
+            let record = recorder
+                .load(path.join(OPTIM_FILE), device)
+                .map_err(|e| corrupt("optimizer", e))?;
+            optim = optim.load_record(record);
+            (
+                state.step,
+                Probe::resume(probe_config, spec.dir, state.metrics)?,
+            )
+        }
+        None => (0, Probe::start(probe_config, spec.dir)?),
+    };
+
+    let mut order = SequenceOrder::new(spec.train_data.len(), config.seed);
+    let probe_indices: Vec<usize> =
+        (0..config.probe_batch.min(spec.validation_data.len())).collect();
+    let tokens_per_step = (config.batch * config.accumulation * spec.model.context) as f64;
+    let t0 = Instant::now();
+    let observe = |step: u64, model: &Llama<B>, probe: &mut Probe| -> Result<(), ExperimentError> {
+        let is_last = step == config.steps;
+        if !probe.is_due(step) && step % config.eval_every != 0 && !is_last {
+            return Ok(());
+        }
+        let valid = model.valid();
+        if probe.is_due(step) {
+            let maps = if probe.config().activation_space {
+                let (inputs, _) =
+                    batch_tensors::<B::InnerBackend>(spec.validation_data, &probe_indices, device);
+                Some(valid.forward_with_maps(inputs).1)
+            } else {
+                None
+            };
+            probe.observe::<B::InnerBackend, _>(step, &valid, maps, device)?;
+        }
+        if step % config.eval_every == 0 || is_last {
+            let v = validation_loss(&valid, spec.validation_data, config, device);
+            probe.record(vec![row(spec, step, "validation", "loss", v)])?;
+        }
+        Ok(())
+    };
+    for step in start..config.steps {
+        let t_step = Instant::now();
+        observe(step, &model, &mut probe)?;
+        let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
+        let mut loss_sum = 0.0;
+        for micro in 0..config.accumulation {
+            let indices = order.batch(
+                step * config.accumulation as u64 + micro as u64,
+                config.batch,
+            );
+            let loss = loss_of(&model, spec.train_data, &indices, device);
+            let loss = loss.div_scalar(config.accumulation as f64);
+            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accumulator.accumulate(&model, grads);
+        }
+        if !loss_sum.is_finite() {
+            return Err(ExperimentError::Invalid(format!(
+                "training loss is {loss_sum} at step {step}: the run diverged (lower the learning rate or set a clip norm)"
+            )));
+        }
+        let mut grads = accumulator.grads();
+        let norm = grad_norm::<B, _>(&model, &grads);
+        if let Some(c) = config.clip_norm
+            && norm > c
+        {
+            scale_grads::<B, _>(&model, &mut grads, c / norm);
+        }
+        let lr = config.lr_at(step);
+        model = optim.step(lr, model, grads);
+        probe.record(vec![
+            row(spec, step, "train", "loss", loss_sum),
+            row(spec, step, "train", "grad_norm", norm),
+            row(spec, step, "train", "lr", lr),
+        ])?;
+        let done = step + 1;
+        if done % config.checkpoint_every == 0 || done == config.steps {
+            let metrics = probe.checkpoint()?;
+            save_checkpoint(
+                spec.dir,
+                &model,
+                &optim,
+                TrainState {
+                    step: done,
+                    metrics,
+                    finished: false,
+                },
+                &recorder,
+            )?;
+        }
+        progress(Progress {
+            step: done,
+            loss: loss_sum,
+            tokens_per_second: tokens_per_step / t_step.elapsed().as_secs_f64(),
+        });
+    }
+    observe(config.steps, &model, &mut probe)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let metrics = probe.checkpoint()?;
+    save_checkpoint(
+        spec.dir,
+        &model,
+        &optim,
+        TrainState {
+            step: config.steps,
+            metrics,
+            finished: true,
+        },
+        &recorder,
+    )?;
+    attn_models::export::save(&model.valid(), spec.model, &spec.dir.join("model"))?;
+    let stats = probe.finish()?;
+    let steps_run = config.steps - start;
+    Ok(RunSummary {
+        steps_run,
+        seconds,
+        tokens_per_second: steps_run as f64 * tokens_per_step / seconds.max(1e-9),
+        probe: stats,
+    })
+}
+
+/// Writes `checkpoints/step-N` atomically (a `.tmp` directory renamed into place) and removes
+/// older checkpoints, keeping the newest two.
+fn save_checkpoint<B: AutodiffBackend, O: Optimizer<Llama<B>, B>>(
+    dir: &Path,
+    model: &Llama<B>,
+    optim: &O,
+    state: TrainState,
+    recorder: &BinFileRecorder<FullPrecisionSettings>,
+) -> Result<(), ExperimentError> {
+    let root = dir.join("checkpoints");
+    let name = format!("step-{:08}", state.step);
+    let tmp = root.join(format!("{name}.tmp"));
+    let fin = root.join(&name);
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    let rec_err = |e: burn::record::RecorderError| {
+        ExperimentError::Invalid(format!("{}: writing a checkpoint: {e}", tmp.display()))
+    };
+    Recorder::<B>::record(recorder, model.clone().into_record(), tmp.join(MODEL_FILE))
+        .map_err(rec_err)?;
+    Recorder::<B>::record(recorder, optim.to_record(), tmp.join(OPTIM_FILE)).map_err(rec_err)?;
+    let state_path = tmp.join(STATE_FILE);
+    std::fs::write(
+        &state_path,
+        serde_json::to_string_pretty(&state).expect("serialisable"),
+    )
+    .map_err(io_err(&state_path))?;
+    let _ = std::fs::remove_dir_all(&fin);
+    std::fs::rename(&tmp, &fin).map_err(io_err(&fin))?;
+    let mut old: Vec<PathBuf> = std::fs::read_dir(&root)
+        .map_err(io_err(&root))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join(STATE_FILE).is_file())
+        .collect();
+    old.sort();
+    for p in old.iter().rev().skip(2) {
+        let _ = std::fs::remove_dir_all(p);
+    }
+    Ok(())
+}
