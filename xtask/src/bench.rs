@@ -61,9 +61,15 @@ pub enum Bench {
         #[arg(long, default_value_t = 5)]
         steps: usize,
     },
+    /// The probe's overhead: training-loop time without it, at the paper's cadence and at
+    /// every step, in the same invocation.
+    Probe(crate::bench_probe::Args),
 }
 
 pub fn run(b: Bench) -> Result<(), String> {
+    if let Bench::Probe(args) = &b {
+        return crate::bench_probe::run(args);
+    }
     if let Bench::Models {
         backend,
         dtype,
@@ -89,7 +95,7 @@ pub fn run(b: Bench) -> Result<(), String> {
             repeats,
             layers,
         } => diagnose(&dir, &sizes, &dtype, repeats.max(1), layers),
-        Bench::Models { .. } => unreachable!("handled above"),
+        Bench::Models { .. } | Bench::Probe(_) => unreachable!("handled above"),
     };
     std::fs::remove_dir_all(&dir).ok();
     result

@@ -5,6 +5,7 @@
 //!   same invocation (numpy/LAPACK), one line per size.
 
 mod bench;
+mod bench_probe;
 mod diagnose;
 mod mla_spectra;
 mod models;

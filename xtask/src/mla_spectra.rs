@@ -49,12 +49,20 @@ pub struct Args {
     /// Resume the run in this directory from its newest checkpoints (its `config.json` rules).
     #[arg(long, conflicts_with_all = ["preset", "variants", "steps", "batch", "accumulation", "data", "tokenizer", "seed", "out"])]
     resume: Option<PathBuf>,
+    /// Only redraw the figures of the run in this directory from its metrics.
+    #[arg(long, conflicts_with = "resume")]
+    redraw: Option<PathBuf>,
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
 }
 
 pub fn run(args: Args) -> Result<(), String> {
+    if let Some(dir) = &args.redraw {
+        mla_spectra::redraw(dir).map_err(|e| e.to_string())?;
+        eprintln!("redrew {}/figures", dir.display());
+        return Ok(());
+    }
     let (config, dir) = match &args.resume {
         Some(dir) => (
             mla_spectra::read_run_config(dir).map_err(|e| e.to_string())?,

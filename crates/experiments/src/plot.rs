@@ -581,24 +581,26 @@ impl Heatmap {
             .margin(12)
             .x_label_area_size(45)
             .y_label_area_size(70)
-            .build_cartesian_2d(
-                (0..cols as i32).into_segmented(),
-                (0..rows as i32).into_segmented(),
-            )
+            .build_cartesian_2d(-0.5..cols as f64 - 0.5, -0.5..rows as f64 - 0.5)
             .map_err(|e| e.to_string())?;
-        let centre = |v: &SegmentValue<i32>, label: &dyn Fn(usize) -> String| match v {
-            SegmentValue::CenterOf(k) if *k >= 0 => label(*k as usize),
-            _ => String::new(),
+        // Cell k spans [k − ½, k + ½]: ticks at integers are cell centres.
+        let centre = |v: &f64, n: usize, label: &dyn Fn(usize) -> String| {
+            let k = v.round();
+            if (v - k).abs() < 1e-6 && k >= 0.0 && (k as usize) < n {
+                label(k as usize)
+            } else {
+                String::new()
+            }
         };
         chart
             .configure_mesh()
             .disable_mesh()
             .x_desc(self.x_label.as_str())
             .y_desc(self.y_label.as_str())
-            .x_labels(cols.min(12))
-            .y_labels(rows.min(16))
-            .x_label_formatter(&|v| centre(v, &col_label))
-            .y_label_formatter(&|v| centre(v, &row_label))
+            .x_labels(cols.min(12) + 1)
+            .y_labels(rows.min(16) + 1)
+            .x_label_formatter(&|v| centre(v, cols, &col_label))
+            .y_label_formatter(&|v| centre(v, rows, &row_label))
             .draw()
             .map_err(|e| e.to_string())?;
         let cells = t.iter().enumerate().flat_map(|(i, r)| {
@@ -608,14 +610,8 @@ impl Heatmap {
                 } else {
                     RGBColor(190, 190, 190)
                 };
-                let (i, j) = (i as i32, j as i32);
-                Rectangle::new(
-                    [
-                        (SegmentValue::Exact(j), SegmentValue::Exact(i)),
-                        (SegmentValue::Exact(j + 1), SegmentValue::Exact(i + 1)),
-                    ],
-                    color.filled(),
-                )
+                let (x, y) = (j as f64, i as f64);
+                Rectangle::new([(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)], color.filled())
             })
         });
         chart.draw_series(cells).map_err(|e| e.to_string())?;

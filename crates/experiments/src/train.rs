@@ -488,8 +488,9 @@ pub fn train<B: AutodiffBackend>(
             tokens_per_second: tokens_per_step / t_step.elapsed().as_secs_f64(),
         });
     }
-    observe(config.steps, &model, &mut probe)?;
+    // The loop's time: the final probe, evaluation and checkpoint are not part of it.
     let seconds = t0.elapsed().as_secs_f64();
+    observe(config.steps, &model, &mut probe)?;
     let metrics = probe.checkpoint()?;
     save_checkpoint(
         spec.dir,

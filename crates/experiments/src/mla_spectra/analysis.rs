@@ -142,7 +142,7 @@ impl VariantMetrics {
     }
 }
 
-/// Reads `metrics.jsonl` of every variant of a run.
+/// Reads `metrics.jsonl` (or, without it, `metrics.csv`) of every variant of a run.
 ///
 /// # Errors
 /// Missing or corrupt metrics files.
@@ -151,11 +151,14 @@ pub fn load_run(dir: &Path, config: &RunConfig) -> Result<Vec<VariantMetrics>, E
         .variants
         .iter()
         .map(|&variant| {
-            let path = dir.join(variant.name()).join(probe::rows::JSONL_FILE);
-            Ok(VariantMetrics {
-                variant,
-                rows: probe::read_jsonl(&path)?,
-            })
+            let vdir = dir.join(variant.name());
+            let jsonl = vdir.join(probe::rows::JSONL_FILE);
+            let rows = if jsonl.is_file() {
+                probe::read_jsonl(&jsonl)?
+            } else {
+                probe::read_csv(&vdir.join(probe::rows::CSV_FILE))?
+            };
+            Ok(VariantMetrics { variant, rows })
         })
         .collect()
 }

@@ -380,3 +380,14 @@ pub fn run<B: AutodiffBackend>(
     summary::write_report(&runs, &config, &data, backend, dir)?;
     Ok(summaries)
 }
+
+/// Redraws the figures of a run directory from its metrics alone (no data, no checkpoints):
+/// after a change to the figures, or for metrics brought back from another machine.
+///
+/// # Errors
+/// A missing `config.json` or metrics file, or drawing failures.
+pub fn redraw(dir: &Path) -> Result<(), ExperimentError> {
+    let config = read_run_config(dir)?;
+    let runs = analysis::load_run(dir, &config)?;
+    figures::write_all(&runs, &dir.join("figures"))
+}

@@ -477,7 +477,8 @@ fn attention_svs(
     model: &attn_models::attention_only::AttentionOnly<HostAd>,
     x: &Tensor<HostAd, 3>,
 ) -> Result<Vec<Vec<f64>>, ExperimentError> {
-    let mut h = x.clone().slice([0..1]);
+    let [_, n, d] = x.dims();
+    let mut h = x.clone().slice([0..1, 0..n, 0..d]);
     let mut out = Vec::new();
     for layer in &model.layers {
         let a = matrix_of(&layer.attention(h.clone()), 0)?;

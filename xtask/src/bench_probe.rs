@@ -1,0 +1,179 @@
+//! `cargo xtask bench probe`: the probe's overhead on training, measured as training-loop
+//! time with and without it in the same invocation (same model, data, seed and steps).
+//!
+//! Four runs of the real training loop ([`experiments::train::train`]): no probe, the paper's
+//! cadence (every 100 updates, as in steady state), every update, and no probe again (its
+//! difference from the first says how much of an overhead is noise). Overhead =
+//! `t_probe / t_none − 1` with `t_none` the mean of the two probe-free runs. The cost of one
+//! probe event is `(t_every − t_none) / steps`, and the steady-state overhead at the paper's
+//! cadence follows from it as `cost / (100 · t_step)`.
+
+use attn_models::{AttentionVariant, LlamaConfig};
+use experiments::mla_spectra::preset_train;
+use experiments::tokens::Packed;
+use experiments::train::{RunSpec, TrainConfig, train};
+use probe::{ProbeConfig, Schedule};
+use rand::{RngExt, SeedableRng};
+
+/// Arguments of `bench probe`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Backend: cpu (ndarray, f32) or cuda (bf16; needs `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Model preset: tiny or paper.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Attention variant.
+    #[arg(long, default_value = "mha")]
+    variant: String,
+    /// Updates per run.
+    #[arg(long, default_value_t = 200)]
+    steps: u64,
+    /// Sequences per update.
+    #[arg(long)]
+    batch: Option<usize>,
+}
+
+pub fn run(args: &Args) -> Result<(), String> {
+    let variant = AttentionVariant::from_name(&args.variant)
+        .ok_or_else(|| format!("unknown variant `{}`", args.variant))?;
+    let model = LlamaConfig::preset(&args.preset, variant)
+        .ok_or_else(|| format!("unknown preset `{}` (tiny, paper)", args.preset))?;
+    let mut config = preset_train(&args.preset).map_err(|e| e.to_string())?;
+    config.steps = args.steps;
+    config.warmup = args.steps / 10;
+    config.accumulation = 1;
+    if let Some(b) = args.batch {
+        config.batch = b;
+    }
+    config.eval_every = u64::MAX / 2; // validation only at the end, outside the timed loop
+    config.checkpoint_every = u64::MAX / 2;
+    match args.backend.as_str() {
+        "cpu" => {
+            type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+            bench::<B>(&model, &config, &Default::default(), "cpu f32", args)
+        }
+        "cuda" => cuda(&model, &config, args),
+        other => Err(format!("unknown backend `{other}` (cpu, cuda)")),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(model: &LlamaConfig, config: &TrainConfig, args: &Args) -> Result<(), String> {
+    type B = burn::backend::Autodiff<burn::backend::Cuda<half::bf16, i32>>;
+    bench::<B>(model, config, &Default::default(), "cuda bf16", args)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_: &LlamaConfig, _: &TrainConfig, _: &Args) -> Result<(), String> {
+    Err("this binary was built without CUDA: build with `cargo build --release -p xtask --features cuda`".into())
+}
+
+/// Random token windows (the overhead does not depend on the text).
+fn synthetic(n: usize, context: usize, vocab: usize, seed: u64) -> Packed {
+    let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
+    let window = context + 1;
+    Packed {
+        tokens: (0..n * window)
+            .map(|_| rng.random_range(0..vocab as u32))
+            .collect(),
+        window,
+        total_tokens: n * window,
+    }
+}
+
+fn bench<B: burn::tensor::backend::AutodiffBackend>(
+    model: &LlamaConfig,
+    config: &TrainConfig,
+    device: &B::Device,
+    backend: &str,
+    args: &Args,
+) -> Result<(), String> {
+    let windows = (config.steps as usize + 1) * config.batch;
+    let train_data = synthetic(windows.min(4096), model.context, model.vocab_size, 1);
+    let validation = synthetic(
+        config.probe_batch.max(1),
+        model.context,
+        model.vocab_size,
+        2,
+    );
+    let root = std::env::temp_dir().join(format!("xtask-bench-probe-{}", std::process::id()));
+    let never = Schedule {
+        every: 0,
+        log_until: 0,
+        per_decade: 0,
+        include_zero: false,
+        last: None,
+    };
+    let steady = Schedule {
+        include_zero: false,
+        ..Schedule::every(100)
+    };
+    let every = Schedule {
+        include_zero: false,
+        ..Schedule::every(1)
+    };
+    println!(
+        "# bench probe: {backend}, preset {}, {}, {} updates of {} × {} tokens, probe workers {}",
+        args.preset,
+        args.variant,
+        config.steps,
+        config.batch,
+        model.context,
+        ProbeConfig::new("", "", never.clone()).workers
+    );
+    let mut times = Vec::new();
+    for (i, (name, schedule)) in [
+        ("none", never.clone()),
+        ("paper-cadence", steady),
+        ("every-step", every),
+        ("none-again", never),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = root.join(format!("{i}-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut probe = ProbeConfig::new("bench", &args.variant, schedule);
+        probe.diagnostics.nulls = vec![
+            rmt_core::diagnostics::NullModel::Mp,
+            rmt_core::diagnostics::NullModel::Product,
+        ];
+        let spec = RunSpec {
+            model,
+            train: config,
+            probe,
+            train_data: &train_data,
+            validation_data: &validation,
+            dir: &dir,
+        };
+        let s = train::<B>(&spec, device, |_| {}).map_err(|e| e.to_string())?;
+        let step_ms = 1e3 * s.seconds / config.steps as f64;
+        println!(
+            "run={name} seconds={:.3} step_ms={step_ms:.2} events={} stalls={} stall_s={:.3} device_s={:.3} host_s={:.2} rows={}",
+            s.seconds,
+            s.probe.events,
+            s.probe.stalls,
+            s.probe.stall_seconds,
+            s.probe.device_seconds,
+            s.probe.host_seconds,
+            s.probe.rows
+        );
+        times.push(s.seconds);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let none = 0.5 * (times[0] + times[3]);
+    let noise = (times[0] - times[3]).abs() / none;
+    let per_event = (times[2] - none) / config.steps as f64;
+    let t_step = none / config.steps as f64;
+    println!(
+        "overhead paper-cadence={:+.2}% every-step={:+.2}% noise={:.2}% event_ms={:.2} steady_paper_cadence={:+.3}%",
+        100.0 * (times[1] / none - 1.0),
+        100.0 * (times[2] / none - 1.0),
+        100.0 * noise,
+        1e3 * per_event,
+        100.0 * per_event / (100.0 * t_step)
+    );
+    Ok(())
+}
