@@ -6,14 +6,14 @@ use clap::Subcommand;
 #[derive(Subcommand)]
 pub enum Reproduce {
     /// Seed 000: pre-train MHA, MLA-PreRoPE and MLA-Decoupled with the probe, figures, report.
-    MlaSpectra(crate::mla_spectra::Args),
+    MlaSpectra(Box<crate::mla_spectra::Args>),
     /// Seed 002: spectral gap, rank collapse, exploding gradients; theory against measurement.
     RankCollapse(crate::rank_collapse::Args),
 }
 
 pub fn run(r: Reproduce) -> Result<(), String> {
     match r {
-        Reproduce::MlaSpectra(a) => crate::mla_spectra::run(a),
+        Reproduce::MlaSpectra(a) => crate::mla_spectra::run(*a),
         Reproduce::RankCollapse(a) => crate::rank_collapse::run(a),
     }
 }
