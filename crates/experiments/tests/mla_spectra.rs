@@ -56,6 +56,15 @@ fn documents(n: usize) -> Vec<String> {
         .collect()
 }
 
+/// burn's ndarray backend has one global RNG (`Backend::seed`): tests that initialise models
+/// take this lock, so that a parallel test cannot draw from the stream between a seed and
+/// the initialisation it is meant to fix.
+static BACKEND_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    BACKEND_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn c4_shards_are_read_split_and_checked() {
     let dir = temp("c4");
@@ -184,6 +193,7 @@ fn micro_train(steps: u64) -> TrainConfig {
 /// uninterrupted run (byte for byte), and its validation loss falls.
 #[test]
 fn a_killed_run_resumes_without_losing_or_repeating_a_row() {
+    let _rng = rng_lock();
     let docs = documents(80);
     let tok = tokens::train_bpe(&docs, 300).unwrap();
     let vocab = tok.get_vocab_size(true);
@@ -258,6 +268,7 @@ fn a_killed_run_resumes_without_losing_or_repeating_a_row() {
 /// and a run directory that holds a different configuration is refused.
 #[test]
 fn the_command_writes_metrics_figures_and_report() {
+    let _rng = rng_lock();
     let dir = temp("command");
     let corpus = dir.join("corpus");
     write_c4_shard(

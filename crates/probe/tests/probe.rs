@@ -35,8 +35,19 @@ fn temp(name: &str) -> std::path::PathBuf {
 
 /// The weight-space rows equal rmt-core's `diagnose_layer` on the same effective weights
 /// (products on the burn device in f32 vs faer in f32: agreement to 1e-4 relative).
+
+/// burn's ndarray backend has one global RNG (`Backend::seed`): tests that initialise models
+/// take this lock, so that a parallel test cannot draw from the stream between a seed and
+/// the initialisation it is meant to fix.
+static BACKEND_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    BACKEND_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn weight_metrics_equal_rmt_core() {
+    let _rng = rng_lock();
     for variant in AttentionVariant::ALL {
         let config = small(variant);
         let model: Llama<B> = config.init(&device()).unwrap();
@@ -103,6 +114,7 @@ fn weight_metrics_equal_rmt_core() {
 /// layer and head.
 #[test]
 fn a_planted_spike_is_reported_where_it_is() {
+    let _rng = rng_lock();
     let config = small(AttentionVariant::Mha);
     let mut model: Llama<B> = config.init(&device()).unwrap();
     let (layer, head, hd) = (1usize, 2usize, 16usize);
@@ -192,6 +204,7 @@ fn train(
 /// metrics files as an uninterrupted run, byte for byte.
 #[test]
 fn resuming_after_a_kill_loses_and_duplicates_nothing() {
+    let _rng = rng_lock();
     let config = small(AttentionVariant::MlaDecoupled);
     let mut cfg = ProbeConfig::new("resume", "mla-decoupled", Schedule::every(2));
     cfg.queue = 1; // exercise the blocking path too
@@ -239,6 +252,7 @@ fn resuming_after_a_kill_loses_and_duplicates_nothing() {
 
 #[test]
 fn a_truncated_or_foreign_metrics_file_is_an_error() {
+    let _rng = rng_lock();
     let dir = temp("foreign");
     let cfg = ProbeConfig::new("t", "mha", Schedule::every(1));
     let probe = Probe::start(cfg.clone(), &dir).unwrap();
