@@ -21,6 +21,15 @@ fn temp(name: &str) -> PathBuf {
     d
 }
 
+/// burn's ndarray backend has one global RNG (`Backend::seed`): tests that initialise models
+/// take this lock, so that a parallel test cannot draw from the stream between a seed and
+/// the initialisation it is meant to fix.
+static BACKEND_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    BACKEND_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Deterministic English-like documents with learnable structure.
 fn documents(n: usize) -> Vec<String> {
     let subjects = [
@@ -54,15 +63,6 @@ fn documents(n: usize) -> Vec<String> {
                 .join(" ")
         })
         .collect()
-}
-
-/// burn's ndarray backend has one global RNG (`Backend::seed`): tests that initialise models
-/// take this lock, so that a parallel test cannot draw from the stream between a seed and
-/// the initialisation it is meant to fix.
-static BACKEND_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
-    BACKEND_RNG.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[test]

@@ -33,9 +33,6 @@ fn temp(name: &str) -> std::path::PathBuf {
     d
 }
 
-/// The weight-space rows equal rmt-core's `diagnose_layer` on the same effective weights
-/// (products on the burn device in f32 vs faer in f32: agreement to 1e-4 relative).
-
 /// burn's ndarray backend has one global RNG (`Backend::seed`): tests that initialise models
 /// take this lock, so that a parallel test cannot draw from the stream between a seed and
 /// the initialisation it is meant to fix.
@@ -45,6 +42,8 @@ fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
     BACKEND_RNG.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The weight-space rows equal rmt-core's `diagnose_layer` on the same effective weights
+/// (products on the burn device in f32 vs faer in f32: agreement to 1e-4 relative).
 #[test]
 fn weight_metrics_equal_rmt_core() {
     let _rng = rng_lock();
