@@ -153,12 +153,8 @@ pub fn latest_checkpoint(dir: &Path) -> Result<Option<(PathBuf, TrainState)>, Ex
         return Ok(None);
     }
     let mut best: Option<(PathBuf, TrainState)> = None;
-    for entry in std::fs::read_dir(&root).map_err(io_err(&root))? {
-        let p = entry.map_err(io_err(&root))?.path();
+    for p in complete_checkpoints(&root)? {
         let state_path = p.join(STATE_FILE);
-        if !state_path.is_file() {
-            continue; // an interrupted checkpoint (`.tmp`) has no state yet
-        }
         let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
         let state: TrainState = serde_json::from_str(&text).map_err(|e| {
             ExperimentError::Invalid(format!(
@@ -174,6 +170,20 @@ pub fn latest_checkpoint(dir: &Path) -> Result<Option<(PathBuf, TrainState)>, Ex
         }
     }
     Ok(best)
+}
+
+/// The checkpoint directories under `root` that hold a `state.json` (written last, so an
+/// interrupted checkpoint has none), in name order, i.e. by step.
+fn complete_checkpoints(root: &Path) -> Result<Vec<PathBuf>, ExperimentError> {
+    let mut dirs = Vec::new();
+    for entry in std::fs::read_dir(root).map_err(io_err(root))? {
+        let p = entry.map_err(io_err(root))?.path();
+        if p.join(STATE_FILE).is_file() {
+            dirs.push(p);
+        }
+    }
+    dirs.sort();
+    Ok(dirs)
 }
 
 /// Global L2 norm of the gradients of `module`'s parameters.
@@ -543,13 +553,7 @@ fn save_checkpoint<B: AutodiffBackend, O: Optimizer<Llama<B>, B>>(
     .map_err(io_err(&state_path))?;
     let _ = std::fs::remove_dir_all(&fin);
     std::fs::rename(&tmp, &fin).map_err(io_err(&fin))?;
-    let mut old: Vec<PathBuf> = std::fs::read_dir(&root)
-        .map_err(io_err(&root))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join(STATE_FILE).is_file())
-        .collect();
-    old.sort();
-    for p in old.iter().rev().skip(2) {
+    for p in complete_checkpoints(&root)?.iter().rev().skip(2) {
         let _ = std::fs::remove_dir_all(p);
     }
     Ok(())

@@ -201,15 +201,7 @@ pub(super) fn gradient_section(
                 let (m, s): (Vec<f64>, Vec<f64>) = (0..cfg.ns.len())
                     .map(|k| width[tasks.iter().position(|t| *t == (vi, l, k)).unwrap_or(0)])
                     .unzip();
-                let slot = Arch::ALL.iter().position(|x| *x == var.arch).unwrap_or(0);
-                let mut series = Series::new(var.label(), ns.clone(), m.clone())
-                    .with_std(&s)
-                    .color(slot)
-                    .markers();
-                if var.gap_removed {
-                    series = series.dashed();
-                }
-                chart.push(series);
+                chart.push(var.series(ns.clone(), m.clone(), &s).markers());
                 if ai == 0 && var.arch == Arch::ALL[0] {
                     let th = theory(nmax, dmax, l, var.gap_removed);
                     claims.push(Claim::numeric(
@@ -342,15 +334,7 @@ pub(super) fn gradient_section(
             let (m, s): (Vec<f64>, Vec<f64>) = (0..cfg.depths.len())
                 .map(|k| depth_res[vi * cfg.depths.len() + k])
                 .unzip();
-            let slot = Arch::ALL.iter().position(|x| *x == var.arch).unwrap_or(0);
-            let mut series = Series::new(var.label(), ls.clone(), m.clone())
-                .with_std(&s)
-                .color(slot)
-                .markers();
-            if var.gap_removed {
-                series = series.dashed();
-            }
-            chart.push(series);
+            chart.push(var.series(ls.clone(), m.clone(), &s).markers());
             if var.arch == Arch::ALL[0] && !var.gap_removed {
                 // Prop 4's lower bound (expected value of the plain Random Markov model) against
                 // the measurement at the deepest point.

@@ -449,6 +449,18 @@ impl Variant {
         }
         s.replace(" plain", "")
     }
+
+    /// Its curve of `mean ± std` against `x`: coloured by architecture, dashed when the gap is
+    /// removed, so that every sweep's figures read alike.
+    pub fn series(&self, x: Vec<f64>, mean: Vec<f64>, std: &[f64]) -> Series {
+        let slot = Arch::ALL.iter().position(|a| *a == self.arch).unwrap_or(0);
+        let series = Series::new(self.label(), x, mean).with_std(std).color(slot);
+        if self.gap_removed {
+            series.dashed()
+        } else {
+            series
+        }
+    }
 }
 
 /// Mean and std of `srank(X_ℓX_ℓᵀ)` per layer for one variant at size `(n, d)`.
@@ -581,15 +593,7 @@ pub(super) fn width_section(
                 .filter(|(_, v)| v.attention == *a)
             {
                 let (m, s): (Vec<f64>, Vec<f64>) = (0..cfg.ns.len()).map(|k| get(v, k, l)).unzip();
-                let slot = Arch::ALL.iter().position(|x| *x == var.arch).unwrap_or(0);
-                let mut series = Series::new(var.label(), ns.clone(), m.clone())
-                    .with_std(&s)
-                    .color(slot)
-                    .markers();
-                if var.gap_removed {
-                    series = series.dashed();
-                }
-                chart.push(series);
+                chart.push(var.series(ns.clone(), m.clone(), &s).markers());
                 slope_rows.push(vec![
                     var.label(),
                     (l + 1).to_string(),
@@ -812,14 +816,7 @@ pub(super) fn depth_section(
     .log_y(true);
     for (i, v) in main.iter().enumerate() {
         let (m, s): (Vec<f64>, Vec<f64>) = results[i].iter().map(|(m, s)| (m / n, s / n)).unzip();
-        let slot = Arch::ALL.iter().position(|x| *x == v.arch).unwrap_or(0);
-        let mut series = Series::new(v.label(), layers.clone(), m)
-            .with_std(&s)
-            .color(slot);
-        if v.gap_removed {
-            series = series.dashed();
-        }
-        chart.push(series);
+        chart.push(v.series(layers.clone(), m, &s));
     }
     chart.push(
         Series::theory(
