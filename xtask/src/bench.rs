@@ -64,11 +64,17 @@ pub enum Bench {
     /// The probe's overhead: training-loop time without it, at the paper's cadence and at
     /// every step, in the same invocation.
     Probe(crate::bench_probe::Args),
+    /// Training throughput and loss curves of the three variants against the PyTorch
+    /// reference (benches/reference/), from identical weights and batches, same invocation.
+    Train(crate::bench_train::Args),
 }
 
 pub fn run(b: Bench) -> Result<(), String> {
     if let Bench::Probe(args) = &b {
         return crate::bench_probe::run(args);
+    }
+    if let Bench::Train(args) = &b {
+        return crate::bench_train::run(args);
     }
     if let Bench::Models {
         backend,
@@ -95,7 +101,7 @@ pub fn run(b: Bench) -> Result<(), String> {
             repeats,
             layers,
         } => diagnose(&dir, &sizes, &dtype, repeats.max(1), layers),
-        Bench::Models { .. } | Bench::Probe(_) => unreachable!("handled above"),
+        Bench::Models { .. } | Bench::Probe(_) | Bench::Train(_) => unreachable!("handled above"),
     };
     std::fs::remove_dir_all(&dir).ok();
     result

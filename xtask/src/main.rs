@@ -3,9 +3,12 @@
 //! * `cargo xtask diagnose CHECKPOINT.safetensors [--format table|csv|json] [--per-head]`
 //! * `cargo xtask bench eigen|diagnose` — performance against a reference measured in the
 //!   same invocation (numpy/LAPACK), one line per size.
+//! * `cargo xtask bench train` — training throughput and loss curves against the PyTorch
+//!   reference (`benches/reference/`), same weights, batches and invocation.
 
 mod bench;
 mod bench_probe;
+mod bench_train;
 mod diagnose;
 mod mla_spectra;
 mod models;

@@ -242,6 +242,47 @@ impl LlamaConfig {
         }
     }
 
+    /// Weights that multiply activations, `N`: every Linear (attention, SwiGLU, output head)
+    /// and, when tied, the embedding used as the head; not the embedding lookup nor the
+    /// RMSNorm gains.
+    ///
+    /// # Example
+    /// ```
+    /// use attn_models::{AttentionVariant, LlamaConfig};
+    /// let c = LlamaConfig::paper(AttentionVariant::Mha);
+    /// // 12 · (4·768² + 3·768·2048) + 768·32100
+    /// assert_eq!(c.matmul_parameters(), 12 * (4 * 768 * 768 + 3 * 768 * 2048) + 768 * 32100);
+    /// ```
+    pub fn matmul_parameters(&self) -> usize {
+        let a = &self.attention;
+        let (d, h, hd, dv) = (a.d_model, a.n_heads, a.head_dim, a.value_width());
+        let attention = match a.variant {
+            AttentionVariant::Mha => d * h * hd * 2 + 2 * d * h * dv,
+            _ => {
+                let dr = if a.variant == AttentionVariant::MlaDecoupled {
+                    a.rope_dim
+                } else {
+                    0
+                };
+                let (rq, rkv) = (a.q_latent_width(), a.kv_latent_width());
+                d * rq + rq * h * (hd + dr) + d * (rkv + dr) + rkv * h * (hd + dv) + h * dv * d
+            }
+        };
+        self.n_layers * (attention + 3 * d * self.ffn_hidden) + d * self.vocab_size
+    }
+
+    /// Training FLOPs per token, PaLM's count (Chowdhery et al. 2022, App. B):
+    /// `6N + 6·L·H·s·(d_qk + d_v)` — forward and backward of every weight matmul, plus the
+    /// two attention matmuls over the full (unmasked) `s × s` at context `s`. MLA-PreRoPE's
+    /// second up-projection of the rotated latent is not counted (it is not a parameter of
+    /// its own), so its model FLOPs utilisation is slightly understated.
+    pub fn training_flops_per_token(&self) -> f64 {
+        let a = &self.attention;
+        let attention =
+            self.n_layers * a.n_heads * self.context * (a.qk_head_dim() + a.value_width());
+        6.0 * self.matmul_parameters() as f64 + 6.0 * attention as f64
+    }
+
     /// Checks that the configuration is self-consistent.
     pub fn validate(&self) -> Result<(), crate::ModelError> {
         self.attention.validate()?;

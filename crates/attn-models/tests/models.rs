@@ -413,3 +413,32 @@ fn kv_cache_bytes_per_token_at_the_paper_preset() {
     let dec = LlamaConfig::paper(AttentionVariant::MlaDecoupled);
     assert_eq!(dec.attention.kv_cache_values_per_token(), 384 + 32);
 }
+
+/// `LlamaConfig::matmul_parameters` counts exactly the parameters of the Linear layers (and the
+/// head): the model's parameters less the embedding table and the RMSNorm gains.
+#[test]
+fn matmul_parameters_are_the_linear_weights() {
+    let mut tied = small(AttentionVariant::MlaDecoupled);
+    tied.tie_embeddings = true;
+    for config in variants().into_iter().chain([tied]) {
+        let model = config.init::<B>(&device()).unwrap();
+        let d = config.attention.d_model;
+        let mut norms = (2 * config.n_layers + 1) * d;
+        if config.attention.variant != AttentionVariant::Mha && config.attention.latent_norm {
+            norms += config.n_layers
+                * (config.attention.q_latent_width() + config.attention.kv_latent_width());
+        }
+        // Tied, the embedding is the head and counts once as a matmul weight.
+        let embedding = if config.tie_embeddings {
+            0
+        } else {
+            config.vocab_size * d
+        };
+        assert_eq!(
+            config.matmul_parameters(),
+            model.num_params() - norms - embedding,
+            "{:?}",
+            config.attention.variant
+        );
+    }
+}

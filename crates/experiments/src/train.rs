@@ -22,10 +22,11 @@ use crate::tokens::{Packed, SequenceOrder};
 use crate::{ExperimentError, io_err};
 use attn_models::{Llama, LlamaConfig};
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::DType;
+use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
 use probe::{MetricRow, Probe, ProbeConfig, WriterState};
 use serde::{Deserialize, Serialize};
@@ -195,7 +196,7 @@ fn grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, grads: &Gradi
     impl<B: AutodiffBackend> ModuleVisitor<B> for Norm<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-                let s = g.powi_scalar(2).sum();
+                let s = g.cast(DType::F32).powi_scalar(2).sum();
                 self.sum = Some(match self.sum.take() {
                     Some(acc) => acc + s,
                     None => s,
@@ -205,7 +206,7 @@ fn grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, grads: &Gradi
     }
     let mut v = Norm::<B> { grads, sum: None };
     module.visit(&mut v);
-    v.sum.map_or(0.0, |s| s.into_scalar().elem::<f64>().sqrt())
+    v.sum.map_or(0.0, |s| scalar(s).sqrt())
 }
 
 /// Multiplies every gradient by `factor`.
@@ -226,6 +227,12 @@ fn scale_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
         }
     }
     module.visit(&mut Scale { grads, factor });
+}
+
+/// The value of a one-element tensor in f64, read in the tensor's own dtype (a loss computed
+/// in f32 by a bf16 model is not rounded to bf16 on the way out, as `into_scalar` would).
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
 }
 
 /// Inputs `[b, s]` and next-token targets `[b·s]` of the windows `indices`.
@@ -249,7 +256,10 @@ fn batch_tensors<B: Backend>(
     )
 }
 
-/// Mean next-token cross-entropy (nats) of `model` on windows `indices`.
+/// Mean next-token cross-entropy (nats) of `model` on windows `indices`:
+/// `−(1/bs) Σ log softmax(z)[target]`, with the logits `z` cast to f32 first (as PyTorch
+/// trainers do), so that a bf16 model's loss and its gradient at the logits are not rounded
+/// to bf16's 8 significant bits.
 fn loss_of<B: Backend>(
     model: &Llama<B>,
     data: &Packed,
@@ -259,9 +269,8 @@ fn loss_of<B: Backend>(
     let (inputs, targets) = batch_tensors::<B>(data, indices, device);
     let logits = model.forward(inputs);
     let [b, s, v] = logits.dims();
-    CrossEntropyLossConfig::new()
-        .init(device)
-        .forward(logits.reshape([b * s, v]), targets)
+    let logp = log_softmax(logits.reshape([b * s, v]).cast(DType::F32), 1);
+    logp.gather(1, targets.reshape([b * s, 1])).mean().neg()
 }
 
 /// Validation loss: the first `eval_batches · batch` windows of the validation data (or all
@@ -276,9 +285,7 @@ fn validation_loss<B: Backend>(
     let mut total = 0.0;
     let mut count = 0usize;
     for chunk in (0..n).collect::<Vec<_>>().chunks(config.batch) {
-        let l = loss_of(model, data, chunk, device)
-            .into_scalar()
-            .elem::<f64>();
+        let l = scalar(loss_of(model, data, chunk, device));
         total += l * chunk.len() as f64;
         count += chunk.len();
     }
@@ -323,6 +330,11 @@ pub struct RunSpec<'a> {
     pub validation_data: &'a Packed,
     /// The run directory of this model: metrics and `checkpoints/`.
     pub dir: &'a Path,
+    /// Start from these weights (a directory written by [`attn_models::export::save`]:
+    /// `config.json` + `model.safetensors`, whose configuration must equal `model`) instead
+    /// of a seeded random initialisation. Used to train two implementations from identical
+    /// weights.
+    pub initial: Option<&'a Path>,
 }
 
 fn row(spec: &RunSpec, step: u64, space: &str, metric: &str, value: f64) -> MetricRow {
@@ -379,7 +391,19 @@ pub fn train<B: AutodiffBackend>(
         .with_weight_decay(config.weight_decay as f32);
     let mut optim = adamw.init::<B, Llama<B>>();
     B::seed(device, config.seed);
-    let mut model: Llama<B> = spec.model.init(device)?;
+    let mut model: Llama<B> = match spec.initial {
+        None => spec.model.init(device)?,
+        Some(dir) => {
+            let (config, model) = attn_models::export::load::<B>(dir, device)?;
+            if config != *spec.model {
+                return Err(ExperimentError::Invalid(format!(
+                    "{}: the initial weights are of a different model than the run's",
+                    dir.display()
+                )));
+            }
+            model
+        }
+    };
     // The final state is always probed.
     let mut probe_config = spec.probe.clone();
     probe_config.schedule = probe_config.schedule.with_last(config.steps);
@@ -454,7 +478,7 @@ pub fn train<B: AutodiffBackend>(
             );
             let loss = loss_of(&model, spec.train_data, &indices, device);
             let loss = loss.div_scalar(config.accumulation as f64);
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            loss_sum += scalar(loss.clone());
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             accumulator.accumulate(&model, grads);
         }

@@ -213,6 +213,7 @@ fn a_killed_run_resumes_without_losing_or_repeating_a_row() {
             train_data: &data,
             validation_data: &valid,
             dir,
+            initial: None,
         };
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             train::<B>(&spec, &Default::default(), |p| {
@@ -262,6 +263,62 @@ fn a_killed_run_resumes_without_losing_or_repeating_a_row() {
     std::fs::write(ckpt.join("model.bin"), b"garbage").unwrap();
     let e = run(&dir_a, None).unwrap().unwrap_err().to_string();
     assert!(e.contains("corrupt checkpoint"), "{e}");
+}
+
+/// `RunSpec::initial`: training from an export of the very weights the seeded initialisation
+/// draws gives the same losses bit for bit (the export round-trips exactly); other weights
+/// give another trajectory; an export of another model is refused.
+#[test]
+fn training_starts_from_exported_weights() {
+    use burn::tensor::backend::Backend;
+    type Inner = NdArray<f32>;
+    let _rng = rng_lock();
+    let docs = documents(40);
+    let tok = tokens::train_bpe(&docs, 300).unwrap();
+    let vocab = tok.get_vocab_size(true);
+    let data = tokens::pack(&tok, &docs[..35], 16, vocab).unwrap();
+    let valid = tokens::pack(&tok, &docs[35..], 16, vocab).unwrap();
+    let model = micro(AttentionVariant::MlaPreRope, vocab);
+    let mut config = micro_train(4);
+    config.accumulation = 1;
+    let never = Schedule {
+        every: 0,
+        log_until: 0,
+        per_decade: 0,
+        include_zero: false,
+        last: None,
+    };
+    let export = |seed: u64, name: &str| {
+        let dir = temp(name);
+        Inner::seed(&Default::default(), seed);
+        let m = model.init::<Inner>(&Default::default()).unwrap();
+        attn_models::export::save(&m, &model, &dir).unwrap();
+        dir
+    };
+    let same = export(config.seed, "initial-same");
+    let other = export(config.seed + 1, "initial-other");
+    let losses = |initial: Option<&Path>, spec_model: &LlamaConfig| {
+        let dir = temp("initial-run");
+        let spec = RunSpec {
+            model: spec_model,
+            train: &config,
+            probe: ProbeConfig::new("test", "mla-prerope", never.clone()),
+            train_data: &data,
+            validation_data: &valid,
+            dir: &dir,
+            initial,
+        };
+        let mut out = Vec::new();
+        train::<B>(&spec, &Default::default(), |p| out.push(p.loss)).map(|_| out)
+    };
+    let seeded = losses(None, &model).unwrap();
+    assert_eq!(seeded.len(), 4);
+    assert_eq!(losses(Some(&same), &model).unwrap(), seeded);
+    let moved = losses(Some(&other), &model).unwrap();
+    assert!(moved[0] != seeded[0], "{moved:?} vs {seeded:?}");
+    let wider = micro(AttentionVariant::Mha, vocab);
+    let e = losses(Some(&same), &wider).unwrap_err().to_string();
+    assert!(e.contains("different model"), "{e}");
 }
 
 /// The whole command on a micro model: data, tokenizer, three variants, figures, report;

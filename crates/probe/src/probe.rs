@@ -41,7 +41,8 @@ pub struct ProbeConfig {
 
 impl ProbeConfig {
     /// Weight and activation space, per head, the paper's estimator and the product null
-    /// beside it, the given schedule, two workers, a queue of four events.
+    /// beside it, the given schedule, a queue of four events, and half the machine's cores as
+    /// workers (at least two): the training thread and the backend keep the other half.
     pub fn new(run: &str, variant: &str, schedule: Schedule) -> Self {
         Self {
             run: run.to_string(),
@@ -57,7 +58,7 @@ impl ProbeConfig {
                 ],
                 ..DiagnosticsConfig::default()
             },
-            workers: 2,
+            workers: std::thread::available_parallelism().map_or(2, |n| (n.get() / 2).max(2)),
             queue: 4,
         }
     }

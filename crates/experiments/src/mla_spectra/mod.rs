@@ -356,6 +356,7 @@ pub fn run<B: AutodiffBackend>(
             train_data: &data.train,
             validation_data: &data.validation,
             dir: &vdir,
+            initial: None,
         };
         let summary = train::<B>(&spec, device, |p| progress(variant, &config.train, p))?;
         summaries.push((variant, summary));

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# On the lent GPU (device tool): `bench train` (burn vs the PyTorch reference, same weights and
+# batches) and, optionally, `bench probe`. Expects .device/xtask.xz (release, --features cuda),
+# carried. Results (stdout tables, every result.json) go to $OUT.
+#   CPU_STEPS (default 0: skip the CPU f32 numerics check; else its updates, tiny preset)
+#   GPU_VARIANTS (default mha,mla-prerope,mla-decoupled), GPU_STEPS (100), GPU_REFERENCE
+#   (eager,sdpa,compile), PROBE_STEPS (default 0: skip `bench probe`)
+set -uo pipefail
+export LD_LIBRARY_PATH=$PWD/.device/lib:/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+[ -x .device/xtask ] || { python3 -c "import lzma,shutil;shutil.copyfileobj(lzma.open('.device/xtask.xz'),open('.device/xtask','wb'))" && chmod +x .device/xtask; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
+date -u
+if [ "${CPU_STEPS:-0}" -gt 0 ]; then
+  ./.device/xtask bench train --backend cpu --preset tiny --steps "$CPU_STEPS" \
+    --reference eager,sdpa --skip 3 --out /tmp/bench-train-cpu 2>&1 | tee "$OUT/bench-train-cpu.log"
+  for f in /tmp/bench-train-cpu/*/result.json; do
+    cp "$f" "$OUT/cpu-$(basename "$(dirname "$f")").json"
+  done
+fi
+if [ -n "${GPU_VARIANTS-mha,mla-prerope,mla-decoupled}" ]; then
+  ./.device/xtask bench train --backend cuda --preset paper \
+    --variants "${GPU_VARIANTS-mha,mla-prerope,mla-decoupled}" --steps "${GPU_STEPS:-100}" \
+    --reference "${GPU_REFERENCE:-eager,sdpa,compile}" --out /tmp/bench-train-gpu 2>&1 \
+    | tee "$OUT/bench-train-gpu.log"
+  for f in /tmp/bench-train-gpu/*/result.json; do
+    [ -f "$f" ] && cp "$f" "$OUT/gpu-$(basename "$(dirname "$f")").json"
+  done
+fi
+if [ "${PROBE_STEPS:-0}" -gt 0 ]; then
+  ./.device/xtask bench probe --backend cuda --preset paper --variant mla-decoupled \
+    --steps "$PROBE_STEPS" --batch 64 2>&1 | tee "$OUT/bench-probe-gpu.log"
+fi
+date -u
+# Kernel-level profile (ncu, kernel durations only): NCU_VARIANT set → a 4-update burn run and
+# a 4-update PyTorch SDPA run of that variant, summarised by kernel name.
+if [ -n "${NCU_VARIANT:-}" ]; then
+  NCU="ncu --clock-control none --metrics gpu__time_duration.sum --csv --target-processes all"
+  $NCU --log-file "$OUT/ncu-burn.csv" ./.device/xtask bench train --backend cuda --preset paper \
+    --variants "$NCU_VARIANT" --steps 4 --skip 1 --reference none --out /tmp/ncu-run > "$OUT/ncu-burn.log" 2>&1
+  $NCU --log-file "$OUT/ncu-torch.csv" python3 benches/reference/train.py --run "/tmp/ncu-run/$NCU_VARIANT" \
+    --impl sdpa --steps 4 > "$OUT/ncu-torch.log" 2>&1
+  for k in burn torch; do
+    echo "## ncu $k $NCU_VARIANT (4 updates)"; python3 scripts/ncu_summary.py "$OUT/ncu-$k.csv" 20
+  done 2>&1 | tee "$OUT/ncu-summary.txt"
+  gzip -f "$OUT/ncu-burn.csv" "$OUT/ncu-torch.csv"
+fi
+date -u
