@@ -93,13 +93,7 @@ fn bench<B: burn::tensor::backend::AutodiffBackend>(
         2,
     );
     let root = std::env::temp_dir().join(format!("xtask-bench-probe-{}", std::process::id()));
-    let never = Schedule {
-        every: 0,
-        log_until: 0,
-        per_decade: 0,
-        include_zero: false,
-        last: None,
-    };
+    let never = Schedule::never();
     let steady = Schedule {
         include_zero: false,
         ..Schedule::every(100)

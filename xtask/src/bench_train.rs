@@ -333,13 +333,7 @@ fn burn_run<B: burn::tensor::backend::AutodiffBackend>(
 ) -> Result<Measured, String> {
     let data = train_windows(model, config);
     let validation = synthetic_windows(config.batch, model.context, model.vocab_size, 2);
-    let never = Schedule {
-        every: 0,
-        log_until: 0,
-        per_decade: 0,
-        include_zero: false,
-        last: None,
-    };
+    let never = Schedule::never();
     let mut probe = ProbeConfig::new("bench", "burn", never);
     probe.activation_space = false;
     let run_dir = dir.join("burn");

@@ -281,13 +281,7 @@ fn training_starts_from_exported_weights() {
     let model = micro(AttentionVariant::MlaPreRope, vocab);
     let mut config = micro_train(4);
     config.accumulation = 1;
-    let never = Schedule {
-        every: 0,
-        log_until: 0,
-        per_decade: 0,
-        include_zero: false,
-        last: None,
-    };
+    let never = Schedule::never();
     let export = |seed: u64, name: &str| {
         let dir = temp(name);
         Inner::seed(&Default::default(), seed);

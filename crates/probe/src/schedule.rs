@@ -38,6 +38,21 @@ impl Schedule {
         self
     }
 
+    /// No step at all (a run without the probe; [`Schedule::with_last`] still adds one).
+    ///
+    /// # Example
+    /// ```
+    /// let s = probe::Schedule::never();
+    /// assert!(!(0..10_000).any(|step| s.is_due(step)));
+    /// assert!(s.with_last(7).is_due(7));
+    /// ```
+    pub fn never() -> Self {
+        Self {
+            include_zero: false,
+            ..Self::every(0)
+        }
+    }
+
     /// Every `k` steps only.
     pub fn every(k: u64) -> Self {
         Self {
