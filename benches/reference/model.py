@@ -299,15 +299,3 @@ class Llama(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{dir}: missing {missing}, unexpected {unexpected}")
         return model
-
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6 · (matmul parameters) + 6 · L · H · s · (d_qk + d_v)
-        (PaLM's count: forward and backward of every weight matmul, plus the two attention
-        matmuls over the full, unmasked `s × s`). The embedding lookup is not a matmul."""
-        c, a = self.config, self.config.attention
-        n = sum(p.numel() for p in self.parameters() if p.dim() == 2)
-        if not c.tie_embeddings:
-            n -= self.model.embed_tokens.weight.numel()
-        dr = a.rope_dim if a.variant == "mla-decoupled" else 0
-        attention = 6 * c.n_layers * a.n_heads * c.context * (a.head_dim + dr + a.dv)
-        return 6.0 * n + attention

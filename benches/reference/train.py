@@ -103,7 +103,6 @@ def train(args) -> dict:
         "torch": torch.__version__,
         "steps": steps,
         "tokens_per_step": c["batch"] * ctx,
-        "flops_per_token": model.flops_per_token(),
         "losses": losses,
         "step_seconds": seconds,
     }

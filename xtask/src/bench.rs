@@ -383,7 +383,7 @@ fn cuda_models(dtype: &str, preset: &str, batch: usize, steps: usize) -> Result<
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_models(_: &str, _: &str, _: usize, _: usize) -> Result<(), String> {
-    Err("this binary was built without CUDA: build with `cargo build --release -p xtask --features cuda`".into())
+    Err(crate::bench_train::NO_CUDA.into())
 }
 
 /// Times `steps` forward + backward passes of each variant (causal LM, mean of logits as the

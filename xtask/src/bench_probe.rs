@@ -10,7 +10,6 @@
 //! cadence follows from it as `cost / (100 · t_step)`.
 
 use attn_models::{AttentionVariant, LlamaConfig};
-use experiments::mla_spectra::preset_train;
 use experiments::train::{RunSpec, TrainConfig, train};
 use probe::{ProbeConfig, Schedule};
 
@@ -42,15 +41,8 @@ pub fn run(args: &Args) -> Result<(), String> {
         .ok_or_else(|| format!("unknown variant `{}`", args.variant))?;
     let model = LlamaConfig::preset(&args.preset, variant)
         .ok_or_else(|| format!("unknown preset `{}` (tiny, paper)", args.preset))?;
-    let mut config = preset_train(&args.preset).map_err(|e| e.to_string())?;
-    config.steps = args.steps;
-    config.warmup = args.steps / 10;
-    config.accumulation = 1;
-    if let Some(b) = args.batch {
-        config.batch = b;
-    }
-    config.eval_every = u64::MAX / 2; // validation only at the end, outside the timed loop
-    config.checkpoint_every = u64::MAX / 2;
+    // Validation only at the end, outside the timed loop.
+    let config = crate::bench_train::bench_config(&args.preset, args.steps, args.batch)?;
     match args.backend.as_str() {
         "cpu" => {
             type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
@@ -69,7 +61,7 @@ fn cuda(model: &LlamaConfig, config: &TrainConfig, args: &Args) -> Result<(), St
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(_: &LlamaConfig, _: &TrainConfig, _: &Args) -> Result<(), String> {
-    Err("this binary was built without CUDA: build with `cargo build --release -p xtask --features cuda`".into())
+    Err(crate::bench_train::NO_CUDA.into())
 }
 
 fn bench<B: burn::tensor::backend::AutodiffBackend>(
@@ -102,9 +94,7 @@ fn bench<B: burn::tensor::backend::AutodiffBackend>(
         include_zero: false,
         ..Schedule::every(1)
     };
-    let workers = args
-        .workers
-        .unwrap_or(ProbeConfig::new("", "", never.clone()).workers);
+    let workers = args.workers.unwrap_or_else(ProbeConfig::default_workers);
     println!(
         "# bench probe: {backend}, preset {}, {}, {} updates of {} × {} tokens, probe workers {}",
         args.preset, args.variant, config.steps, config.batch, model.context, workers

@@ -106,15 +106,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             "unknown reference `{bad}` (eager, sdpa, compile, none)"
         ));
     }
-    let mut config = preset_train(&args.preset).map_err(|e| e.to_string())?;
-    config.steps = args.steps;
-    config.warmup = (args.steps / 10).max(1);
-    config.accumulation = 1;
-    if let Some(b) = args.batch {
-        config.batch = b;
-    }
-    config.eval_every = u64::MAX / 2;
-    config.checkpoint_every = u64::MAX / 2;
+    let config = bench_config(&args.preset, args.steps, args.batch)?;
     config.validate().map_err(|e| e.to_string())?;
     if args.steps < 3 {
         return Err("--steps must be at least 3 (the first and last are not timed)".into());
@@ -167,13 +159,13 @@ pub fn run(args: &Args) -> Result<(), String> {
             model.vocab_size = v;
         }
         let dir = args.out.join(variant.name());
-        prepare(&dir, &model, &config)?;
+        let data = prepare(&dir, &model, &config)?;
         let mut results = vec![match args.backend.as_str() {
             "cpu" => {
                 type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
-                burn_run::<B>(&dir, &model, &config, &Default::default(), || None)?
+                burn_run::<B>(&dir, &data, &model, &config, &Default::default(), || None)?
             }
-            _ => cuda(&dir, &model, &config)?,
+            _ => cuda(&dir, &data, &model, &config)?,
         }];
         for i in &impls {
             let v = python(
@@ -222,6 +214,24 @@ pub fn run(args: &Args) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The preset's optimiser for a timed run: `steps` updates (warm-up a tenth of them), no
+/// accumulation, validation and checkpoints only at the end (outside the timed updates).
+pub fn bench_config(preset: &str, steps: u64, batch: Option<usize>) -> Result<TrainConfig, String> {
+    let mut config = preset_train(preset).map_err(|e| e.to_string())?;
+    config.steps = steps;
+    config.warmup = steps / 10;
+    config.accumulation = 1;
+    if let Some(b) = batch {
+        config.batch = b;
+    }
+    config.eval_every = u64::MAX / 2;
+    config.checkpoint_every = u64::MAX / 2;
+    Ok(config)
+}
+
+/// The error of a CUDA command in a binary built without the `cuda` feature.
+pub const NO_CUDA: &str = "this binary was built without CUDA: build with `cargo build --release -p xtask --features cuda`";
 
 /// `benches/reference/train.py`, looked up from the working directory (the device runs the
 /// binary in a copy of the repository) and then from the source tree.
@@ -292,8 +302,8 @@ fn train_windows(model: &LlamaConfig, config: &TrainConfig) -> Packed {
 }
 
 /// Writes `dir/model` (the seeded initial weights), `dir/tokens.u32` (the batches in the order
-/// the Rust loop consumes them) and `dir/train.json`.
-fn prepare(dir: &Path, model: &LlamaConfig, config: &TrainConfig) -> Result<(), String> {
+/// the Rust loop consumes them) and `dir/train.json`; returns the training windows.
+fn prepare(dir: &Path, model: &LlamaConfig, config: &TrainConfig) -> Result<Packed, String> {
     use burn::tensor::backend::Backend;
     type Init = burn::backend::NdArray<f32>;
     let io = |e: std::io::Error| format!("{}: {e}", dir.display());
@@ -319,19 +329,20 @@ fn prepare(dir: &Path, model: &LlamaConfig, config: &TrainConfig) -> Result<(), 
         "epsilon": config.epsilon, "weight_decay": config.weight_decay,
         "clip_norm": config.clip_norm, "seed": config.seed,
     });
-    std::fs::write(dir.join("train.json"), settings.to_string()).map_err(io)
+    std::fs::write(dir.join("train.json"), settings.to_string()).map_err(io)?;
+    Ok(data)
 }
 
 /// The real training loop from `dir/model`, probe off. `memory` reads the device's reserved
 /// bytes after the run (CUDA).
 fn burn_run<B: burn::tensor::backend::AutodiffBackend>(
     dir: &Path,
+    data: &Packed,
     model: &LlamaConfig,
     config: &TrainConfig,
     device: &B::Device,
     memory: impl Fn() -> Option<f64>,
 ) -> Result<Measured, String> {
-    let data = train_windows(model, config);
     let validation = synthetic_windows(config.batch, model.context, model.vocab_size, 2);
     let never = Schedule::never();
     let mut probe = ProbeConfig::new("bench", "burn", never);
@@ -342,7 +353,7 @@ fn burn_run<B: burn::tensor::backend::AutodiffBackend>(
         model,
         train: config,
         probe,
-        train_data: &data,
+        train_data: data,
         validation_data: &validation,
         dir: &run_dir,
         initial: Some(&initial),
@@ -367,7 +378,12 @@ fn burn_run<B: burn::tensor::backend::AutodiffBackend>(
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(dir: &Path, model: &LlamaConfig, config: &TrainConfig) -> Result<Measured, String> {
+fn cuda(
+    dir: &Path,
+    data: &Packed,
+    model: &LlamaConfig,
+    config: &TrainConfig,
+) -> Result<Measured, String> {
     use cubecl::Runtime;
     type B = burn::backend::Autodiff<burn::backend::Cuda<half::bf16, i32>>;
     let device = burn::backend::cuda::CudaDevice::default();
@@ -377,12 +393,12 @@ fn cuda(dir: &Path, model: &LlamaConfig, config: &TrainConfig) -> Result<Measure
             .ok()
             .map(|m| m.bytes_reserved as f64)
     };
-    burn_run::<B>(dir, model, config, &device, reserved)
+    burn_run::<B>(dir, data, model, config, &device, reserved)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: &Path, _: &LlamaConfig, _: &TrainConfig) -> Result<Measured, String> {
-    Err("this binary was built without CUDA: build with `cargo build --release -p xtask --features cuda`".into())
+fn cuda(_: &Path, _: &Packed, _: &LlamaConfig, _: &TrainConfig) -> Result<Measured, String> {
+    Err(NO_CUDA.into())
 }
 
 /// Unit roundoff `u` of the training dtype (bf16: 8 significant bits, `2⁻⁸`; f32: `2⁻²⁴`):

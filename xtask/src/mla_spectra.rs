@@ -158,7 +158,7 @@ fn cuda(config: &RunConfig, dir: &std::path::Path, quiet: bool) -> Result<(), St
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(_: &RunConfig, _: &std::path::Path, _: bool) -> Result<(), String> {
-    Err("this binary was built without CUDA: build with `cargo build --release -p xtask --features cuda`".into())
+    Err(crate::bench_train::NO_CUDA.into())
 }
 
 fn train_on<B: burn::tensor::backend::AutodiffBackend>(

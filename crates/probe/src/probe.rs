@@ -40,9 +40,14 @@ pub struct ProbeConfig {
 }
 
 impl ProbeConfig {
+    /// Half the machine's cores, at least two: the training thread and the backend keep the
+    /// other half.
+    pub fn default_workers() -> usize {
+        std::thread::available_parallelism().map_or(2, |n| (n.get() / 2).max(2))
+    }
+
     /// Weight and activation space, per head, the paper's estimator and the product null
-    /// beside it, the given schedule, a queue of four events, and half the machine's cores as
-    /// workers (at least two): the training thread and the backend keep the other half.
+    /// beside it, the given schedule, a queue of four events, [`Self::default_workers`].
     pub fn new(run: &str, variant: &str, schedule: Schedule) -> Self {
         Self {
             run: run.to_string(),
