@@ -231,6 +231,7 @@ pub fn bench_config(preset: &str, steps: u64, batch: Option<usize>) -> Result<Tr
 }
 
 /// The error of a CUDA command in a binary built without the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
 pub const NO_CUDA: &str = "this binary was built without CUDA: build with `cargo build --release -p xtask --features cuda`";
 
 /// `benches/reference/train.py`, looked up from the working directory (the device runs the

@@ -123,8 +123,12 @@ pub(crate) fn slots<B: Backend>(model: &mut Llama<B>) -> Vec<(String, Slot<'_, B
 
 /// A tensor's values as `f32`, row-major.
 pub(crate) fn to_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
+    data_to_f32(t.into_data())
+}
+
+/// The values of a float tensor's data as f32.
+pub(crate) fn data_to_f32(data: TensorData) -> Vec<f32> {
+    data.convert::<f32>()
         .to_vec::<f32>()
         .expect("converted to f32")
 }

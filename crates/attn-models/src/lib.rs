@@ -25,7 +25,7 @@ pub mod transformer;
 pub use attention::{Attention, AttentionMaps};
 pub use cache::LayerCache;
 pub use config::{AttentionConfig, AttentionVariant, LlamaConfig, PreRopePlacement};
-pub use effective::EffectiveQk;
+pub use effective::{EffectiveQk, EffectiveQkTensors, QkTensors};
 pub use transformer::{Block, Llama};
 
 /// Errors of model construction, export and import.
@@ -49,6 +49,9 @@ pub enum ModelError {
     /// Errors from rmt-core (effective weights).
     #[error(transparent)]
     Rmt(#[from] rmt_core::RmtError),
+    /// A device error while reading weights.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 /// Forces every lazily initialised parameter of `module` to take its value now.

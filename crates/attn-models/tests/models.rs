@@ -1,7 +1,7 @@
 //! The bars of the attn-models issue, on the CPU backend.
 
 use attn_models::config::{AttentionConfig, AttentionVariant, LlamaConfig, PreRopePlacement};
-use attn_models::{EffectiveQk, Llama, export};
+use attn_models::{EffectiveQk, EffectiveQkTensors, Llama, QkTensors, export};
 use burn::backend::{Autodiff, NdArray};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
@@ -440,5 +440,61 @@ fn matmul_parameters_are_the_linear_weights() {
             "{:?}",
             config.attention.variant
         );
+    }
+}
+
+/// Sets every 1-D parameter (the RMSNorm gains) to `1 + 0.5·sin(i)`, so that a misplaced
+/// `diag(g)` changes the effective weights.
+struct PerturbGains;
+
+impl burn::module::ModuleMapper<B> for PerturbGains {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let tensor = if D == 1 {
+            let n = tensor.dims()[0];
+            let g: Vec<f32> = (0..n).map(|i| 1.0 + 0.5 * (i as f32).sin()).collect();
+            Tensor::<B, 1>::from_floats(g.as_slice(), &tensor.device()).reshape(tensor.dims())
+        } else {
+            tensor
+        };
+        Param::from_mapped_value(id, tensor, mapper)
+    }
+}
+
+#[test]
+fn device_effective_qk_equals_the_host_products() {
+    for config in variants() {
+        let model: Llama<B> = config.init(&device()).unwrap().map(&mut PerturbGains);
+        let host = model.effective_qk().unwrap();
+        let on_device = model.effective_qk_tensors().unwrap();
+        assert_eq!(host.len(), on_device.len());
+        for (h, d) in host.iter().zip(&on_device) {
+            assert_eq!(
+                (h.index, &h.kind, &h.factorization),
+                (d.index, &d.kind, &d.factorization)
+            );
+            for (name, ours, theirs) in [("Q", &d.q, &h.q), ("K", &d.k, &h.k)] {
+                assert_eq!(ours.dims(), [h.rows, h.width]);
+                let ours: Vec<f32> = ours.clone().into_data().to_vec().unwrap();
+                // Each entry is an f32 dot product of length r ≤ 32 (the widest latent here) on
+                // both sides, in different orders: each side is within γ_r·Σ|aᵢbᵢ| of the exact
+                // value (γ_r = r·u, u = 2⁻²⁴), and Σ|aᵢbᵢ| ≤ r·max|a|·max|b| ≤ r·(scale)², with
+                // the weights' scale bounded by the largest entry of W (≤ 1 here, std 0.1, gains
+                // ≤ 1.5). So |Δ| ≤ 2·r²·u·1.5 ≈ 1.8e-4 at r = 32: a misplaced head or gain moves
+                // entries by O(0.01–0.1).
+                let r = 32.0f32;
+                let tol = 2.0 * r * r * f32::EPSILON / 2.0 * 1.5;
+                let diff = max_abs_diff(&ours, theirs);
+                assert!(
+                    diff <= tol,
+                    "{} layer {} {name}: device and host differ by {diff} (tolerance {tol})",
+                    config.attention.variant.name(),
+                    h.index
+                );
+            }
+        }
+        // A model with only the host form gets the device form by upload.
+        let uploaded = QkTensors::<B>::upload(&host[0], &device());
+        assert_eq!(uploaded.q.into_data().to_vec::<f32>().unwrap(), host[0].q);
     }
 }

@@ -451,6 +451,10 @@ pub fn train<B: AutodiffBackend>(
         }
         let valid = model.valid();
         if probe.is_due(step) {
+            // Let the last update finish first: the probe's device time is then its own.
+            <B::InnerBackend as Backend>::sync(device).map_err(|e| {
+                ExperimentError::Invalid(format!("device error at step {step}: {e}"))
+            })?;
             let maps = if probe.config().activation_space {
                 let (inputs, _) =
                     batch_tensors::<B::InnerBackend>(spec.validation_data, &probe_indices, device);
@@ -458,7 +462,7 @@ pub fn train<B: AutodiffBackend>(
             } else {
                 None
             };
-            probe.observe::<B::InnerBackend, _>(step, &valid, maps, device)?;
+            probe.observe::<B::InnerBackend, _>(step, &valid, maps)?;
         }
         if step % config.eval_every == 0 || is_last {
             let v = validation_loss(&valid, spec.validation_data, config, device);

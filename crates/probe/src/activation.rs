@@ -3,14 +3,16 @@
 //! during training), its stable rank, and its entropy in bits (seed 000, Appendix B).
 
 use crate::ProbeError;
+use crate::readback::{read, to_f32};
 use attn_models::AttentionMaps;
 use burn::prelude::*;
+use burn::tensor::Transaction;
 use nalgebra::DMatrix;
 use rmt_core::diagnostics::{DiagnosticsConfig, EntryMoments, diagnose_gram};
 use rmt_core::linalg::row_major_view;
 use rmt_core::spectra::singular_values;
 
-/// One layer's scores and attention matrices, copied to the host: `[b, H, s, s]` each.
+/// One layer's scores and attention matrices on the host, in f32: `[b, H, s, s]` each.
 #[derive(Debug, Clone)]
 pub struct LayerMaps {
     /// Layer index.
@@ -27,28 +29,61 @@ pub struct LayerMaps {
     pub probs: Vec<f32>,
 }
 
-/// Copies every layer's maps to the host.
-pub fn host_maps<B: Backend>(maps: Vec<AttentionMaps<B>>) -> Vec<LayerMaps> {
-    maps.into_iter()
-        .enumerate()
-        .map(|(layer, m)| {
-            let [batch, heads, seq, _] = m.scores.dims();
-            let host = |t: Tensor<B, 4>| {
-                t.into_data()
-                    .convert::<f32>()
-                    .to_vec::<f32>()
-                    .expect("converted to f32")
-            };
-            LayerMaps {
-                layer,
-                batch,
-                heads,
-                seq,
-                scores: host(m.scores),
-                probs: host(m.probs),
-            }
+/// One layer's maps as read from the device, still in the device's dtype (bf16 on CUDA):
+/// [`RawLayerMaps::widen`] converts them on a worker, off the training thread.
+#[derive(Debug, Clone)]
+pub struct RawLayerMaps {
+    /// Layer index.
+    pub layer: usize,
+    /// Scaled scores before the mask, `[b, H, s, s]`.
+    pub scores: TensorData,
+    /// Attention after the causal softmax (and gap removal), `[b, H, s, s]`.
+    pub probs: TensorData,
+}
+
+/// Reads every layer's maps to the host in one transaction.
+///
+/// # Errors
+/// A device error while reading.
+pub fn read_maps<B: Backend>(maps: Vec<AttentionMaps<B>>) -> Result<Vec<RawLayerMaps>, ProbeError> {
+    let layers = maps.len();
+    let transaction = maps.into_iter().fold(Transaction::<B>::default(), |t, m| {
+        t.register(m.scores).register(m.probs)
+    });
+    let mut data = read(transaction)?.into_iter();
+    Ok((0..layers)
+        .map(|layer| RawLayerMaps {
+            layer,
+            scores: data.next().expect("one datum per registered tensor"),
+            probs: data.next().expect("one datum per registered tensor"),
         })
-        .collect()
+        .collect())
+}
+
+impl RawLayerMaps {
+    /// The maps in f32.
+    ///
+    /// # Errors
+    /// Maps that are not `[b, H, s, s]` float tensors of one shape.
+    pub fn widen(self) -> Result<LayerMaps, ProbeError> {
+        let dims = self.scores.shape.to_vec();
+        if dims.len() != 4 || dims[2] != dims[3] || self.probs.shape.to_vec() != dims {
+            return Err(ProbeError::Format(format!(
+                "layer {}: attention maps of shapes {:?} and {:?}, expected two equal [b, H, s, s]",
+                self.layer,
+                dims,
+                self.probs.shape.to_vec()
+            )));
+        }
+        Ok(LayerMaps {
+            layer: self.layer,
+            batch: dims[0],
+            heads: dims[1],
+            seq: dims[2],
+            scores: to_f32(self.scores)?,
+            probs: to_f32(self.probs)?,
+        })
+    }
 }
 
 /// The activation metrics of one head of one layer, averaged over the batch, as

@@ -17,6 +17,7 @@
 
 pub mod activation;
 pub mod probe;
+mod readback;
 pub mod rows;
 pub mod schedule;
 pub mod weight;

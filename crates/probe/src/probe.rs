@@ -1,17 +1,17 @@
 //! The probe: device work on the training thread, host work on a worker pool.
 
 use crate::ProbeError;
-use crate::activation::{LayerMaps, head_metrics, host_maps};
+use crate::activation::{RawLayerMaps, head_metrics, read_maps};
 use crate::rows::{MetricRow, MetricsWriter, WriterState};
 use crate::schedule::Schedule;
 use crate::weight::{LayerGrams, device_grams, diagnose};
-use attn_models::{AttentionMaps, EffectiveQk};
+use attn_models::{AttentionMaps, EffectiveQkTensors};
 use burn::prelude::*;
 use rayon::prelude::*;
 use rmt_core::diagnostics::DiagnosticsConfig;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -35,7 +35,8 @@ pub struct ProbeConfig {
     pub diagnostics: DiagnosticsConfig,
     /// Host worker threads.
     pub workers: usize,
-    /// Probe events that may wait for the workers before the training thread blocks.
+    /// Probe events that may be in the workers' hands (queued or in progress) before the
+    /// training thread blocks. Rows from [`Probe::record`] never block.
     pub queue: usize,
 }
 
@@ -78,25 +79,50 @@ pub struct ProbeStats {
     pub stalls: u64,
     /// Seconds the training thread spent waiting for a full queue.
     pub stall_seconds: f64,
-    /// Seconds the training thread spent on device work and copies (not waiting).
+    /// Seconds the training thread spent on device work and copies (not waiting), the sum
+    /// of the three parts below.
     pub device_seconds: f64,
+    /// Of `device_seconds`: forming the effective `Q, K`
+    /// ([`EffectiveQkTensors::effective_qk_tensors`]; launches only, the device runs them
+    /// during the next part).
+    #[serde(default)]
+    pub effective_qk_seconds: f64,
+    /// Of `device_seconds`: `M`, `G` on the device and their copy to the host.
+    #[serde(default)]
+    pub grams_seconds: f64,
+    /// Of `device_seconds`: the probe batch's attention maps to the host (with whatever of
+    /// their forward pass was still running on the device).
+    #[serde(default)]
+    pub maps_seconds: f64,
     /// Seconds the workers spent on host work.
     pub host_seconds: f64,
     /// Metric rows written.
     pub rows: u64,
 }
 
+/// Work for the workers, in order: a probe event's device data, or rows computed elsewhere.
 enum Job {
-    Weights { step: u64, grams: Vec<LayerGrams> },
-    Activations { step: u64, maps: Vec<LayerMaps> },
+    Event {
+        step: u64,
+        grams: Vec<LayerGrams>,
+        maps: Vec<RawLayerMaps>,
+    },
     Rows(Vec<MetricRow>),
+}
+
+/// Jobs handed to the workers and not yet written, and the first error a worker hit.
+#[derive(Default)]
+struct Pending {
+    jobs: u64,
+    /// Of `jobs`, probe events: the training thread blocks while `queue` of them are pending.
+    events: u64,
+    error: Option<String>,
 }
 
 struct Shared {
     writer: Mutex<MetricsWriter>,
     stats: Mutex<ProbeStats>,
-    /// Jobs submitted but not yet written, and the first error a worker hit.
-    pending: Mutex<(u64, Option<String>)>,
+    pending: Mutex<Pending>,
     done: Condvar,
 }
 
@@ -106,7 +132,7 @@ struct Shared {
 /// the end.
 pub struct Probe {
     config: ProbeConfig,
-    sender: Option<SyncSender<Job>>,
+    sender: Option<Sender<Job>>,
     worker: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
 }
@@ -140,10 +166,10 @@ impl Probe {
         let shared = Arc::new(Shared {
             writer: Mutex::new(writer),
             stats: Mutex::new(ProbeStats::default()),
-            pending: Mutex::new((0, None)),
+            pending: Mutex::new(Pending::default()),
             done: Condvar::new(),
         });
-        let (sender, receiver) = sync_channel::<Job>(config.queue);
+        let (sender, receiver) = channel::<Job>();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.workers)
             .thread_name(|i| format!("probe-{i}"))
@@ -174,47 +200,57 @@ impl Probe {
     }
 
     /// Probes `model` at `step` if the schedule says so: weight space from the model's
-    /// effective `Q, K` (products on `device`), activation space from `maps` (compute them
+    /// effective `Q, K` (formed and multiplied on the model's device), activation space from `maps` (compute them
     /// only when [`Probe::is_due`]; pass `None` to skip). The host work is queued; this
     /// blocks only when the queue is full, which [`ProbeStats::stalls`] counts.
     ///
+    /// The device time in [`ProbeStats`] is the wall time of this call before queuing; work
+    /// still queued on the device when it starts (the last optimiser update) is billed to the
+    /// probe too. Synchronise the device (`B::sync`) before computing `maps` to bill only
+    /// the probe's own work, as the training loop does.
+    ///
     /// # Errors
-    /// A failure of an earlier host job, or weights whose shapes contradict their heads.
-    pub fn observe<B: Backend, M: EffectiveQk>(
+    /// A failure of an earlier host job, weights whose shapes contradict their heads, or a
+    /// device error while reading.
+    pub fn observe<B: Backend, M: EffectiveQkTensors<B>>(
         &mut self,
         step: u64,
         model: &M,
         maps: Option<Vec<AttentionMaps<B>>>,
-        device: &B::Device,
     ) -> Result<(), ProbeError> {
         if !self.is_due(step) {
             return Ok(());
         }
         self.check_worker_error()?;
-        let t = Instant::now();
-        let mut jobs = Vec::new();
+        let (mut effective_qk, mut grams_time, mut maps_time) = (0.0, 0.0, 0.0);
+        let mut grams = Vec::new();
         if self.config.weight_space {
-            let layers = model.effective_qk()?;
-            jobs.push(Job::Weights {
-                step,
-                grams: device_grams::<B>(&layers, self.config.per_head, device),
-            });
+            let t = Instant::now();
+            let layers = model.effective_qk_tensors()?;
+            effective_qk = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            grams = device_grams(layers, self.config.per_head)?;
+            grams_time = t.elapsed().as_secs_f64();
         }
+        let mut host_maps = Vec::new();
         if self.config.activation_space
             && let Some(maps) = maps
         {
-            jobs.push(Job::Activations {
-                step,
-                maps: host_maps(maps),
-            });
+            let t = Instant::now();
+            host_maps = read_maps(maps)?;
+            maps_time = t.elapsed().as_secs_f64();
         }
-        let device_time = t.elapsed();
-        for job in jobs {
-            self.submit(job)?;
-        }
+        self.submit(Job::Event {
+            step,
+            grams,
+            maps: host_maps,
+        })?;
         let mut stats = self.shared.stats.lock().expect("stats lock");
         stats.events += 1;
-        stats.device_seconds += device_time.as_secs_f64();
+        stats.effective_qk_seconds += effective_qk;
+        stats.grams_seconds += grams_time;
+        stats.maps_seconds += maps_time;
+        stats.device_seconds += effective_qk + grams_time + maps_time;
         Ok(())
     }
 
@@ -230,28 +266,37 @@ impl Probe {
     }
 
     fn submit(&mut self, job: Job) -> Result<(), ProbeError> {
-        let sender = self.sender.as_ref().expect("the probe is running");
-        self.shared.pending.lock().expect("pending lock").0 += 1;
-        match sender.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(job)) => {
-                let t = Instant::now();
-                sender
-                    .send(job)
-                    .map_err(|_| ProbeError::Format("the probe worker stopped".into()))?;
-                let mut stats = self.shared.stats.lock().expect("stats lock");
-                stats.stalls += 1;
-                stats.stall_seconds += t.elapsed().as_secs_f64();
-                Ok(())
+        let is_event = matches!(job, Job::Event { .. });
+        let mut pending = self.shared.pending.lock().expect("pending lock");
+        if is_event && pending.events >= self.config.queue as u64 {
+            let t = Instant::now();
+            while pending.events >= self.config.queue as u64 && pending.error.is_none() {
+                if self.worker.as_ref().is_none_or(|w| w.is_finished()) {
+                    return Err(ProbeError::Format("the probe worker stopped".into()));
+                }
+                pending = self
+                    .shared
+                    .done
+                    .wait_timeout(pending, Duration::from_millis(200))
+                    .expect("pending lock")
+                    .0;
             }
-            Err(TrySendError::Disconnected(_)) => {
-                Err(ProbeError::Format("the probe worker stopped".into()))
-            }
+            let mut stats = self.shared.stats.lock().expect("stats lock");
+            stats.stalls += 1;
+            stats.stall_seconds += t.elapsed().as_secs_f64();
         }
+        pending.jobs += 1;
+        pending.events += u64::from(is_event);
+        drop(pending);
+        self.sender
+            .as_ref()
+            .expect("the probe is running")
+            .send(job)
+            .map_err(|_| ProbeError::Format("the probe worker stopped".into()))
     }
 
     fn check_worker_error(&self) -> Result<(), ProbeError> {
-        match &self.shared.pending.lock().expect("pending lock").1 {
+        match &self.shared.pending.lock().expect("pending lock").error {
             Some(e) => Err(ProbeError::Format(format!("probe worker: {e}"))),
             None => Ok(()),
         }
@@ -264,7 +309,7 @@ impl Probe {
     /// A failed host job, or file system errors.
     pub fn checkpoint(&mut self) -> Result<WriterState, ProbeError> {
         let mut pending = self.shared.pending.lock().expect("pending lock");
-        while pending.0 > 0 && pending.1.is_none() {
+        while pending.jobs > 0 && pending.error.is_none() {
             pending = self
                 .shared
                 .done
@@ -272,7 +317,7 @@ impl Probe {
                 .expect("pending lock")
                 .0;
         }
-        if let Some(e) = &pending.1 {
+        if let Some(e) = &pending.error {
             return Err(ProbeError::Format(format!("probe worker: {e}")));
         }
         drop(pending);
@@ -315,8 +360,9 @@ fn run_worker(
     config: ProbeConfig,
 ) {
     while let Ok(job) = receiver.recv() {
+        let is_event = matches!(job, Job::Event { .. });
         let t = Instant::now();
-        let rows = pool.install(|| rows_of(&job, &config));
+        let rows = pool.install(|| rows_of(job, &config));
         let host = t.elapsed().as_secs_f64();
         let outcome = rows.and_then(|rows| {
             let mut writer = shared.writer.lock().expect("writer lock");
@@ -331,18 +377,21 @@ fn run_worker(
             }
         }
         let mut pending = shared.pending.lock().expect("pending lock");
-        pending.0 -= 1;
+        pending.jobs -= 1;
+        pending.events -= u64::from(is_event);
         if let Err(e) = outcome
-            && pending.1.is_none()
+            && pending.error.is_none()
         {
-            pending.1 = Some(e.to_string());
+            pending.error = Some(e.to_string());
         }
         shared.done.notify_all();
     }
 }
 
+type LayerRows = Result<Vec<MetricRow>, ProbeError>;
+
 /// The rows of one job; layers in parallel, in a deterministic order.
-fn rows_of(job: &Job, config: &ProbeConfig) -> Result<Vec<MetricRow>, ProbeError> {
+fn rows_of(job: Job, config: &ProbeConfig) -> Result<Vec<MetricRow>, ProbeError> {
     let row = |step: u64,
                layer: usize,
                head: String,
@@ -360,77 +409,86 @@ fn rows_of(job: &Job, config: &ProbeConfig) -> Result<Vec<MetricRow>, ProbeError
         metric: metric.to_string(),
         value,
     };
-    let per_layer: Vec<Result<Vec<MetricRow>, ProbeError>> = match job {
-        Job::Rows(rows) => vec![Ok(rows.clone())],
-        Job::Weights { step, grams } => grams
-            .par_iter()
-            .map(|g| {
-                let mut rows = Vec::new();
-                for spectrum in diagnose(g, &config.diagnostics)? {
-                    let head = spectrum
-                        .head
-                        .map(|h| h.to_string())
-                        .unwrap_or_else(|| "all".into());
-                    rows.push(row(
-                        *step,
-                        g.layer,
-                        head.clone(),
-                        "weight",
-                        "-".into(),
-                        "trace",
-                        spectrum.trace,
-                    ));
-                    for u in &spectrum.undefined {
-                        // Visible, not silent: the pair has no metrics on this spectrum.
+    let (step, grams, maps) = match job {
+        Job::Rows(rows) => return Ok(rows),
+        Job::Event { step, grams, maps } => (step, grams, maps),
+    };
+    // Weight and activation space of every layer in parallel, collected in a fixed order.
+    let (weight, activation): (Vec<LayerRows>, Vec<LayerRows>) = rayon::join(
+        || {
+            grams
+                .par_iter()
+                .map(|g| {
+                    let mut rows = Vec::new();
+                    for spectrum in diagnose(g, &config.diagnostics)? {
+                        let head = spectrum
+                            .head
+                            .map(|h| h.to_string())
+                            .unwrap_or_else(|| "all".into());
                         rows.push(row(
-                            *step,
+                            step,
                             g.layer,
                             head.clone(),
                             "weight",
-                            format!("{}/{}", u.estimator.name(), u.null.name()),
-                            "undefined",
-                            1.0,
+                            "-".into(),
+                            "trace",
+                            spectrum.trace,
                         ));
-                    }
-                    for d in &spectrum.diagnoses {
-                        let estimator = format!("{}/{}", d.estimator.name(), d.null.name());
-                        for (metric, value) in d.metrics.named_values() {
+                        for u in &spectrum.undefined {
+                            // Visible, not silent: the pair has no metrics on this spectrum.
                             rows.push(row(
-                                *step,
+                                step,
                                 g.layer,
                                 head.clone(),
                                 "weight",
-                                estimator.clone(),
+                                format!("{}/{}", u.estimator.name(), u.null.name()),
+                                "undefined",
+                                1.0,
+                            ));
+                        }
+                        for d in &spectrum.diagnoses {
+                            let estimator = format!("{}/{}", d.estimator.name(), d.null.name());
+                            for (metric, value) in d.metrics.named_values() {
+                                rows.push(row(
+                                    step,
+                                    g.layer,
+                                    head.clone(),
+                                    "weight",
+                                    estimator.clone(),
+                                    metric,
+                                    value,
+                                ));
+                            }
+                        }
+                    }
+                    Ok(rows)
+                })
+                .collect()
+        },
+        || {
+            maps.into_par_iter()
+                .map(|raw| {
+                    let m = &raw.widen()?;
+                    let mut rows = Vec::new();
+                    for h in 0..m.heads {
+                        for (metric, value) in head_metrics(m, h)? {
+                            rows.push(row(
+                                step,
+                                m.layer,
+                                h.to_string(),
+                                "activation",
+                                "-".into(),
                                 metric,
                                 value,
                             ));
                         }
                     }
-                }
-                Ok(rows)
-            })
-            .collect(),
-        Job::Activations { step, maps } => maps
-            .par_iter()
-            .map(|m| {
-                let mut rows = Vec::new();
-                for h in 0..m.heads {
-                    for (metric, value) in head_metrics(m, h)? {
-                        rows.push(row(
-                            *step,
-                            m.layer,
-                            h.to_string(),
-                            "activation",
-                            "-".into(),
-                            metric,
-                            value,
-                        ));
-                    }
-                }
-                Ok(rows)
-            })
-            .collect(),
-    };
+                    Ok(rows)
+                })
+                .collect()
+        },
+    );
+    let per_layer = weight.into_iter().chain(activation);
     let mut out = Vec::new();
     for r in per_layer {
         out.extend(r?);

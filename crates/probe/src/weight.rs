@@ -2,12 +2,13 @@
 //! then rmt-core's MP diagnostics on the host.
 
 use crate::ProbeError;
+use crate::readback::{read, to_f32};
+use attn_models::QkTensors;
 use burn::prelude::*;
-use burn::tensor::DType;
+use burn::tensor::Transaction;
 use rmt_core::diagnostics::{
     DiagnosticsConfig, EntryMoments, Factorization, SpectrumDiagnostics, diagnose_gram,
 };
-use rmt_core::effective::AttentionLayer;
 use rmt_core::linalg::row_major_view;
 
 /// What the device hands to the host for one layer: `G` and the moments of `M`, whole and
@@ -32,52 +33,55 @@ pub struct LayerGrams {
     pub head_grams: Vec<(Vec<f32>, EntryMoments)>,
 }
 
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("converted to f32")
-}
-
-/// Forms `M` and `G` on `device` in f32 (one batched product per layer and per head group)
-/// and copies `G` and the two reductions of `M` back.
+/// Forms `M` and `G` on the layers' device in f32 (one batched product per layer and per
+/// head group) and copies `G` and the two reductions of `M` back, every layer in one read.
+///
+/// # Errors
+/// A device error while reading.
 pub fn device_grams<B: Backend>(
-    layers: &[AttentionLayer],
+    layers: Vec<QkTensors<B>>,
     per_head: bool,
-    device: &B::Device,
-) -> Vec<LayerGrams> {
-    layers
-        .iter()
-        .map(|layer| {
-            let (m, d, h) = (layer.rows, layer.width, layer.kind.heads());
-            let q = Tensor::<B, 2>::from_data(
-                TensorData::new(layer.q.clone(), [m, d]),
-                (device, DType::F32),
-            );
-            let k = Tensor::<B, 2>::from_data(
-                TensorData::new(layer.k.clone(), [m, d]),
-                (device, DType::F32),
-            );
-            let mm = q.clone().matmul(k.clone().transpose());
-            let sums = host(Tensor::cat(
+) -> Result<Vec<LayerGrams>, ProbeError> {
+    let mut transaction = Transaction::<B>::default();
+    let mut shapes = Vec::with_capacity(layers.len());
+    for layer in layers {
+        let [m, d] = layer.q.dims();
+        let h = layer.kind.heads();
+        shapes.push((layer.index, m, d, h, layer.factorization));
+        let (q, k) = (layer.q, layer.k);
+        let mm = q.clone().matmul(k.clone().transpose());
+        transaction = transaction
+            .register(Tensor::cat(
                 vec![mm.clone().sum(), mm.clone().powi_scalar(2).sum()],
                 0,
-            ));
+            ))
+            .register(mm.clone().matmul(mm.transpose()).div_scalar(d as f64));
+        if per_head {
+            let dk = m / h;
+            let mh = q
+                .reshape([h, dk, d])
+                .matmul(k.reshape([h, dk, d]).swap_dims(1, 2)); // [h, dk, dk]
+            transaction = transaction
+                .register(mh.clone().sum_dim(2).sum_dim(1))
+                .register(mh.clone().powi_scalar(2).sum_dim(2).sum_dim(1))
+                .register(mh.clone().matmul(mh.swap_dims(1, 2)).div_scalar(d as f64));
+        }
+    }
+    let mut data = read(transaction)?.into_iter();
+    let mut next = || to_f32(data.next().expect("one datum per registered tensor"));
+    shapes
+        .into_iter()
+        .map(|(index, m, d, h, factorization)| {
+            let sums = next()?;
             let moments = EntryMoments::from_sums(sums[0] as f64, sums[1] as f64, m * m);
-            let gram = host(mm.clone().matmul(mm.transpose()).div_scalar(d as f64));
+            let gram = next()?;
             let head_grams = if per_head {
                 let dk = m / h;
-                let mh = q
-                    .reshape([h, dk, d])
-                    .matmul(k.reshape([h, dk, d]).swap_dims(1, 2)); // [h, dk, dk]
-                let sum = host(mh.clone().sum_dim(2).sum_dim(1));
-                let sum2 = host(mh.clone().powi_scalar(2).sum_dim(2).sum_dim(1));
-                let g = host(mh.clone().matmul(mh.swap_dims(1, 2)).div_scalar(d as f64));
+                let (sum, sum2, g) = (next()?, next()?, next()?);
                 (0..h)
                     .map(|i| {
-                        let block = g[i * dk * dk..(i + 1) * dk * dk].to_vec();
                         (
-                            block,
+                            g[i * dk * dk..(i + 1) * dk * dk].to_vec(),
                             EntryMoments::from_sums(sum[i] as f64, sum2[i] as f64, dk * dk),
                         )
                     })
@@ -85,16 +89,16 @@ pub fn device_grams<B: Backend>(
             } else {
                 Vec::new()
             };
-            LayerGrams {
-                layer: layer.index,
+            Ok(LayerGrams {
+                layer: index,
                 heads: h,
                 rows: m,
                 width: d,
-                factorization: layer.factorization.clone(),
+                factorization,
                 gram,
                 moments,
                 head_grams,
-            }
+            })
         })
         .collect()
 }

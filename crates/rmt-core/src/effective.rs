@@ -129,6 +129,46 @@ fn err(msg: impl Into<String>) -> RmtError {
     RmtError::Checkpoint(msg.into())
 }
 
+/// The parametrisation of an MHA/GQA layer read off the shapes of `q_proj` `[H·d_h, d]` and
+/// `k_proj` `[H_kv·d_h, d]` (`[rows, cols]` each).
+///
+/// # Errors
+/// Shapes that contradict each other or the head count.
+pub fn mha_layout(
+    index: usize,
+    heads: usize,
+    q: [usize; 2],
+    k: [usize; 2],
+) -> Result<AttentionKind> {
+    let [m, d] = q;
+    if heads == 0 {
+        return Err(err("the head count must be at least 1"));
+    }
+    if k[1] != d {
+        return Err(err(format!(
+            "layer {index}: q_proj is [{m}, {d}] but k_proj is [{}, {}] (widths differ)",
+            k[0], k[1]
+        )));
+    }
+    if m % heads != 0 {
+        return Err(err(format!(
+            "layer {index}: q_proj has {m} rows, not a multiple of {heads} heads"
+        )));
+    }
+    let head_dim = m / heads;
+    if k[0] == 0 || k[0] % head_dim != 0 || heads % (k[0] / head_dim) != 0 {
+        return Err(err(format!(
+            "layer {index}: k_proj has {} rows, not a whole number of {head_dim}-wide heads dividing {heads}",
+            k[0]
+        )));
+    }
+    Ok(AttentionKind::Mha {
+        heads,
+        kv_heads: k[0] / head_dim,
+        head_dim,
+    })
+}
+
 /// Effective `Q, K` of an MHA/GQA layer from `q_proj` `[H·d_h, d]` and `k_proj` `[H_kv·d_h, d]`.
 ///
 /// # Errors
@@ -140,28 +180,13 @@ pub fn mha_effective(
     k: RowMajor,
 ) -> Result<AttentionLayer> {
     let (m, d) = (q.rows, q.cols);
-    if heads == 0 {
-        return Err(err("the head count must be at least 1"));
-    }
-    if k.cols != d {
-        return Err(err(format!(
-            "layer {index}: q_proj is [{m}, {d}] but k_proj is [{}, {}] (widths differ)",
-            k.rows, k.cols
-        )));
-    }
-    if m % heads != 0 {
-        return Err(err(format!(
-            "layer {index}: q_proj has {m} rows, not a multiple of {heads} heads"
-        )));
-    }
-    let head_dim = m / heads;
-    if k.rows == 0 || k.rows % head_dim != 0 || heads % (k.rows / head_dim) != 0 {
-        return Err(err(format!(
-            "layer {index}: k_proj has {} rows, not a whole number of {head_dim}-wide heads dividing {heads}",
-            k.rows
-        )));
-    }
-    let kv_heads = k.rows / head_dim;
+    let kind = mha_layout(index, heads, [m, d], [k.rows, k.cols])?;
+    let AttentionKind::Mha {
+        kv_heads, head_dim, ..
+    } = kind
+    else {
+        unreachable!("mha_layout returns an MHA kind")
+    };
     let group = heads / kv_heads;
     let mut k_eff = Vec::with_capacity(m * d);
     for h in 0..heads {
@@ -170,11 +195,7 @@ pub fn mha_effective(
     }
     Ok(AttentionLayer {
         index,
-        kind: AttentionKind::Mha {
-            heads,
-            kv_heads,
-            head_dim,
-        },
+        kind,
         rows: m,
         width: d,
         q: q.data,
@@ -183,57 +204,84 @@ pub fn mha_effective(
     })
 }
 
-/// Effective `Q, K` of an MLA layer. Every size is read off the shapes and the head count.
+/// The `[rows, cols]` shapes of one MLA layer's weights (lengths for the gains), in
+/// [`MlaWeights`]' order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MlaShapes {
+    /// `q_a_proj` `[r_q, d]` and the length of `q_a_layernorm` (None: no query compression).
+    pub q_down: Option<([usize; 2], Option<usize>)>,
+    /// `q_b_proj` or `q_proj`.
+    pub q_up: [usize; 2],
+    /// `kv_a_proj_with_mqa`.
+    pub kv_down: [usize; 2],
+    /// Length of `kv_a_layernorm`.
+    pub kv_norm: Option<usize>,
+    /// `kv_b_proj`.
+    pub kv_up: [usize; 2],
+}
+
+impl MlaWeights {
+    /// The weights' shapes.
+    pub fn shapes(&self) -> MlaShapes {
+        let shape = |w: &RowMajor| [w.rows, w.cols];
+        MlaShapes {
+            q_down: self
+                .q_down
+                .as_ref()
+                .map(|(w, g)| (shape(w), g.as_ref().map(Vec::len))),
+            q_up: shape(&self.q_up),
+            kv_down: shape(&self.kv_down),
+            kv_norm: self.kv_norm.as_ref().map(Vec::len),
+            kv_up: shape(&self.kv_up),
+        }
+    }
+}
+
+/// The parametrisation of an MLA layer and the factor shapes of its `M = QKᵀ`, read off the
+/// weights' shapes and the head count.
 ///
 /// # Errors
 /// Shapes that contradict each other or the head count.
-pub fn mla_effective(index: usize, heads: usize, w: MlaWeights) -> Result<AttentionLayer> {
+pub fn mla_layout(
+    index: usize,
+    heads: usize,
+    w: &MlaShapes,
+) -> Result<(AttentionKind, Factorization)> {
     if heads == 0 {
         return Err(err("the head count must be at least 1"));
     }
-    let d = w.kv_down.cols;
-    let kv_latent = w.kv_up.cols;
-    let g_kv = w.kv_norm.clone().unwrap_or_else(|| vec![1.0; kv_latent]);
-    if g_kv.len() != kv_latent || w.kv_down.rows < kv_latent {
+    let d = w.kv_down[1];
+    let kv_latent = w.kv_up[1];
+    let g_kv = w.kv_norm.unwrap_or(kv_latent);
+    if g_kv != kv_latent || w.kv_down[0] < kv_latent {
         return Err(err(format!(
             "layer {index}: kv_b_proj [{}, {}], kv_a_proj_with_mqa [{}, {}] and kv_a_layernorm [{}] disagree on the latent width",
-            w.kv_up.rows,
-            w.kv_up.cols,
-            w.kv_down.rows,
-            w.kv_down.cols,
-            g_kv.len()
+            w.kv_up[0], w.kv_up[1], w.kv_down[0], w.kv_down[1], g_kv
         )));
     }
-    let rope = w.kv_down.rows - kv_latent;
-    let (q_eff, q_latent) = match &w.q_down {
+    let rope = w.kv_down[0] - kv_latent;
+    let q_latent = match w.q_down {
         Some((qa, g)) => {
-            let g_q = g.clone().unwrap_or_else(|| vec![1.0; qa.rows]);
-            if qa.cols != d || w.q_up.cols != qa.rows || g_q.len() != qa.rows {
+            let g_q = g.unwrap_or(qa[0]);
+            if qa[1] != d || w.q_up[1] != qa[0] || g_q != qa[0] {
                 return Err(err(format!(
                     "layer {index}: q_a_proj [{}, {}], q_b_proj [{}, {}], q_a_layernorm [{}] and width {d} disagree",
-                    qa.rows,
-                    qa.cols,
-                    w.q_up.rows,
-                    w.q_up.cols,
-                    g_q.len()
+                    qa[0], qa[1], w.q_up[0], w.q_up[1], g_q
                 )));
             }
-            (
-                scaled_product(&w.q_up.data, w.q_up.rows, &g_q, &qa.data, d),
-                Some(qa.rows),
-            )
+            Some(qa[0])
         }
         None => {
-            if w.q_up.cols != d {
+            if w.q_up[1] != d {
                 return Err(err(format!(
                     "layer {index}: q_proj [{}, {}] does not match width {d}",
-                    w.q_up.rows, w.q_up.cols
+                    w.q_up[0], w.q_up[1]
                 )));
             }
-            (w.q_up.data.clone(), None)
+            None
         }
     };
-    let q_rows = w.q_up.rows;
+    let q_rows = w.q_up[0];
     if q_rows % heads != 0 {
         return Err(err(format!(
             "layer {index}: {q_rows} query rows are not a multiple of {heads} heads"
@@ -246,12 +294,58 @@ pub fn mla_effective(index: usize, heads: usize, w: MlaWeights) -> Result<Attent
         )));
     }
     let nope = qk_dim - rope;
-    if w.kv_up.rows % heads != 0 || w.kv_up.rows / heads < nope {
+    if w.kv_up[0] % heads != 0 || w.kv_up[0] / heads < nope {
         return Err(err(format!(
             "layer {index}: kv_b_proj has {} rows, not {heads} heads of ≥ {nope}",
-            w.kv_up.rows
+            w.kv_up[0]
         )));
     }
+    let mut inner = Vec::new();
+    if let Some(r) = q_latent {
+        inner.push(r);
+    }
+    inner.push(d);
+    // The rotary key rows enter K outside the latent: the null's inner width counts them
+    // (an approximation for MLA-Decoupled, documented in docs/math.md).
+    inner.push(kv_latent + rope);
+    Ok((
+        AttentionKind::Mla {
+            heads,
+            q_latent,
+            kv_latent,
+            nope_dim: nope,
+            rope_dim: rope,
+        },
+        Factorization { inner },
+    ))
+}
+
+/// Effective `Q, K` of an MLA layer. Every size is read off the shapes and the head count
+/// ([`mla_layout`]).
+///
+/// # Errors
+/// Shapes that contradict each other or the head count.
+pub fn mla_effective(index: usize, heads: usize, w: MlaWeights) -> Result<AttentionLayer> {
+    let (kind, factorization) = mla_layout(index, heads, &w.shapes())?;
+    let AttentionKind::Mla {
+        kv_latent,
+        nope_dim: nope,
+        rope_dim: rope,
+        ..
+    } = kind
+    else {
+        unreachable!("mla_layout returns an MLA kind")
+    };
+    let d = w.kv_down.cols;
+    let g_kv = w.kv_norm.clone().unwrap_or_else(|| vec![1.0; kv_latent]);
+    let q_eff = match &w.q_down {
+        Some((qa, g)) => {
+            let g_q = g.clone().unwrap_or_else(|| vec![1.0; qa.rows]);
+            scaled_product(&w.q_up.data, w.q_up.rows, &g_q, &qa.data, d)
+        }
+        None => w.q_up.data.clone(),
+    };
+    let q_rows = w.q_up.rows;
     let kv_head = w.kv_up.rows / heads; // d_nope + d_v
     let mut kb_nope = Vec::with_capacity(heads * nope * kv_latent);
     for h in 0..heads {
@@ -272,28 +366,15 @@ pub fn mla_effective(index: usize, heads: usize, w: MlaWeights) -> Result<Attent
         k_eff.extend_from_slice(&k_content[h * nope * d..(h + 1) * nope * d]);
         k_eff.extend_from_slice(rope_rows);
     }
-    let mut inner = Vec::new();
-    if let Some(r) = q_latent {
-        inner.push(r);
-    }
-    inner.push(d);
-    // The rotary key rows enter K outside the latent: the null's inner width counts them
-    // (an approximation for MLA-Decoupled, documented in docs/math.md).
-    inner.push(kv_latent + rope);
+    debug_assert_eq!(rope_rows.len(), rope * d);
     Ok(AttentionLayer {
         index,
-        kind: AttentionKind::Mla {
-            heads,
-            q_latent,
-            kv_latent,
-            nope_dim: nope,
-            rope_dim: rope,
-        },
+        kind,
         rows: q_rows,
         width: d,
         q: q_eff,
         k: k_eff,
-        factorization: Factorization { inner },
+        factorization,
     })
 }
 
