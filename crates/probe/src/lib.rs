@@ -2,7 +2,7 @@
 //!
 //! What seed 000 logs, collected while a model trains, without slowing the training down:
 //!
-//! * **weight space** — every layer's effective `Q, K` (attn-models' [`attn_models::EffectiveQk`],
+//! * **weight space** — every layer's effective `Q, K` (attn-models' [`attn_models::EffectiveQkTensors`],
 //!   so any burn model implementing it works) → `M = QKᵀ` and `G = MMᵀ/d` on the training
 //!   device → rmt-core's MP diagnostics on the host, whole layer and per head, for every σ²
 //!   estimator and null law asked for, with the Tracy–Widom outlier test;
@@ -10,8 +10,8 @@
 //!   the scaled scores `S = QKᵀ/√d_k`, the attention matrix's `σ₁`, `σ₂`, their gap and
 //!   stable rank, and its entropy in bits;
 //! * a [`Schedule`] (every `k` steps plus log-spaced early steps);
-//! * the host work on a rayon pool behind a bounded queue: the training thread waits only
-//!   when the queue is full, and [`ProbeStats`] says how often;
+//! * the host work on a rayon pool behind a queue bounded in probe events: the training
+//!   thread waits only when that many events are pending, and [`ProbeStats`] says how often;
 //! * append-only CSV and JSONL ([`rows`]) with exact resumption.
 #![warn(missing_docs)]
 

@@ -278,7 +278,9 @@ fn a_truncated_or_foreign_metrics_file_is_an_error() {
 fn recorded_rows_never_stall_behind_an_event() {
     let model: Llama<B> = {
         let _guard = rng_lock();
-        small(AttentionVariant::MlaDecoupled).init(&device()).unwrap()
+        small(AttentionVariant::MlaDecoupled)
+            .init(&device())
+            .unwrap()
     };
     let dir = temp("rows-no-stall");
     let mut cfg = ProbeConfig::new("t", "mla-decoupled", Schedule::every(1));
