@@ -204,24 +204,12 @@ impl<B: Backend> Attention<B> {
             Attention::Mha(a) => {
                 let (q, k) = (hf_f32(&a.wq), hf_f32(&a.wk));
                 let kind = mha_layout(index, heads, dims(&q), dims(&k))?;
-                let AttentionKind::Mha {
-                    kv_heads, head_dim, ..
-                } = kind
-                else {
-                    unreachable!("mha_layout returns an MHA kind")
-                };
-                // Key head h/group for every query head h.
-                let group = heads / kv_heads;
-                let rows: Vec<i64> = (0..heads)
-                    .flat_map(|h| {
-                        let kh = h / group;
-                        (kh * head_dim..(kh + 1) * head_dim).map(|r| r as i64)
-                    })
-                    .collect();
-                let device = q.device();
-                let k = if group == 1 {
+                let rows = kind.key_rows().expect("mha_layout returns an MHA kind");
+                let k = if rows.iter().enumerate().all(|(i, &r)| i == r) {
                     k
                 } else {
+                    let rows: Vec<i64> = rows.into_iter().map(|r| r as i64).collect();
+                    let device = k.device();
                     k.select(0, Tensor::<B, 1, Int>::from_data(rows.as_slice(), &device))
                 };
                 Ok(QkTensors {

@@ -12,7 +12,7 @@ use rmt_core::diagnostics::DiagnosticsConfig;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -268,19 +268,10 @@ impl Probe {
     fn submit(&mut self, job: Job) -> Result<(), ProbeError> {
         let is_event = matches!(job, Job::Event { .. });
         let mut pending = self.shared.pending.lock().expect("pending lock");
-        if is_event && pending.events >= self.config.queue as u64 {
+        let queue = self.config.queue as u64;
+        if is_event && pending.events >= queue {
             let t = Instant::now();
-            while pending.events >= self.config.queue as u64 && pending.error.is_none() {
-                if self.worker.as_ref().is_none_or(|w| w.is_finished()) {
-                    return Err(ProbeError::Format("the probe worker stopped".into()));
-                }
-                pending = self
-                    .shared
-                    .done
-                    .wait_timeout(pending, Duration::from_millis(200))
-                    .expect("pending lock")
-                    .0;
-            }
+            pending = self.wait_while(pending, |p| p.events >= queue)?;
             let mut stats = self.shared.stats.lock().expect("stats lock");
             stats.stalls += 1;
             stats.stall_seconds += t.elapsed().as_secs_f64();
@@ -293,6 +284,29 @@ impl Probe {
             .expect("the probe is running")
             .send(job)
             .map_err(|_| ProbeError::Format("the probe worker stopped".into()))
+    }
+
+    /// Waits for the workers while `busy` holds and none of them has failed.
+    ///
+    /// # Errors
+    /// The worker thread is gone.
+    fn wait_while<'a>(
+        &self,
+        mut pending: MutexGuard<'a, Pending>,
+        busy: impl Fn(&Pending) -> bool,
+    ) -> Result<MutexGuard<'a, Pending>, ProbeError> {
+        while busy(&pending) && pending.error.is_none() {
+            if self.worker.as_ref().is_none_or(|w| w.is_finished()) {
+                return Err(ProbeError::Format("the probe worker stopped".into()));
+            }
+            pending = self
+                .shared
+                .done
+                .wait_timeout(pending, Duration::from_millis(200))
+                .expect("pending lock")
+                .0;
+        }
+        Ok(pending)
     }
 
     fn check_worker_error(&self) -> Result<(), ProbeError> {
@@ -308,15 +322,8 @@ impl Probe {
     /// # Errors
     /// A failed host job, or file system errors.
     pub fn checkpoint(&mut self) -> Result<WriterState, ProbeError> {
-        let mut pending = self.shared.pending.lock().expect("pending lock");
-        while pending.jobs > 0 && pending.error.is_none() {
-            pending = self
-                .shared
-                .done
-                .wait_timeout(pending, Duration::from_millis(200))
-                .expect("pending lock")
-                .0;
-        }
+        let pending = self.shared.pending.lock().expect("pending lock");
+        let pending = self.wait_while(pending, |p| p.jobs > 0)?;
         if let Some(e) = &pending.error {
             return Err(ProbeError::Format(format!("probe worker: {e}")));
         }

@@ -50,6 +50,36 @@ pub enum AttentionKind {
 }
 
 impl AttentionKind {
+    /// MHA/GQA: the `k_proj` row behind each of the `H·d_h` effective key rows (query head
+    /// `h` uses key head `h / (H/H_kv)`); `None` for MLA.
+    ///
+    /// # Example
+    /// ```
+    /// use rmt_core::effective::AttentionKind;
+    /// let gqa = AttentionKind::Mha { heads: 4, kv_heads: 2, head_dim: 1 };
+    /// assert_eq!(gqa.key_rows(), Some(vec![0, 0, 1, 1]));
+    /// ```
+    pub fn key_rows(&self) -> Option<Vec<usize>> {
+        match *self {
+            AttentionKind::Mha {
+                heads,
+                kv_heads,
+                head_dim,
+            } => {
+                let group = heads / kv_heads.max(1);
+                Some(
+                    (0..heads)
+                        .flat_map(|h| {
+                            let kh = h / group.max(1);
+                            kh * head_dim..(kh + 1) * head_dim
+                        })
+                        .collect(),
+                )
+            }
+            AttentionKind::Mla { .. } => None,
+        }
+    }
+
     /// Number of query heads.
     pub fn heads(&self) -> usize {
         match self {
@@ -181,17 +211,10 @@ pub fn mha_effective(
 ) -> Result<AttentionLayer> {
     let (m, d) = (q.rows, q.cols);
     let kind = mha_layout(index, heads, [m, d], [k.rows, k.cols])?;
-    let AttentionKind::Mha {
-        kv_heads, head_dim, ..
-    } = kind
-    else {
-        unreachable!("mha_layout returns an MHA kind")
-    };
-    let group = heads / kv_heads;
+    let rows = kind.key_rows().expect("mha_layout returns an MHA kind");
     let mut k_eff = Vec::with_capacity(m * d);
-    for h in 0..heads {
-        let kh = h / group;
-        k_eff.extend_from_slice(&k.data[kh * head_dim * d..(kh + 1) * head_dim * d]);
+    for r in rows {
+        k_eff.extend_from_slice(&k.data[r * d..(r + 1) * d]);
     }
     Ok(AttentionLayer {
         index,
