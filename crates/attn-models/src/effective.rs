@@ -12,8 +12,8 @@ use burn::tensor::DType;
 use burn::tensor::Transaction;
 use rmt_core::diagnostics::Factorization;
 use rmt_core::effective::{
-    AttentionKind, AttentionLayer, MlaShapes, MlaWeights, RowMajor, mha_effective, mha_layout,
-    mla_effective, mla_layout,
+    AttentionKind, AttentionLayer, MlaLayout, MlaShapes, MlaWeights, RowMajor, mha_effective,
+    mha_layout, mla_effective, mla_layout,
 };
 
 /// Anything that can list its attention layers' effective `Q, K ∈ ℝ^{m×d}` (rows grouped
@@ -233,16 +233,13 @@ impl<B: Backend> Attention<B> {
                     kv_norm: g_kv.as_ref().map(|g| g.dims()[0]),
                     kv_up: dims(&kv_up),
                 };
-                let (kind, factorization) = mla_layout(index, heads, &shapes)?;
-                let AttentionKind::Mla {
+                let MlaLayout {
+                    kind,
+                    factorization,
                     kv_latent,
                     nope_dim: nope,
                     rope_dim: rope,
-                    ..
-                } = kind
-                else {
-                    unreachable!("mla_layout returns an MLA kind")
-                };
+                } = mla_layout(index, heads, &shapes)?;
                 let scale = |w: Tensor<B, 2>, g: Option<Tensor<B, 1>>| match g {
                     Some(g) => w * g.unsqueeze::<2>(), // columns scaled: W·diag(g)
                     None => w,

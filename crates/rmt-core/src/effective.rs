@@ -260,16 +260,27 @@ impl MlaWeights {
     }
 }
 
+/// What an MLA layer's weight shapes say ([`mla_layout`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MlaLayout {
+    /// The parametrisation.
+    pub kind: AttentionKind,
+    /// Factor shapes of `M = QKᵀ` for the product null.
+    pub factorization: Factorization,
+    /// Key/value latent width `r_kv`.
+    pub kv_latent: usize,
+    /// Per-head non-rotary query/key width.
+    pub nope_dim: usize,
+    /// Rotary width shared by all heads.
+    pub rope_dim: usize,
+}
+
 /// The parametrisation of an MLA layer and the factor shapes of its `M = QKᵀ`, read off the
 /// weights' shapes and the head count.
 ///
 /// # Errors
 /// Shapes that contradict each other or the head count.
-pub fn mla_layout(
-    index: usize,
-    heads: usize,
-    w: &MlaShapes,
-) -> Result<(AttentionKind, Factorization)> {
+pub fn mla_layout(index: usize, heads: usize, w: &MlaShapes) -> Result<MlaLayout> {
     if heads == 0 {
         return Err(err("the head count must be at least 1"));
     }
@@ -331,16 +342,19 @@ pub fn mla_layout(
     // The rotary key rows enter K outside the latent: the null's inner width counts them
     // (an approximation for MLA-Decoupled, documented in docs/math.md).
     inner.push(kv_latent + rope);
-    Ok((
-        AttentionKind::Mla {
+    Ok(MlaLayout {
+        kind: AttentionKind::Mla {
             heads,
             q_latent,
             kv_latent,
             nope_dim: nope,
             rope_dim: rope,
         },
-        Factorization { inner },
-    ))
+        factorization: Factorization { inner },
+        kv_latent,
+        nope_dim: nope,
+        rope_dim: rope,
+    })
 }
 
 /// Effective `Q, K` of an MLA layer. Every size is read off the shapes and the head count
@@ -349,16 +363,13 @@ pub fn mla_layout(
 /// # Errors
 /// Shapes that contradict each other or the head count.
 pub fn mla_effective(index: usize, heads: usize, w: MlaWeights) -> Result<AttentionLayer> {
-    let (kind, factorization) = mla_layout(index, heads, &w.shapes())?;
-    let AttentionKind::Mla {
+    let MlaLayout {
+        kind,
+        factorization,
         kv_latent,
         nope_dim: nope,
         rope_dim: rope,
-        ..
-    } = kind
-    else {
-        unreachable!("mla_layout returns an MLA kind")
-    };
+    } = mla_layout(index, heads, &w.shapes())?;
     let d = w.kv_down.cols;
     let g_kv = w.kv_norm.clone().unwrap_or_else(|| vec![1.0; kv_latent]);
     let q_eff = match &w.q_down {
