@@ -2,7 +2,8 @@
 //!
 //! [`EigenSolver::TwoStage`], the default, works in the input's precision (`f32` or `f64`):
 //! it reduces the matrix to a band of half-bandwidth `b = 32` with matrix–matrix products
-//! only (`band`), chases the band down to tridiagonal form (`bulge`), and finds the
+//! only (`band`), chases the band down to tridiagonal form (`bulge`: each sweep split
+//! between two cores, pipelined), and finds the
 //! tridiagonal eigenvalues in `f64` with the Pal–Walker–Kahan QL/QR iteration, or only those
 //! above a threshold by Sturm bisection (`tridiagonal`). The one-stage Householder
 //! tridiagonalisation of LAPACK's `dsyevd` spends half its flops in matrix–vector products,
@@ -78,10 +79,11 @@ pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
     Tridiagonal { d, e }
 }
 
-/// Below this size faer's one-stage Householder tridiagonalisation is faster. Measured with
-/// `cargo xtask bench`: f64 n = 256 one-stage 3.8 ms vs two-stage 8.0 ms, n = 768 57 vs
-/// 62–78 ms; f32 n = 768 (whole diagnostics) 52.6 vs 70.9 ms.
-const TWO_STAGE_MIN: usize = 1024;
+/// Below this size faer's one-stage Householder tridiagonalisation is faster. Measured on the
+/// development machine (2-core Xeon, f64, medians): n = 384 one-stage 7.0 ms vs two-stage
+/// 12 ms, n = 512 17–20 vs 17 ms, n = 768 52 vs 38 ms (stage 1 23, pipelined chase 8.5,
+/// PWK 6), n = 1024 89 vs 70 ms.
+const TWO_STAGE_MIN: usize = 512;
 
 /// faer's one-stage (blocked Householder) tridiagonalisation.
 fn tridiagonalize_one_stage<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
