@@ -140,6 +140,21 @@ impl<T: Element> BandView<T> {
         }
     }
 
+    /// The reflector `H = I − τvvᵀ` with `H·A[r..r+len, j] = β e₁`: writes `v` to `v[..len]`
+    /// and `(β, 0, …, 0)` into the column, returns `τ`.
+    ///
+    /// # Safety
+    /// The caller owns the column's entries.
+    unsafe fn annihilate(&self, r: usize, len: usize, j: usize, v: &mut [T]) -> T {
+        // SAFETY: by the caller's contract.
+        let x = unsafe { self.col(r, len, j) };
+        let (tau, beta) = householder(x);
+        v[..len].copy_from_slice(x);
+        x[0] = beta;
+        x[1..].iter_mut().for_each(|e| *e = T::ZERO);
+        tau
+    }
+
     /// Step 0 of sweep `c`: the reflector annihilating `A[c+2..c+1+len, c]`, then
     /// `D₀ ← H D₀ H`. Returns the cursor the next step continues from (`None` when the
     /// sweep has nothing to annihilate); the reflector is left in `s.v`.
@@ -152,15 +167,8 @@ impl<T: Element> BandView<T> {
             return None;
         }
         let r0 = c + 1;
-        let tau = {
-            // SAFETY: step 0 owns column c's rows c+1..c+1+len.
-            let x = unsafe { self.col(r0, len, c) };
-            let (tau, beta) = householder(x);
-            s.v[..len].copy_from_slice(x);
-            x[0] = beta;
-            x[1..].iter_mut().for_each(|e| *e = T::ZERO);
-            tau
-        };
+        // SAFETY: step 0 owns column c's rows c+1..c+1+len.
+        let tau = unsafe { self.annihilate(r0, len, c, &mut s.v) };
         if tau != T::ZERO {
             // SAFETY: step 0 owns D₀.
             unsafe { self.two_sided(r0, &s.v[..len], tau, &mut s.p) };
@@ -197,15 +205,8 @@ impl<T: Element> BandView<T> {
             }
         }
         // Annihilate the bulge's first column B[1.., 0].
-        let tau2 = {
-            // SAFETY: as above.
-            let x = unsafe { self.col(r1, len2, r0) };
-            let (t2, beta) = householder(x);
-            s.v_next[..len2].copy_from_slice(x);
-            x[0] = beta;
-            x[1..].iter_mut().for_each(|e| *e = T::ZERO);
-            t2
-        };
+        // SAFETY: as above.
+        let tau2 = unsafe { self.annihilate(r1, len2, r0, &mut s.v_next) };
         if tau2 != T::ZERO {
             let vn = &s.v_next[..len2];
             for j in 1..len {
