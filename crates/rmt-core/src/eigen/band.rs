@@ -7,11 +7,11 @@
 //! `W = X − ½ V (Tᵀ Vᵀ X)`. Only the lower triangle of `A₂₂` is read and written: `A₂₂V` is
 //! two triangular products, the update one triangular rank-2b product.
 
-use crate::linalg::{Element, par};
+use crate::linalg::{Element, lower_product};
 use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{BlockStructure, matmul as tri_matmul};
 use faer::reborrow::{Reborrow, ReborrowMut};
-use faer::{Accum, Mat, MatMut};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 /// Householder reflector `H = I − τ v vᵀ` (`v₀ = 1`) with `H x = β e₁` (LAPACK `dlarfg`).
 /// Returns `(τ, β)` and overwrites `x[1..]` with `v[1..]`.
@@ -34,7 +34,8 @@ pub(crate) fn householder<T: Element>(x: &mut [T]) -> (T, T) {
 
 /// Reduces the symmetric matrix whose lower triangle is `a` (overwritten) to lower band form
 /// with half-bandwidth `b`: afterwards `a[i, j]` for `0 ≤ i − j ≤ b` holds the band of a
-/// matrix orthogonally similar to the input. Entries below the band are garbage.
+/// matrix orthogonally similar to the input. Entries below the band, and above the
+/// diagonal, are garbage.
 pub(crate) fn reduce_to_band<T: Element>(mut a: MatMut<'_, T>, b: usize) {
     let n = a.nrows();
     let mut j = 0;
@@ -76,7 +77,15 @@ pub(crate) fn reduce_to_band<T: Element>(mut a: MatMut<'_, T>, b: usize) {
         });
         // dlarft: T[0..c, c] = −τ_c · T[0..c, 0..c] · (V[:, 0..c]ᵀ v_c), with all the inner
         // products VᵀV from one GEMM.
-        let vtv = v.transpose() * &v;
+        let mut vtv = Mat::<T>::zeros(nb, nb);
+        matmul(
+            vtv.as_mut(),
+            Accum::Replace,
+            v.transpose(),
+            v.as_ref(),
+            T::ONE,
+            Par::Seq,
+        );
         let mut t = Mat::<T>::zeros(nb, nb);
         for c in 0..nb {
             t[(c, c)] = taus[c];
@@ -99,66 +108,130 @@ pub(crate) fn reduce_to_band<T: Element>(mut a: MatMut<'_, T>, b: usize) {
         // Two-sided update of the trailing k × k block.
         let mut a22 = a.rb_mut().submatrix_mut(j + b, j + b, k, k);
         // Y = A₂₂ V with A₂₂ = L + L_strictᵀ (lower storage).
-        let mut y = Mat::<T>::zeros(k, nb);
-        tri_matmul(
-            y.as_mut(),
-            BlockStructure::Rectangular,
+        let y = symmetric_times(a22.rb(), v.as_ref());
+        // X = A₂₂ V T, then W = X − ½ V (Tᵀ Vᵀ X) in place: small products, sequential
+        // (rayon's hand-offs cost more than they save at these sizes).
+        let seq = Par::Seq;
+        let mut w = Mat::<T>::zeros(k, nb);
+        matmul(
+            w.as_mut(),
             Accum::Replace,
-            a22.rb(),
-            BlockStructure::TriangularLower,
-            v.as_ref(),
-            BlockStructure::Rectangular,
+            y.as_ref(),
+            t.as_ref(),
             T::ONE,
-            par(),
+            seq,
         );
-        tri_matmul(
-            y.as_mut(),
-            BlockStructure::Rectangular,
-            Accum::Add,
-            a22.rb().transpose(),
-            BlockStructure::StrictTriangularUpper,
-            v.as_ref(),
-            BlockStructure::Rectangular,
+        let mut s = Mat::<T>::zeros(nb, nb);
+        matmul(
+            s.as_mut(),
+            Accum::Replace,
+            v.transpose(),
+            w.as_ref(),
             T::ONE,
-            par(),
+            seq,
         );
-        let x = &y * &t; // X = A₂₂ V T
-        let s = v.transpose() * &x; // Vᵀ X
-        let u = t.transpose() * &s; // Tᵀ Vᵀ X
-        let mut w = x;
+        let mut u = Mat::<T>::zeros(nb, nb);
+        matmul(
+            u.as_mut(),
+            Accum::Replace,
+            t.transpose(),
+            s.as_ref(),
+            T::ONE,
+            seq,
+        );
         matmul(
             w.as_mut(),
             Accum::Add,
             v.as_ref(),
             u.as_ref(),
             T::from_f64(-0.5),
-            par(),
+            seq,
         );
-        // A₂₂ ← A₂₂ − [V W]·[W V]ᵀ on the lower triangle: one rank-2nb product, arranged as
-        // TN (transposed column-major left operand), faer's fastest layout.
-        let lhs_t = Mat::<T>::from_fn(
-            2 * nb,
-            k,
-            |c, i| if c < nb { v[(i, c)] } else { w[(i, c - nb)] },
-        );
-        let rhs_t = Mat::<T>::from_fn(
-            2 * nb,
-            k,
-            |c, i| if c < nb { w[(i, c)] } else { v[(i, c - nb)] },
-        );
-        tri_matmul(
+        // A₂₂ ← A₂₂ − [V W]·[W V]ᵀ on the lower triangle: one rank-2nb product.
+        let mut lhs = Mat::<T>::zeros(k, 2 * nb);
+        lhs.as_mut().subcols_mut(0, nb).copy_from(&v);
+        lhs.as_mut().subcols_mut(nb, nb).copy_from(&w);
+        let mut rhs = Mat::<T>::zeros(k, 2 * nb);
+        rhs.as_mut().subcols_mut(0, nb).copy_from(&w);
+        rhs.as_mut().subcols_mut(nb, nb).copy_from(&v);
+        lower_product(
             a22.rb_mut(),
-            BlockStructure::TriangularLower,
             Accum::Add,
-            lhs_t.as_ref().transpose(),
-            BlockStructure::Rectangular,
-            rhs_t.as_ref(),
-            BlockStructure::Rectangular,
+            lhs.as_ref(),
+            rhs.as_ref(),
             -T::ONE,
-            par(),
         );
         j += b;
     }
+}
+
+/// Width of the column blocks of [`symmetric_times`].
+const BLOCK: usize = 128;
+
+/// `Y = A V` for the symmetric `A` (k × k) whose lower triangle is stored, `A = L + L̊ᵀ`
+/// (the upper triangle is not read). The two halves run on two rayon workers, each as a few
+/// large sequential GEMMs over column blocks: faer's parallel triangular products split into
+/// many small ones (35 GF/s at k = 768).
+fn symmetric_times<T: Element>(a: MatRef<'_, T>, v: MatRef<'_, T>) -> Mat<T> {
+    let (k, nb) = (v.nrows(), v.ncols());
+    let mut y = Mat::<T>::zeros(k, nb);
+    let mut y_upper = Mat::<T>::zeros(k, nb);
+    let blocks = || (0..k).step_by(BLOCK).map(move |s| (s, (s + BLOCK).min(k)));
+    let seq = Par::Seq;
+    rayon::join(
+        || {
+            // Y[I] = A[I, ..i₀] V[..i₀] + tril(A[I, I]) V[I]
+            for (i0, i1) in blocks() {
+                let w = i1 - i0;
+                let mut yi = y.as_mut().subrows_mut(i0, w);
+                if i0 > 0 {
+                    let left = a.submatrix(i0, 0, w, i0);
+                    matmul(yi.rb_mut(), Accum::Add, left, v.subrows(0, i0), T::ONE, seq);
+                }
+                tri_matmul(
+                    yi,
+                    BlockStructure::Rectangular,
+                    Accum::Add,
+                    a.submatrix(i0, i0, w, w),
+                    BlockStructure::TriangularLower,
+                    v.subrows(i0, w),
+                    BlockStructure::Rectangular,
+                    T::ONE,
+                    seq,
+                );
+            }
+        },
+        || {
+            // Y'[J] = A[j₁.., J]ᵀ V[j₁..] + strict_tril(A[J, J])ᵀ V[J]
+            for (j0, j1) in blocks() {
+                let w = j1 - j0;
+                let mut yj = y_upper.as_mut().subrows_mut(j0, w);
+                if j1 < k {
+                    let below = a.submatrix(j1, j0, k - j1, w).transpose();
+                    matmul(
+                        yj.rb_mut(),
+                        Accum::Add,
+                        below,
+                        v.subrows(j1, k - j1),
+                        T::ONE,
+                        seq,
+                    );
+                }
+                tri_matmul(
+                    yj,
+                    BlockStructure::Rectangular,
+                    Accum::Add,
+                    a.submatrix(j0, j0, w, w).transpose(),
+                    BlockStructure::StrictTriangularUpper,
+                    v.subrows(j0, w),
+                    BlockStructure::Rectangular,
+                    T::ONE,
+                    seq,
+                );
+            }
+        },
+    );
+    y + y_upper
 }
 
 /// `Σ xᵢyᵢ` with eight accumulators (lets LLVM vectorise the reduction).
