@@ -192,21 +192,21 @@ pub(crate) fn check_matrix<T: Element>(what: &'static str, m: MatRef<'_, T>) -> 
     Ok(())
 }
 
-// faer's GEMM runs fastest here when the left operand is a transposed column-major matrix
-// and the right one column-major ("TN"): measured on the 2-core AVX2 machine, f64 2048³
-// TN 59 GF/s vs NT 32 GF/s, f32 126 vs 84 GF/s (OpenBLAS: 64 and 133). The helpers below
-// arrange their operands that way.
+// Layouts: on the 2-core AVX2 machine (2026-11-23) faer's GEMM ran fastest as "TN" (left
+// operand a transposed column-major matrix): f64 2048³ TN 59 GF/s vs NT 32. On the AVX-512
+// machine (2026-12-01) NN and TN are equal (2048³ f64: 148 vs 151 ms) and NT is slower
+// (250 ms). So the product reads `A` as it is and `Bᵀ` column-major (NN), copying `B`'s
+// transpose in cache-sized tiles when it is not already a view; the Gram stays TN.
 
-/// `A·Bᵀ` for `A ∈ ℝ^{m×k}`, `B ∈ ℝ^{n×k}` (the attention bilinear form `M = QKᵀ`), as a
-/// TN product of the column-major transposes.
+/// `A·Bᵀ` for `A ∈ ℝ^{m×k}`, `B ∈ ℝ^{n×k}` (the attention bilinear form `M = QKᵀ`): one GEMM
+/// with `Bᵀ` column-major.
 pub(crate) fn product_abt<T: Element>(a: MatRef<'_, T>, b: MatRef<'_, T>) -> Mat<T> {
-    let at = ColMajorTranspose::new(a);
     let bt = ColMajorTranspose::new(b);
     let mut out = Mat::<T>::zeros(a.nrows(), b.nrows());
     faer::linalg::matmul::matmul(
         out.as_mut(),
         Accum::Replace,
-        at.get().transpose(),
+        a,
         bt.get(),
         T::from_f64(1.0),
         par(),
@@ -285,6 +285,24 @@ pub(crate) fn gram_aat<T: Element>(a: MatRef<'_, T>, scale: f64) -> Mat<T> {
     gram_of_transpose(at.get(), scale)
 }
 
+/// `Aᵀ` as a new column-major matrix, copied in 32 × 32 tiles (faer's `to_owned` of a
+/// transposed view reads across columns: 45 ms at 2048², against ≈ 5 ms here).
+fn transpose_tiled<T: Element>(a: MatRef<'_, T>) -> Mat<T> {
+    const TILE: usize = 32;
+    let (rows, cols) = (a.nrows(), a.ncols());
+    let mut out = Mat::<T>::zeros(cols, rows);
+    for jb in (0..cols).step_by(TILE) {
+        for ib in (0..rows).step_by(TILE) {
+            for i in ib..(ib + TILE).min(rows) {
+                for j in jb..(jb + TILE).min(cols) {
+                    out[(j, i)] = a[(i, j)];
+                }
+            }
+        }
+    }
+    out
+}
+
 /// `Aᵀ` in column-major storage, borrowed when possible.
 pub(crate) enum ColMajorTranspose<'a, T> {
     /// `A` was row-major: `Aᵀ` is a column-major view.
@@ -299,7 +317,7 @@ impl<'a, T: Element> ColMajorTranspose<'a, T> {
         if t.row_stride() == 1 && t.col_stride() >= t.nrows() as isize {
             ColMajorTranspose::View(t)
         } else {
-            ColMajorTranspose::Owned(t.to_owned())
+            ColMajorTranspose::Owned(transpose_tiled(a))
         }
     }
 
