@@ -177,15 +177,32 @@ pub(crate) fn check_matrix<T: Element>(what: &'static str, m: MatRef<'_, T>) -> 
     if m.nrows() == 0 || m.ncols() == 0 {
         return Err(RmtError::Empty { what });
     }
-    for j in 0..m.ncols() {
+    let non_finite = |i: usize, j: usize| RmtError::NonFinite {
+        what,
+        index: i + j * m.nrows(),
+        value: m[(i, j)].to_f64(),
+    };
+    let first_bad = |line: &[T]| line.iter().position(|x| !x.to_f64().is_finite());
+    // Contiguous columns (or rows, for PyTorch's row-major weights) are scanned as slices;
+    // indexing element by element cost ≈ 1.4 ns per entry (11 ms for two 2048² matrices).
+    if let Some(cols) = m.try_as_col_major() {
+        for j in 0..m.ncols() {
+            if let Some(i) = first_bad(cols.col(j).as_slice()) {
+                return Err(non_finite(i, j));
+            }
+        }
+    } else if let Some(rows) = m.transpose().try_as_col_major() {
         for i in 0..m.nrows() {
-            let x = m[(i, j)].to_f64();
-            if !x.is_finite() {
-                return Err(RmtError::NonFinite {
-                    what,
-                    index: i + j * m.nrows(),
-                    value: x,
-                });
+            if let Some(j) = first_bad(rows.col(i).as_slice()) {
+                return Err(non_finite(i, j));
+            }
+        }
+    } else {
+        for j in 0..m.ncols() {
+            for i in 0..m.nrows() {
+                if !m[(i, j)].to_f64().is_finite() {
+                    return Err(non_finite(i, j));
+                }
             }
         }
     }
@@ -420,6 +437,29 @@ pub(crate) fn shifted_inertia(a: MatRef<'_, f64>, shift: f64) -> Inertia {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A non-finite entry is found, and named by its column-major index, whether the matrix
+    /// is column-major, row-major (PyTorch weights) or strided.
+    #[test]
+    fn check_matrix_finds_non_finite_entries_in_any_layout() {
+        let mut a = Mat::<f64>::from_fn(5, 7, |i, j| (i + 10 * j) as f64);
+        assert!(check_matrix("A", a.as_ref()).is_ok());
+        assert!(check_matrix("A", a.as_ref().transpose()).is_ok());
+        a[(3, 4)] = f64::NAN;
+        let index = |e: Result<()>| match e {
+            Err(RmtError::NonFinite { index, .. }) => index,
+            other => panic!("expected NonFinite, got {other:?}"),
+        };
+        assert_eq!(index(check_matrix("A", a.as_ref())), 3 + 4 * 5);
+        // The transpose is row-major: entry (4, 3) of a 7 × 5 matrix.
+        assert_eq!(index(check_matrix("A", a.as_ref().transpose())), 4 + 3 * 7);
+        // Rows reversed (row stride −1): neither layout is contiguous. (3, 4) is now (1, 4).
+        let strided = a.as_ref().reverse_rows();
+        assert_eq!(index(check_matrix("A", strided)), 1 + 4 * 5);
+        let mut b = Mat::<f32>::zeros(4, 4);
+        b[(1, 2)] = f32::INFINITY;
+        assert_eq!(index(check_matrix("B", b.as_ref())), 1 + 2 * 4);
+    }
 
     /// The blocked lower-triangular product equals a plain GEMM on the lower triangle (to
     /// rounding: only the summation order differs), for `Replace` and `Add`, sizes below,
