@@ -244,19 +244,14 @@ pub(crate) fn gram_of_transpose<T: Element>(at: MatRef<'_, T>, scale: f64) -> Ma
         at.transpose(),
         T::from_f64(scale),
     );
-    // Mirror in 32 × 32 tiles (a column scan misses cache on every transposed read).
-    const TILE: usize = 32;
-    for jb in (0..n).step_by(TILE) {
-        for ib in (0..=jb).step_by(TILE) {
-            for j in jb..(jb + TILE).min(n) {
-                for i in ib..(ib + TILE).min(j) {
-                    out[(i, j)] = out[(j, i)];
-                }
-            }
-        }
-    }
+    for_each_tiled(n, n, true, |i, j| out[(j, i)] = out[(i, j)]);
     out
 }
+
+/// Width of the column blocks of the blocked products ([`lower_product`], the band
+/// reduction's symmetric product): large enough for faer's sequential GEMM to run near its
+/// peak, small enough that the diagonal blocks' wasted half stays small.
+pub(crate) const GEMM_BLOCK: usize = 128;
 
 /// `C ← α·L Rᵀ` (`Accum::Replace`) or `C ← C + α·L Rᵀ` (`Accum::Add`) on the lower
 /// triangle of the square `C` (`L, R ∈ ℝ^{n×m}`), as sequential GEMMs over column blocks
@@ -273,15 +268,14 @@ pub(crate) fn lower_product<T: Element>(
     r: MatRef<'_, T>,
     alpha: T,
 ) {
-    const BLOCK: usize = 128;
     let n = c.nrows();
     let m = l.ncols();
     let cut = ((n as f64) * (1.0 - std::f64::consts::FRAC_1_SQRT_2)) as usize;
     let (left, right) = c.split_at_col_mut(cut);
     let side = |mut part: MatMut<'_, T>, offset: usize| {
         let cols = part.ncols();
-        for c0 in (0..cols).step_by(BLOCK) {
-            let w = BLOCK.min(cols - c0);
+        for c0 in (0..cols).step_by(GEMM_BLOCK) {
+            let w = GEMM_BLOCK.min(cols - c0);
             let j0 = offset + c0;
             faer::linalg::matmul::matmul(
                 part.rb_mut().submatrix_mut(j0, c0, n - j0, w),
@@ -302,21 +296,35 @@ pub(crate) fn gram_aat<T: Element>(a: MatRef<'_, T>, scale: f64) -> Mat<T> {
     gram_of_transpose(at.get(), scale)
 }
 
-/// `Aᵀ` as a new column-major matrix, copied in 32 × 32 tiles (faer's `to_owned` of a
-/// transposed view reads across columns: 45 ms at 2048², against ≈ 5 ms here).
-fn transpose_tiled<T: Element>(a: MatRef<'_, T>) -> Mat<T> {
+/// Visits the pairs `(i, j)` of a `rows × cols` matrix — all of them, or only those strictly
+/// below the diagonal (`i > j`) — in 32 × 32 tiles, so that code touching both `(i, j)` and
+/// `(j, i)` keeps both in cache (a column-by-column scan misses on every transposed access:
+/// ≈ 20 ms for a 2048² matrix).
+pub(crate) fn for_each_tiled(
+    rows: usize,
+    cols: usize,
+    strictly_lower: bool,
+    mut f: impl FnMut(usize, usize),
+) {
     const TILE: usize = 32;
-    let (rows, cols) = (a.nrows(), a.ncols());
-    let mut out = Mat::<T>::zeros(cols, rows);
     for jb in (0..cols).step_by(TILE) {
-        for ib in (0..rows).step_by(TILE) {
-            for i in ib..(ib + TILE).min(rows) {
-                for j in jb..(jb + TILE).min(cols) {
-                    out[(j, i)] = a[(i, j)];
+        let first_row_tile = if strictly_lower { jb } else { 0 };
+        for ib in (first_row_tile..rows).step_by(TILE) {
+            for j in jb..(jb + TILE).min(cols) {
+                let first = if strictly_lower { ib.max(j + 1) } else { ib };
+                for i in first..(ib + TILE).min(rows) {
+                    f(i, j);
                 }
             }
         }
     }
+}
+
+/// `Aᵀ` as a new column-major matrix, copied in tiles (faer's `to_owned` of a transposed
+/// view reads across columns: 45 ms at 2048²).
+fn transpose_tiled<T: Element>(a: MatRef<'_, T>) -> Mat<T> {
+    let mut out = Mat::<T>::zeros(a.ncols(), a.nrows());
+    for_each_tiled(a.nrows(), a.ncols(), false, |i, j| out[(j, i)] = a[(i, j)]);
     out
 }
 
@@ -489,10 +497,10 @@ mod tests {
                             "n={n}"
                         );
                     }
-                    // Left of the cut the blocks start at column 0: block = column / 128.
+                    // Left of the cut the blocks start at column 0: block = column / GEMM_BLOCK.
                     let cut = ((n as f64) * (1.0 - std::f64::consts::FRAC_1_SQRT_2)) as usize;
                     for i in 0..j {
-                        if j < cut && i / 128 != j / 128 {
+                        if j < cut && i / GEMM_BLOCK != j / GEMM_BLOCK {
                             assert_eq!(c[(i, j)], start[(i, j)], "upper touched, n={n}");
                         }
                     }
@@ -514,13 +522,18 @@ mod tests {
 
     #[test]
     fn gram_is_exactly_symmetric_and_correct() {
-        let a = DMatrix::<f64>::from_fn(5, 3, |i, j| (i as f64 + 1.0) * (j as f64 - 1.0) + 0.5);
-        let g = gram_aat(dmatrix_as_faer(&a), 0.5);
-        let reference = &a * a.transpose() * 0.5;
-        for i in 0..5 {
-            for j in 0..5 {
-                assert_eq!(g[(i, j)], g[(j, i)]);
-                assert!((g[(i, j)] - reference[(i, j)]).abs() < 1e-12);
+        // One tile, and several (the mirror and the transpose copy work in 32 × 32 tiles).
+        // Tolerance 1e-12 absolute on the small case, relative to max |G| on the large one.
+        for (m, k, relative) in [(5, 3, false), (70, 9, true)] {
+            let a = DMatrix::<f64>::from_fn(m, k, |i, j| (i as f64 + 1.0) * (j as f64 - 1.0) + 0.5);
+            let g = gram_aat(dmatrix_as_faer(&a), 0.5);
+            let reference = &a * a.transpose() * 0.5;
+            let scale = if relative { reference.amax() } else { 1.0 };
+            for i in 0..m {
+                for j in 0..m {
+                    assert_eq!(g[(i, j)], g[(j, i)]);
+                    assert!((g[(i, j)] - reference[(i, j)]).abs() < 1e-12 * scale);
+                }
             }
         }
     }

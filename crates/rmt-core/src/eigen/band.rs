@@ -7,7 +7,7 @@
 //! `W = X − ½ V (Tᵀ Vᵀ X)`. Only the lower triangle of `A₂₂` is read and written: `A₂₂V` is
 //! two triangular products, the update one triangular rank-2b product.
 
-use crate::linalg::{Element, lower_product};
+use crate::linalg::{Element, GEMM_BLOCK, lower_product};
 use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{BlockStructure, matmul as tri_matmul};
 use faer::reborrow::{Reborrow, ReborrowMut};
@@ -165,9 +165,6 @@ pub(crate) fn reduce_to_band<T: Element>(mut a: MatMut<'_, T>, b: usize) {
     }
 }
 
-/// Width of the column blocks of [`symmetric_times`].
-const BLOCK: usize = 128;
-
 /// `Y = A V` for the symmetric `A` (k × k) whose lower triangle is stored, `A = L + L̊ᵀ`
 /// (the upper triangle is not read). The two halves run on two rayon workers, each as a few
 /// large sequential GEMMs over column blocks: faer's parallel triangular products split into
@@ -176,7 +173,11 @@ fn symmetric_times<T: Element>(a: MatRef<'_, T>, v: MatRef<'_, T>) -> Mat<T> {
     let (k, nb) = (v.nrows(), v.ncols());
     let mut y = Mat::<T>::zeros(k, nb);
     let mut y_upper = Mat::<T>::zeros(k, nb);
-    let blocks = || (0..k).step_by(BLOCK).map(move |s| (s, (s + BLOCK).min(k)));
+    let blocks = || {
+        (0..k)
+            .step_by(GEMM_BLOCK)
+            .map(move |s| (s, (s + GEMM_BLOCK).min(k)))
+    };
     let seq = Par::Seq;
     rayon::join(
         || {
