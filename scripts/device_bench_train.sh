@@ -4,7 +4,10 @@
 # carried. Results (stdout tables, every result.json) go to $OUT.
 #   CPU_STEPS (default 0: skip the CPU f32 numerics check; else its updates, tiny preset)
 #   GPU_VARIANTS (default mha,mla-prerope,mla-decoupled), GPU_STEPS (100), GPU_REFERENCE
-#   (eager,sdpa,compile), PROBE_STEPS (default 0: skip `bench probe`)
+#   (eager,sdpa,compile), MATMUL (cublas or cubecl; default cublas), PROBE_STEPS (default 0:
+#   skip `bench probe`). If .device/cublas-test.xz is carried (the ignored GPU tests of
+#   crates/experiments/tests/cublas.rs, built with `cargo test --release -p experiments
+#   --features cuda --test cublas --no-run`), it runs first.
 set -uo pipefail
 export LD_LIBRARY_PATH=$PWD/.device/lib:/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -14,6 +17,11 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 date -u
+if [ -f .device/cublas-test.xz ]; then
+  python3 -c "import lzma,shutil;shutil.copyfileobj(lzma.open('.device/cublas-test.xz'),open('.device/cublas-test','wb'))" \
+    && chmod +x .device/cublas-test
+  ./.device/cublas-test --ignored --test-threads 1 2>&1 | tee "$OUT/cublas-test.log"
+fi
 if [ "${CPU_STEPS:-0}" -gt 0 ]; then
   ./.device/xtask bench train --backend cpu --preset tiny --steps "$CPU_STEPS" \
     --reference eager,sdpa --skip 3 --out /tmp/bench-train-cpu 2>&1 | tee "$OUT/bench-train-cpu.log"
@@ -22,7 +30,7 @@ if [ "${CPU_STEPS:-0}" -gt 0 ]; then
   done
 fi
 if [ -n "${GPU_VARIANTS-mha,mla-prerope,mla-decoupled}" ]; then
-  ./.device/xtask bench train --backend cuda --preset paper \
+  ./.device/xtask bench train --backend cuda --matmul "${MATMUL:-cublas}" --preset paper \
     --variants "${GPU_VARIANTS-mha,mla-prerope,mla-decoupled}" --steps "${GPU_STEPS:-100}" \
     --reference "${GPU_REFERENCE:-eager,sdpa,compile}" --out /tmp/bench-train-gpu 2>&1 \
     | tee "$OUT/bench-train-gpu.log"
@@ -39,7 +47,8 @@ date -u
 # a 4-update PyTorch SDPA run of that variant, summarised by kernel name.
 if [ -n "${NCU_VARIANT:-}" ]; then
   NCU="ncu --clock-control none --metrics gpu__time_duration.sum --csv --target-processes all"
-  $NCU --log-file "$OUT/ncu-burn.csv" ./.device/xtask bench train --backend cuda --preset paper \
+  $NCU --log-file "$OUT/ncu-burn.csv" ./.device/xtask bench train --backend cuda \
+    --matmul "${MATMUL:-cublas}" --preset paper \
     --variants "$NCU_VARIANT" --steps 4 --skip 1 --reference none --out /tmp/ncu-run > "$OUT/ncu-burn.log" 2>&1
   $NCU --log-file "$OUT/ncu-torch.csv" python3 benches/reference/train.py --run "/tmp/ncu-run/$NCU_VARIANT" \
     --impl sdpa --steps 4 > "$OUT/ncu-torch.log" 2>&1

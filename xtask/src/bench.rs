@@ -51,6 +51,9 @@ pub enum Bench {
         /// Float type on CUDA: f32 or bf16.
         #[arg(long, default_value = "bf16")]
         dtype: String,
+        /// Matrix products on CUDA in bf16: cublas or cubecl (burn's kernels; f32 always).
+        #[arg(long, value_enum, default_value_t)]
+        matmul: crate::gpu::Matmul,
         /// Preset: paper or tiny.
         #[arg(long, default_value = "paper")]
         preset: String,
@@ -79,12 +82,13 @@ pub fn run(b: Bench) -> Result<(), String> {
     if let Bench::Models {
         backend,
         dtype,
+        matmul,
         preset,
         batch,
         steps,
     } = &b
     {
-        return models(backend, dtype, preset, *batch, (*steps).max(1));
+        return models(backend, dtype, *matmul, preset, *batch, (*steps).max(1));
     }
     check_numpy()?;
     let dir = std::env::temp_dir().join(format!("xtask-bench-{}", std::process::id()));
@@ -351,6 +355,7 @@ fn rayon_threads() -> usize {
 fn models(
     backend: &str,
     dtype: &str,
+    matmul: crate::gpu::Matmul,
     preset: &str,
     batch: usize,
     steps: usize,
@@ -363,26 +368,36 @@ fn models(
             batch,
             steps,
         ),
-        "cuda" => cuda_models(dtype, preset, batch, steps),
+        "cuda" => cuda_models(dtype, matmul, preset, batch, steps),
         other => Err(format!("unknown backend `{other}` (cpu, cuda)")),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_models(dtype: &str, preset: &str, batch: usize, steps: usize) -> Result<(), String> {
+fn cuda_models(
+    dtype: &str,
+    matmul: crate::gpu::Matmul,
+    preset: &str,
+    batch: usize,
+    steps: usize,
+) -> Result<(), String> {
     use burn::backend::{Autodiff, Cuda};
     let device = burn::backend::cuda::CudaDevice::default();
     match dtype {
-        "bf16" => {
-            models_on::<Autodiff<Cuda<half::bf16, i32>>>(&device, "cuda bf16", preset, batch, steps)
-        }
+        "bf16" => crate::gpu::with_cuda_backend!(matmul, |B| models_on::<B>(
+            &device,
+            matmul.label(),
+            preset,
+            batch,
+            steps
+        )),
         "f32" => models_on::<Autodiff<Cuda<f32, i32>>>(&device, "cuda f32", preset, batch, steps),
         other => Err(format!("unknown dtype `{other}` (f32, bf16)")),
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_models(_: &str, _: &str, _: usize, _: usize) -> Result<(), String> {
+fn cuda_models(_: &str, _: crate::gpu::Matmul, _: &str, _: usize, _: usize) -> Result<(), String> {
     Err(crate::bench_train::NO_CUDA.into())
 }
 

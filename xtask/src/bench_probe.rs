@@ -21,6 +21,9 @@ pub struct Args {
     /// Backend: cpu (ndarray, f32) or cuda (bf16; needs `--features cuda`).
     #[arg(long, default_value = "cpu")]
     backend: String,
+    /// Matrix products on the CUDA backend: cublas or cubecl (burn's kernels).
+    #[arg(long, value_enum, default_value_t)]
+    matmul: crate::gpu::Matmul,
     /// Model preset: tiny or paper.
     #[arg(long, default_value = "tiny")]
     preset: String,
@@ -57,8 +60,13 @@ pub fn run(args: &Args) -> Result<(), String> {
 
 #[cfg(feature = "cuda")]
 fn cuda(model: &LlamaConfig, config: &TrainConfig, args: &Args) -> Result<(), String> {
-    type B = burn::backend::Autodiff<burn::backend::Cuda<half::bf16, i32>>;
-    bench::<B>(model, config, &Default::default(), "cuda bf16", args)
+    crate::gpu::with_cuda_backend!(args.matmul, |B| bench::<B>(
+        model,
+        config,
+        &Default::default(),
+        args.matmul.label(),
+        args
+    ))
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -38,6 +38,9 @@ pub struct Args {
     /// Model preset: tiny or paper.
     #[arg(long, default_value = "tiny")]
     preset: String,
+    /// Matrix products on the CUDA backend: cublas or cubecl (burn's kernels).
+    #[arg(long, value_enum, default_value_t)]
+    matmul: crate::gpu::Matmul,
     /// Attention variants, comma-separated.
     #[arg(long, default_value = "mha,mla-prerope,mla-decoupled")]
     variants: String,
@@ -128,8 +131,13 @@ pub fn run(args: &Args) -> Result<(), String> {
         v["flops_per_second"].as_f64()
     };
     println!(
-        "# bench train: {} {dtype}{}, preset {}, {} updates of {} × {} tokens; reference {}; matmul peak {}",
+        "# bench train: {} {dtype}{}{}, preset {}, {} updates of {} × {} tokens; reference {}; matmul peak {}",
         args.backend,
+        if args.backend == "cuda" {
+            format!(" ({})", args.matmul.label())
+        } else {
+            String::new()
+        },
         if args.backend == "cuda" && cfg!(feature = "fusion") {
             " (burn fusion on)"
         } else {
@@ -165,7 +173,7 @@ pub fn run(args: &Args) -> Result<(), String> {
                 type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
                 burn_run::<B>(&dir, &data, &model, &config, &Default::default(), || None)?
             }
-            _ => cuda(&dir, &data, &model, &config)?,
+            _ => cuda(&dir, &data, &model, &config, args.matmul)?,
         }];
         for i in &impls {
             let v = python(
@@ -384,9 +392,9 @@ fn cuda(
     data: &Packed,
     model: &LlamaConfig,
     config: &TrainConfig,
+    matmul: crate::gpu::Matmul,
 ) -> Result<Measured, String> {
     use cubecl::Runtime;
-    type B = burn::backend::Autodiff<burn::backend::Cuda<half::bf16, i32>>;
     let device = burn::backend::cuda::CudaDevice::default();
     let reserved = || {
         cubecl::cuda::CudaRuntime::client(&device)
@@ -394,11 +402,29 @@ fn cuda(
             .ok()
             .map(|m| m.bytes_reserved as f64)
     };
-    burn_run::<B>(dir, data, model, config, &device, reserved)
+    let before = experiments::cublas::counts();
+    let measured = crate::gpu::with_cuda_backend!(matmul, |B| burn_run::<B>(
+        dir, data, model, config, &device, reserved
+    ))?;
+    let after = experiments::cublas::counts();
+    if matmul == crate::gpu::Matmul::Cublas {
+        println!(
+            "# cuBLAS products {} (burn's kernel for {})",
+            after.cublas - before.cublas,
+            after.fallback - before.fallback
+        );
+    }
+    Ok(measured)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: &Path, _: &Packed, _: &LlamaConfig, _: &TrainConfig) -> Result<Measured, String> {
+fn cuda(
+    _: &Path,
+    _: &Packed,
+    _: &LlamaConfig,
+    _: &TrainConfig,
+    _: crate::gpu::Matmul,
+) -> Result<Measured, String> {
     Err(NO_CUDA.into())
 }
 

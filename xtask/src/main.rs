@@ -10,6 +10,7 @@ mod bench;
 mod bench_probe;
 mod bench_train;
 mod diagnose;
+mod gpu;
 mod mla_spectra;
 mod models;
 mod npy;

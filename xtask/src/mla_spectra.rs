@@ -17,6 +17,9 @@ pub struct Args {
     /// Backend: `cpu` (ndarray, f32) or `cuda` (bf16; needs `--features cuda`).
     #[arg(long, default_value = "cpu")]
     backend: String,
+    /// Matrix products on the CUDA backend: cublas or cubecl (burn's kernels).
+    #[arg(long, value_enum, default_value_t)]
+    matmul: crate::gpu::Matmul,
     /// Variants to train, comma-separated.
     #[arg(
         long,
@@ -98,7 +101,7 @@ pub fn run(args: Args) -> Result<(), String> {
                 args.quiet,
             )
         }
-        "cuda" => cuda(&config, &dir, args.quiet),
+        "cuda" => cuda(&config, &dir, args.matmul, args.quiet),
         other => Err(format!("unknown backend `{other}` (cpu, cuda)")),
     }?;
     eprintln!(
@@ -151,13 +154,23 @@ fn download_c4(quiet: bool) -> Result<PathBuf, String> {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(config: &RunConfig, dir: &std::path::Path, quiet: bool) -> Result<(), String> {
-    type B = burn::backend::Autodiff<burn::backend::Cuda<half::bf16, i32>>;
-    train_on::<B>(config, dir, &Default::default(), "cuda (bf16)", quiet)
+fn cuda(
+    config: &RunConfig,
+    dir: &std::path::Path,
+    matmul: crate::gpu::Matmul,
+    quiet: bool,
+) -> Result<(), String> {
+    crate::gpu::with_cuda_backend!(matmul, |B| train_on::<B>(
+        config,
+        dir,
+        &Default::default(),
+        matmul.label(),
+        quiet
+    ))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: &RunConfig, _: &std::path::Path, _: bool) -> Result<(), String> {
+fn cuda(_: &RunConfig, _: &std::path::Path, _: crate::gpu::Matmul, _: bool) -> Result<(), String> {
     Err(crate::bench_train::NO_CUDA.into())
 }
 

@@ -11,6 +11,7 @@
 //! * [`plot`] and [`report`] — the figures (SVG and PNG) and the Markdown/HTML reports both use.
 #![warn(missing_docs)]
 
+pub mod cublas;
 pub mod data;
 pub mod download;
 pub mod mla_spectra;

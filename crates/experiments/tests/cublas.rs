@@ -1,0 +1,301 @@
+//! The cuBLAS backend computes the products burn computes: every layout and broadcast the
+//! models produce, forward and through autodiff. Needs an NVIDIA GPU and libcublas, so the
+//! tests are ignored by default; on the device:
+//! `cargo test --release -p experiments --features cuda --test cublas -- --ignored`
+//! (or the test binary built with `--no-run`, run with `--ignored`).
+//!
+//! Reference: the exact product in f64 of the same (bf16- or f32-valued) inputs, on the host.
+//! Tolerance, per entry, from the error of one accumulation in f32 and one rounding of the
+//! result (Higham, §3.5): `|ĉ − c| ≤ u_out·|c| + (k·u₃₂ + 2·u_in)·(|A||B|)`, with `u_out`
+//! the output's unit roundoff (bf16 2⁻⁸, f32 2⁻²⁴), `u₃₂ = 2⁻²⁴` and `u_in` the rounding of
+//! the inputs inside the tensor cores (TF32 2⁻¹¹ for f32 operands, 0 for bf16, which they
+//! take exactly). burn's own kernel is held to the same bound, so the two are compared
+//! through the same yardstick.
+#![cfg(feature = "cuda")]
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor};
+use experiments::cublas::{CublasCuda, Inner, counts, init};
+
+type Dev = cubecl::cuda::CudaDevice;
+
+fn device() -> Dev {
+    let device = Dev::default();
+    init(&device).expect("libcublas loads");
+    device
+}
+
+/// The host values of a tensor, as f64.
+fn host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Vec<f64> {
+    t.to_data()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .expect("float data")
+}
+
+/// Exact `[batch…, m, k]·[batch…, k, n]` of contiguous host data with burn's broadcasting;
+/// returns the product and `|A||B|`.
+fn reference(a: &[f64], sa: &[usize], b: &[f64], sb: &[usize]) -> (Vec<f64>, Vec<f64>, Vec<usize>) {
+    let r = sa.len();
+    let (m, k, n) = (sa[r - 2], sa[r - 1], sb[r - 1]);
+    let out_batch: Vec<usize> = (0..r - 2).map(|i| sa[i].max(sb[i])).collect();
+    let batches: usize = out_batch.iter().product();
+    let (mut c, mut abs) = (vec![0.0; batches * m * n], vec![0.0; batches * m * n]);
+    for bi in 0..batches {
+        // Batch index → offsets in each operand (size-1 axes broadcast).
+        let (mut rest, mut oa, mut ob, mut stride_a, mut stride_b) = (bi, 0, 0, m * k, k * n);
+        for i in (0..r - 2).rev() {
+            let idx = rest % out_batch[i];
+            rest /= out_batch[i];
+            if sa[i] > 1 {
+                oa += idx * stride_a;
+            }
+            if sb[i] > 1 {
+                ob += idx * stride_b;
+            }
+            stride_a *= sa[i];
+            stride_b *= sb[i];
+        }
+        for i in 0..m {
+            for j in 0..n {
+                let (mut s, mut t) = (0.0, 0.0);
+                for p in 0..k {
+                    let x = a[oa + i * k + p] * b[ob + p * n + j];
+                    s += x;
+                    t += x.abs();
+                }
+                c[bi * m * n + i * n + j] = s;
+                abs[bi * m * n + i * n + j] = t;
+            }
+        }
+    }
+    let mut shape = out_batch;
+    shape.extend([m, n]);
+    (c, abs, shape)
+}
+
+/// Checks `got` against the exact product within the bound of the module docs.
+fn assert_close(
+    got: &[f64],
+    exact: &[f64],
+    abs: &[f64],
+    k: usize,
+    u_out: f64,
+    u_in: f64,
+    what: &str,
+) {
+    assert_eq!(got.len(), exact.len(), "{what}: length");
+    let u32_ = 2f64.powi(-24);
+    for (i, ((g, c), t)) in got.iter().zip(exact).zip(abs).enumerate() {
+        let tol = u_out * c.abs() + (k as f64 * u32_ + 2.0 * u_in) * t + 1e-30;
+        assert!(
+            (g - c).abs() <= tol,
+            "{what}: entry {i}: got {g}, exact {c}, |Δ| {} > {tol}",
+            (g - c).abs()
+        );
+    }
+}
+
+/// One product through both backends, each against the exact reference.
+fn check<const D: usize>(
+    a: Tensor<CublasCuda, D>,
+    b: Tensor<CublasCuda, D>,
+    u_out: f64,
+    u_in: f64,
+    what: &str,
+) {
+    // The exact reference is computed from contiguous copies of the same values.
+    let (sa, sb) = (a.dims().to_vec(), b.dims().to_vec());
+    let (ha, hb) = (host(&a), host(&b));
+    let (exact, abs, shape) = reference(&ha, &sa, &hb, &sb);
+    let k = sa[D - 1];
+    let before = counts();
+    let ours = a.clone().matmul(b.clone());
+    let after = counts();
+    assert_eq!(
+        after.cublas,
+        before.cublas + 1,
+        "{what}: did not run on cuBLAS"
+    );
+    assert_eq!(ours.dims().to_vec(), shape, "{what}: shape");
+    assert_close(
+        &host(&ours),
+        &exact,
+        &abs,
+        k,
+        u_out,
+        u_in,
+        &format!("{what} (cuBLAS)"),
+    );
+    // burn's kernel on the very same primitives.
+    let theirs: Tensor<Inner, D> = Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(
+        <Inner as burn::tensor::ops::FloatTensorOps<Inner>>::float_matmul(
+            a.into_primitive().tensor(),
+            b.into_primitive().tensor(),
+        ),
+    ));
+    assert_close(
+        &host(&theirs),
+        &exact,
+        &abs,
+        k,
+        u_out,
+        u_in,
+        &format!("{what} (burn)"),
+    );
+}
+
+fn random<const D: usize>(shape: [usize; D], device: &Dev) -> Tensor<CublasCuda, D> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU and libcublas"]
+fn cublas_products_match_the_exact_product_in_every_layout() {
+    let device = device();
+    <CublasCuda as Backend>::seed(&device, 7);
+    let bf16 = (2f64.powi(-8), 0.0);
+    // Plain, odd sizes (the output head's 32 100 is not a multiple of 8).
+    check(
+        random([37, 64], &device),
+        random([64, 101], &device),
+        bf16.0,
+        bf16.1,
+        "2-D odd",
+    );
+    // Batched attention scores [b, H, s, d]·[b, H, d, t] with a transposed key view.
+    let q = random([2, 3, 17, 16], &device);
+    let k = random([2, 3, 19, 16], &device);
+    check(
+        q.clone(),
+        k.clone().swap_dims(2, 3),
+        bf16.0,
+        bf16.1,
+        "QKᵀ (transposed view)",
+    );
+    // A transposed left operand (the weight gradient's xᵀ·dy).
+    let x = random([40, 24], &device);
+    let dy = random([40, 12], &device);
+    check(x.transpose(), dy, bf16.0, bf16.1, "xᵀ·dy");
+    // Broadcast: [b, H, s, t]·[b, 1, t, r] (absorbed MLA) and [b, s, d]·[1, d, e].
+    let p = random([2, 3, 5, 7], &device);
+    let c = random([2, 1, 7, 9], &device);
+    check(p, c, bf16.0, bf16.1, "[b,H,s,t]·[b,1,t,r]");
+    let h = random([4, 6, 8], &device);
+    let w = random([1, 8, 10], &device);
+    check(h, w, bf16.0, bf16.1, "[b,s,d]·[1,d,e]");
+    // A slice (rows of a larger buffer, offset start) and a permuted batch.
+    let big = random([3, 10, 12], &device);
+    let sliced = big.clone().slice([0..3, 2..9, 0..12]);
+    check(
+        sliced,
+        random([3, 12, 5], &device),
+        bf16.0,
+        bf16.1,
+        "sliced rows",
+    );
+    let permuted = random([5, 2, 6, 4], &device).swap_dims(0, 1); // [2, 5, 6, 4], batch strides swapped
+    check(
+        permuted,
+        random([2, 5, 4, 3], &device),
+        bf16.0,
+        bf16.1,
+        "permuted batch",
+    );
+    // A matrix with no unit stride (every other column) is copied first.
+    let strided = random([6, 16], &device)
+        .reshape([6, 8, 2])
+        .slice([0..6, 0..8, 0..1])
+        .reshape([6, 8]);
+    check(
+        strided,
+        random([8, 5], &device),
+        bf16.0,
+        bf16.1,
+        "no unit stride",
+    );
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU and libcublas"]
+fn cublas_f32_products_use_tf32_within_its_bound() {
+    let device = device();
+    let a: Tensor<CublasCuda, 2> = random([33, 70], &device).cast(burn::tensor::DType::F32);
+    let b: Tensor<CublasCuda, 2> = random([70, 20], &device).cast(burn::tensor::DType::F32);
+    check(a, b, 2f64.powi(-24), 2f64.powi(-11), "f32 (TF32)");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU and libcublas"]
+fn autodiff_gradients_run_on_cublas_and_match_the_exact_ones() {
+    // loss = Σ (X·W)ᵢⱼ·Gᵢⱼ: dX = G·Wᵀ, dW = Xᵀ·G. Both products of the backward pass must go
+    // through cuBLAS (burn-autodiff calls B::float_matmul), and match the exact values.
+    type A = Autodiff<CublasCuda>;
+    let device = device();
+    let x: Tensor<A, 2> =
+        Tensor::random([24, 16], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let w: Tensor<A, 2> =
+        Tensor::random([16, 8], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let g: Tensor<A, 2> = Tensor::random([24, 8], Distribution::Normal(0.0, 1.0), &device);
+    let before = counts();
+    let loss = (x.clone().matmul(w.clone()) * g.clone()).sum();
+    let grads = loss.backward();
+    let after = counts();
+    assert!(
+        after.cublas >= before.cublas + 3,
+        "forward and both gradients on cuBLAS"
+    );
+    let (hx, hw, hg) = (host(&x), host(&w), host(&g));
+    let wt: Vec<f64> = (0..8 * 16).map(|i| hw[(i % 16) * 8 + i / 16]).collect();
+    let xt: Vec<f64> = (0..16 * 24).map(|i| hx[(i % 24) * 16 + i / 24]).collect();
+    let (dx, dx_abs, _) = reference(&hg, &[24, 8], &wt, &[8, 16]);
+    let (dw, dw_abs, _) = reference(&xt, &[16, 24], &hg, &[24, 8]);
+    let u = 2f64.powi(-8);
+    assert_close(
+        &host(&x.grad(&grads).expect("dX")),
+        &dx,
+        &dx_abs,
+        8,
+        u,
+        0.0,
+        "dX",
+    );
+    assert_close(
+        &host(&w.grad(&grads).expect("dW")),
+        &dw,
+        &dw_abs,
+        24,
+        u,
+        0.0,
+        "dW",
+    );
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU and libcublas"]
+fn linear_layers_reach_cublas() {
+    // nn::Linear goes through ModuleOps::linear's default, which multiplies with float_matmul.
+    let device = device();
+    let layer = burn::nn::LinearConfig::new(32, 48).init::<CublasCuda>(&device);
+    let x = random([4, 9, 32], &device);
+    let before = counts();
+    let y = layer.forward(x.clone());
+    let after = counts();
+    assert_eq!(after.cublas, before.cublas + 1);
+    let weight = layer.weight.val();
+    let bias = layer.bias.as_ref().expect("bias").val();
+    let expected = x.matmul(weight.unsqueeze()) + bias.unsqueeze();
+    let (a, b) = (host(&y), host(&expected));
+    let max = a
+        .iter()
+        .zip(&b)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, f64::max);
+    // Same product, bias added in bf16 in a possibly different order: one rounding of |y|.
+    let scale = b.iter().map(|v| v.abs()).fold(0.0, f64::max);
+    assert!(
+        max <= 2f64.powi(-7) * scale,
+        "max |Δ| {max} vs scale {scale}"
+    );
+}
