@@ -57,4 +57,19 @@ if [ -n "${NCU_VARIANT:-}" ]; then
   done 2>&1 | tee "$OUT/ncu-summary.txt"
   gzip -f "$OUT/ncu-burn.csv" "$OUT/ncu-torch.csv"
 fi
+# Kernel time by name with Nsight Systems (a trace, no kernel replay: cheap where ncu is not):
+# NSYS_VARIANT set → a 6-update burn run of that variant under `nsys profile -t cuda`, and the
+# per-kernel summary as CSV.
+if [ -n "${NSYS_VARIANT:-}" ]; then
+  NSYS=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
+  if [ -z "$NSYS" ]; then
+    echo "nsys not found" | tee "$OUT/nsys-burn.log"
+  else
+    "$NSYS" profile -t cuda --force-overwrite true -o /tmp/nsys-burn ./.device/xtask bench train \
+      --backend cuda --matmul "${MATMUL:-cublas}" --preset paper --variants "$NSYS_VARIANT" \
+      --steps 6 --skip 2 --reference none --out /tmp/nsys-run > "$OUT/nsys-burn.log" 2>&1
+    "$NSYS" stats -r cuda_gpu_kern_sum -f csv -o "$OUT/nsys-burn" /tmp/nsys-burn.nsys-rep \
+      >> "$OUT/nsys-burn.log" 2>&1
+  fi
+fi
 date -u

@@ -89,23 +89,33 @@ pub(super) fn plan_batch(
             axes.push([size, sa, sb, so]);
         }
     }
-    let mut inner = [1, 0, 0, 0];
-    while let Some(&[size, sa, sb, so]) = axes.last() {
-        let merges = inner[0] == 1
-            || (sa == inner[1] * inner[0]
-                && sb == inner[2] * inner[0]
-                && so == inner[3] * inner[0]);
-        if !merges {
-            break;
+    // Runs of axes whose strides chain (the outer axis steps over the whole inner one, in
+    // every operand) act as one axis. The longest run becomes the strided batch; the host
+    // loops over the others. (Attention's [b, H] with heads interleaved in the rows, as after
+    // a reshape and swap of [b, s, H, d], chains neither way: that is b = 64 calls of H = 12,
+    // or H calls of b; the longer run makes it 12 calls.)
+    let mut runs: Vec<[usize; 4]> = Vec::new();
+    for &[size, sa, sb, so] in axes.iter().rev() {
+        match runs.last_mut() {
+            Some(run)
+                if sa == run[1] * run[0] && sb == run[2] * run[0] && so == run[3] * run[0] =>
+            {
+                run[0] *= size;
+            }
+            _ => runs.push([size, sa, sb, so]),
         }
-        inner = if inner[0] == 1 {
-            [size, sa, sb, so]
-        } else {
-            [size * inner[0], inner[1], inner[2], inner[3]]
-        };
-        axes.pop();
     }
-    Some((out_shape, BatchPlan { outer: axes, inner }))
+    let Some(longest) = (0..runs.len()).max_by_key(|&i| (runs[i][0], usize::MAX - i)) else {
+        return Some((
+            out_shape,
+            BatchPlan {
+                outer: Vec::new(),
+                inner: [1, 0, 0, 0],
+            },
+        ));
+    };
+    let inner = runs.remove(longest);
+    Some((out_shape, BatchPlan { outer: runs, inner }))
 }
 
 #[cfg(test)]
@@ -176,7 +186,104 @@ mod tests {
             plan_batch((&[2, 3], &[60, 20]), (&[2, 1], &[30, 30]), &[72, 24]).expect("ok");
         assert_eq!(plan.outer, vec![[2, 60, 30, 72]]);
         assert_eq!(plan.inner, [3, 20, 0, 24]);
+        // Attention scores of [b, s, H, d] heads seen as [b, H, s, d] (b = 4, H = 3, s = 5,
+        // d = 2: batch strides (30, 2)) against the transposed keys of the same layout: b and
+        // H do not chain; the longer axis (b) is the strided batch, the host loops over H.
+        let (_, plan) =
+            plan_batch((&[4, 3], &[30, 2]), (&[4, 3], &[30, 2]), &[75, 25]).expect("ok");
+        assert_eq!(plan.inner, [4, 30, 30, 75]);
+        assert_eq!(plan.outer, vec![[3, 2, 2, 25]]);
         // Shapes that do not broadcast.
         assert!(plan_batch((&[2], &[20]), (&[3], &[30]), &[24]).is_none());
+    }
+
+    /// The `(lhs, rhs, out)` element offsets of every product a plan makes.
+    fn planned_offsets(plan: &BatchPlan) -> Vec<[usize; 3]> {
+        let outer: usize = plan.outer.iter().map(|a| a[0]).product();
+        let mut all = Vec::new();
+        for index in 0..outer {
+            let (mut o, mut rest) = ([0; 3], index);
+            for axis in &plan.outer {
+                let i = rest % axis[0];
+                rest /= axis[0];
+                for (x, s) in o.iter_mut().zip(&axis[1..]) {
+                    *x += i * s;
+                }
+            }
+            for j in 0..plan.inner[0] {
+                all.push([
+                    o[0] + j * plan.inner[1],
+                    o[1] + j * plan.inner[2],
+                    o[2] + j * plan.inner[3],
+                ]);
+            }
+        }
+        all.sort_unstable();
+        all
+    }
+
+    #[test]
+    fn every_plan_makes_each_product_of_the_broadcast_exactly_once() {
+        // Brute force: every output batch index, its offsets in each operand (a size-1 axis
+        // broadcasts) — against the plan's strided batches and host loop, for batch shapes of
+        // rank 1–4 with sizes 1–3 and strides from contiguous, permuted and broadcast layouts.
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        for _ in 0..500 {
+            let rank = 1 + next(4);
+            let out: Vec<usize> = (0..rank).map(|_| 1 + next(3)).collect();
+            let mut operand = || {
+                let shape: Vec<usize> = out
+                    .iter()
+                    .map(|&n| if next(3) == 0 { 1 } else { n })
+                    .collect();
+                // Contiguous strides of a random axis order, times a matrix size of 6.
+                let mut order: Vec<usize> = (0..rank).collect();
+                for i in (1..rank).rev() {
+                    order.swap(i, next(i + 1));
+                }
+                let mut strides = vec![0; rank];
+                let mut stride = 6;
+                for &axis in order.iter().rev() {
+                    strides[axis] = stride;
+                    stride *= shape[axis];
+                }
+                (shape, strides)
+            };
+            let (la, sa) = operand();
+            let (lb, sb) = operand();
+            let out: Vec<usize> = la.iter().zip(&lb).map(|(&a, &b)| a.max(b)).collect();
+            let mut so = vec![0; rank];
+            let mut stride = 6;
+            for i in (0..rank).rev() {
+                so[i] = stride;
+                stride *= out[i];
+            }
+            let (shape, plan) = plan_batch((&la, &sa), (&lb, &sb), &so).expect("broadcastable");
+            assert_eq!(shape, out);
+            let mut expected = Vec::new();
+            for index in 0..out.iter().product::<usize>() {
+                let (mut o, mut rest) = ([0; 3], index);
+                for i in (0..rank).rev() {
+                    let k = rest % out[i];
+                    rest /= out[i];
+                    o[0] += if la[i] == 1 { 0 } else { k * sa[i] };
+                    o[1] += if lb[i] == 1 { 0 } else { k * sb[i] };
+                    o[2] += k * so[i];
+                }
+                expected.push(o);
+            }
+            expected.sort_unstable();
+            assert_eq!(
+                planned_offsets(&plan),
+                expected,
+                "{la:?}/{sa:?} · {lb:?}/{sb:?}"
+            );
+        }
     }
 }
