@@ -62,8 +62,8 @@ pub fn counts() -> MatmulCounts {
     }
 }
 
-/// Loads libcublas and prepares this thread's handle and stream on `device`: call it once
-/// before training so that a missing library is an error, not a panic in the first product.
+/// Loads libcublas and creates this thread's cuBLAS handle on `device`: call it once before
+/// training so that a missing library is an error, not a panic in the first product.
 pub fn init(device: &CudaDevice) -> Result<(), CublasError> {
     std::panic::catch_unwind(|| unsafe {
         blas::culib();

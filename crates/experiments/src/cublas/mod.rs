@@ -24,10 +24,30 @@
 //! strided-batched call per run of batch dimensions that share a stride, a host loop over the
 //! rest). f32 uses TF32 tensor cores, as burn-cuda's own f32 matmul does. Anything else (f64,
 //! integer or quantized tensors, empty or contradictory shapes) goes to burn's kernel, which
-//! also reports shape errors as burn does; [`counts`] says how often each path ran.
+//! also reports shape errors as burn does; `counts` says how often each path ran.
 //!
-//! Requires libcublas at run time (loaded dynamically, as cubecl loads libcuda); [`init`]
+//! Requires libcublas at run time (loaded dynamically, as cubecl loads libcuda); `init`
 //! checks it once and returns an error instead of the loader's panic.
+//!
+//! ```no_run
+//! # #[cfg(feature = "cuda")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use burn::backend::Autodiff;
+//! use burn::tensor::{Distribution, Tensor};
+//! use experiments::cublas::{CublasCuda, counts, init};
+//!
+//! let device = Default::default();
+//! init(&device)?; // libcublas is loadable: an error here, not a panic later
+//! type B = Autodiff<CublasCuda>;
+//! let x = Tensor::<B, 3>::random([4, 256, 768], Distribution::Default, &device).require_grad();
+//! let w = Tensor::<B, 2>::random([768, 512], Distribution::Default, &device).require_grad();
+//! let grads = x.clone().matmul(w.clone().unsqueeze::<3>()).sum().backward();
+//! assert!(x.grad(&grads).is_some() && counts().cublas >= 3); // forward, dX and dW on cuBLAS
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "cuda"))]
+//! # fn main() {}
+//! ```
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod plan;
