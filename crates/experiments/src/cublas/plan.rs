@@ -124,48 +124,32 @@ mod tests {
 
     #[test]
     fn row_and_column_major_matrices_are_recognised() {
-        // [m, k] contiguous, with and without padded rows.
-        assert_eq!(
-            matrix_layout(4, 3, 3, 1),
+        let row_major = |leading| {
             Some(MatrixLayout {
                 column_major: false,
-                leading: 3
+                leading,
             })
-        );
-        assert_eq!(
-            matrix_layout(4, 3, 8, 1),
-            Some(MatrixLayout {
-                column_major: false,
-                leading: 8
-            })
-        );
-        // A transposed view of a [3, 4] matrix: strides (1, 4).
-        assert_eq!(
-            matrix_layout(4, 3, 1, 4),
+        };
+        let column_major = |leading| {
             Some(MatrixLayout {
                 column_major: true,
-                leading: 4
+                leading,
             })
-        );
+        };
+        // [m, k] contiguous, with and without padded rows.
+        assert_eq!(matrix_layout(4, 3, 3, 1), row_major(3));
+        assert_eq!(matrix_layout(4, 3, 8, 1), row_major(8));
+        // A transposed view of a [3, 4] matrix: strides (1, 4).
+        assert_eq!(matrix_layout(4, 3, 1, 4), column_major(4));
         // Neither axis unit-stride, or overlapping rows: must be copied.
         assert_eq!(matrix_layout(4, 3, 6, 2), None);
         assert_eq!(matrix_layout(4, 3, 2, 1), None);
         assert_eq!(matrix_layout(4, 3, 0, 1), None);
         // One row or one column: any stride of the length-1 axis.
-        assert_eq!(
-            matrix_layout(1, 5, 0, 1),
-            Some(MatrixLayout {
-                column_major: false,
-                leading: 5
-            })
-        );
-        assert_eq!(
-            matrix_layout(5, 1, 1, 7),
-            Some(MatrixLayout {
-                column_major: false,
-                leading: 1
-            })
-        );
+        assert_eq!(matrix_layout(1, 5, 0, 1), row_major(5));
+        assert_eq!(matrix_layout(5, 1, 1, 7), row_major(1));
+        // One row whose elements are 4 apart: column-major, a column every 4 elements.
+        assert_eq!(matrix_layout(1, 5, 9, 4), column_major(4));
     }
 
     #[test]
