@@ -187,6 +187,9 @@ fn cublas_matmul(lhs: CubeTensor<CudaRuntime>, rhs: CubeTensor<CudaRuntime>) -> 
         matrix_layout(rows, cols, s[rank - 2], s[rank - 1]).expect("arranged above")
     };
     let (la, lb) = (layout(&lhs, m, k), layout(&rhs, k, n));
+    if !fits(la.leading) || !fits(lb.leading) {
+        return Product::Declined(lhs, rhs);
+    }
     let batch_rank = rank - 2;
     let mut out_strides = vec![0; batch_rank];
     let out_batch: Vec<usize> = (0..batch_rank)
@@ -235,6 +238,11 @@ fn cublas_matmul(lhs: CubeTensor<CudaRuntime>, rhs: CubeTensor<CudaRuntime>) -> 
     // the product runs after the kernels that wrote its operands and before those that read
     // its output, with no host synchronisation.
     let stream = gc.resource().stream;
+    if stream.is_null() {
+        // Not cubecl-cuda with the stream exposed: cuBLAS could not be ordered with burn.
+        drop((ga, gb, gc));
+        return Product::Declined(lhs, rhs);
+    }
     let op = |l: MatrixLayout| {
         if l.column_major {
             blas::cublasOperation_t::CUBLAS_OP_T
