@@ -270,7 +270,7 @@ pub(crate) fn lower_product<T: Element>(
 ) {
     let n = c.nrows();
     let m = l.ncols();
-    let cut = ((n as f64) * (1.0 - std::f64::consts::FRAC_1_SQRT_2)) as usize;
+    let cut = lower_product_cut(n);
     let (left, right) = c.split_at_col_mut(cut);
     let side = |mut part: MatMut<'_, T>, offset: usize| {
         let cols = part.ncols();
@@ -288,6 +288,12 @@ pub(crate) fn lower_product<T: Element>(
         }
     };
     rayon::join(|| side(left, 0), || side(right, cut));
+}
+
+/// Column where [`lower_product`] splits its two workers: the left columns `[0, c)` and the
+/// right ones hold equal areas of the lower triangle when `(n − c)² = n²/2`, `c = n(1 − 1/√2)`.
+fn lower_product_cut(n: usize) -> usize {
+    ((n as f64) * (1.0 - std::f64::consts::FRAC_1_SQRT_2)) as usize
 }
 
 /// `scale·A·Aᵀ` (exactly symmetric).
@@ -498,7 +504,7 @@ mod tests {
                         );
                     }
                     // Left of the cut the blocks start at column 0: block = column / GEMM_BLOCK.
-                    let cut = ((n as f64) * (1.0 - std::f64::consts::FRAC_1_SQRT_2)) as usize;
+                    let cut = lower_product_cut(n);
                     for i in 0..j {
                         if j < cut && i / GEMM_BLOCK != j / GEMM_BLOCK {
                             assert_eq!(c[(i, j)], start[(i, j)], "upper touched, n={n}");
