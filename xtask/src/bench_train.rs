@@ -131,12 +131,12 @@ pub fn run(args: &Args) -> Result<(), String> {
         v["flops_per_second"].as_f64()
     };
     println!(
-        "# bench train: {} {dtype}{}{}, preset {}, {} updates of {} × {} tokens; reference {}; matmul peak {}",
-        args.backend,
+        "# bench train: {}{}, preset {}, {} updates of {} × {} tokens; reference {}; matmul peak {}",
+        // The CUDA label names the dtype and the matmul kernels; the CPU runs f32.
         if args.backend == "cuda" {
-            format!(" ({})", args.matmul.label())
+            args.matmul.label().to_string()
         } else {
-            String::new()
+            format!("{} {dtype}", args.backend)
         },
         if args.backend == "cuda" && cfg!(feature = "fusion") {
             " (burn fusion on)"

@@ -173,43 +173,29 @@ fn cublas_matmul(lhs: CubeTensor<CudaRuntime>, rhs: CubeTensor<CudaRuntime>) -> 
     }
     // Operands whose matrices are neither row- nor column-major are copied first.
     let arrange = |t: CubeTensor<CudaRuntime>, rows: usize, cols: usize| {
-        let s = t.meta.strides();
-        if matrix_layout(rows, cols, s[rank - 2], s[rank - 1]).is_some() {
-            t
-        } else {
-            burn_cubecl::kernel::into_contiguous(t)
+        let layout_of = |t: &CubeTensor<CudaRuntime>| {
+            let s = t.meta.strides();
+            matrix_layout(rows, cols, s[rank - 2], s[rank - 1])
+        };
+        match layout_of(&t) {
+            Some(layout) => (t, layout),
+            None => {
+                let t = burn_cubecl::kernel::into_contiguous(t);
+                let layout = layout_of(&t).expect("a contiguous matrix is row-major");
+                (t, layout)
+            }
         }
     };
-    let lhs = arrange(lhs, m, k);
-    let rhs = arrange(rhs, k, n);
-    let layout = |t: &CubeTensor<CudaRuntime>, rows, cols| {
-        let s = t.meta.strides();
-        matrix_layout(rows, cols, s[rank - 2], s[rank - 1]).expect("arranged above")
-    };
-    let (la, lb) = (layout(&lhs, m, k), layout(&rhs, k, n));
+    let (lhs, la) = arrange(lhs, m, k);
+    let (rhs, lb) = arrange(rhs, k, n);
     if !fits(la.leading) || !fits(lb.leading) {
         return Product::Declined(lhs, rhs);
     }
-    let batch_rank = rank - 2;
-    let mut out_strides = vec![0; batch_rank];
-    let out_batch: Vec<usize> = (0..batch_rank)
-        .map(|i| lhs.meta.shape()[i].max(rhs.meta.shape()[i]))
-        .collect();
-    let mut stride = m * n;
-    for i in (0..batch_rank).rev() {
-        out_strides[i] = stride;
-        stride *= out_batch[i];
-    }
+    let batch = rank - 2;
     let Some((mut out_shape, plan)) = plan_batch(
-        (
-            &lhs.meta.shape()[..batch_rank],
-            &lhs.meta.strides()[..batch_rank],
-        ),
-        (
-            &rhs.meta.shape()[..batch_rank],
-            &rhs.meta.strides()[..batch_rank],
-        ),
-        &out_strides,
+        (&lhs.meta.shape()[..batch], &lhs.meta.strides()[..batch]),
+        (&rhs.meta.shape()[..batch], &rhs.meta.strides()[..batch]),
+        m * n,
     ) else {
         return Product::Declined(lhs, rhs);
     };

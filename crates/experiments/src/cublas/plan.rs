@@ -61,32 +61,38 @@ pub(super) struct BatchPlan {
     pub inner: [usize; 4],
 }
 
-/// Plans the batch axes: `lhs`/`rhs` are `(shape, strides)` of the batch axes only (equal
-/// rank), `out_strides` the contiguous output's batch strides. A broadcast axis (size 1 in one
-/// operand) gets stride 0 in that operand. Returns the output's batch shape and the plan, or
-/// `None` if the shapes do not broadcast.
+/// Plans the batch axes of a product into a contiguous output whose matrices have
+/// `matrix_elems` entries: `lhs`/`rhs` are `(shape, strides)` of the batch axes only (equal
+/// rank). A broadcast axis (size 1 in one operand) gets stride 0 in that operand. Returns the
+/// output's batch shape and the plan, or `None` if the shapes do not broadcast.
 pub(super) fn plan_batch(
     lhs: (&[usize], &[usize]),
     rhs: (&[usize], &[usize]),
-    out_strides: &[usize],
+    matrix_elems: usize,
 ) -> Option<(Vec<usize>, BatchPlan)> {
-    let rank = lhs.0.len();
-    let mut out_shape = Vec::with_capacity(rank);
+    let out_shape = lhs
+        .0
+        .iter()
+        .zip(rhs.0)
+        .map(|(&a, &b)| match (a, b) {
+            _ if a == b || b == 1 => Some(a),
+            (1, _) => Some(b),
+            _ => None,
+        })
+        .collect::<Option<Vec<usize>>>()?;
+    // The output is contiguous: its batch strides follow from its shape.
+    let mut out_strides = vec![0; out_shape.len()];
+    let mut stride = matrix_elems;
+    for (s, &size) in out_strides.iter_mut().zip(&out_shape).rev() {
+        *s = stride;
+        stride *= size;
+    }
     let mut axes = Vec::new();
-    let axis_pairs = lhs.0.iter().zip(rhs.0).zip(lhs.1.iter().zip(rhs.1));
-    for (((&a, &b), (&stride_a, &stride_b)), &so) in axis_pairs.zip(out_strides) {
-        let size = if a == b || b == 1 {
-            a
-        } else if a == 1 {
-            b
-        } else {
-            return None;
-        };
-        out_shape.push(size);
+    for (i, &size) in out_shape.iter().enumerate() {
         if size > 1 {
-            let sa = if a == 1 { 0 } else { stride_a };
-            let sb = if b == 1 { 0 } else { stride_b };
-            axes.push([size, sa, sb, so]);
+            let sa = if lhs.0[i] == 1 { 0 } else { lhs.1[i] };
+            let sb = if rhs.0[i] == 1 { 0 } else { rhs.1[i] };
+            axes.push([size, sa, sb, out_strides[i]]);
         }
     }
     // Runs of axes whose strides chain (the outer axis steps over the whole inner one, in
@@ -155,30 +161,27 @@ mod tests {
     #[test]
     fn batch_axes_merge_when_their_strides_chain() {
         // [2, 3] batch of contiguous 4×5 · 5×6 products: one call of 6.
-        let (shape, plan) = plan_batch((&[2, 3], &[60, 20]), (&[2, 3], &[90, 30]), &[72, 24])
-            .expect("broadcastable");
+        let (shape, plan) =
+            plan_batch((&[2, 3], &[60, 20]), (&[2, 3], &[90, 30]), 24).expect("broadcastable");
         assert_eq!(shape, vec![2, 3]);
         assert_eq!(plan.outer, Vec::<[usize; 4]>::new());
         assert_eq!(plan.inner, [6, 20, 30, 24]);
         // rhs broadcast over the whole batch: stride 0.
-        let (_, plan) =
-            plan_batch((&[2, 3], &[60, 20]), (&[1, 1], &[0, 0]), &[72, 24]).expect("ok");
+        let (_, plan) = plan_batch((&[2, 3], &[60, 20]), (&[1, 1], &[0, 0]), 24).expect("ok");
         assert_eq!(plan.inner, [6, 20, 0, 24]);
         // rhs broadcast over the inner axis only ([b, 1, t, r] against [b, H, s, t]): a
         // host loop over b, a strided batch over H.
-        let (_, plan) =
-            plan_batch((&[2, 3], &[60, 20]), (&[2, 1], &[30, 30]), &[72, 24]).expect("ok");
+        let (_, plan) = plan_batch((&[2, 3], &[60, 20]), (&[2, 1], &[30, 30]), 24).expect("ok");
         assert_eq!(plan.outer, vec![[2, 60, 30, 72]]);
         assert_eq!(plan.inner, [3, 20, 0, 24]);
         // Attention scores of [b, s, H, d] heads seen as [b, H, s, d] (b = 4, H = 3, s = 5,
         // d = 2: batch strides (30, 2)) against the transposed keys of the same layout: b and
         // H do not chain; the longer axis (b) is the strided batch, the host loops over H.
-        let (_, plan) =
-            plan_batch((&[4, 3], &[30, 2]), (&[4, 3], &[30, 2]), &[75, 25]).expect("ok");
+        let (_, plan) = plan_batch((&[4, 3], &[30, 2]), (&[4, 3], &[30, 2]), 25).expect("ok");
         assert_eq!(plan.inner, [4, 30, 30, 75]);
         assert_eq!(plan.outer, vec![[3, 2, 2, 25]]);
         // Shapes that do not broadcast.
-        assert!(plan_batch((&[2], &[20]), (&[3], &[30]), &[24]).is_none());
+        assert!(plan_batch((&[2], &[20]), (&[3], &[30]), 24).is_none());
     }
 
     /// The `(lhs, rhs, out)` element offsets of every product a plan makes.
@@ -248,7 +251,7 @@ mod tests {
                 so[i] = stride;
                 stride *= out[i];
             }
-            let (shape, plan) = plan_batch((&la, &sa), (&lb, &sb), &so).expect("broadcastable");
+            let (shape, plan) = plan_batch((&la, &sa), (&lb, &sb), 6).expect("broadcastable");
             assert_eq!(shape, out);
             let mut expected = Vec::new();
             for index in 0..out.iter().product::<usize>() {
