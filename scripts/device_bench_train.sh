@@ -4,10 +4,11 @@
 # carried. Results (stdout tables, every result.json) go to $OUT.
 #   CPU_STEPS (default 0: skip the CPU f32 numerics check; else its updates, tiny preset)
 #   GPU_VARIANTS (default mha,mla-prerope,mla-decoupled), GPU_STEPS (100), GPU_REFERENCE
-#   (eager,sdpa,compile), MATMUL (cublas or cubecl; default cublas), PROBE_STEPS (default 0:
-#   skip `bench probe`). If .device/cublas-test.xz is carried (the ignored GPU tests of
-#   crates/experiments/tests/cublas.rs, built with `cargo test --release -p experiments
-#   --features cuda --test cublas --no-run`), it runs first.
+#   (eager,sdpa,compile), MATMUL (cublas, cublas-composed or cubecl, or several separated by
+#   commas, each a `bench train` run; default cublas; the reference runs with the first only),
+#   PROBE_STEPS (default 0: skip `bench probe`). Every .device/NAME-test.xz carried (the
+#   ignored GPU tests of crates/experiments/tests/NAME.rs, built with `cargo test --release
+#   -p experiments --features cuda --test NAME --no-run`) runs first.
 set -uo pipefail
 export LD_LIBRARY_PATH=$PWD/.device/lib:/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -17,11 +18,13 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 date -u
-if [ -f .device/cublas-test.xz ]; then
-  python3 -c "import lzma,shutil;shutil.copyfileobj(lzma.open('.device/cublas-test.xz'),open('.device/cublas-test','wb'))" \
-    && chmod +x .device/cublas-test
-  ./.device/cublas-test --ignored --test-threads 1 2>&1 | tee "$OUT/cublas-test.log"
-fi
+for xz in .device/*-test.xz; do
+  [ -f "$xz" ] || continue
+  bin=${xz%.xz}
+  python3 -c "import lzma,shutil,sys;shutil.copyfileobj(lzma.open(sys.argv[1]),open(sys.argv[2],'wb'))" "$xz" "$bin" \
+    && chmod +x "$bin"
+  "./$bin" --ignored --test-threads 1 2>&1 | tee "$OUT/$(basename "$bin").log"
+done
 if [ "${CPU_STEPS:-0}" -gt 0 ]; then
   ./.device/xtask bench train --backend cpu --preset tiny --steps "$CPU_STEPS" \
     --reference eager,sdpa --skip 3 --out /tmp/bench-train-cpu 2>&1 | tee "$OUT/bench-train-cpu.log"
@@ -30,12 +33,16 @@ if [ "${CPU_STEPS:-0}" -gt 0 ]; then
   done
 fi
 if [ -n "${GPU_VARIANTS-mha,mla-prerope,mla-decoupled}" ]; then
-  ./.device/xtask bench train --backend cuda --matmul "${MATMUL:-cublas}" --preset paper \
-    --variants "${GPU_VARIANTS-mha,mla-prerope,mla-decoupled}" --steps "${GPU_STEPS:-100}" \
-    --reference "${GPU_REFERENCE:-eager,sdpa,compile}" --out /tmp/bench-train-gpu 2>&1 \
-    | tee "$OUT/bench-train-gpu.log"
-  for f in /tmp/bench-train-gpu/*/result.json; do
-    [ -f "$f" ] && cp "$f" "$OUT/gpu-$(basename "$(dirname "$f")").json"
+  reference=${GPU_REFERENCE:-eager,sdpa,compile}
+  for matmul in $(echo "${MATMUL:-cublas}" | tr , ' '); do
+    ./.device/xtask bench train --backend cuda --matmul "$matmul" --preset paper \
+      --variants "${GPU_VARIANTS-mha,mla-prerope,mla-decoupled}" --steps "${GPU_STEPS:-100}" \
+      --reference "$reference" --out "/tmp/bench-train-gpu-$matmul" 2>&1 \
+      | tee "$OUT/bench-train-gpu-$matmul.log"
+    for f in /tmp/bench-train-gpu-"$matmul"/*/result.json; do
+      [ -f "$f" ] && cp "$f" "$OUT/gpu-$matmul-$(basename "$(dirname "$f")").json"
+    done
+    reference=none
   done
 fi
 if [ "${PROBE_STEPS:-0}" -gt 0 ]; then

@@ -403,15 +403,22 @@ fn cuda(
             .map(|m| m.bytes_reserved as f64)
     };
     let before = experiments::cublas::counts();
+    let fused_before = experiments::cublas::fused_counts();
     let measured = crate::gpu::with_cuda_backend!(matmul, |B| burn_run::<B>(
         dir, data, model, config, &device, reserved
     ))?;
     let after = experiments::cublas::counts();
-    if matmul == crate::gpu::Matmul::Cublas {
+    let fused = experiments::cublas::fused_counts();
+    if matmul != crate::gpu::Matmul::Cubecl {
         println!(
-            "# cuBLAS products {} (burn's kernel for {})",
+            "# cuBLAS products {} (burn's kernel for {}); fused RMSNorms {}, causal softmaxes {}, SwiGLUs {}, cross-entropies {} (declined {})",
             after.cublas - before.cublas,
-            after.fallback - before.fallback
+            after.fallback - before.fallback,
+            fused.rms_norm - fused_before.rms_norm,
+            fused.causal_softmax - fused_before.causal_softmax,
+            fused.swiglu - fused_before.swiglu,
+            fused.cross_entropy - fused_before.cross_entropy,
+            fused.declined - fused_before.declined,
         );
     }
     Ok(measured)

@@ -8,7 +8,6 @@ use crate::config::{AttentionConfig, AttentionVariant, PreRopePlacement};
 use crate::rope::{Rope, RopePairing};
 use burn::nn::{Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 
 /// The attention scores and probabilities of one forward pass, for probing.
 #[derive(Debug, Clone)]
@@ -31,14 +30,11 @@ pub fn causal_probs<B: Backend>(
 ) -> Tensor<B, 4> {
     let [_, _, s, t] = scores.dims();
     let device = scores.device();
-    let mask = Tensor::<B, 2, Bool>::tril_mask([s, t], offset as i64, &device);
-    let probs = softmax(
-        scores.mask_fill(mask.clone().unsqueeze::<4>(), f32::NEG_INFINITY),
-        3,
-    );
+    let probs = crate::fused::causal_softmax(scores, offset);
     if !gap_removed {
         return probs;
     }
+    let mask = Tensor::<B, 2, Bool>::tril_mask([s, t], offset as i64, &device);
     let visible = Tensor::<B, 2>::ones([s, t], &device).mask_fill(mask, 0.0);
     let counts = Tensor::<B, 1, Int>::arange((offset as i64 + 1)..(offset + s) as i64 + 1, &device)
         .float()
@@ -211,14 +207,14 @@ impl<B: Backend> Mla<B> {
 
     fn norm_q(&self, c: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.q_norm {
-            Some(n) => n.forward(c),
+            Some(n) => crate::fused::rms_norm(n, c),
             None => c,
         }
     }
 
     fn norm_kv(&self, c: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.kv_norm {
-            Some(n) => n.forward(c),
+            Some(n) => crate::fused::rms_norm(n, c),
             None => c,
         }
     }

@@ -10,7 +10,9 @@
 //!   path;
 //! * effective `Q, K` weights of every layer ([`EffectiveQk`]) for the spectral diagnostics;
 //! * safetensors export/import under HF LLaMA and DeepSeek-V2 names ([`export`]);
-//! * the attention-only model of seed 002 ([`attention_only`]).
+//! * the attention-only model of seed 002 ([`attention_only`]);
+//! * a per-backend registry of fused kernels for RMSNorm and the causal softmax ([`fused`]),
+//!   which the models use when a backend (the CUDA one in `experiments`) provides them.
 #![warn(missing_docs)]
 
 pub mod attention;
@@ -19,6 +21,7 @@ pub mod cache;
 pub mod config;
 pub mod effective;
 pub mod export;
+pub mod fused;
 pub mod rope;
 pub mod transformer;
 

@@ -3,11 +3,11 @@
 use crate::attention::{Attention, AttentionMaps};
 use crate::cache::LayerCache;
 use crate::config::LlamaConfig;
+use crate::fused::{rms_norm, swiglu};
 use burn::nn::{
     Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig,
 };
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 
 /// One decoder block: `x + attn(norm(x))`, then `x + down(silu(gate(h)) ⊙ up(h))`,
 /// `h = norm(x)`.
@@ -29,10 +29,10 @@ pub struct Block<B: Backend> {
 
 impl<B: Backend> Block<B> {
     fn ffn(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.ffn_norm.forward(x.clone());
+        let h = rms_norm(&self.ffn_norm, x.clone());
         x + self
             .down
-            .forward(silu(self.gate.forward(h.clone())) * self.up.forward(h))
+            .forward(swiglu(self.gate.forward(h.clone()), self.up.forward(h)))
     }
 }
 
@@ -104,7 +104,7 @@ impl LlamaConfig {
 
 impl<B: Backend> Llama<B> {
     fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.norm.forward(h);
+        let h = rms_norm(&self.norm, h);
         match &self.head {
             Some(head) => head.forward(h),
             None => h.matmul(self.embed.weight.val().transpose().unsqueeze::<3>()),
@@ -115,7 +115,10 @@ impl<B: Backend> Llama<B> {
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let mut x = self.embed.forward(tokens);
         for block in &self.blocks {
-            x = x.clone() + block.attention.forward(block.attn_norm.forward(x), 0, None);
+            x = x.clone()
+                + block
+                    .attention
+                    .forward(rms_norm(&block.attn_norm, x), 0, None);
             x = block.ffn(x);
         }
         self.logits(x)
@@ -133,7 +136,7 @@ impl<B: Backend> Llama<B> {
         let offset = cache.first().map_or(0, |c| c.len());
         let mut x = self.embed.forward(tokens);
         for (block, layer_cache) in self.blocks.iter().zip(cache.iter_mut()) {
-            let h = block.attn_norm.forward(x.clone());
+            let h = rms_norm(&block.attn_norm, x.clone());
             let a = if absorbed {
                 block
                     .attention
@@ -162,7 +165,7 @@ impl<B: Backend> Llama<B> {
         for block in &self.blocks {
             let (a, m) = block
                 .attention
-                .forward_with_maps(block.attn_norm.forward(x.clone()));
+                .forward_with_maps(rms_norm(&block.attn_norm, x.clone()));
             maps.push(m);
             x = block.ffn(x + a);
         }

@@ -26,7 +26,6 @@ use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer}
 use burn::prelude::*;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::DType;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
 use probe::{MetricRow, Probe, ProbeConfig, WriterState};
 use serde::{Deserialize, Serialize};
@@ -257,9 +256,7 @@ fn batch_tensors<B: Backend>(
 }
 
 /// Mean next-token cross-entropy (nats) of `model` on windows `indices`:
-/// `−(1/bs) Σ log softmax(z)[target]`, with the logits `z` cast to f32 first (as PyTorch
-/// trainers do), so that a bf16 model's loss and its gradient at the logits are not rounded
-/// to bf16's 8 significant bits.
+/// `−(1/bs) Σ log softmax(z)[target]` in f32 ([`attn_models::fused::cross_entropy`]).
 fn loss_of<B: Backend>(
     model: &Llama<B>,
     data: &Packed,
@@ -269,8 +266,7 @@ fn loss_of<B: Backend>(
     let (inputs, targets) = batch_tensors::<B>(data, indices, device);
     let logits = model.forward(inputs);
     let [b, s, v] = logits.dims();
-    let logp = log_softmax(logits.reshape([b * s, v]).cast(DType::F32), 1);
-    logp.gather(1, targets.reshape([b * s, 1])).mean().neg()
+    attn_models::fused::cross_entropy(logits.reshape([b * s, v]), targets)
 }
 
 /// Validation loss: the first `eval_batches · batch` windows of the validation data (or all

@@ -26,6 +26,13 @@
 //! integer or quantized tensors, empty or contradictory shapes) goes to burn's kernel, which
 //! also reports shape errors as burn does; `counts` says how often each path ran.
 //!
+//! **Fused kernels.** `register_fused` registers cubecl kernels of our own with
+//! `attn_models::fused` for `CublasCuda` and `Autodiff<CublasCuda>`: RMSNorm, the causal
+//! softmax, SwiGLU's gate and the cross-entropy loss, each one kernel forward and one
+//! backward where burn composes several (`fused.rs` has the formulas, `kernels.rs` the
+//! kernels; `tests/fused.rs` checks them against the exact functions). They run on cubecl's
+//! stream like every burn kernel. `fused_counts` says how often each ran.
+//!
 //! Requires libcublas at run time (loaded dynamically, as cubecl loads libcuda); `init`
 //! checks it once and returns an error instead of the loader's panic.
 //!
@@ -56,6 +63,12 @@ mod plan;
 mod backend;
 #[cfg(feature = "cuda")]
 mod forward;
+#[cfg(feature = "cuda")]
+mod fused;
+#[cfg(feature = "cuda")]
+mod kernels;
 
 #[cfg(feature = "cuda")]
 pub use backend::*;
+#[cfg(feature = "cuda")]
+pub use fused::{FusedCounts, fused_counts, register_fused, unregister_fused};

@@ -1,0 +1,276 @@
+//! Fused kernels a backend may supply for the models' element-wise blocks.
+//!
+//! burn composes RMSNorm, the causal softmax, SwiGLU's gate and the cross-entropy loss from
+//! generic tensor operations: eight kernels for one RMSNorm, a dozen full-size passes over the
+//! `[b, H, s, t]` scores for one softmax and its gradient, f32 copies of the whole `[n, v]`
+//! logits for the loss. A backend that has a fused kernel for any of them (with its backward,
+//! when it is an autodiff backend) registers it here, keyed by the backend's type; the models
+//! call [`rms_norm`], [`causal_softmax`], [`swiglu`] and [`cross_entropy`], which run the
+//! registered kernel when there is one and burn's composition otherwise. The composition is the definition: a registered kernel
+//! must compute the same function (tests compare them), and may decline an input it does not
+//! handle (a dtype, a layout) by handing it back.
+//!
+//! No bound is added to the models' `B: Backend`, and a backend with nothing registered (the
+//! CPU backends, always) runs exactly the composed code.
+//!
+//! ```
+//! use attn_models::fused::{self, FusedKernels};
+//! use burn::backend::NdArray;
+//! use burn::nn::RmsNormConfig;
+//! use burn::prelude::*;
+//!
+//! type B = NdArray<f32>;
+//! let device = Default::default();
+//! let norm = RmsNormConfig::new(4).init::<B>(&device);
+//! let x = Tensor::<B, 3>::ones([2, 3, 4], &device);
+//! // Nothing registered: burn's RmsNorm.
+//! let reference = fused::rms_norm(&norm, x.clone());
+//! // A backend's kernel (here one that declines everything, so burn's path still runs).
+//! fused::register::<B>(FusedKernels::declining());
+//! assert!(fused::is_registered::<B>());
+//! let declined = fused::rms_norm(&norm, x);
+//! declined.into_data().assert_eq(&reference.into_data(), true);
+//! fused::unregister::<B>();
+//! ```
+
+use burn::nn::RmsNorm;
+use burn::prelude::*;
+use burn::tensor::DType;
+use burn::tensor::activation::{log_softmax, silu, softmax};
+use std::any::{Any, TypeId};
+use std::sync::{PoisonError, RwLock};
+
+/// A kernel's answer: its result `T`, or its input `I` handed back.
+#[derive(Debug)]
+pub enum Outcome<T, I = T> {
+    /// The kernel's result.
+    Computed(T),
+    /// The input, handed back: the kernel does not take it (a dtype, a size).
+    Declined(I),
+}
+
+/// RMSNorm over the last axis: `x` `[n, w]`, gain `γ` `[w]`, `ε` →
+/// `y_ij = γ_j·x_ij / √(mean_j x_ij² + ε)`, `[n, w]`, in `x`'s dtype.
+pub type RmsNormKernel<B> = fn(Tensor<B, 2>, Tensor<B, 1>, f64) -> Outcome<Tensor<B, 2>>;
+
+/// Causal softmax of `scores` `[b, H, s, t]` for queries at positions `offset..offset+s`:
+/// row `i` is the softmax of its first `offset + (i mod s) + 1` entries and 0 after them.
+pub type CausalSoftmaxKernel<B> = fn(Tensor<B, 4>, usize) -> Outcome<Tensor<B, 4>>;
+
+/// SwiGLU's gating: `silu(gate) ⊙ up = gate·σ(gate)·up` of two `[n, f]` tensors.
+pub type SwigluKernel<B> =
+    fn(Tensor<B, 2>, Tensor<B, 2>) -> Outcome<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)>;
+
+/// The language-model loss: `logits` `[n, v]`, `targets` `[n]` →
+/// `(1/n) Σ_i −log softmax(logits_i)_{t_i}`, `[1]`, in f32.
+pub type CrossEntropyKernel<B> =
+    fn(Tensor<B, 2>, Tensor<B, 1, Int>) -> Outcome<Tensor<B, 1>, (Tensor<B, 2>, Tensor<B, 1, Int>)>;
+
+/// The fused kernels of one backend `B`.
+pub struct FusedKernels<B: Backend> {
+    /// See [`RmsNormKernel`].
+    pub rms_norm: RmsNormKernel<B>,
+    /// See [`CausalSoftmaxKernel`].
+    pub causal_softmax: CausalSoftmaxKernel<B>,
+    /// See [`SwigluKernel`].
+    pub swiglu: SwigluKernel<B>,
+    /// See [`CrossEntropyKernel`].
+    pub cross_entropy: CrossEntropyKernel<B>,
+}
+
+impl<B: Backend> FusedKernels<B> {
+    /// Kernels that decline every input: a base to override some of.
+    pub fn declining() -> Self {
+        Self {
+            rms_norm: |x, _, _| Outcome::Declined(x),
+            causal_softmax: |scores, _| Outcome::Declined(scores),
+            swiglu: |gate, up| Outcome::Declined((gate, up)),
+            cross_entropy: |logits, targets| Outcome::Declined((logits, targets)),
+        }
+    }
+}
+
+impl<B: Backend> Clone for FusedKernels<B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for FusedKernels<B> {}
+
+type Entry = (TypeId, Box<dyn Any + Send + Sync>);
+
+static REGISTRY: RwLock<Vec<Entry>> = RwLock::new(Vec::new());
+
+/// Registers `kernels` for backend `B`, replacing any registered before.
+pub fn register<B: Backend>(kernels: FusedKernels<B>) {
+    let mut registry = REGISTRY.write().unwrap_or_else(PoisonError::into_inner);
+    registry.retain(|(id, _)| *id != TypeId::of::<B>());
+    registry.push((TypeId::of::<B>(), Box::new(kernels)));
+}
+
+/// Removes `B`'s kernels: the models use burn's composition again.
+pub fn unregister<B: Backend>() {
+    let mut registry = REGISTRY.write().unwrap_or_else(PoisonError::into_inner);
+    registry.retain(|(id, _)| *id != TypeId::of::<B>());
+}
+
+/// Whether `B` has kernels registered.
+pub fn is_registered<B: Backend>() -> bool {
+    kernels::<B>().is_some()
+}
+
+fn kernels<B: Backend>() -> Option<FusedKernels<B>> {
+    let registry = REGISTRY.read().unwrap_or_else(PoisonError::into_inner);
+    registry
+        .iter()
+        .find(|(id, _)| *id == TypeId::of::<B>())
+        .and_then(|(_, k)| k.downcast_ref::<FusedKernels<B>>().copied())
+}
+
+/// `norm(x)` over `x`'s last axis `[…, w]` → `[…, w]`: `B`'s fused kernel when registered
+/// and accepting, else burn's [`RmsNorm::forward`].
+pub fn rms_norm<B: Backend, const D: usize>(norm: &RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    let Some(k) = kernels::<B>() else {
+        return norm.forward(x);
+    };
+    let dims = x.dims();
+    let rows = x.reshape([-1, dims[D - 1] as i32]);
+    match (k.rms_norm)(rows, norm.gamma.val(), norm.epsilon) {
+        Outcome::Computed(y) => y.reshape(dims),
+        Outcome::Declined(rows) => norm.forward(rows.reshape(dims)),
+    }
+}
+
+/// Causal softmax over the last axis of `scores` `[b, H, s, t]` for queries at positions
+/// `offset..offset+s` and keys `0..t` → `[b, H, s, t]`: `B`'s fused kernel when registered
+/// and accepting, else masking with `−∞` above the diagonal and burn's softmax.
+pub fn causal_softmax<B: Backend>(scores: Tensor<B, 4>, offset: usize) -> Tensor<B, 4> {
+    let scores = match kernels::<B>() {
+        Some(k) => match (k.causal_softmax)(scores, offset) {
+            Outcome::Computed(probs) => return probs,
+            Outcome::Declined(scores) => scores,
+        },
+        None => scores,
+    };
+    let [_, _, s, t] = scores.dims();
+    let mask = Tensor::<B, 2, Bool>::tril_mask([s, t], offset as i64, &scores.device());
+    softmax(
+        scores.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY),
+        3,
+    )
+}
+
+/// `silu(gate) ⊙ up` of `[…, f]` tensors → `[…, f]`: `B`'s fused kernel when registered and
+/// accepting, else burn's `silu` and a product.
+pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    let (gate, up) = match kernels::<B>() {
+        Some(k) => {
+            let dims = gate.dims();
+            let f = dims[D - 1] as i32;
+            match (k.swiglu)(gate.reshape([-1, f]), up.reshape([-1, f])) {
+                Outcome::Computed(y) => return y.reshape(dims),
+                Outcome::Declined((gate, up)) => (gate.reshape(dims), up.reshape(dims)),
+            }
+        }
+        None => (gate, up),
+    };
+    silu(gate) * up
+}
+
+/// The mean next-token loss of `logits` `[n, v]` against `targets` `[n]`, `[1]` in f32:
+/// `(1/n) Σ_i −log softmax(logits_i)_{t_i}`, the log-softmax taken in f32 whatever the
+/// logits' dtype (as mixed-precision trainers do), so that neither the loss nor its gradient
+/// at the logits is rounded to bf16 on the way. `B`'s fused kernel when registered and
+/// accepting, else burn's `log_softmax` and a gather.
+pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    let (logits, targets) = match kernels::<B>() {
+        Some(k) => match (k.cross_entropy)(logits, targets) {
+            Outcome::Computed(loss) => return loss,
+            Outcome::Declined(inputs) => inputs,
+        },
+        None => (logits, targets),
+    };
+    let n = targets.dims()[0];
+    let logp = log_softmax(logits.cast(DType::F32), 1);
+    logp.gather(1, targets.reshape([n, 1])).mean().neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+    use burn::nn::RmsNormConfig;
+    use burn::tensor::{Distribution, Tolerance};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    // Each test registers for its own backend type, so tests running in parallel do not see
+    // each other's kernels.
+    // Types no other test of the crate uses, so that a registration here never changes what
+    // another test computes.
+    type Plain = NdArray<f64, i32>;
+    type Grad = Autodiff<NdArray<f32, i32>>;
+    type Other = NdArray<f32, i32>;
+
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+
+    /// A "kernel" that computes the norm differently from burn (`x·γ·r` in one expression
+    /// rather than `x/rms·γ`): the test sees whether dispatch reached it.
+    fn counted_norm(
+        x: Tensor<Grad, 2>,
+        gain: Tensor<Grad, 1>,
+        eps: f64,
+    ) -> Outcome<Tensor<Grad, 2>> {
+        CALLS.fetch_add(1, Ordering::SeqCst);
+        let r = (x.clone().square().mean_dim(1) + eps).sqrt().recip();
+        Outcome::Computed(x * r * gain.unsqueeze())
+    }
+
+    #[test]
+    fn registered_kernels_are_called_and_match_the_composition() {
+        let device = Default::default();
+        let norm = RmsNormConfig::new(8).init::<Grad>(&device);
+        let x = Tensor::<Grad, 3>::random([2, 5, 8], Distribution::Normal(0.0, 2.0), &device);
+        let reference = norm.forward(x.clone());
+        register::<Grad>(FusedKernels {
+            rms_norm: counted_norm,
+            ..FusedKernels::declining()
+        });
+        let before = CALLS.load(Ordering::SeqCst);
+        let fused = rms_norm(&norm, x.clone());
+        assert_eq!(CALLS.load(Ordering::SeqCst), before + 1);
+        fused
+            .into_data()
+            .assert_approx_eq::<f32>(&reference.into_data(), Tolerance::rel_abs(1e-5, 1e-6));
+        unregister::<Grad>();
+        assert!(!is_registered::<Grad>());
+        let _ = rms_norm(&norm, x);
+        assert_eq!(CALLS.load(Ordering::SeqCst), before + 1);
+    }
+
+    #[test]
+    fn a_declined_softmax_falls_back_to_the_masked_composition() {
+        let device = Default::default();
+        register::<Plain>(FusedKernels::declining());
+        let scores = Tensor::<Plain, 4>::random([1, 2, 3, 5], Distribution::Default, &device);
+        // Offset 2: query i sees keys 0..=2+i.
+        let probs = causal_softmax(scores, 2);
+        let rows: Vec<f64> = probs.into_data().to_vec().unwrap();
+        for (r, row) in rows.chunks(5).enumerate() {
+            let i = r % 3;
+            assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-6);
+            assert!(row[3 + i..].iter().all(|&p| p == 0.0), "row {r}: {row:?}");
+            assert!(row[..3 + i].iter().all(|&p| p > 0.0), "row {r}: {row:?}");
+        }
+        unregister::<Plain>();
+    }
+
+    #[test]
+    fn registration_is_per_backend_type() {
+        register::<Other>(FusedKernels::declining());
+        assert!(is_registered::<Other>());
+        assert!(!is_registered::<Autodiff<Other>>());
+        unregister::<Other>();
+        assert!(!is_registered::<Other>());
+    }
+}

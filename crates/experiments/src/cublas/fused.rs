@@ -1,0 +1,351 @@
+//! Fused RMSNorm, causal-softmax, SwiGLU and cross-entropy kernels (forward and backward) for
+//! [`CublasCuda`], and their registration with `attn_models::fused` for `CublasCuda` and
+//! `Autodiff<CublasCuda>`. The kernels themselves are in `kernels.rs`.
+//!
+//! Each kernel gives one row to one plane (warp) of 32 lanes; lane `l` handles the row's
+//! entries `l, l + 32, …`, so loads are coalesced, and the row reductions are `plane_sum` /
+//! `plane_max`. Arithmetic is f32 whatever the storage dtype; each output is rounded once.
+//! burn's compositions round intermediate results to the model dtype (RMSNorm's `rms`, the
+//! softmax's shifted scores), so the fused results are as accurate or more.
+//!
+//! * RMSNorm, forward: `r_i = (mean_j x_ij² + ε)^{-1/2}` (kept, f32), `y_ij = γ_j x_ij r_i`.
+//! * RMSNorm, backward: with `u_ij = γ_j dy_ij`,
+//!   `dx_ij = r_i u_ij − x_ij r_i³ · (1/w) Σ_k x_ik u_ik` and `dγ_j = Σ_i dy_ij x_ij r_i`
+//!   (the kernel writes the f32 terms, burn's `sum_dim` adds them over the rows).
+//! * Causal softmax, forward: row `i` of query position `p = offset + (i mod s)` sees keys
+//!   `0..=p`; one pass keeps each lane's running maximum and rescaled sum (the online
+//!   softmax), the plane combines them, a second pass writes `exp(x − m)/Σ` and zeros.
+//! * Causal softmax, backward: `dx_j = y_j (dy_j − Σ_k y_k dy_k)`, zero where masked
+//!   (`y_j = 0` there).
+//! * SwiGLU (element-wise), with `σ = sigmoid(g)`: `y = g·σ·u`;
+//!   `dg = dy·u·σ·(1 + g(1 − σ))`, `du = dy·g·σ`.
+//! * Cross-entropy, forward: per row the online log-sum-exp `lse_i` (kept, f32) and
+//!   `nll_i = lse_i − x_{i,t_i}`, then burn's mean; backward:
+//!   `dx_ij = (g/n)·(exp(x_ij − lse_i) − [j = t_i])`, written once in the logits' dtype
+//!   (burn's composition makes two f32 copies of the `[n, v]` logits and several passes).
+
+use super::backend::CublasCuda;
+use super::kernels::{
+    Primitive, causal_softmax_backward, causal_softmax_forward, cross_entropy_backward,
+    cross_entropy_forward, cross_entropy_supported, rms_norm_backward, rms_norm_forward,
+    softmax_supported, supported, swiglu_backward, swiglu_forward, swiglu_supported,
+};
+use attn_models::fused::{self, FusedKernels, Outcome};
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::prelude::*;
+use burn::tensor::TensorPrimitive;
+use burn_cubecl::kernel::into_contiguous;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static RMS_NORMS: AtomicU64 = AtomicU64::new(0);
+static SOFTMAXES: AtomicU64 = AtomicU64::new(0);
+static SWIGLUS: AtomicU64 = AtomicU64::new(0);
+static CROSS_ENTROPIES: AtomicU64 = AtomicU64::new(0);
+static DECLINED: AtomicU64 = AtomicU64::new(0);
+
+/// How many forward calls the fused kernels took, and declined, since the process started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FusedCounts {
+    /// RMSNorms computed by the fused kernel.
+    pub rms_norm: u64,
+    /// Causal softmaxes computed by the fused kernel.
+    pub causal_softmax: u64,
+    /// SwiGLU gates computed by the fused kernel.
+    pub swiglu: u64,
+    /// Cross-entropy losses computed by the fused kernel.
+    pub cross_entropy: u64,
+    /// Inputs handed back to burn's composition.
+    pub declined: u64,
+}
+
+/// The counts so far (all threads).
+pub fn fused_counts() -> FusedCounts {
+    FusedCounts {
+        rms_norm: RMS_NORMS.load(Ordering::Relaxed),
+        causal_softmax: SOFTMAXES.load(Ordering::Relaxed),
+        swiglu: SWIGLUS.load(Ordering::Relaxed),
+        cross_entropy: CROSS_ENTROPIES.load(Ordering::Relaxed),
+        declined: DECLINED.load(Ordering::Relaxed),
+    }
+}
+
+fn computed<T, I>(counter: &AtomicU64, t: T) -> Outcome<T, I> {
+    counter.fetch_add(1, Ordering::Relaxed);
+    Outcome::Computed(t)
+}
+
+fn declined<T, I>(t: I) -> Outcome<T, I> {
+    DECLINED.fetch_add(1, Ordering::Relaxed);
+    Outcome::Declined(t)
+}
+
+fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorPrimitive {
+    t.into_primitive().tensor()
+}
+
+fn tensor<B: Backend, const D: usize>(t: B::FloatTensorPrimitive) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+// ---- Inference backend (`CublasCuda`): forward kernels only. -------------------------------
+
+fn rms_norm_plain(
+    x: Tensor<CublasCuda, 2>,
+    gain: Tensor<CublasCuda, 1>,
+    eps: f64,
+) -> Outcome<Tensor<CublasCuda, 2>> {
+    let [rows, width] = x.dims();
+    let (xp, gp) = (primitive(x), primitive(gain));
+    if !supported(&xp, rows, width) || gp.dtype != xp.dtype {
+        return declined(tensor(xp));
+    }
+    let (y, _) = rms_norm_forward(into_contiguous(xp), into_contiguous(gp), eps);
+    computed(&RMS_NORMS, tensor(y))
+}
+
+fn causal_softmax_plain(
+    scores: Tensor<CublasCuda, 4>,
+    offset: usize,
+) -> Outcome<Tensor<CublasCuda, 4>> {
+    let sp = primitive(scores);
+    if !softmax_supported(&sp, offset) {
+        return declined(tensor(sp));
+    }
+    computed(
+        &SOFTMAXES,
+        tensor(causal_softmax_forward(into_contiguous(sp), offset)),
+    )
+}
+
+fn swiglu_plain(
+    gate: Tensor<CublasCuda, 2>,
+    up: Tensor<CublasCuda, 2>,
+) -> Outcome<Tensor<CublasCuda, 2>, (Tensor<CublasCuda, 2>, Tensor<CublasCuda, 2>)> {
+    let (gp, up) = (primitive(gate), primitive(up));
+    if !swiglu_supported(&gp, &up) {
+        return declined((tensor(gp), tensor(up)));
+    }
+    let y = swiglu_forward(into_contiguous(gp), into_contiguous(up));
+    computed(&SWIGLUS, tensor(y))
+}
+
+type CrossEntropyInputs<B> = (Tensor<B, 2>, Tensor<B, 1, Int>);
+
+fn cross_entropy_plain(
+    logits: Tensor<CublasCuda, 2>,
+    targets: Tensor<CublasCuda, 1, Int>,
+) -> Outcome<Tensor<CublasCuda, 1>, CrossEntropyInputs<CublasCuda>> {
+    let (lp, tp) = (primitive(logits), targets.into_primitive());
+    if !cross_entropy_supported(&lp, &tp) {
+        return declined((tensor(lp), Tensor::from_primitive(tp)));
+    }
+    let (loss, _) = cross_entropy_forward(into_contiguous(lp), into_contiguous(tp));
+    computed(&CROSS_ENTROPIES, tensor(loss))
+}
+
+// ---- Training backend (`Autodiff<CublasCuda>`): forward kernels with their backward. -------
+
+type Train = Autodiff<CublasCuda>;
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl Backward<CublasCuda, 2> for RmsNormBackward {
+    /// `(x, γ, r)`.
+    type State = (Primitive, Primitive, Primitive);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gain] = ops.parents;
+        let dy = grads.consume::<CublasCuda>(&ops.node);
+        let (x, gain, rstd) = ops.state;
+        let (dx, dgain) = rms_norm_backward(x, gain, rstd, dy);
+        if let Some(node) = node_x {
+            grads.register::<CublasCuda>(node.id, dx);
+        }
+        if let Some(node) = node_gain {
+            grads.register::<CublasCuda>(node.id, dgain);
+        }
+    }
+}
+
+fn rms_norm_train(
+    x: Tensor<Train, 2>,
+    gain: Tensor<Train, 1>,
+    eps: f64,
+) -> Outcome<Tensor<Train, 2>> {
+    let [rows, width] = x.dims();
+    let (xa, ga) = (primitive(x), primitive(gain));
+    if !supported(&xa.primitive, rows, width) || ga.primitive.dtype != xa.primitive.dtype {
+        return declined(tensor(xa));
+    }
+    let (xp, gp) = (
+        into_contiguous(xa.primitive.clone()),
+        into_contiguous(ga.primitive.clone()),
+    );
+    let out = match RmsNormBackward
+        .prepare::<NoCheckpointing>([xa.node.clone(), ga.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (y, rstd) = rms_norm_forward(xp.clone(), gp.clone(), eps);
+            prep.finish((xp, gp, rstd), y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(rms_norm_forward(xp, gp, eps).0),
+    };
+    computed(&RMS_NORMS, tensor(out))
+}
+
+#[derive(Debug)]
+struct CausalSoftmaxBackward;
+
+impl Backward<CublasCuda, 1> for CausalSoftmaxBackward {
+    /// `(y, offset)`.
+    type State = (Primitive, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_scores] = ops.parents;
+        let dy = grads.consume::<CublasCuda>(&ops.node);
+        let (probs, offset) = ops.state;
+        if let Some(node) = node_scores {
+            grads.register::<CublasCuda>(node.id, causal_softmax_backward(probs, dy, offset));
+        }
+    }
+}
+
+fn causal_softmax_train(scores: Tensor<Train, 4>, offset: usize) -> Outcome<Tensor<Train, 4>> {
+    let sa = primitive(scores);
+    if !softmax_supported(&sa.primitive, offset) {
+        return declined(tensor(sa));
+    }
+    let sp = into_contiguous(sa.primitive.clone());
+    let out = match CausalSoftmaxBackward
+        .prepare::<NoCheckpointing>([sa.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let probs = causal_softmax_forward(sp, offset);
+            prep.finish((probs.clone(), offset), probs)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(causal_softmax_forward(sp, offset)),
+    };
+    computed(&SOFTMAXES, tensor(out))
+}
+
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl Backward<CublasCuda, 2> for SwigluBackward {
+    /// `(gate, up)`.
+    type State = (Primitive, Primitive);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_gate, node_up] = ops.parents;
+        let dy = grads.consume::<CublasCuda>(&ops.node);
+        let (gate, up) = ops.state;
+        let (dgate, dup) = swiglu_backward(gate, up, dy);
+        if let Some(node) = node_gate {
+            grads.register::<CublasCuda>(node.id, dgate);
+        }
+        if let Some(node) = node_up {
+            grads.register::<CublasCuda>(node.id, dup);
+        }
+    }
+}
+
+fn swiglu_train(
+    gate: Tensor<Train, 2>,
+    up: Tensor<Train, 2>,
+) -> Outcome<Tensor<Train, 2>, (Tensor<Train, 2>, Tensor<Train, 2>)> {
+    let (ga, ua) = (primitive(gate), primitive(up));
+    if !swiglu_supported(&ga.primitive, &ua.primitive) {
+        return declined((tensor(ga), tensor(ua)));
+    }
+    let (gp, up) = (
+        into_contiguous(ga.primitive.clone()),
+        into_contiguous(ua.primitive.clone()),
+    );
+    let out = match SwigluBackward
+        .prepare::<NoCheckpointing>([ga.node.clone(), ua.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let y = swiglu_forward(gp.clone(), up.clone());
+            prep.finish((gp, up), y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(swiglu_forward(gp, up)),
+    };
+    computed(&SWIGLUS, tensor(out))
+}
+
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl Backward<CublasCuda, 1> for CrossEntropyBackward {
+    /// `(logits, targets, lse)`.
+    type State = (Primitive, Primitive, Primitive);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_logits] = ops.parents;
+        let grad = grads.consume::<CublasCuda>(&ops.node);
+        let (logits, targets, lse) = ops.state;
+        if let Some(node) = node_logits {
+            let dlogits = cross_entropy_backward(logits, targets, lse, grad);
+            grads.register::<CublasCuda>(node.id, dlogits);
+        }
+    }
+}
+
+fn cross_entropy_train(
+    logits: Tensor<Train, 2>,
+    targets: Tensor<Train, 1, Int>,
+) -> Outcome<Tensor<Train, 1>, CrossEntropyInputs<Train>> {
+    let (la, tp) = (primitive(logits), targets.into_primitive());
+    if !cross_entropy_supported(&la.primitive, &tp) {
+        return declined((tensor(la), Tensor::from_primitive(tp)));
+    }
+    let (lp, tp) = (into_contiguous(la.primitive.clone()), into_contiguous(tp));
+    let out = match CrossEntropyBackward
+        .prepare::<NoCheckpointing>([la.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (loss, lse) = cross_entropy_forward(lp.clone(), tp.clone());
+            prep.finish((lp, tp, lse), loss)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(cross_entropy_forward(lp, tp).0),
+    };
+    computed(&CROSS_ENTROPIES, tensor(out))
+}
+
+/// Registers the fused kernels with `attn_models::fused` for [`CublasCuda`] (forward) and
+/// `Autodiff<CublasCuda>` (forward and backward): the models' RMSNorms and causal softmaxes
+/// run them from then on. Inputs they do not take (f64, sizes past u32 indexing) go to
+/// burn's composition.
+pub fn register_fused() {
+    fused::register::<CublasCuda>(FusedKernels {
+        rms_norm: rms_norm_plain,
+        causal_softmax: causal_softmax_plain,
+        swiglu: swiglu_plain,
+        cross_entropy: cross_entropy_plain,
+    });
+    fused::register::<Train>(FusedKernels {
+        rms_norm: rms_norm_train,
+        causal_softmax: causal_softmax_train,
+        swiglu: swiglu_train,
+        cross_entropy: cross_entropy_train,
+    });
+}
+
+/// Removes the registrations of [`register_fused`]: burn's compositions run again.
+pub fn unregister_fused() {
+    fused::unregister::<CublasCuda>();
+    fused::unregister::<Train>();
+}

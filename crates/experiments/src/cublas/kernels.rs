@@ -1,0 +1,649 @@
+//! The fused kernels of [`super::fused`] and their launchers on burn-cuda's tensors.
+
+use super::backend::Inner;
+use burn_backend::ops::FloatTensorOps;
+use burn_backend::{DType, Shape};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::cuda::CudaRuntime;
+use cubecl::prelude::*;
+
+pub(super) type Primitive = CubeTensor<CudaRuntime>;
+
+/// Lanes per plane: the kernels assume one warp per row (checked at launch: `supported`).
+const LANES: u32 = 32;
+/// Rows per cube (`CubeDim { x: LANES, y: ROWS_PER_CUBE }`, 256 threads).
+const ROWS_PER_CUBE: u32 = 8;
+
+#[cube(launch)]
+fn rms_norm_forward_kernel<F: Float>(
+    x: &Tensor<F>,
+    gain: &Tensor<F>,
+    y: &mut Tensor<F>,
+    rstd: &mut Tensor<f32>,
+    rows: u32,
+    width: u32,
+    eps: f32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
+    if row >= rows {
+        terminate!();
+    }
+    let w = width as usize;
+    let base = row as usize * w;
+    let lane = UNIT_POS_X as usize;
+    let step = CUBE_DIM_X as usize;
+    let mut squares = f32::new(0.0);
+    let mut j = lane;
+    while j < w {
+        let v = f32::cast_from(x[base + j]);
+        squares += v * v;
+        j += step;
+    }
+    let total = plane_sum(squares);
+    let r = f32::new(1.0) / (total / f32::cast_from(width) + eps).sqrt();
+    let mut k = lane;
+    while k < w {
+        y[base + k] = F::cast_from(f32::cast_from(x[base + k]) * r * f32::cast_from(gain[k]));
+        k += step;
+    }
+    if lane == 0 {
+        rstd[row as usize] = r;
+    }
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn rms_norm_backward_kernel<F: Float>(
+    x: &Tensor<F>,
+    gain: &Tensor<F>,
+    rstd: &Tensor<f32>,
+    dy: &Tensor<F>,
+    dx: &mut Tensor<F>,
+    gain_terms: &mut Tensor<f32>,
+    rows: u32,
+    width: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
+    if row >= rows {
+        terminate!();
+    }
+    let w = width as usize;
+    let base = row as usize * w;
+    let lane = UNIT_POS_X as usize;
+    let step = CUBE_DIM_X as usize;
+    let r = rstd[row as usize];
+    let mut dot = f32::new(0.0);
+    let mut j = lane;
+    while j < w {
+        let xv = f32::cast_from(x[base + j]);
+        let g = f32::cast_from(dy[base + j]);
+        dot += xv * f32::cast_from(gain[j]) * g;
+        gain_terms[base + j] = g * xv * r;
+        j += step;
+    }
+    let c = r * r * r * plane_sum(dot) / f32::cast_from(width);
+    let mut k = lane;
+    while k < w {
+        let u = f32::cast_from(gain[k]) * f32::cast_from(dy[base + k]);
+        dx[base + k] = F::cast_from(r * u - f32::cast_from(x[base + k]) * c);
+        k += step;
+    }
+}
+
+#[cube(launch)]
+fn causal_softmax_forward_kernel<F: Float>(
+    scores: &Tensor<F>,
+    probs: &mut Tensor<F>,
+    rows: u32,
+    queries: u32,
+    keys: u32,
+    offset: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
+    if row >= rows {
+        terminate!();
+    }
+    let t = keys as usize;
+    let base = row as usize * t;
+    let visible = (row % queries + offset + 1) as usize;
+    let lane = UNIT_POS_X as usize;
+    let step = CUBE_DIM_X as usize;
+    // Below any finite score; exp(FLOOR − x) underflows to 0 for every finite x.
+    let floor = f32::new(-3.0e38);
+    let mut m = floor;
+    let mut l = f32::new(0.0);
+    let mut j = lane;
+    while j < visible {
+        let v = f32::cast_from(scores[base + j]);
+        if v > m {
+            l = l * (m - v).exp() + f32::new(1.0);
+            m = v;
+        } else {
+            l += (v - m).exp();
+        }
+        j += step;
+    }
+    let row_max = plane_max(m);
+    let inv = f32::new(1.0) / plane_sum(l * (m - row_max).exp());
+    let mut k = lane;
+    while k < t {
+        let mut p = f32::new(0.0);
+        if k < visible {
+            p = (f32::cast_from(scores[base + k]) - row_max).exp() * inv;
+        }
+        probs[base + k] = F::cast_from(p);
+        k += step;
+    }
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn causal_softmax_backward_kernel<F: Float>(
+    probs: &Tensor<F>,
+    dprobs: &Tensor<F>,
+    dscores: &mut Tensor<F>,
+    rows: u32,
+    queries: u32,
+    keys: u32,
+    offset: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
+    if row >= rows {
+        terminate!();
+    }
+    let t = keys as usize;
+    let base = row as usize * t;
+    let visible = (row % queries + offset + 1) as usize;
+    let lane = UNIT_POS_X as usize;
+    let step = CUBE_DIM_X as usize;
+    let mut dot = f32::new(0.0);
+    let mut j = lane;
+    while j < visible {
+        dot += f32::cast_from(probs[base + j]) * f32::cast_from(dprobs[base + j]);
+        j += step;
+    }
+    let total = plane_sum(dot);
+    let mut k = lane;
+    while k < t {
+        let mut d = f32::new(0.0);
+        if k < visible {
+            d = f32::cast_from(probs[base + k]) * (f32::cast_from(dprobs[base + k]) - total);
+        }
+        dscores[base + k] = F::cast_from(d);
+        k += step;
+    }
+}
+
+#[cube(launch)]
+fn swiglu_forward_kernel<F: Float>(
+    gate: &Tensor<F>,
+    up: &Tensor<F>,
+    out: &mut Tensor<F>,
+    len: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= len as usize {
+        terminate!();
+    }
+    let g = f32::cast_from(gate[i]);
+    let sigmoid = f32::new(1.0) / (f32::new(1.0) + (f32::new(0.0) - g).exp());
+    out[i] = F::cast_from(g * sigmoid * f32::cast_from(up[i]));
+}
+
+#[cube(launch)]
+fn swiglu_backward_kernel<F: Float>(
+    gate: &Tensor<F>,
+    up: &Tensor<F>,
+    dy: &Tensor<F>,
+    dgate: &mut Tensor<F>,
+    dup: &mut Tensor<F>,
+    len: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= len as usize {
+        terminate!();
+    }
+    let g = f32::cast_from(gate[i]);
+    let d = f32::cast_from(dy[i]);
+    let sigmoid = f32::new(1.0) / (f32::new(1.0) + (f32::new(0.0) - g).exp());
+    let one = f32::new(1.0);
+    dgate[i] = F::cast_from(d * f32::cast_from(up[i]) * sigmoid * (one + g * (one - sigmoid)));
+    dup[i] = F::cast_from(d * g * sigmoid);
+}
+
+/// Per row `i` of `logits` `[n, v]`: `lse_i = log Σ_j exp(x_ij)` and
+/// `nll_i = lse_i − x_{i,t_i}` (NaN for a target outside `0..v`, so that training stops on a non-finite loss).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn cross_entropy_forward_kernel<F: Float, I: Int>(
+    logits: &Tensor<F>,
+    targets: &Tensor<I>,
+    nll: &mut Tensor<f32>,
+    lse: &mut Tensor<f32>,
+    rows: u32,
+    vocab: u32,
+    undefined: f32,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let row = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
+    if row >= rows {
+        terminate!();
+    }
+    let v = vocab as usize;
+    let base = row as usize * v;
+    let lane = UNIT_POS_X as usize;
+    let step = CUBE_DIM_X as usize;
+    let floor = f32::new(-3.0e38);
+    let mut m = floor;
+    let mut l = f32::new(0.0);
+    let mut j = lane;
+    while j < v {
+        let x = f32::cast_from(logits[base + j]);
+        if x > m {
+            l = l * (m - x).exp() + f32::new(1.0);
+            m = x;
+        } else {
+            l += (x - m).exp();
+        }
+        j += step;
+    }
+    let row_max = plane_max(m);
+    let log_sum = plane_sum(l * (m - row_max).exp()).ln() + row_max;
+    if lane == 0 {
+        // A negative target wraps to a large u32: both are outside the vocabulary.
+        let t = u32::cast_from(targets[row as usize]);
+        let mut loss = undefined;
+        if t < vocab {
+            loss = log_sum - f32::cast_from(logits[base + t as usize]);
+        }
+        nll[row as usize] = loss;
+        lse[row as usize] = log_sum;
+    }
+}
+
+/// `dx_ij = g/n · (exp(x_ij − lse_i) − [j = t_i])`, `g = grad[0]` the gradient of the mean.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn cross_entropy_backward_kernel<F: Float, I: Int>(
+    logits: &Tensor<F>,
+    targets: &Tensor<I>,
+    lse: &Tensor<f32>,
+    grad: &Tensor<f32>,
+    dlogits: &mut Tensor<F>,
+    rows: u32,
+    vocab: u32,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let row = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
+    if row >= rows {
+        terminate!();
+    }
+    let v = vocab as usize;
+    let base = row as usize * v;
+    let scale = grad[0] / f32::cast_from(rows);
+    let log_sum = lse[row as usize];
+    let t = u32::cast_from(targets[row as usize]) as usize;
+    let mut j = UNIT_POS_X as usize;
+    let step = CUBE_DIM_X as usize;
+    while j < v {
+        let mut p = (f32::cast_from(logits[base + j]) - log_sum).exp();
+        if j == t {
+            p -= f32::new(1.0);
+        }
+        dlogits[base + j] = F::cast_from(p * scale);
+        j += step;
+    }
+}
+
+/// `partial[c, j] = Σ_{i ∈ chunk c} terms[i, j]` over the rows `c·per_chunk ..` of chunk `c`
+/// (`CUBE_POS_Y`): one thread per column, reading rows in turn (coalesced across columns).
+#[cube(launch)]
+fn column_sum_kernel(
+    terms: &Tensor<f32>,
+    partial: &mut Tensor<f32>,
+    rows: u32,
+    width: u32,
+    per_chunk: u32,
+) {
+    let j = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    let w = width as usize;
+    if j >= w {
+        terminate!();
+    }
+    let chunk = CUBE_POS_Y;
+    let start = chunk * per_chunk;
+    let mut end = start + per_chunk;
+    if end > rows {
+        end = rows;
+    }
+    let mut acc = f32::new(0.0);
+    let mut i = start as usize;
+    while i < end as usize {
+        acc += terms[i * w + j];
+        i += 1;
+    }
+    partial[chunk as usize * w + j] = acc;
+}
+
+/// The launch geometry for `rows` rows, one plane each.
+fn geometry(rows: usize) -> (CubeCount, CubeDim) {
+    let cubes = rows.div_ceil(ROWS_PER_CUBE as usize) as u32;
+    (
+        CubeCount::Static(cubes, 1, 1),
+        CubeDim::new_2d(LANES, ROWS_PER_CUBE),
+    )
+}
+
+/// Whether the kernels can take a float tensor of this `dtype` with `rows` rows of `width`:
+/// a float dtype, sizes that fit the kernels' u32 indices, and a 32-lane plane.
+pub(super) fn supported(t: &Primitive, rows: usize, width: usize) -> bool {
+    let hardware = &t.client.properties().hardware;
+    matches!(t.dtype, DType::BF16 | DType::F16 | DType::F32)
+        && rows > 0
+        && width > 0
+        && rows
+            .checked_mul(width)
+            .is_some_and(|n| n <= u32::MAX as usize)
+        && rows.div_ceil(ROWS_PER_CUBE as usize) <= i32::MAX as usize
+        && rows.div_ceil(ROWS_PER_CHUNK) <= u16::MAX as usize
+        && hardware.plane_size_min == LANES
+        && hardware.plane_size_max == LANES
+}
+
+fn empty_like(t: &Primitive, shape: Shape, dtype: DType) -> Primitive {
+    empty_device_contiguous_dtype(t.client.clone(), t.device.clone(), shape, dtype)
+}
+
+/// `dy` in `like`'s dtype and contiguous (gradients may arrive broadcast or in f32).
+fn gradient_like(dy: Primitive, like: &Primitive) -> Primitive {
+    let dy = if dy.dtype == like.dtype {
+        dy
+    } else {
+        Inner::float_cast(dy, like.dtype.into())
+    };
+    into_contiguous(dy)
+}
+
+/// Rows per chunk of [`column_sums`]' passes.
+const ROWS_PER_CHUNK: usize = 64;
+/// Threads per cube of the column sums and the element-wise kernels.
+const THREADS: u32 = 256;
+
+/// Column sums of an f32 `[n, w]` tensor, `[1, w]`, in passes of [`column_sum_kernel`] that
+/// each cut the rows by [`ROWS_PER_CHUNK`]. (burn's `sum_dim(0)` launched two cubes for
+/// `[16384, 768]` and took 1.9 ms.) Deterministic: a fixed order of additions.
+fn column_sums(terms: Primitive) -> Primitive {
+    let [mut rows, width] = terms.meta.shape().dims::<2>();
+    let mut current = terms;
+    loop {
+        let chunks = rows.div_ceil(ROWS_PER_CHUNK);
+        let partial = empty_like(&current, Shape::new([chunks, width]), DType::F32);
+        column_sum_kernel::launch::<CudaRuntime>(
+            &current.client,
+            CubeCount::Static(width.div_ceil(THREADS as usize) as u32, chunks as u32, 1),
+            CubeDim::new_1d(THREADS),
+            current.clone().into_tensor_arg(),
+            partial.clone().into_tensor_arg(),
+            rows as u32,
+            width as u32,
+            ROWS_PER_CHUNK as u32,
+        );
+        (current, rows) = (partial, chunks);
+        if rows == 1 {
+            return current;
+        }
+    }
+}
+
+/// RMSNorm forward on `x` `[n, w]` (contiguous) and `gain` `[w]`: `(y, r)`, `r` f32 `[n]`.
+pub(super) fn rms_norm_forward(x: Primitive, gain: Primitive, eps: f64) -> (Primitive, Primitive) {
+    let [rows, width] = x.meta.shape().dims::<2>();
+    let y = empty_like(&x, x.meta.shape().clone(), x.dtype);
+    let rstd = empty_like(&x, Shape::new([rows]), DType::F32);
+    let (count, dim) = geometry(rows);
+    let dtype = x.dtype;
+    rms_norm_forward_kernel::launch::<CudaRuntime>(
+        &x.client,
+        count,
+        dim,
+        x.clone().into_tensor_arg(),
+        gain.into_tensor_arg(),
+        y.clone().into_tensor_arg(),
+        rstd.clone().into_tensor_arg(),
+        rows as u32,
+        width as u32,
+        eps as f32,
+        dtype.into(),
+    );
+    (y, rstd)
+}
+
+/// RMSNorm backward: `(dx [n, w], dγ [w])` in the dtypes of `x` and `gain`.
+pub(super) fn rms_norm_backward(
+    x: Primitive,
+    gain: Primitive,
+    rstd: Primitive,
+    dy: Primitive,
+) -> (Primitive, Primitive) {
+    let [rows, width] = x.meta.shape().dims::<2>();
+    let dy = gradient_like(dy, &x);
+    let dx = empty_like(&x, x.meta.shape().clone(), x.dtype);
+    let terms = empty_like(&x, x.meta.shape().clone(), DType::F32);
+    let (count, dim) = geometry(rows);
+    let (dtype, gain_dtype) = (x.dtype, gain.dtype);
+    rms_norm_backward_kernel::launch::<CudaRuntime>(
+        &x.client,
+        count,
+        dim,
+        x.clone().into_tensor_arg(),
+        gain.into_tensor_arg(),
+        rstd.into_tensor_arg(),
+        dy.into_tensor_arg(),
+        dx.clone().into_tensor_arg(),
+        terms.clone().into_tensor_arg(),
+        rows as u32,
+        width as u32,
+        dtype.into(),
+    );
+    let dgain = Inner::float_reshape(column_sums(terms), Shape::new([width]));
+    (dx, Inner::float_cast(dgain, gain_dtype.into()))
+}
+
+/// The causal softmax's sizes: `(rows, queries s, keys t)` of `[b, H, s, t]`.
+pub(super) fn softmax_sizes(scores: &Primitive) -> (usize, usize, usize) {
+    let [b, h, s, t] = scores.meta.shape().dims::<4>();
+    (b * h * s, s, t)
+}
+
+pub(super) fn causal_softmax_forward(scores: Primitive, offset: usize) -> Primitive {
+    let (rows, queries, keys) = softmax_sizes(&scores);
+    let probs = empty_like(&scores, scores.meta.shape().clone(), scores.dtype);
+    let (count, dim) = geometry(rows);
+    let dtype = scores.dtype;
+    causal_softmax_forward_kernel::launch::<CudaRuntime>(
+        &scores.client,
+        count,
+        dim,
+        scores.clone().into_tensor_arg(),
+        probs.clone().into_tensor_arg(),
+        rows as u32,
+        queries as u32,
+        keys as u32,
+        offset as u32,
+        dtype.into(),
+    );
+    probs
+}
+
+pub(super) fn causal_softmax_backward(
+    probs: Primitive,
+    dprobs: Primitive,
+    offset: usize,
+) -> Primitive {
+    let (rows, queries, keys) = softmax_sizes(&probs);
+    let dprobs = gradient_like(dprobs, &probs);
+    let dscores = empty_like(&probs, probs.meta.shape().clone(), probs.dtype);
+    let (count, dim) = geometry(rows);
+    let dtype = probs.dtype;
+    causal_softmax_backward_kernel::launch::<CudaRuntime>(
+        &probs.client,
+        count,
+        dim,
+        probs.clone().into_tensor_arg(),
+        dprobs.into_tensor_arg(),
+        dscores.clone().into_tensor_arg(),
+        rows as u32,
+        queries as u32,
+        keys as u32,
+        offset as u32,
+        dtype.into(),
+    );
+    dscores
+}
+
+/// Whether the causal softmax kernel takes `scores` `[b, H, s, t]` at `offset`: the row
+/// index arithmetic needs `offset + s ≤ t` (every row sees at least its first key).
+pub(super) fn softmax_supported(scores: &Primitive, offset: usize) -> bool {
+    let (rows, queries, keys) = softmax_sizes(scores);
+    supported(scores, rows, keys) && offset.checked_add(queries).is_some_and(|end| end <= keys)
+}
+
+/// Launch geometry of an element-wise kernel over `len` entries.
+fn elementwise(len: usize) -> (CubeCount, CubeDim) {
+    let cubes = len.div_ceil(THREADS as usize) as u32;
+    (CubeCount::Static(cubes, 1, 1), CubeDim::new_1d(THREADS))
+}
+
+/// Whether the SwiGLU kernels take `gate` and `up`: equal shapes and float dtypes, sizes
+/// within u32 indexing.
+pub(super) fn swiglu_supported(gate: &Primitive, up: &Primitive) -> bool {
+    let len = gate.meta.num_elements();
+    matches!(gate.dtype, DType::BF16 | DType::F16 | DType::F32)
+        && gate.dtype == up.dtype
+        && gate.meta.shape() == up.meta.shape()
+        && len > 0
+        && len <= u32::MAX as usize - THREADS as usize
+}
+
+/// `silu(gate) ⊙ up` of two contiguous tensors of one shape.
+pub(super) fn swiglu_forward(gate: Primitive, up: Primitive) -> Primitive {
+    let len = gate.meta.num_elements();
+    let out = empty_like(&gate, gate.meta.shape().clone(), gate.dtype);
+    let (count, dim) = elementwise(len);
+    let dtype = gate.dtype;
+    swiglu_forward_kernel::launch::<CudaRuntime>(
+        &gate.client,
+        count,
+        dim,
+        gate.clone().into_tensor_arg(),
+        up.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        len as u32,
+        dtype.into(),
+    );
+    out
+}
+
+/// SwiGLU backward: `(d gate, d up)` from `dy`, with `σ = sigmoid(gate)`:
+/// `d gate = dy·up·σ·(1 + gate·(1 − σ))`, `d up = dy·gate·σ`.
+pub(super) fn swiglu_backward(
+    gate: Primitive,
+    up: Primitive,
+    dy: Primitive,
+) -> (Primitive, Primitive) {
+    let len = gate.meta.num_elements();
+    let dy = gradient_like(dy, &gate);
+    let dgate = empty_like(&gate, gate.meta.shape().clone(), gate.dtype);
+    let dup = empty_like(&gate, gate.meta.shape().clone(), gate.dtype);
+    let (count, dim) = elementwise(len);
+    let dtype = gate.dtype;
+    swiglu_backward_kernel::launch::<CudaRuntime>(
+        &gate.client,
+        count,
+        dim,
+        gate.clone().into_tensor_arg(),
+        up.into_tensor_arg(),
+        dy.into_tensor_arg(),
+        dgate.clone().into_tensor_arg(),
+        dup.clone().into_tensor_arg(),
+        len as u32,
+        dtype.into(),
+    );
+    (dgate, dup)
+}
+
+/// Whether the cross-entropy kernels take `logits` `[n, v]` and `targets` `[n]`.
+pub(super) fn cross_entropy_supported(logits: &Primitive, targets: &Primitive) -> bool {
+    let [rows, vocab] = logits.meta.shape().dims::<2>();
+    supported(logits, rows, vocab)
+        && matches!(targets.dtype, DType::I32 | DType::I64 | DType::U32)
+        && targets.meta.shape().dims::<1>() == [rows]
+}
+
+/// `(mean_i nll_i [1], lse [n])` in f32 of contiguous `logits` `[n, v]` and `targets` `[n]`.
+pub(super) fn cross_entropy_forward(
+    logits: Primitive,
+    targets: Primitive,
+) -> (Primitive, Primitive) {
+    let [rows, vocab] = logits.meta.shape().dims::<2>();
+    let nll = empty_like(&logits, Shape::new([rows]), DType::F32);
+    let lse = empty_like(&logits, Shape::new([rows]), DType::F32);
+    let (count, dim) = geometry(rows);
+    let dtypes = [logits.dtype.into(), targets.dtype.into()];
+    cross_entropy_forward_kernel::launch::<CudaRuntime>(
+        &logits.client,
+        count,
+        dim,
+        logits.clone().into_tensor_arg(),
+        targets.into_tensor_arg(),
+        nll.clone().into_tensor_arg(),
+        lse.clone().into_tensor_arg(),
+        rows as u32,
+        vocab as u32,
+        // A runtime NaN: the loss of a row whose target is outside the vocabulary.
+        f32::NAN,
+        dtypes,
+    );
+    (Inner::float_mean(nll), lse)
+}
+
+/// Cross-entropy backward: `d logits` in the logits' dtype, from the gradient `grad` `[1]` of
+/// the mean.
+pub(super) fn cross_entropy_backward(
+    logits: Primitive,
+    targets: Primitive,
+    lse: Primitive,
+    grad: Primitive,
+) -> Primitive {
+    let [rows, vocab] = logits.meta.shape().dims::<2>();
+    let grad = into_contiguous(if grad.dtype == DType::F32 {
+        grad
+    } else {
+        Inner::float_cast(grad, DType::F32.into())
+    });
+    let dlogits = empty_like(&logits, logits.meta.shape().clone(), logits.dtype);
+    let (count, dim) = geometry(rows);
+    let dtypes = [logits.dtype.into(), targets.dtype.into()];
+    cross_entropy_backward_kernel::launch::<CudaRuntime>(
+        &logits.client,
+        count,
+        dim,
+        logits.clone().into_tensor_arg(),
+        targets.into_tensor_arg(),
+        lse.into_tensor_arg(),
+        grad.into_tensor_arg(),
+        dlogits.clone().into_tensor_arg(),
+        rows as u32,
+        vocab as u32,
+        dtypes,
+    );
+    dlogits
+}

@@ -1,0 +1,355 @@
+//! The fused RMSNorm and causal-softmax kernels of `experiments::cublas` compute the
+//! functions `attn_models::fused` defines, forward and backward. Needs an NVIDIA GPU, so the
+//! tests are ignored by default; on the device:
+//! `cargo test --release -p experiments --features cuda --test fused -- --ignored`.
+//!
+//! Reference: the exact function in f64 of the same bf16 inputs (bf16 values are exact in
+//! f64), on the host. Tolerances, per entry, from the kernels' arithmetic (module docs of
+//! `cublas::fused`): one rounding of the output to bf16, `2⁻⁸·|ref|` (unit roundoff of an
+//! 8-bit significand), plus the f32 evaluation, `γₙ·Σ|terms| ≈ n·2⁻²⁴·Σ|terms|` for a sum of
+//! `n` terms (Higham, §3.1); the softmax adds the error of CUDA's fast `exp`, at most
+//! `2 + 1.16·|x|` ulp of f32 (CUDA C Programming Guide, table of intrinsic functions), which
+//! for the test's arguments (`|x| ≲ 30`) is within `2⁻¹⁴` relative (`FAST_EXP`).
+#![cfg(feature = "cuda")]
+
+use attn_models::fused;
+use burn::backend::Autodiff;
+use burn::module::Param;
+use burn::nn::{RmsNorm, RmsNormConfig};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor};
+use experiments::cublas::{CublasCuda, fused_counts, init, register_fused};
+
+type Dev = cubecl::cuda::CudaDevice;
+type Train = Autodiff<CublasCuda>;
+
+const U_BF16: f64 = 1.0 / 256.0;
+const U_F32: f64 = 1.0 / 16_777_216.0;
+/// Relative error allowed for CUDA's fast `exp` and the few f32 operations around it
+/// (module docs): `2⁻¹⁴`.
+const FAST_EXP: f64 = 1.0 / 16384.0;
+
+fn device() -> Dev {
+    let device = Dev::default();
+    init(&device).expect("libcublas loads");
+    register_fused();
+    device
+}
+
+fn host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Vec<f64> {
+    t.to_data()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .expect("float data")
+}
+
+/// `|got − want| ≤ tol` entry by entry, with the worst ratio in the message.
+fn assert_within(what: &str, got: &[f64], want: &[f64], tol: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let (mut worst, mut at) = (0.0f64, 0);
+    for i in 0..got.len() {
+        assert!(got[i].is_finite(), "{what}[{i}] = {}", got[i]);
+        let ratio = (got[i] - want[i]).abs() / tol[i].max(f64::MIN_POSITIVE);
+        if ratio > worst {
+            (worst, at) = (ratio, i);
+        }
+    }
+    assert!(
+        worst <= 1.0,
+        "{what}[{at}]: got {} want {} tolerance {} ({worst:.2}× the bound)",
+        got[at],
+        want[at],
+        tol[at]
+    );
+}
+
+/// An RMSNorm of width `w` with a random gain (burn's init is all ones, which would hide a
+/// gain applied on the wrong axis).
+fn norm<B: Backend>(w: usize, device: &B::Device) -> RmsNorm<B> {
+    let mut norm = RmsNormConfig::new(w).with_epsilon(1e-5).init(device);
+    norm.gamma = Param::from_tensor(Tensor::random([w], Distribution::Normal(1.0, 0.5), device));
+    norm
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn rms_norm_forward_and_backward_match_the_exact_function() {
+    let device = device();
+    // 37 rows: not a multiple of the 8 rows per cube. Widths below, at and above a warp.
+    for (n, w) in [(37, 20), (37, 100), (64, 768)] {
+        let norm = norm::<Train>(w, &device);
+        let x = Tensor::<Train, 2>::random([n, w], Distribution::Normal(0.0, 2.0), &device)
+            .require_grad();
+        let c = Tensor::<Train, 2>::random([n, w], Distribution::Normal(0.0, 1.0), &device);
+        let before = fused_counts();
+        let y = fused::rms_norm(&norm, x.clone());
+        assert_eq!(
+            fused_counts().rms_norm,
+            before.rms_norm + 1,
+            "fused kernel ran"
+        );
+        let grads = (y.clone() * c.clone()).sum().backward();
+        let dx = x.grad(&grads).expect("dx");
+        let dg = norm.gamma.val().grad(&grads).expect("dγ");
+
+        let (xs, gs, cs) = (host(&x), host(&norm.gamma.val()), host(&c));
+        let eps = norm.epsilon;
+        let (mut y_ref, mut y_tol) = (vec![0.0; n * w], vec![0.0; n * w]);
+        let (mut dx_ref, mut dx_tol) = (vec![0.0; n * w], vec![0.0; n * w]);
+        let (mut dg_ref, mut dg_abs) = (vec![0.0; w], vec![0.0; w]);
+        for i in 0..n {
+            let row = &xs[i * w..(i + 1) * w];
+            let r = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / w as f64 + eps).sqrt();
+            let u: Vec<f64> = (0..w).map(|j| gs[j] * cs[i * w + j]).collect();
+            let dot: f64 = (0..w).map(|k| row[k] * u[k]).sum();
+            let dot_abs: f64 = (0..w).map(|k| (row[k] * u[k]).abs()).sum();
+            for j in 0..w {
+                let e = i * w + j;
+                y_ref[e] = gs[j] * row[j] * r;
+                y_tol[e] = (U_BF16 + (w + 4) as f64 * U_F32) * y_ref[e].abs();
+                dx_ref[e] = r * u[j] - row[j] * r.powi(3) * dot / w as f64;
+                let terms = r * u[j].abs() + row[j].abs() * r.powi(3) * dot_abs / w as f64;
+                dx_tol[e] = U_BF16 * dx_ref[e].abs() + (w + 8) as f64 * U_F32 * terms;
+                dg_ref[j] += cs[e] * row[j] * r;
+                dg_abs[j] += (cs[e] * row[j] * r).abs();
+            }
+        }
+        let dg_tol: Vec<f64> = (0..w)
+            .map(|j| U_BF16 * dg_ref[j].abs() + (n + 4) as f64 * U_F32 * dg_abs[j])
+            .collect();
+        assert_within(&format!("y ({n}×{w})"), &host(&y), &y_ref, &y_tol);
+        assert_within(&format!("dx ({n}×{w})"), &host(&dx), &dx_ref, &dx_tol);
+        assert_within(&format!("dγ ({n}×{w})"), &host(&dg), &dg_ref, &dg_tol);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn rms_norm_takes_strided_input_and_the_inference_backend() {
+    let device = device();
+    let (n, w) = (48, 96);
+    let norm = norm::<CublasCuda>(w, &device);
+    // A transposed view: the kernel must read it as the logical [n, w] tensor.
+    let x = Tensor::<CublasCuda, 2>::random([w, n], Distribution::Normal(0.0, 1.0), &device)
+        .transpose();
+    let before = fused_counts();
+    let y = fused::rms_norm(&norm, x.clone().unsqueeze::<3>());
+    assert_eq!(fused_counts().rms_norm, before.rms_norm + 1);
+    let reference = norm.forward(x.unsqueeze::<3>());
+    // burn's composition rounds the rms and the quotient to bf16 as well: 3 roundings.
+    let (got, want) = (host(&y), host(&reference));
+    let tol: Vec<f64> = want.iter().map(|v| 4.0 * U_BF16 * v.abs()).collect();
+    assert_within("y vs burn's RmsNorm", &got, &want, &tol);
+}
+
+/// The exact causal softmax of one row's visible entries.
+fn softmax_row(row: &[f64], visible: usize) -> Vec<f64> {
+    let m = row[..visible]
+        .iter()
+        .cloned()
+        .fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = row[..visible].iter().map(|v| (v - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    (0..row.len())
+        .map(|j| if j < visible { e[j] / s } else { 0.0 })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn causal_softmax_forward_and_backward_match_the_exact_function() {
+    let device = device();
+    // [b, H, s, t], offset: square (training), a cached prefix (decoding), more keys than a
+    // warp has lanes, and one query.
+    for (shape, offset) in [
+        ([2, 3, 9, 9], 0),
+        ([2, 3, 5, 9], 4),
+        ([1, 2, 40, 70], 30),
+        ([1, 2, 1, 33], 32),
+    ] {
+        let [_, _, s, t] = shape;
+        let scores = Tensor::<Train, 4>::random(shape, Distribution::Uniform(-8.0, 8.0), &device)
+            .require_grad();
+        let c = Tensor::<Train, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let before = fused_counts();
+        let probs = fused::causal_softmax(scores.clone(), offset);
+        assert_eq!(fused_counts().causal_softmax, before.causal_softmax + 1);
+        let grads = (probs.clone() * c.clone()).sum().backward();
+        let ds = scores.grad(&grads).expect("d scores");
+
+        let (xs, ps, cs) = (host(&scores), host(&probs), host(&c));
+        let rows = xs.len() / t;
+        let (mut p_ref, mut p_tol) = (vec![0.0; xs.len()], vec![0.0; xs.len()]);
+        let (mut d_ref, mut d_tol) = (vec![0.0; xs.len()], vec![0.0; xs.len()]);
+        for r in 0..rows {
+            let visible = offset + r % s + 1;
+            let span = r * t..(r + 1) * t;
+            let exact = softmax_row(&xs[span.clone()], visible);
+            // The backward kernel works from the forward's bf16 output, as autodiff keeps it.
+            let (p, cr) = (&ps[span.clone()], &cs[span.clone()]);
+            let dot: f64 = (0..visible).map(|k| p[k] * cr[k]).sum();
+            let dot_abs: f64 = (0..visible).map(|k| (p[k] * cr[k]).abs()).sum();
+            for j in 0..t {
+                let e = r * t + j;
+                p_ref[e] = exact[j];
+                p_tol[e] = (U_BF16 + FAST_EXP + (t + 4) as f64 * U_F32) * exact[j];
+                d_ref[e] = p[j] * (cr[j] - dot);
+                d_tol[e] = U_BF16 * d_ref[e].abs()
+                    + (t + 4) as f64 * U_F32 * p[j] * (cr[j].abs() + dot_abs);
+            }
+        }
+        assert_within(&format!("p {shape:?} offset {offset}"), &ps, &p_ref, &p_tol);
+        assert_within(
+            &format!("dx {shape:?} offset {offset}"),
+            &host(&ds),
+            &d_ref,
+            &d_tol,
+        );
+        // Masked entries are exactly zero, forward and backward.
+        for r in 0..rows {
+            let visible = offset + r % s + 1;
+            assert!(ps[r * t + visible..(r + 1) * t].iter().all(|&p| p == 0.0));
+        }
+    }
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn swiglu_forward_and_backward_match_the_exact_function() {
+    let device = device();
+    for shape in [[37, 100], [64, 2048]] {
+        let gate = Tensor::<Train, 2>::random(shape, Distribution::Normal(0.0, 3.0), &device)
+            .require_grad();
+        let up = Tensor::<Train, 2>::random(shape, Distribution::Normal(0.0, 1.0), &device)
+            .require_grad();
+        let c = Tensor::<Train, 2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let before = fused_counts();
+        let y = fused::swiglu(gate.clone(), up.clone());
+        assert_eq!(fused_counts().swiglu, before.swiglu + 1);
+        let grads = (y.clone() * c.clone()).sum().backward();
+        let (dg, du) = (
+            gate.grad(&grads).expect("d gate"),
+            up.grad(&grads).expect("d up"),
+        );
+        let (gs, us, cs) = (host(&gate), host(&up), host(&c));
+        let n = gs.len();
+        let (mut y_ref, mut y_tol) = (vec![0.0; n], vec![0.0; n]);
+        let (mut g_ref, mut g_tol) = (vec![0.0; n], vec![0.0; n]);
+        let (mut u_ref, mut u_tol) = (vec![0.0; n], vec![0.0; n]);
+        for i in 0..n {
+            let (g, u, d, s) = (gs[i], us[i], cs[i], sigmoid(gs[i]));
+            y_ref[i] = g * s * u;
+            y_tol[i] = U_BF16 * y_ref[i].abs() + FAST_EXP * (g * u).abs();
+            g_ref[i] = d * u * s * (1.0 + g * (1.0 - s));
+            g_tol[i] = U_BF16 * g_ref[i].abs() + FAST_EXP * (d * u).abs() * (1.0 + g.abs());
+            u_ref[i] = d * g * s;
+            u_tol[i] = U_BF16 * u_ref[i].abs() + FAST_EXP * (d * g).abs();
+        }
+        assert_within(&format!("y {shape:?}"), &host(&y), &y_ref, &y_tol);
+        assert_within(&format!("d gate {shape:?}"), &host(&dg), &g_ref, &g_tol);
+        assert_within(&format!("d up {shape:?}"), &host(&du), &u_ref, &u_tol);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn cross_entropy_and_its_gradient_match_the_exact_function() {
+    use burn::tensor::{Int, TensorData};
+    let device = device();
+    // A vocabulary below a warp's width, odd sizes, and the paper's 32 000.
+    for (n, v) in [(5, 17), (37, 1000), (16, 32_000)] {
+        let logits = Tensor::<Train, 2>::random([n, v], Distribution::Normal(0.0, 3.0), &device)
+            .require_grad();
+        let targets: Vec<i32> = (0..n).map(|i| ((i * 7919 + 13) % v) as i32).collect();
+        let t = Tensor::<Train, 1, Int>::from_data(TensorData::new(targets.clone(), [n]), &device);
+        let before = fused_counts();
+        let loss = fused::cross_entropy(logits.clone(), t);
+        assert_eq!(fused_counts().cross_entropy, before.cross_entropy + 1);
+        let grads = loss.clone().backward();
+        let dl = logits.grad(&grads).expect("d logits");
+
+        let xs = host(&logits);
+        let (mut loss_ref, mut loss_tol) = (0.0, FAST_EXP);
+        let (mut d_ref, mut d_tol) = (vec![0.0; n * v], vec![0.0; n * v]);
+        for i in 0..n {
+            let row = &xs[i * v..(i + 1) * v];
+            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+            let ti = targets[i] as usize;
+            loss_ref += (lse - row[ti]) / n as f64;
+            loss_tol += (v + 4) as f64 * U_F32 * (lse.abs() + row[ti].abs()) / n as f64;
+            for j in 0..v {
+                let p = (row[j] - lse).exp();
+                let hot = if j == ti { 1.0 } else { 0.0 };
+                d_ref[i * v + j] = (p - hot) / n as f64;
+                d_tol[i * v + j] = U_BF16 * d_ref[i * v + j].abs()
+                    + (FAST_EXP + (v + 4) as f64 * U_F32) * (p + hot) / n as f64;
+            }
+        }
+        assert_within(
+            &format!("loss {n}×{v}"),
+            &host(&loss),
+            &[loss_ref],
+            &[loss_tol],
+        );
+        assert_within(&format!("d logits {n}×{v}"), &host(&dl), &d_ref, &d_tol);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn a_target_outside_the_vocabulary_gives_a_nan_loss() {
+    use burn::tensor::{Int, TensorData};
+    let device = device();
+    let logits = Tensor::<CublasCuda, 2>::random([4, 50], Distribution::Default, &device);
+    for bad in [50, -1] {
+        let t = Tensor::<CublasCuda, 1, Int>::from_data(
+            TensorData::new(vec![0i32, 1, bad, 3], [4]),
+            &device,
+        );
+        let loss = host(&fused::cross_entropy(logits.clone(), t));
+        assert!(loss[0].is_nan(), "target {bad}: loss {loss:?}");
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn the_models_use_the_fused_kernels() {
+    use attn_models::{AttentionVariant, LlamaConfig};
+    use burn::tensor::Int;
+    let device = device();
+    for variant in [
+        AttentionVariant::Mha,
+        AttentionVariant::MlaPreRope,
+        AttentionVariant::MlaDecoupled,
+    ] {
+        let config = LlamaConfig::tiny(variant);
+        let model = config.init::<Train>(&device).expect("tiny model");
+        let tokens = Tensor::<Train, 2, Int>::from_data([[1, 2, 3, 4, 5, 6, 7, 8]], &device);
+        let before = fused_counts();
+        let logits = model.forward(tokens);
+        let after = fused_counts();
+        // Per layer an RMSNorm before attention and one before the MLP (MLA adds its latent
+        // norms), one final; one causal softmax per layer.
+        assert!(
+            after.rms_norm - before.rms_norm > 2 * config.n_layers as u64,
+            "{variant:?}"
+        );
+        assert_eq!(
+            after.causal_softmax - before.causal_softmax,
+            config.n_layers as u64,
+            "{variant:?}"
+        );
+        assert_eq!(
+            after.swiglu - before.swiglu,
+            config.n_layers as u64,
+            "{variant:?}"
+        );
+        assert_eq!(after.declined, before.declined, "{variant:?}");
+        assert!(host(&logits).iter().all(|v| v.is_finite()));
+    }
+}
