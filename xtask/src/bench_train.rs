@@ -411,13 +411,15 @@ fn cuda(
     let fused = experiments::cublas::fused_counts();
     if matmul != crate::gpu::Matmul::Cubecl {
         println!(
-            "# cuBLAS products {} (burn's kernel for {}); fused RMSNorms {}, causal softmaxes {}, SwiGLUs {}, cross-entropies {} (declined {})",
+            "# cuBLAS products {} (burn's kernel for {}); fused RMSNorms {}, causal softmaxes {}, SwiGLUs {}, cross-entropies {}, rotaries {}, squared norms {} (declined {})",
             after.cublas - before.cublas,
             after.fallback - before.fallback,
             fused.rms_norm - fused_before.rms_norm,
             fused.causal_softmax - fused_before.causal_softmax,
             fused.swiglu - fused_before.swiglu,
             fused.cross_entropy - fused_before.cross_entropy,
+            fused.rotary - fused_before.rotary,
+            fused.sum_of_squares - fused_before.sum_of_squares,
             fused.declined - fused_before.declined,
         );
     }

@@ -5,8 +5,9 @@
 //! `[b, H, s, t]` scores for one softmax and its gradient, f32 copies of the whole `[n, v]`
 //! logits for the loss. A backend that has a fused kernel for any of them (with its backward,
 //! when it is an autodiff backend) registers it here, keyed by the backend's type; the models
-//! call [`rms_norm`], [`causal_softmax`], [`swiglu`] and [`cross_entropy`], which run the
-//! registered kernel when there is one and burn's composition otherwise. The composition is the definition: a registered kernel
+//! call [`rms_norm`], [`causal_softmax`], [`swiglu`], [`cross_entropy`], [`rotary`] and
+//! [`sum_of_squares`], which run the registered kernel when there is one and burn's
+//! composition otherwise. The composition is the definition: a registered kernel
 //! must compute the same function (tests compare them), and may decline an input it does not
 //! handle (a dtype, a layout) by handing it back.
 //!
@@ -66,6 +67,15 @@ pub type SwigluKernel<B> =
 pub type CrossEntropyKernel<B> =
     fn(Tensor<B, 2>, Tensor<B, 1, Int>) -> Outcome<Tensor<B, 1>, (Tensor<B, 2>, Tensor<B, 1, Int>)>;
 
+/// Rotary embedding of `x` `[b, h, s, w]` at positions `start..start + s` with the tables
+/// `cos`, `sin` `[max_seq, w/2]` (constants, no gradient); `interleaved` pairs `(2k, 2k+1)`
+/// (DeepSeek), else `(k, k + w/2)` (HF LLaMA). See [`crate::rope::Rope::apply`].
+pub type RotaryKernel<B> =
+    fn(Tensor<B, 4>, Tensor<B, 2>, Tensor<B, 2>, usize, bool) -> Outcome<Tensor<B, 4>>;
+
+/// `Σ x_i²` of a flat tensor, `[1]` in f32 (the squared norm of a gradient).
+pub type SumOfSquaresKernel<B> = fn(Tensor<B, 1>) -> Outcome<Tensor<B, 1>>;
+
 /// The fused kernels of one backend `B`.
 pub struct FusedKernels<B: Backend> {
     /// See [`RmsNormKernel`].
@@ -76,6 +86,10 @@ pub struct FusedKernels<B: Backend> {
     pub swiglu: SwigluKernel<B>,
     /// See [`CrossEntropyKernel`].
     pub cross_entropy: CrossEntropyKernel<B>,
+    /// See [`RotaryKernel`].
+    pub rotary: RotaryKernel<B>,
+    /// See [`SumOfSquaresKernel`].
+    pub sum_of_squares: SumOfSquaresKernel<B>,
 }
 
 impl<B: Backend> FusedKernels<B> {
@@ -86,6 +100,8 @@ impl<B: Backend> FusedKernels<B> {
             causal_softmax: |scores, _| Outcome::Declined(scores),
             swiglu: |gate, up| Outcome::Declined((gate, up)),
             cross_entropy: |logits, targets| Outcome::Declined((logits, targets)),
+            rotary: |x, _, _, _, _| Outcome::Declined(x),
+            sum_of_squares: |x| Outcome::Declined(x),
         }
     }
 }
@@ -176,6 +192,35 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
         None => (gate, up),
     };
     silu(gate) * up
+}
+
+/// The rotary embedding by `B`'s fused kernel ([`RotaryKernel`]), or `x` handed back when
+/// none is registered or it declines: [`crate::rope::Rope::apply`] then composes it.
+pub fn rotary<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 2>,
+    sin: &Tensor<B, 2>,
+    start: usize,
+    interleaved: bool,
+) -> Outcome<Tensor<B, 4>> {
+    match kernels::<B>() {
+        Some(k) => (k.rotary)(x, cos.clone(), sin.clone(), start, interleaved),
+        None => Outcome::Declined(x),
+    }
+}
+
+/// `Σ x_i²` of any tensor, `[1]` in f32: `B`'s fused kernel when registered and accepting,
+/// else a cast to f32, a square and burn's sum.
+pub fn sum_of_squares<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 1> {
+    let flat = x.reshape([-1]);
+    let flat = match kernels::<B>() {
+        Some(k) => match (k.sum_of_squares)(flat) {
+            Outcome::Computed(total) => return total,
+            Outcome::Declined(flat) => flat,
+        },
+        None => flat,
+    };
+    flat.cast(DType::F32).powi_scalar(2).sum()
 }
 
 /// The mean next-token loss of `logits` `[n, v]` against `targets` `[n]`, `[1]` in f32:

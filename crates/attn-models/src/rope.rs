@@ -55,6 +55,16 @@ impl<B: Backend> Rope<B> {
     /// Rotates the last dimension of `x` — shape `[batch, heads, seq, width]` — for positions
     /// `start..start+seq`.
     pub fn apply(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
+        let interleaved = self.pairing == RopePairing::Interleaved;
+        match crate::fused::rotary(x, &self.cos, &self.sin, start, interleaved) {
+            crate::fused::Outcome::Computed(y) => y,
+            crate::fused::Outcome::Declined(x) => self.apply_composed(x, start),
+        }
+    }
+
+    /// [`Self::apply`] from burn's operations: the definition the fused kernels are tested
+    /// against.
+    pub fn apply_composed(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
         let [b, h, s, w] = x.dims();
         debug_assert_eq!(w, self.width);
         let half = w / 2;

@@ -25,7 +25,6 @@ use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
-use burn::tensor::DType;
 use burn::tensor::backend::AutodiffBackend;
 use probe::{MetricRow, Probe, ProbeConfig, WriterState};
 use serde::{Deserialize, Serialize};
@@ -195,7 +194,7 @@ fn grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, grads: &Gradi
     impl<B: AutodiffBackend> ModuleVisitor<B> for Norm<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-                let s = g.cast(DType::F32).powi_scalar(2).sum();
+                let s = attn_models::fused::sum_of_squares(g);
                 self.sum = Some(match self.sum.take() {
                     Some(acc) => acc + s,
                     None => s,

@@ -299,3 +299,42 @@ fn linear_layers_reach_cublas() {
         "max |Δ| {max} vs scale {scale}"
     );
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU and libcublas"]
+fn linear_weight_gradients_are_one_product_over_every_row() {
+    // `linear_weight_backward` flattens the batch: dW = Σ_rows x_r c_rᵀ as one product with
+    // k = all the rows (3·5), one f32 accumulation and one rounding, not a bf16 product per
+    // batch element added up afterwards.
+    let device = device();
+    type Ad = Autodiff<CublasCuda>;
+    let layer = burn::nn::LinearConfig::new(24, 40)
+        .with_bias(false)
+        .init::<Ad>(&device);
+    let x: Tensor<Ad, 3> = Tensor::from_inner(random([3, 5, 24], &device));
+    let c: Tensor<Ad, 3> = Tensor::from_inner(random([3, 5, 40], &device));
+    let before = counts();
+    let grads = (layer.forward(x.clone()) * c.clone()).sum().backward();
+    let dw = host(&layer.weight.val().grad(&grads).expect("dW"));
+    // Forward, and the weight's gradient as one product (x needs no gradient).
+    assert_eq!(counts().cublas, before.cublas + 2);
+    let (xs, cs) = (host(&x), host(&c));
+    let (mut exact, mut abs) = (vec![0.0; 24 * 40], vec![0.0; 24 * 40]);
+    for r in 0..15 {
+        for i in 0..24 {
+            for j in 0..40 {
+                exact[i * 40 + j] += xs[r * 24 + i] * cs[r * 40 + j];
+                abs[i * 40 + j] += (xs[r * 24 + i] * cs[r * 40 + j]).abs();
+            }
+        }
+    }
+    assert_close(
+        &dw,
+        &exact,
+        &abs,
+        15,
+        2f64.powi(-8),
+        0.0,
+        "dW of a [3, 5, 24] batch",
+    );
+}

@@ -316,6 +316,115 @@ fn a_target_outside_the_vocabulary_gives_a_nan_loss() {
     }
 }
 
+/// The partner of entry `i` of a rotary pair in a row of width `w`.
+fn partner(i: usize, w: usize, interleaved: bool) -> usize {
+    match (interleaved, i < w / 2) {
+        (true, _) => i ^ 1,
+        (false, true) => i + w / 2,
+        (false, false) => i - w / 2,
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn rotary_embedding_matches_the_composition_forward_and_backward() {
+    use attn_models::rope::{Rope, RopePairing};
+    let device = device();
+    let (b, h, s, w) = (2, 3, 5, 8);
+    for pairing in [RopePairing::Half, RopePairing::Interleaved] {
+        let rope = Rope::<Train>::new(w, 16, 10_000.0, pairing, &device);
+        let interleaved = pairing == RopePairing::Interleaved;
+        for start in [0, 3] {
+            // Heads split from `[b, s, h·w]` as the models do: a strided view.
+            let x =
+                Tensor::<Train, 4>::random([b, s, h, w], Distribution::Normal(0.0, 1.0), &device)
+                    .require_grad();
+            let xv = x.clone().swap_dims(1, 2);
+            let c =
+                Tensor::<Train, 4>::random([b, h, s, w], Distribution::Normal(0.0, 1.0), &device);
+            let before = fused_counts();
+            let y = rope.apply(xv.clone(), start);
+            assert_eq!(fused_counts().rotary, before.rotary + 1);
+            let dx = x
+                .grad(&(y.clone() * c.clone()).sum().backward())
+                .expect("dx");
+            let x2 = x.clone().detach().require_grad();
+            let y_ref = rope.apply_composed(x2.clone().swap_dims(1, 2), start);
+            let dx_ref = x2
+                .grad(&(y_ref.clone() * c.clone()).sum().backward())
+                .expect("dx");
+            // Both sides round to bf16: the composition three times (two products and a sum),
+            // the kernel once; |cos|, |sin| ≤ 1 bound the terms by |x_a| + |x_b|.
+            let bound = |v: &[f64]| -> Vec<f64> {
+                (0..v.len())
+                    .map(|e| {
+                        let base = e - e % w;
+                        let p = base + partner(e % w, w, interleaved);
+                        4.0 * U_BF16 * (v[e].abs() + v[p].abs())
+                    })
+                    .collect()
+            };
+            let what = format!("{pairing:?} start {start}");
+            let xs = host(&xv);
+            assert_within(&format!("y {what}"), &host(&y), &host(&y_ref), &bound(&xs));
+            // dx is [b, s, h, w]: the same pairs along the last axis.
+            let cs = host(&c.clone().swap_dims(1, 2));
+            assert_within(
+                &format!("dx {what}"),
+                &host(&dx),
+                &host(&dx_ref),
+                &bound(&cs),
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn sum_of_squares_matches_the_exact_sum() {
+    let device = device();
+    for shape in [[3, 5], [1000, 37], [4096, 768]] {
+        let x = Tensor::<CublasCuda, 2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let before = fused_counts();
+        let got = host(&fused::sum_of_squares(x.clone()));
+        assert_eq!(fused_counts().sum_of_squares, before.sum_of_squares + 1);
+        let xs = host(&x);
+        let exact: f64 = xs.iter().map(|v| v * v).sum();
+        // f32 squares and sums: γ_n with n the longest chain of additions (≤ the length).
+        let tol = (xs.len() + 2) as f64 * U_F32 * exact;
+        assert_within(&format!("Σx² {shape:?}"), &got, &[exact], &[tol]);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn embedding_gradient_adds_every_row_of_its_token() {
+    use burn::nn::EmbeddingConfig;
+    use burn::tensor::{Int, TensorData};
+    let device = device();
+    let (vocab, w) = (50, 40);
+    let embed = EmbeddingConfig::new(vocab, w).init::<Train>(&device);
+    // Repeated tokens (7 three times), and token ids at both ends of the vocabulary.
+    let ids: Vec<i32> = vec![7, 0, 49, 7, 3, 7, 12, 0];
+    let tokens = Tensor::<Train, 2, Int>::from_data(TensorData::new(ids.clone(), [2, 4]), &device);
+    let c = Tensor::<Train, 3>::random([2, 4, w], Distribution::Normal(0.0, 1.0), &device);
+    let y = embed.forward(tokens);
+    let grads = (y * c.clone()).sum().backward();
+    let dw = host(&embed.weight.val().grad(&grads).expect("dW"));
+    let cs = host(&c);
+    let (mut exact, mut abs) = (vec![0.0; vocab * w], vec![0.0; vocab * w]);
+    for (i, &t) in ids.iter().enumerate() {
+        for j in 0..w {
+            exact[t as usize * w + j] += cs[i * w + j];
+            abs[t as usize * w + j] += cs[i * w + j].abs();
+        }
+    }
+    let tol: Vec<f64> = (0..vocab * w)
+        .map(|e| U_BF16 * exact[e].abs() + (ids.len() + 2) as f64 * U_F32 * abs[e])
+        .collect();
+    assert_within("dW", &dw, &exact, &tol);
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn the_models_use_the_fused_kernels() {
@@ -347,6 +456,11 @@ fn the_models_use_the_fused_kernels() {
         assert_eq!(
             after.swiglu - before.swiglu,
             config.n_layers as u64,
+            "{variant:?}"
+        );
+        // Queries and keys of every layer (MLA-PreRoPE rotates its latents).
+        assert!(
+            after.rotary - before.rotary >= config.n_layers as u64,
             "{variant:?}"
         );
         assert_eq!(after.declined, before.declined, "{variant:?}");

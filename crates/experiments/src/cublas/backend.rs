@@ -399,3 +399,24 @@ pub(super) fn matmul(
         }
     }
 }
+
+/// The weight gradient of `nn::Linear`, `xᵀ · dy` summed over every leading axis: `x`
+/// `[…, d_in]`, `dy` `[…, d_out]` → `[d_in, d_out]`, as one product of the flattened
+/// `[N, d_in]ᵀ · [N, d_out]` (`N` all the rows), accumulated in f32 and rounded once. burn's
+/// default multiplies batch by batch (`[b, d_in, d_out]`, written out in bf16) and then adds
+/// the batch up with `sum_dim`: `b` times the output traffic and a rounding per batch.
+pub(super) fn linear_weight_backward(
+    x: FloatTensor<CublasCuda>,
+    output_grad: FloatTensor<CublasCuda>,
+) -> FloatTensor<CublasCuda> {
+    use burn_backend::ops::FloatTensorOps;
+    let shape = x.meta.shape();
+    let (d_in, d_out) = (
+        shape[shape.num_dims() - 1],
+        output_grad.meta.shape()[shape.num_dims() - 1],
+    );
+    let rows = shape.num_elements() / d_in.max(1);
+    let x = CublasCuda::float_reshape(x, burn_backend::Shape::new([rows, d_in]));
+    let dy = CublasCuda::float_reshape(output_grad, burn_backend::Shape::new([rows, d_out]));
+    CublasCuda::float_matmul(CublasCuda::float_swap_dims(x, 0, 1), dy)
+}

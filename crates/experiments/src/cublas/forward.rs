@@ -885,6 +885,19 @@ impl BoolTensorOps<Self> for CublasCuda {
 }
 
 impl ModuleOps<Self> for CublasCuda {
+    fn embedding_backward(
+        weights: FloatTensor<Self>,
+        output_grad: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        super::kernels::embedding_backward(weights, output_grad, indices)
+    }
+    fn linear_weight_backward(
+        x: FloatTensor<Self>,
+        output_grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        super::backend::linear_weight_backward(x, output_grad)
+    }
     fn conv1d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,

@@ -23,12 +23,23 @@
 //!   `nll_i = lse_i − x_{i,t_i}`, then burn's mean; backward:
 //!   `dx_ij = (g/n)·(exp(x_ij − lse_i) − [j = t_i])`, written once in the logits' dtype
 //!   (burn's composition makes two f32 copies of the `[n, v]` logits and several passes).
+//! * Rotary embedding (element-wise, reading `x` through its strides, so the heads' transposed
+//!   view needs no copy): each pair `(a, b)` → `(a cos θ − b sin θ, b cos θ + a sin θ)`; the
+//!   gradient is the rotation by `−θ`, the same kernel with the sign of `sin` flipped.
+//! * Sum of squares (gradient norms): per plane a grid-stride share in f32, then one plane
+//!   adds the partials (burn's full `sum` of an f32 tensor launched too few cubes: 51 µs for
+//!   a `[768, 768]` gradient).
+//!
+//! Beside these, `kernels::embedding_backward` replaces burn's default embedding gradient in
+//! the backend itself (`forward.rs`): f32 atomics into a zeroed `[vocab, w]` table, rounded
+//! once.
 
 use super::backend::CublasCuda;
 use super::kernels::{
     Primitive, causal_softmax_backward, causal_softmax_forward, cross_entropy_backward,
-    cross_entropy_forward, cross_entropy_supported, rms_norm_backward, rms_norm_forward,
-    softmax_supported, supported, swiglu_backward, swiglu_forward, swiglu_supported,
+    cross_entropy_forward, cross_entropy_supported, in_dtype, rms_norm_backward, rms_norm_forward,
+    rotary, rotary_supported, softmax_supported, sum_of_squares, sum_of_squares_supported,
+    supported, swiglu_backward, swiglu_forward, swiglu_supported,
 };
 use attn_models::fused::{self, FusedKernels, Outcome};
 use burn::backend::Autodiff;
@@ -45,6 +56,8 @@ static RMS_NORMS: AtomicU64 = AtomicU64::new(0);
 static SOFTMAXES: AtomicU64 = AtomicU64::new(0);
 static SWIGLUS: AtomicU64 = AtomicU64::new(0);
 static CROSS_ENTROPIES: AtomicU64 = AtomicU64::new(0);
+static ROTARIES: AtomicU64 = AtomicU64::new(0);
+static SQUARE_SUMS: AtomicU64 = AtomicU64::new(0);
 static DECLINED: AtomicU64 = AtomicU64::new(0);
 
 /// How many forward calls the fused kernels took, and declined, since the process started.
@@ -58,6 +71,10 @@ pub struct FusedCounts {
     pub swiglu: u64,
     /// Cross-entropy losses computed by the fused kernel.
     pub cross_entropy: u64,
+    /// Rotary embeddings computed by the fused kernel.
+    pub rotary: u64,
+    /// Sums of squares (gradient norms) computed by the fused kernel.
+    pub sum_of_squares: u64,
     /// Inputs handed back to burn's composition.
     pub declined: u64,
 }
@@ -69,6 +86,8 @@ pub fn fused_counts() -> FusedCounts {
         causal_softmax: SOFTMAXES.load(Ordering::Relaxed),
         swiglu: SWIGLUS.load(Ordering::Relaxed),
         cross_entropy: CROSS_ENTROPIES.load(Ordering::Relaxed),
+        rotary: ROTARIES.load(Ordering::Relaxed),
+        sum_of_squares: SQUARE_SUMS.load(Ordering::Relaxed),
         declined: DECLINED.load(Ordering::Relaxed),
     }
 }
@@ -145,6 +164,32 @@ fn cross_entropy_plain(
     }
     let (loss, _) = cross_entropy_forward(into_contiguous(lp), into_contiguous(tp));
     computed(&CROSS_ENTROPIES, tensor(loss))
+}
+
+fn rotary_plain(
+    x: Tensor<CublasCuda, 4>,
+    cos: Tensor<CublasCuda, 2>,
+    sin: Tensor<CublasCuda, 2>,
+    start: usize,
+    interleaved: bool,
+) -> Outcome<Tensor<CublasCuda, 4>> {
+    let (xp, cp, sp) = (primitive(x), primitive(cos), primitive(sin));
+    if !rotary_supported(&xp, &cp, &sp, start) {
+        return declined(tensor(xp));
+    }
+    let (cp, sp) = (into_contiguous(cp), into_contiguous(sp));
+    computed(
+        &ROTARIES,
+        tensor(rotary(xp, cp, sp, start, interleaved, 1.0)),
+    )
+}
+
+fn sum_of_squares_plain(x: Tensor<CublasCuda, 1>) -> Outcome<Tensor<CublasCuda, 1>> {
+    let xp = primitive(x);
+    if !sum_of_squares_supported(&xp) {
+        return declined(tensor(xp));
+    }
+    computed(&SQUARE_SUMS, tensor(sum_of_squares(into_contiguous(xp))))
 }
 
 // ---- Training backend (`Autodiff<CublasCuda>`): forward kernels with their backward. -------
@@ -325,6 +370,67 @@ fn cross_entropy_train(
     computed(&CROSS_ENTROPIES, tensor(out))
 }
 
+#[derive(Debug)]
+struct RotaryBackward;
+
+impl Backward<CublasCuda, 1> for RotaryBackward {
+    /// `(cos, sin, start, interleaved)`.
+    type State = (Primitive, Primitive, usize, bool);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let dy = grads.consume::<CublasCuda>(&ops.node);
+        let (cos, sin, start, interleaved) = ops.state;
+        if let Some(node) = node_x {
+            // The rotation is orthogonal: its gradient is the rotation back (sign −1).
+            let dy = in_dtype(dy, cos.dtype);
+            let dx = rotary(dy, cos, sin, start, interleaved, -1.0);
+            grads.register::<CublasCuda>(node.id, dx);
+        }
+    }
+}
+
+/// The tables are constants of the model (`Rope`'s fields, not parameters): only `x` is a
+/// parent of the node.
+fn rotary_train(
+    x: Tensor<Train, 4>,
+    cos: Tensor<Train, 2>,
+    sin: Tensor<Train, 2>,
+    start: usize,
+    interleaved: bool,
+) -> Outcome<Tensor<Train, 4>> {
+    let (xa, cp, sp) = (
+        primitive(x),
+        primitive(cos).primitive,
+        primitive(sin).primitive,
+    );
+    if !rotary_supported(&xa.primitive, &cp, &sp, start) {
+        return declined(tensor(xa));
+    }
+    let (cp, sp) = (into_contiguous(cp), into_contiguous(sp));
+    let out = match RotaryBackward
+        .prepare::<NoCheckpointing>([xa.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let y = rotary(
+                xa.primitive,
+                cp.clone(),
+                sp.clone(),
+                start,
+                interleaved,
+                1.0,
+            );
+            prep.finish((cp, sp, start, interleaved), y)
+        }
+        OpsKind::UnTracked(prep) => {
+            prep.finish(rotary(xa.primitive, cp, sp, start, interleaved, 1.0))
+        }
+    };
+    computed(&ROTARIES, tensor(out))
+}
+
 /// Registers the fused kernels with `attn_models::fused` for [`CublasCuda`] (forward) and
 /// `Autodiff<CublasCuda>` (forward and backward): the models' RMSNorms and causal softmaxes
 /// run them from then on. Inputs they do not take (f64, sizes past u32 indexing) go to
@@ -335,12 +441,18 @@ pub fn register_fused() {
         causal_softmax: causal_softmax_plain,
         swiglu: swiglu_plain,
         cross_entropy: cross_entropy_plain,
+        rotary: rotary_plain,
+        sum_of_squares: sum_of_squares_plain,
     });
     fused::register::<Train>(FusedKernels {
         rms_norm: rms_norm_train,
         causal_softmax: causal_softmax_train,
         swiglu: swiglu_train,
         cross_entropy: cross_entropy_train,
+        rotary: rotary_train,
+        // Gradient norms are taken on the inner backend; an autodiff caller gets burn's
+        // composition, which it can differentiate.
+        ..FusedKernels::declining()
     });
 }
 
