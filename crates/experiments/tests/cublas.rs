@@ -13,6 +13,9 @@
 //! through the same yardstick.
 #![cfg(feature = "cuda")]
 
+mod common;
+use common::host;
+
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
@@ -24,14 +27,6 @@ fn device() -> Dev {
     let device = Dev::default();
     init(&device).expect("libcublas loads");
     device
-}
-
-/// The host values of a tensor, as f64.
-fn host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Vec<f64> {
-    t.to_data()
-        .convert::<f64>()
-        .to_vec::<f64>()
-        .expect("float data")
 }
 
 /// Exact `[batch…, m, k]·[batch…, k, n]` of contiguous host data with burn's broadcasting;

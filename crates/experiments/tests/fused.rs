@@ -12,6 +12,9 @@
 //! for the test's arguments (`|x| ≲ 30`) is within `2⁻¹⁴` relative (`FAST_EXP`).
 #![cfg(feature = "cuda")]
 
+mod common;
+use common::host;
+
 use attn_models::fused;
 use burn::backend::Autodiff;
 use burn::module::Param;
@@ -34,13 +37,6 @@ fn device() -> Dev {
     init(&device).expect("libcublas loads");
     register_fused();
     device
-}
-
-fn host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Vec<f64> {
-    t.to_data()
-        .convert::<f64>()
-        .to_vec::<f64>()
-        .expect("float data")
 }
 
 /// `|got − want| ≤ tol` entry by entry, with the worst ratio in the message.

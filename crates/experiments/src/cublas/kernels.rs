@@ -94,6 +94,31 @@ fn rms_norm_backward_kernel<F: Float>(
     }
 }
 
+/// `log Σ_{j < len} exp(x[base + j])` of one row, by one plane (every lane gets it): each lane
+/// keeps a running maximum `m` and a sum rescaled to it (`l ← l·e^{m − x} + 1` when `x`
+/// raises the maximum, the online softmax), then the plane takes the maximum `M` of the `m`
+/// and adds `l·e^{m − M}`. f32 arithmetic.
+#[cube]
+fn plane_log_sum_exp<F: Float>(x: &Tensor<F>, base: usize, len: usize) -> f32 {
+    // Below any finite value: e^{FLOOR − x} underflows to 0 for every finite x.
+    let floor = f32::new(-3.0e38);
+    let mut m = floor;
+    let mut l = f32::new(0.0);
+    let mut j = UNIT_POS_X as usize;
+    while j < len {
+        let v = f32::cast_from(x[base + j]);
+        if v > m {
+            l = l * (m - v).exp() + f32::new(1.0);
+            m = v;
+        } else {
+            l += (v - m).exp();
+        }
+        j += CUBE_DIM_X as usize;
+    }
+    let row_max = plane_max(m);
+    plane_sum(l * (m - row_max).exp()).ln() + row_max
+}
+
 #[cube(launch)]
 fn causal_softmax_forward_kernel<F: Float>(
     scores: &Tensor<F>,
@@ -113,28 +138,12 @@ fn causal_softmax_forward_kernel<F: Float>(
     let visible = (row % queries + offset + 1) as usize;
     let lane = UNIT_POS_X as usize;
     let step = CUBE_DIM_X as usize;
-    // Below any finite score; exp(FLOOR − x) underflows to 0 for every finite x.
-    let floor = f32::new(-3.0e38);
-    let mut m = floor;
-    let mut l = f32::new(0.0);
-    let mut j = lane;
-    while j < visible {
-        let v = f32::cast_from(scores[base + j]);
-        if v > m {
-            l = l * (m - v).exp() + f32::new(1.0);
-            m = v;
-        } else {
-            l += (v - m).exp();
-        }
-        j += step;
-    }
-    let row_max = plane_max(m);
-    let inv = f32::new(1.0) / plane_sum(l * (m - row_max).exp());
+    let lse = plane_log_sum_exp::<F>(scores, base, visible);
     let mut k = lane;
     while k < t {
         let mut p = f32::new(0.0);
         if k < visible {
-            p = (f32::cast_from(scores[base + k]) - row_max).exp() * inv;
+            p = (f32::cast_from(scores[base + k]) - lse).exp();
         }
         probs[base + k] = F::cast_from(p);
         k += step;
@@ -240,23 +249,7 @@ fn cross_entropy_forward_kernel<F: Float, I: Int>(
     let v = vocab as usize;
     let base = row as usize * v;
     let lane = UNIT_POS_X as usize;
-    let step = CUBE_DIM_X as usize;
-    let floor = f32::new(-3.0e38);
-    let mut m = floor;
-    let mut l = f32::new(0.0);
-    let mut j = lane;
-    while j < v {
-        let x = f32::cast_from(logits[base + j]);
-        if x > m {
-            l = l * (m - x).exp() + f32::new(1.0);
-            m = x;
-        } else {
-            l += (x - m).exp();
-        }
-        j += step;
-    }
-    let row_max = plane_max(m);
-    let log_sum = plane_sum(l * (m - row_max).exp()).ln() + row_max;
+    let log_sum = plane_log_sum_exp::<F>(logits, base, v);
     if lane == 0 {
         // A negative target wraps to a large u32: both are outside the vocabulary.
         let t = u32::cast_from(targets[row as usize]);
