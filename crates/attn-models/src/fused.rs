@@ -182,11 +182,12 @@ pub fn causal_softmax<B: Backend>(scores: Tensor<B, 4>, offset: usize) -> Tensor
 pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
     let (gate, up) = match kernels::<B>() {
         Some(k) => {
-            let dims = gate.dims();
-            let f = dims[D - 1] as i32;
-            match (k.swiglu)(gate.reshape([-1, f]), up.reshape([-1, f])) {
-                Outcome::Computed(y) => return y.reshape(dims),
-                Outcome::Declined((gate, up)) => (gate.reshape(dims), up.reshape(dims)),
+            let (gate_dims, up_dims) = (gate.dims(), up.dims());
+            let rows = |t: Tensor<B, D>, dims: [usize; D]| t.reshape([-1, dims[D - 1] as i32]);
+            match (k.swiglu)(rows(gate, gate_dims), rows(up, up_dims)) {
+                Outcome::Computed(y) => return y.reshape(gate_dims),
+                // Each back in its own shape: the composition broadcasts as burn does.
+                Outcome::Declined((gate, up)) => (gate.reshape(gate_dims), up.reshape(up_dims)),
             }
         }
         None => (gate, up),

@@ -410,12 +410,9 @@ pub(super) fn linear_weight_backward(
     output_grad: FloatTensor<CublasCuda>,
 ) -> FloatTensor<CublasCuda> {
     use burn_backend::ops::FloatTensorOps;
-    let shape = x.meta.shape();
-    let (d_in, d_out) = (
-        shape[shape.num_dims() - 1],
-        output_grad.meta.shape()[shape.num_dims() - 1],
-    );
-    let rows = shape.num_elements() / d_in.max(1);
+    let last = |s: &burn_backend::Shape| s[s.num_dims() - 1];
+    let (d_in, d_out) = (last(x.meta.shape()), last(output_grad.meta.shape()));
+    let rows = x.meta.shape().num_elements() / d_in.max(1);
     let x = CublasCuda::float_reshape(x, burn_backend::Shape::new([rows, d_in]));
     let dy = CublasCuda::float_reshape(output_grad, burn_backend::Shape::new([rows, d_out]));
     CublasCuda::float_matmul(CublasCuda::float_swap_dims(x, 0, 1), dy)

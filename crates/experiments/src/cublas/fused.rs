@@ -38,8 +38,8 @@ use super::backend::CublasCuda;
 use super::kernels::{
     Primitive, causal_softmax_backward, causal_softmax_forward, cross_entropy_backward,
     cross_entropy_forward, cross_entropy_supported, in_dtype, rms_norm_backward, rms_norm_forward,
-    rotary, rotary_supported, softmax_supported, sum_of_squares, sum_of_squares_supported,
-    supported, swiglu_backward, swiglu_forward, swiglu_supported,
+    rms_norm_supported, rotary, rotary_supported, softmax_supported, sum_of_squares,
+    sum_of_squares_supported, swiglu_backward, swiglu_forward, swiglu_supported,
 };
 use attn_models::fused::{self, FusedKernels, Outcome};
 use burn::backend::Autodiff;
@@ -117,9 +117,8 @@ fn rms_norm_plain(
     gain: Tensor<CublasCuda, 1>,
     eps: f64,
 ) -> Outcome<Tensor<CublasCuda, 2>> {
-    let [rows, width] = x.dims();
     let (xp, gp) = (primitive(x), primitive(gain));
-    if !supported(&xp, rows, width) || gp.dtype != xp.dtype {
+    if !rms_norm_supported(&xp, &gp) {
         return declined(tensor(xp));
     }
     let (y, _) = rms_norm_forward(into_contiguous(xp), into_contiguous(gp), eps);
@@ -222,25 +221,22 @@ fn rms_norm_train(
     gain: Tensor<Train, 1>,
     eps: f64,
 ) -> Outcome<Tensor<Train, 2>> {
-    let [rows, width] = x.dims();
     let (xa, ga) = (primitive(x), primitive(gain));
-    if !supported(&xa.primitive, rows, width) || ga.primitive.dtype != xa.primitive.dtype {
+    if !rms_norm_supported(&xa.primitive, &ga.primitive) {
         return declined(tensor(xa));
     }
     let (xp, gp) = (
         into_contiguous(xa.primitive.clone()),
         into_contiguous(ga.primitive.clone()),
     );
+    let (y, rstd) = rms_norm_forward(xp.clone(), gp.clone(), eps);
     let out = match RmsNormBackward
         .prepare::<NoCheckpointing>([xa.node.clone(), ga.node.clone()])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => {
-            let (y, rstd) = rms_norm_forward(xp.clone(), gp.clone(), eps);
-            prep.finish((xp, gp, rstd), y)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(rms_norm_forward(xp, gp, eps).0),
+        OpsKind::Tracked(prep) => prep.finish((xp, gp, rstd), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
     };
     computed(&RMS_NORMS, tensor(out))
 }
@@ -267,17 +263,14 @@ fn causal_softmax_train(scores: Tensor<Train, 4>, offset: usize) -> Outcome<Tens
     if !softmax_supported(&sa.primitive, offset) {
         return declined(tensor(sa));
     }
-    let sp = into_contiguous(sa.primitive.clone());
+    let probs = causal_softmax_forward(into_contiguous(sa.primitive.clone()), offset);
     let out = match CausalSoftmaxBackward
         .prepare::<NoCheckpointing>([sa.node.clone()])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => {
-            let probs = causal_softmax_forward(sp, offset);
-            prep.finish((probs.clone(), offset), probs)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(causal_softmax_forward(sp, offset)),
+        OpsKind::Tracked(prep) => prep.finish((probs.clone(), offset), probs),
+        OpsKind::UnTracked(prep) => prep.finish(probs),
     };
     computed(&SOFTMAXES, tensor(out))
 }
@@ -315,16 +308,14 @@ fn swiglu_train(
         into_contiguous(ga.primitive.clone()),
         into_contiguous(ua.primitive.clone()),
     );
+    let y = swiglu_forward(gp.clone(), up.clone());
     let out = match SwigluBackward
         .prepare::<NoCheckpointing>([ga.node.clone(), ua.node.clone()])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => {
-            let y = swiglu_forward(gp.clone(), up.clone());
-            prep.finish((gp, up), y)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(swiglu_forward(gp, up)),
+        OpsKind::Tracked(prep) => prep.finish((gp, up), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
     };
     computed(&SWIGLUS, tensor(out))
 }
@@ -356,16 +347,14 @@ fn cross_entropy_train(
         return declined((tensor(la), Tensor::from_primitive(tp)));
     }
     let (lp, tp) = (into_contiguous(la.primitive.clone()), into_contiguous(tp));
+    let (loss, lse) = cross_entropy_forward(lp.clone(), tp.clone());
     let out = match CrossEntropyBackward
         .prepare::<NoCheckpointing>([la.node.clone()])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => {
-            let (loss, lse) = cross_entropy_forward(lp.clone(), tp.clone());
-            prep.finish((lp, tp, lse), loss)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(cross_entropy_forward(lp, tp).0),
+        OpsKind::Tracked(prep) => prep.finish((lp, tp, lse), loss),
+        OpsKind::UnTracked(prep) => prep.finish(loss),
     };
     computed(&CROSS_ENTROPIES, tensor(out))
 }
@@ -408,33 +397,30 @@ fn rotary_train(
         return declined(tensor(xa));
     }
     let (cp, sp) = (into_contiguous(cp), into_contiguous(sp));
+    let y = rotary(
+        xa.primitive,
+        cp.clone(),
+        sp.clone(),
+        start,
+        interleaved,
+        1.0,
+    );
     let out = match RotaryBackward
         .prepare::<NoCheckpointing>([xa.node.clone()])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => {
-            let y = rotary(
-                xa.primitive,
-                cp.clone(),
-                sp.clone(),
-                start,
-                interleaved,
-                1.0,
-            );
-            prep.finish((cp, sp, start, interleaved), y)
-        }
-        OpsKind::UnTracked(prep) => {
-            prep.finish(rotary(xa.primitive, cp, sp, start, interleaved, 1.0))
-        }
+        OpsKind::Tracked(prep) => prep.finish((cp, sp, start, interleaved), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
     };
     computed(&ROTARIES, tensor(out))
 }
 
 /// Registers the fused kernels with `attn_models::fused` for [`CublasCuda`] (forward) and
-/// `Autodiff<CublasCuda>` (forward and backward): the models' RMSNorms and causal softmaxes
-/// run them from then on. Inputs they do not take (f64, sizes past u32 indexing) go to
-/// burn's composition.
+/// `Autodiff<CublasCuda>` (forward and backward): from then on every call of
+/// `attn_models::fused` on these backends (the models' RMSNorms, causal softmaxes, SwiGLUs
+/// and rotary embeddings, the training loss and gradient norms) runs them. Inputs they do
+/// not take (f64, sizes past u32 indexing) go to burn's composition.
 pub fn register_fused() {
     fused::register::<CublasCuda>(FusedKernels {
         rms_norm: rms_norm_plain,

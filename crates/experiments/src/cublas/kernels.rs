@@ -455,11 +455,27 @@ fn geometry(rows: usize) -> (CubeCount, CubeDim) {
     )
 }
 
-/// Whether the kernels can take a float tensor of this `dtype` with `rows` rows of `width`:
-/// a float dtype, sizes that fit the kernels' u32 indices, and a 32-lane plane.
-pub(super) fn supported(t: &Primitive, rows: usize, width: usize) -> bool {
+/// The float dtypes the kernels are compiled for (their arithmetic is f32 whatever these are).
+fn float_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16 | DType::F32)
+}
+
+/// The integer dtypes the kernels read token ids and targets from.
+fn index_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::I32 | DType::I64 | DType::U32)
+}
+
+/// Whether the device's planes are warps of [`LANES`]: every kernel with a plane reduction
+/// lays its cubes out as `LANES` × rows.
+fn plane_is_warp(t: &Primitive) -> bool {
     let hardware = &t.client.properties().hardware;
-    matches!(t.dtype, DType::BF16 | DType::F16 | DType::F32)
+    hardware.plane_size_min == LANES && hardware.plane_size_max == LANES
+}
+
+/// Whether the row kernels can take a float tensor of this `dtype` with `rows` rows of
+/// `width`: a float dtype, sizes that fit the kernels' u32 indices, and a 32-lane plane.
+fn supported(t: &Primitive, rows: usize, width: usize) -> bool {
+    float_dtype(t.dtype)
         && rows > 0
         && width > 0
         && rows
@@ -467,8 +483,13 @@ pub(super) fn supported(t: &Primitive, rows: usize, width: usize) -> bool {
             .is_some_and(|n| n <= u32::MAX as usize)
         && rows.div_ceil(ROWS_PER_CUBE as usize) <= i32::MAX as usize
         && rows.div_ceil(ROWS_PER_CHUNK) <= u16::MAX as usize
-        && hardware.plane_size_min == LANES
-        && hardware.plane_size_max == LANES
+        && plane_is_warp(t)
+}
+
+/// Whether the RMSNorm kernels take `x` `[n, w]` and `gain` `[w]` (of `x`'s dtype).
+pub(super) fn rms_norm_supported(x: &Primitive, gain: &Primitive) -> bool {
+    let [rows, width] = x.meta.shape().dims::<2>();
+    supported(x, rows, width) && gain.dtype == x.dtype
 }
 
 fn empty_like(t: &Primitive, shape: Shape, dtype: DType) -> Primitive {
@@ -571,11 +592,11 @@ pub(super) fn rms_norm_backward(
         dtype.into(),
     );
     let dgain = Inner::float_reshape(column_sums(terms), Shape::new([width]));
-    (dx, Inner::float_cast(dgain, gain_dtype.into()))
+    (dx, in_dtype(dgain, gain_dtype))
 }
 
 /// The causal softmax's sizes: `(rows, queries s, keys t)` of `[b, H, s, t]`.
-pub(super) fn softmax_sizes(scores: &Primitive) -> (usize, usize, usize) {
+fn softmax_sizes(scores: &Primitive) -> (usize, usize, usize) {
     let [b, h, s, t] = scores.meta.shape().dims::<4>();
     (b * h * s, s, t)
 }
@@ -643,7 +664,7 @@ fn elementwise(len: usize) -> (CubeCount, CubeDim) {
 /// within u32 indexing.
 pub(super) fn swiglu_supported(gate: &Primitive, up: &Primitive) -> bool {
     let len = gate.meta.num_elements();
-    matches!(gate.dtype, DType::BF16 | DType::F16 | DType::F32)
+    float_dtype(gate.dtype)
         && gate.dtype == up.dtype
         && gate.meta.shape() == up.meta.shape()
         && len > 0
@@ -701,7 +722,7 @@ pub(super) fn swiglu_backward(
 pub(super) fn cross_entropy_supported(logits: &Primitive, targets: &Primitive) -> bool {
     let [rows, vocab] = logits.meta.shape().dims::<2>();
     supported(logits, rows, vocab)
-        && matches!(targets.dtype, DType::I32 | DType::I64 | DType::U32)
+        && index_dtype(targets.dtype)
         && targets.meta.shape().dims::<1>() == [rows]
 }
 
@@ -772,7 +793,7 @@ pub(super) fn rotary_supported(
     let [_, _, s, w] = x.meta.shape().dims::<4>();
     let [max_seq, half] = cos.meta.shape().dims::<2>();
     let len = x.meta.num_elements();
-    matches!(x.dtype, DType::BF16 | DType::F16 | DType::F32)
+    float_dtype(x.dtype)
         && cos.dtype == x.dtype
         && sin.dtype == x.dtype
         && sin.meta.shape() == cos.meta.shape()
@@ -818,10 +839,10 @@ pub(super) fn rotary(
 /// Planes in the first pass of [`sum_of_squares`] at most (8 per cube).
 const SQUARE_PLANES: usize = 8192;
 
-/// Whether [`sum_of_squares`] takes `x`.
+/// Whether [`sum_of_squares`] takes `x` (its passes reduce over planes, laid out as warps).
 pub(super) fn sum_of_squares_supported(x: &Primitive) -> bool {
     let len = x.meta.num_elements();
-    matches!(x.dtype, DType::BF16 | DType::F16 | DType::F32) && len > 0 && len <= u32::MAX as usize
+    float_dtype(x.dtype) && len > 0 && len <= u32::MAX as usize && plane_is_warp(x)
 }
 
 /// `Σ x_i²` in f32 of a contiguous `x`, `[1]`: one pass of up to [`SQUARE_PLANES`] planes
@@ -869,7 +890,7 @@ pub(crate) fn embedding_backward(
     let rows = tokens.meta.num_elements();
     let takes = supported(&dy, rows, width)
         && dy.meta.num_elements() == rows * width
-        && matches!(tokens.dtype, DType::I32 | DType::I64 | DType::U32)
+        && index_dtype(tokens.dtype)
         && vocab
             .checked_mul(width)
             .is_some_and(|n| n <= u32::MAX as usize);
