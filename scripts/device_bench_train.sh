@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # On the lent GPU (device tool): `bench train` (burn vs the PyTorch reference, same weights and
 # batches) and, optionally, `bench probe`. Expects .device/xtask.xz (release, --features cuda),
-# carried. Results (stdout tables, every result.json) go to $OUT.
+# and .device/lib (this machine's libfontconfig.so.1, libfreetype.so.6, libexpat.so.1,
+# libpng16.so.16, libbrotlidec.so.1, libbrotlicommon.so.1: the device lacks them), carried.
+# Results (stdout tables, every result.json) go to $OUT.
 #   CPU_STEPS (default 0: skip the CPU f32 numerics check; else its updates, tiny preset)
 #   GPU_VARIANTS (default mha,mla-prerope,mla-decoupled), GPU_STEPS (100), GPU_REFERENCE
 #   (eager,sdpa,compile), MATMUL (cublas, cublas-composed or cubecl, or several separated by
 #   commas, each a `bench train` run; default cublas; the reference runs with the first only),
+#   BUILDS (default xtask: .device/xtask.xz; several names separated by commas run the same
+#   benchmarks with each carried .device/NAME.xz, the reference with the first only),
 #   PROBE_STEPS (default 0: skip `bench probe`). Every .device/NAME-test.xz carried (the
 #   ignored GPU tests of crates/experiments/tests/NAME.rs, built with `cargo test --release
 #   -p experiments --features cuda --test NAME --no-run`) runs first.
@@ -14,15 +18,17 @@ export LD_LIBRARY_PATH=$PWD/.device/lib:/usr/local/cuda-13.0/targets/x86_64-linu
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-[ -x .device/xtask ] || { python3 -c "import lzma,shutil;shutil.copyfileobj(lzma.open('.device/xtask.xz'),open('.device/xtask','wb'))" && chmod +x .device/xtask; }
+unxz_bin() { # .device/NAME.xz → .device/NAME, executable
+  [ -x ".device/$1" ] || { python3 -c "import lzma,shutil,sys;shutil.copyfileobj(lzma.open(sys.argv[1]+'.xz'),open(sys.argv[1],'wb'))" ".device/$1" && chmod +x ".device/$1"; }
+}
+unxz_bin xtask
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 date -u
 for xz in .device/*-test.xz; do
   [ -f "$xz" ] || continue
   bin=${xz%.xz}
-  python3 -c "import lzma,shutil,sys;shutil.copyfileobj(lzma.open(sys.argv[1]),open(sys.argv[2],'wb'))" "$xz" "$bin" \
-    && chmod +x "$bin"
+  unxz_bin "$(basename "$bin")"
   "./$bin" --ignored --test-threads 1 2>&1 | tee "$OUT/$(basename "$bin").log"
 done
 if [ "${CPU_STEPS:-0}" -gt 0 ]; then
@@ -34,15 +40,19 @@ if [ "${CPU_STEPS:-0}" -gt 0 ]; then
 fi
 if [ -n "${GPU_VARIANTS-mha,mla-prerope,mla-decoupled}" ]; then
   reference=${GPU_REFERENCE:-eager,sdpa,compile}
-  for matmul in $(echo "${MATMUL:-cublas}" | tr , ' '); do
-    ./.device/xtask bench train --backend cuda --matmul "$matmul" --preset paper \
-      --variants "${GPU_VARIANTS-mha,mla-prerope,mla-decoupled}" --steps "${GPU_STEPS:-100}" \
-      --reference "$reference" --out "/tmp/bench-train-gpu-$matmul" 2>&1 \
-      | tee "$OUT/bench-train-gpu-$matmul.log"
-    for f in /tmp/bench-train-gpu-"$matmul"/*/result.json; do
-      [ -f "$f" ] && cp "$f" "$OUT/gpu-$matmul-$(basename "$(dirname "$f")").json"
+  for build in $(echo "${BUILDS:-xtask}" | tr , ' '); do
+    unxz_bin "$build"
+    for matmul in $(echo "${MATMUL:-cublas}" | tr , ' '); do
+      run="$build-$matmul"
+      ./.device/"$build" bench train --backend cuda --matmul "$matmul" --preset paper \
+        --variants "${GPU_VARIANTS-mha,mla-prerope,mla-decoupled}" --steps "${GPU_STEPS:-100}" \
+        --reference "$reference" --out "/tmp/bench-train-gpu-$run" 2>&1 \
+        | tee "$OUT/bench-train-gpu-$run.log"
+      for f in /tmp/bench-train-gpu-"$run"/*/result.json; do
+        [ -f "$f" ] && cp "$f" "$OUT/gpu-$run-$(basename "$(dirname "$f")").json"
+      done
+      reference=none
     done
-    reference=none
   done
 fi
 if [ "${PROBE_STEPS:-0}" -gt 0 ]; then
@@ -80,3 +90,6 @@ if [ -n "${NSYS_VARIANT:-}" ]; then
   fi
 fi
 date -u
+# The device returns at most 8 files: everything goes back in one archive, the logs beside it.
+(cd "$OUT" && tar czf /tmp/results.tgz --exclude results.tgz . && mv /tmp/results.tgz results.tgz \
+  && find . -type f ! -name results.tgz ! -name '*.log' -delete)

@@ -41,6 +41,7 @@ TRAITS = [
 # is the plain forward, `{args}` its argument list.
 SPECIAL = {
     "float_matmul": "super::backend::matmul(lhs, rhs)",
+    "float_reshape": "super::backend::reshape(tensor, shape)",
     "q_matmul": "super::backend::from_inner(<Inner as QTensorOps<Inner>>::q_matmul(\n"
     "            super::backend::to_inner(lhs),\n            super::backend::to_inner(rhs),\n        ))",
     "quantize": "<Inner as QTensorOps<Inner>>::quantize(\n            tensor,\n            scheme,\n"

@@ -411,7 +411,7 @@ fn cuda(
     let fused = experiments::cublas::fused_counts();
     if matmul != crate::gpu::Matmul::Cubecl {
         println!(
-            "# cuBLAS products {} (burn's kernel for {}); fused RMSNorms {}, causal softmaxes {}, SwiGLUs {}, cross-entropies {}, rotaries {}, squared norms {} (declined {})",
+            "# cuBLAS products {} (burn's kernel for {}); fused RMSNorms {}, causal softmaxes {}, SwiGLUs {}, cross-entropies {}, rotaries {}, squared norms {}, AdamW updates {} (declined {})",
             after.cublas - before.cublas,
             after.fallback - before.fallback,
             fused.rms_norm - fused_before.rms_norm,
@@ -420,6 +420,7 @@ fn cuda(
             fused.cross_entropy - fused_before.cross_entropy,
             fused.rotary - fused_before.rotary,
             fused.sum_of_squares - fused_before.sum_of_squares,
+            fused.adamw - fused_before.adamw,
             fused.declined - fused_before.declined,
         );
     }

@@ -6,10 +6,10 @@
 //! logits for the loss. A backend that has a fused kernel for any of them (with its backward,
 //! when it is an autodiff backend) registers it here, keyed by the backend's type; the models
 //! call [`rms_norm`], [`causal_softmax`], [`swiglu`], [`cross_entropy`], [`rotary`] and
-//! [`sum_of_squares`], which run the registered kernel when there is one and burn's
-//! composition otherwise. The composition is the definition: a registered kernel
-//! must compute the same function (tests compare them), and may decline an input it does not
-//! handle (a dtype, a layout) by handing it back.
+//! [`sum_of_squares`], and the training loop's optimizer calls [`adamw`]; each runs the
+//! registered kernel when there is one and burn's composition otherwise. The composition is
+//! the definition: a registered kernel must compute the same function (tests compare them),
+//! and may decline an input it does not handle (a dtype, a layout) by handing it back.
 //!
 //! No bound is added to the models' `B: Backend`, and a backend with nothing registered (the
 //! CPU backends, always) runs exactly the composed code.
@@ -76,6 +76,38 @@ pub type RotaryKernel<B> =
 /// `Σ x_i²` of a flat tensor, `[1]` in f32 (the squared norm of a gradient).
 pub type SumOfSquaresKernel<B> = fn(Tensor<B, 1>) -> Outcome<Tensor<B, 1>>;
 
+/// One AdamW update of a flattened parameter (Loshchilov & Hutter; burn's `AdamW` without
+/// AMSGrad): with gradient `g`, learning rate `η`, decay `λ` and `t` the step count after this
+/// update, `m ← β₁·m + (1−β₁)·g`, `v ← β₂·v + (1−β₂)·g²` (`m = v = 0` before the first step),
+/// `θ ← θ·(1 − η·λ) − η·m̂ / (√v̂ + ε)` with `m̂ = m/(1−β₁ᵗ)`, `v̂ = v/(1−β₂ᵗ)`.
+#[derive(Debug)]
+pub struct AdamWStep<B: Backend> {
+    /// `θ`, flattened.
+    pub param: Tensor<B, 1>,
+    /// `g`, flattened.
+    pub grad: Tensor<B, 1>,
+    /// `(m, v)` before this update; `None` on the first step.
+    pub moments: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+    /// `η`.
+    pub lr: f64,
+    /// `β₁`.
+    pub beta_1: f32,
+    /// `β₂`.
+    pub beta_2: f32,
+    /// `ε`.
+    pub epsilon: f32,
+    /// `λ` (decoupled: applied as `θ·(1 − η·λ)`).
+    pub weight_decay: f32,
+    /// `t`, the step count after this update (1 for the first).
+    pub time: usize,
+}
+
+/// The result of an [`AdamWStep`]: `(θ, m, v)` after the update, flattened.
+pub type AdamWUpdate<B> = (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>);
+
+/// One AdamW update, [`AdamWStep`], in one kernel.
+pub type AdamWKernel<B> = fn(AdamWStep<B>) -> Outcome<AdamWUpdate<B>, AdamWStep<B>>;
+
 /// The fused kernels of one backend `B`.
 pub struct FusedKernels<B: Backend> {
     /// See [`RmsNormKernel`].
@@ -90,6 +122,8 @@ pub struct FusedKernels<B: Backend> {
     pub rotary: RotaryKernel<B>,
     /// See [`SumOfSquaresKernel`].
     pub sum_of_squares: SumOfSquaresKernel<B>,
+    /// See [`AdamWKernel`].
+    pub adamw: AdamWKernel<B>,
 }
 
 impl<B: Backend> FusedKernels<B> {
@@ -102,6 +136,7 @@ impl<B: Backend> FusedKernels<B> {
             cross_entropy: |logits, targets| Outcome::Declined((logits, targets)),
             rotary: |x, _, _, _, _| Outcome::Declined(x),
             sum_of_squares: |x| Outcome::Declined(x),
+            adamw: Outcome::Declined,
         }
     }
 }
@@ -207,6 +242,16 @@ pub fn rotary<B: Backend>(
     match kernels::<B>() {
         Some(k) => (k.rotary)(x, cos.clone(), sin.clone(), start, interleaved),
         None => Outcome::Declined(x),
+    }
+}
+
+/// One AdamW update by `B`'s fused kernel ([`AdamWKernel`]), or the step handed back when
+/// none is registered or it declines: the optimizer then runs burn's `AdamW`, which composes
+/// the same update.
+pub fn adamw<B: Backend>(step: AdamWStep<B>) -> Outcome<AdamWUpdate<B>, AdamWStep<B>> {
+    match kernels::<B>() {
+        Some(k) => (k.adamw)(step),
+        None => Outcome::Declined(step),
     }
 }
 

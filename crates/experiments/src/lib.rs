@@ -15,6 +15,7 @@ pub mod cublas;
 pub mod data;
 pub mod download;
 pub mod mla_spectra;
+pub mod optim;
 pub mod plot;
 pub mod rank_collapse;
 pub mod report;

@@ -8,7 +8,9 @@
 //!    validation loss — both at `step`;
 //! 2. `accumulation` micro-batches of `batch` sequences: forward, cross-entropy, backward,
 //!    gradients summed (each loss divided by `accumulation`, so the sum is the mean);
-//! 3. clip to a global norm, if asked; AdamW update with the learning rate of `step`;
+//! 3. clip to a global norm, if asked; AdamW update with the learning rate of `step`
+//!    ([`crate::optim::FusedAdamW`]: burn's AdamW, one fused kernel per parameter where the
+//!    backend registered one);
 //!    record `loss`, `grad_norm`, `lr` at `step`;
 //! 4. after every `checkpoint_every` updates, checkpoint: the model, the optimizer, and the
 //!    metrics files' lengths.
@@ -18,11 +20,12 @@
 //! the same seed write the same metrics, and a run resumed from a checkpoint continues
 //! exactly where it was, neither losing nor repeating a row.
 
+use crate::optim::FusedAdamWConfig;
 use crate::tokens::{Packed, SequenceOrder};
 use crate::{ExperimentError, io_err};
 use attn_models::{Llama, LlamaConfig};
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
@@ -379,7 +382,7 @@ pub fn train<B: AutodiffBackend>(
         )));
     }
     let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
-    let adamw = AdamWConfig::new()
+    let adamw = FusedAdamWConfig::new()
         .with_beta_1(config.beta1 as f32)
         .with_beta_2(config.beta2 as f32)
         .with_epsilon(config.epsilon as f32)

@@ -105,6 +105,15 @@ fn check<const D: usize>(
     let (ha, hb) = (host(&a), host(&b));
     let (exact, abs, shape) = reference(&ha, &sa, &hb, &sb);
     let k = sa[D - 1];
+    // A `k` that is not a multiple of the 16-byte vector may be cut into bulk and remainder
+    // (`Gemm::enqueue`): the remainder's partial sum is rounded to the output once more,
+    // ≤ u_out·Σ_remainder |a||b| ≤ u_out·|A||B|, charged to the `|A||B|` term as u_in += u_out/2.
+    let vector = 16 / a.dtype().size();
+    let u_in = if k > vector && k % vector != 0 {
+        u_in + u_out / 2.0
+    } else {
+        u_in
+    };
     let before = counts();
     let ours = a.clone().matmul(b.clone());
     let after = counts();
@@ -331,5 +340,91 @@ fn linear_weight_gradients_are_one_product_over_every_row() {
         2f64.powi(-8),
         0.0,
         "dW of a [3, 5, 24] batch",
+    );
+}
+
+/// The row stride of a float tensor's primitive (its second-to-last axis).
+fn row_stride<const D: usize>(t: &Tensor<CublasCuda, D>) -> usize {
+    t.clone().into_primitive().tensor().meta.strides()[D - 2]
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU and libcublas"]
+fn unaligned_widths_run_on_aligned_pitches_and_match_the_exact_products() {
+    // The output head's shape in small: a width (1001 bf16 = 2002 bytes) whose rows are not
+    // 16-byte aligned. The product's output comes back on an aligned pitch, operands with
+    // unaligned rows and enough reuse (≥ 64 products per element) are copied to one, and the
+    // values are those of the exact products, forward and in both gradients.
+    let device = device();
+    let (b, s, d, v) = (2, 70, 96, 1001);
+    let x = random([b, s, d], &device);
+    let w = random([d, v], &device);
+    let y = x.clone().matmul(w.clone().unsqueeze::<3>());
+    let pitch = row_stride(&y);
+    assert!(pitch >= v && pitch % 8 == 0, "row stride {pitch}");
+    let (hx, hw) = (host(&x), host(&w));
+    let (exact, abs, _) = reference(&hx, &[b, s, d], &hw, &[1, d, v]);
+    let u = 2f64.powi(-8);
+    assert_close(&host(&y), &exact, &abs, d, u, 0.0, "[b,s,d]·[1,d,v]");
+    // Merging the batch into the rows is a view of the pitched rows, not a copy.
+    let flat = y.clone().reshape([b * s, v]);
+    assert_eq!(row_stride(&flat), pitch);
+    assert_eq!(host(&flat), host(&y));
+    // A reshape that no view can express still copies, to the same values.
+    let t = y.clone().swap_dims(1, 2).reshape([b, v * s]);
+    let ht = host(&t);
+    let hy = host(&y);
+    for (i, value) in ht.iter().enumerate() {
+        let (bi, rest) = (i / (v * s), i % (v * s));
+        let (j, r) = (rest / s, rest % s);
+        assert_eq!(*value, hy[(bi * s + r) * v + j]);
+    }
+
+    // Gradients through autodiff with an upstream gradient `c`: dX = c·Wᵀ reads c's
+    // unaligned rows (copied: reuse d = 96) and Wᵀ (copied: reuse s = 70); dW = Σ xᵀ·c.
+    type Ad = Autodiff<CublasCuda>;
+    let xa: Tensor<Ad, 3> = Tensor::from_inner(x).require_grad();
+    let wa: Tensor<Ad, 2> = Tensor::from_inner(w).require_grad();
+    let c = random([b, s, v], &device);
+    let before = counts();
+    let grads = (xa.clone().matmul(wa.clone().unsqueeze::<3>()) * Tensor::from_inner(c.clone()))
+        .sum()
+        .backward();
+    assert!(counts().cublas >= before.cublas + 3);
+    let hc = host(&c);
+    let wt: Vec<f64> = (0..v * d).map(|i| hw[(i % d) * v + i / d]).collect();
+    let (dx, dx_abs, _) = reference(&hc, &[b, s, v], &wt, &[1, v, d]);
+    // k = 1001 is cut into 1000 + 1: the remainder's partial product is rounded to bf16 once
+    // before the bulk is added, ≤ u·Σ_remainder |c||W| ≤ u·|c||W|: u_in = u/2.
+    assert_close(
+        &host(&xa.grad(&grads).expect("dX")),
+        &dx,
+        &dx_abs,
+        v,
+        u,
+        u / 2.0,
+        "dX = c·Wᵀ",
+    );
+    let (mut dw, mut dw_abs) = (vec![0.0; d * v], vec![0.0; d * v]);
+    for r in 0..b * s {
+        for i in 0..d {
+            for j in 0..v {
+                let p = hx[r * d + i] * hc[r * v + j];
+                dw[i * v + j] += p;
+                dw_abs[i * v + j] += p.abs();
+            }
+        }
+    }
+    // burn's matmul backward rounds each batch's product to bf16 and sums them afterwards
+    // (one more rounding of the sum): Σ_batch u·|partial| ≤ u·Σ|x||c|, charged to the
+    // `|A||B|` term as u_in = u/2 per batch element.
+    assert_close(
+        &host(&wa.grad(&grads).expect("dW")),
+        &dw,
+        &dw_abs,
+        b * s,
+        u,
+        b as f64 * u / 2.0,
+        "dW = Σ xᵀ·c",
     );
 }

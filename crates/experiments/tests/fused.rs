@@ -256,17 +256,24 @@ fn swiglu_forward_and_backward_match_the_exact_function() {
 fn cross_entropy_and_its_gradient_match_the_exact_function() {
     use burn::tensor::{Int, TensorData};
     let device = device();
-    // A vocabulary below a warp's width, odd sizes, and the paper's 32 000.
-    for (n, v) in [(5, 17), (37, 1000), (16, 32_000)] {
-        let logits = Tensor::<Train, 2>::random([n, v], Distribution::Normal(0.0, 3.0), &device)
-            .require_grad();
+    // A vocabulary below a warp's width, odd sizes, and the paper's 32 000; then rows on a
+    // pitch (a column slice of a wider leaf, as the cuBLAS head's output is laid out), read
+    // in place and with a gradient on the same pitch (zero in the leaf's extra columns).
+    for (n, v, pad) in [(5, 17, 0), (37, 1000, 0), (16, 32_000, 0), (9, 1001, 7)] {
+        let leaf =
+            Tensor::<Train, 2>::random([n, v + pad], Distribution::Normal(0.0, 3.0), &device)
+                .require_grad();
+        let logits = leaf.clone().slice([0..n, 0..v]);
         let targets: Vec<i32> = (0..n).map(|i| ((i * 7919 + 13) % v) as i32).collect();
         let t = Tensor::<Train, 1, Int>::from_data(TensorData::new(targets.clone(), [n]), &device);
         let before = fused_counts();
         let loss = fused::cross_entropy(logits.clone(), t);
         assert_eq!(fused_counts().cross_entropy, before.cross_entropy + 1);
         let grads = loss.clone().backward();
-        let dl = logits.grad(&grads).expect("d logits");
+        let dleaf = host(&leaf.grad(&grads).expect("d logits"));
+        let w = v + pad;
+        assert!((0..n * w).all(|i| i % w < v || dleaf[i] == 0.0));
+        let dl: Vec<f64> = (0..n * v).map(|i| dleaf[(i / v) * w + i % v]).collect();
 
         let xs = host(&logits);
         let (mut loss_ref, mut loss_tol) = (0.0, FAST_EXP);
@@ -292,7 +299,7 @@ fn cross_entropy_and_its_gradient_match_the_exact_function() {
             &[loss_ref],
             &[loss_tol],
         );
-        assert_within(&format!("d logits {n}×{v}"), &host(&dl), &d_ref, &d_tol);
+        assert_within(&format!("d logits {n}×{v}+{pad}"), &dl, &d_ref, &d_tol);
     }
 }
 
@@ -461,5 +468,71 @@ fn the_models_use_the_fused_kernels() {
         );
         assert_eq!(after.declined, before.declined, "{variant:?}");
         assert!(host(&logits).iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn adamw_update_matches_the_exact_update() {
+    use attn_models::fused::{AdamWStep, Outcome};
+    let device = device();
+    let n = 100_003; // not a multiple of the cube size
+    let normal =
+        |sd: f64| Tensor::<CublasCuda, 1>::random([n], Distribution::Normal(0.0, sd), &device);
+    let (p, g, m) = (normal(1.0), normal(1e-2), normal(1e-3));
+    let v = Tensor::<CublasCuda, 1>::random([n], Distribution::Uniform(0.0, 1e-4), &device);
+    // A large learning rate and decay (θ·0.75 − 0.5·update), so that both terms of θ's update
+    // stand far above its bf16 rounding (2⁻⁸·|θ|) and a wrong term would show.
+    let (lr, beta_1, beta_2, epsilon, weight_decay) = (0.5, 0.9f32, 0.95f32, 1e-8f32, 0.5f32);
+    // The first step (no moments yet) and a later one.
+    for (moments, time) in [(None, 1), (Some((m.clone(), v.clone())), 7)] {
+        let (hp, hg) = (host(&p), host(&g));
+        let (hm, hv) = match &moments {
+            Some((m, v)) => (host(m), host(v)),
+            None => (vec![0.0; n], vec![0.0; n]),
+        };
+        let before = fused_counts();
+        let step = AdamWStep {
+            param: p.clone(),
+            grad: g.clone(),
+            moments,
+            lr,
+            beta_1,
+            beta_2,
+            epsilon,
+            weight_decay,
+            time,
+        };
+        let Outcome::Computed((p1, m1, v1)) = fused::adamw(step) else {
+            panic!("the kernel declined a bf16 update");
+        };
+        assert_eq!(fused_counts().adamw, before.adamw + 1);
+        let (b1, b2, t) = (beta_1 as f64, beta_2 as f64, time as i32);
+        let keep = 1.0 - lr * weight_decay as f64;
+        let (mut want, mut tol) = (
+            [vec![0.0; n], vec![0.0; n], vec![0.0; n]],
+            vec![vec![0.0; n]; 3],
+        );
+        for i in 0..n {
+            let m_new = b1 * hm[i] + (1.0 - b1) * hg[i];
+            let v_new = b2 * hv[i] + (1.0 - b2) * hg[i] * hg[i];
+            let update = (m_new / (1.0 - b1.powi(t)))
+                / ((v_new / (1.0 - b2.powi(t))).sqrt() + epsilon as f64);
+            let p_new = keep * hp[i] - lr * update;
+            want[0][i] = p_new;
+            want[1][i] = m_new;
+            want[2][i] = v_new;
+            // One bf16 rounding of each output; f32 arithmetic before it: a few ulp of the
+            // terms, and for the update ≤ 32 ulp (β₂ᵗ by repeated products, 1 − β₂ᵗ,
+            // the division, the square root: ≈ 16 + 8 at t = 7 with β₂ = 0.95).
+            tol[0][i] = U_BF16 * p_new.abs()
+                + 4.0 * U_F32 * (keep * hp[i]).abs()
+                + 32.0 * U_F32 * lr * update.abs();
+            tol[1][i] = U_BF16 * m_new.abs() + 4.0 * U_F32 * (b1 * hm[i].abs() + hg[i].abs());
+            tol[2][i] = U_BF16 * v_new.abs() + 4.0 * U_F32 * (b2 * hv[i] + hg[i] * hg[i]);
+        }
+        assert_within(&format!("θ at t = {time}"), &host(&p1), &want[0], &tol[0]);
+        assert_within(&format!("m at t = {time}"), &host(&m1), &want[1], &tol[1]);
+        assert_within(&format!("v at t = {time}"), &host(&v1), &want[2], &tol[2]);
     }
 }

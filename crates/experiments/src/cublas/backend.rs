@@ -12,11 +12,12 @@ use cubecl::cuda::{CudaDevice, CudaRuntime};
 use cudarc::cublas::sys as blas;
 use cudarc::driver::{CudaContext, DriverError};
 
-use super::plan::{MatrixLayout, matrix_layout, plan_batch};
+use super::plan::{MatrixLayout, matrix_layout, plan_batch, view_strides};
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 /// The backend whose operations [`CublasCuda`] forwards: burn-cuda's, bf16 floats.
 pub type Inner = CubeBackend<CudaRuntime, bf16, i32, u8>;
@@ -188,59 +189,155 @@ fn cublas_matmul(lhs: CubeTensor<CudaRuntime>, rhs: CubeTensor<CudaRuntime>) -> 
     };
     let (lhs, la) = arrange(lhs, m, k);
     let (rhs, lb) = arrange(rhs, k, n);
+    // Operands whose rows are not 16-byte aligned (a vocabulary of 32 100 bf16) are copied to
+    // an aligned pitch when each element is reused in enough products to pay for the copy.
+    let bytes = lhs.dtype.size();
+    let (lhs, la) = realigned(lhs, la, n, bytes, m, k);
+    let (rhs, lb) = realigned(rhs, lb, m, bytes, k, n);
     if !fits(la.leading) || !fits(lb.leading) {
         return Product::Declined(lhs, rhs);
     }
     let batch = rank - 2;
+    // The output's rows are padded to an aligned pitch too (a strided view is returned), so
+    // that the products reading it later (the head's gradients) are aligned as well.
+    let out_leading = aligned_leading(n, bytes);
     let Some((mut out_shape, plan)) = plan_batch(
         (&lhs.meta.shape()[..batch], &lhs.meta.strides()[..batch]),
         (&rhs.meta.shape()[..batch], &rhs.meta.strides()[..batch]),
-        m * n,
+        m * out_leading,
     ) else {
         return Product::Declined(lhs, rhs);
     };
-    if out_shape.contains(&0) || plan.inner[0] > i32::MAX as usize {
+    if out_shape.contains(&0) || plan.inner[0] > i32::MAX as usize || !fits(out_leading) {
         return Product::Declined(lhs, rhs);
     }
     out_shape.extend([m, n]);
-    let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype::<CudaRuntime>(
-        lhs.client.clone(),
-        lhs.device.clone(),
-        out_shape.into(),
-        lhs.dtype,
-    );
+    let out = empty_pitched(&lhs, out_shape, out_leading);
     let (element, compute) = blas_types(lhs.dtype).expect("checked above");
-    let bytes = lhs.dtype.size();
-    let resource = |t: &CubeTensor<CudaRuntime>| {
-        t.client
-            .get_resource(t.handle.clone())
-            .expect("a live tensor's buffer resolves")
+    let gemm = Gemm {
+        m,
+        n,
+        k,
+        lhs: la,
+        rhs: lb,
+        out_leading,
+        plan,
+        bytes,
+        element,
+        compute,
     };
-    // Resolving a buffer goes through cubecl's device queue, after every launch queued before
-    // it; the guards keep the bindings alive while the product is enqueued.
-    let (ga, gb, gc) = (resource(&lhs), resource(&rhs), resource(&out));
-    let (pa, pb, pc) = (ga.resource().ptr, gb.resource().ptr, gc.resource().ptr);
-    // cubecl's stream for this thread (third_party/cubecl-cuda exposes it): enqueued there,
-    // the product runs after the kernels that wrote its operands and before those that read
-    // its output, with no host synchronisation.
-    let stream = gc.resource().stream;
-    if stream.is_null() {
-        // Not cubecl-cuda with the stream exposed: cuBLAS could not be ordered with burn.
-        drop((ga, gb, gc));
-        return Product::Declined(lhs, rhs);
-    }
-    let op = |l: MatrixLayout| {
-        if l.column_major {
-            blas::cublasOperation_t::CUBLAS_OP_T
-        } else {
-            blas::cublasOperation_t::CUBLAS_OP_N
+    // The product is enqueued on cubecl's stream from cubecl's device thread, in order with
+    // the kernels submitted before and after it, without waiting for that thread here.
+    let handles = vec![lhs.handle.clone(), rhs.handle.clone(), out.handle.clone()];
+    let ordinal = lhs.device.index;
+    lhs.client.submit_with_resources(handles, move |resources| {
+        let result = resources
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("resolving a buffer: {e:?}"))
+            .and_then(|guards| {
+                let [a, b, c] = [0, 1, 2].map(|i| guards[i].resource());
+                // cubecl's stream for this thread (third_party/cubecl-cuda exposes it).
+                if c.stream.is_null() {
+                    return Err("cubecl-cuda without its stream exposed".to_string());
+                }
+                with_blas(ordinal, |state| {
+                    state.bind(c.stream)?;
+                    // SAFETY: the pointers are the live buffers of the operands and the output
+                    // (their guards are held until the calls are enqueued), and `gemm` stays
+                    // inside them by construction of the layouts and the plan.
+                    unsafe { gemm.enqueue(state.handle, [a.ptr, b.ptr, c.ptr]) }
+                })
+                .map_err(|e| e.to_string())
+            });
+        if let Err(e) = result {
+            record_failure(format!("cuBLAS matmul {m}×{k}·{k}×{n}: {e}"));
         }
-    };
-    // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: cuBLAS gets (B, A) and (n, m).
-    let result = with_blas(lhs.device.index, |state| {
-        state.bind(stream)?;
-        let (one, zero) = (1f32, 0f32);
+    });
+    Product::Computed(out)
+}
+
+/// The first failure of a product enqueued on the device thread, reported by the next product
+/// on the caller's thread (a failed product leaves its output unwritten).
+static FAILURE: Mutex<Option<String>> = Mutex::new(None);
+
+fn record_failure(message: String) {
+    FAILURE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get_or_insert(message);
+}
+
+/// One planned product `C = A·B` (`[m, k]·[k, n]`, row-major `C` with rows `out_leading`
+/// apart), its batch plan and cuBLAS types: plain data, sent to the device thread.
+struct Gemm {
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: MatrixLayout,
+    rhs: MatrixLayout,
+    out_leading: usize,
+    plan: super::plan::BatchPlan,
+    bytes: usize,
+    element: blas::cudaDataType,
+    compute: blas::cublasComputeType_t,
+}
+
+// SAFETY: the cuBLAS enums are plain integers.
+unsafe impl Send for Gemm {}
+
+impl Gemm {
+    /// Enqueues every call of the product on `handle`'s stream. Each of `m`, `n`, `k` that is
+    /// the unit-stride axis of an operand or of `C` and not a multiple of the 16-byte vector
+    /// (8 bf16) is cut into a multiple of it and a remainder of fewer than 8: cuBLAS runs the
+    /// bulk on its 8-wide kernels (its `align2` kernels, for the vocabulary's 32 100 columns,
+    /// ran the output head at a third of the rate) and the remainder as a thin product. A cut
+    /// along `k` computes the remainder's terms first and adds the bulk to them (`β = 1`):
+    /// besides the one rounding of the result, their partial sum is rounded once to the
+    /// output's precision, an error of at most `u·Σ_{p ∈ remainder} |a_ip||b_pj|`.
+    ///
+    /// # Safety
+    /// `pointers` (`A`, `B`, `C`) must be live device buffers holding the operands and the
+    /// output as `self` describes them, and `handle` bound to the stream that orders them.
+    unsafe fn enqueue(
+        &self,
+        handle: blas::cublasHandle_t,
+        pointers: [u64; 3],
+    ) -> Result<(), CublasError> {
+        let vector = (ROW_ALIGN_BYTES / self.bytes).max(1);
+        let cut = |extent: usize, unit_stride: bool| -> Vec<(usize, usize)> {
+            let bulk = extent / vector * vector;
+            if !unit_stride || bulk == extent || bulk == 0 {
+                vec![(0, extent)]
+            } else {
+                vec![(0, bulk), (bulk, extent - bulk)]
+            }
+        };
+        let (la, lb) = (self.lhs, self.rhs);
+        let ms = cut(self.m, la.column_major);
+        let ns = cut(self.n, true);
+        // Along k the remainder goes first (β = 0) and the bulk is added to it (β = 1): the
+        // remainder's few terms are rounded to the output's precision once more, not the bulk.
+        let mut ks = cut(self.k, !la.column_major || lb.column_major);
+        ks.reverse();
+        // Element offsets of (row, col) in each operand's layout.
+        let at = |l: MatrixLayout, row: usize, col: usize| {
+            if l.column_major {
+                col * l.leading + row
+            } else {
+                row * l.leading + col
+            }
+        };
+        let op = |l: MatrixLayout| {
+            if l.column_major {
+                blas::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let plan = &self.plan;
         let outer_count: usize = plan.outer.iter().map(|a| a[0]).product();
+        let one = 1f32;
         for index in 0..outer_count {
             let (mut oa, mut ob, mut oc, mut rest) = (0, 0, 0, index);
             for axis in plan.outer.iter().rev() {
@@ -250,44 +347,143 @@ fn cublas_matmul(lhs: CubeTensor<CudaRuntime>, rhs: CubeTensor<CudaRuntime>) -> 
                 ob += i * axis[2];
                 oc += i * axis[3];
             }
-            // SAFETY: the pointers are the live buffers of `lhs`, `rhs` and `out` (guards
-            // held), every offset and stride stays inside them by construction of the plan,
-            // and the handle's stream belongs to the current (primary) context.
-            unsafe {
-                cudarc::cublas::result::gemm_strided_batched_ex(
-                    state.handle,
-                    op(lb),
-                    op(la),
-                    n as i32,
-                    m as i32,
-                    k as i32,
-                    (&one as *const f32).cast(),
-                    (pb + (ob * bytes) as u64) as *const std::ffi::c_void,
-                    element,
-                    lb.leading as i32,
-                    plan.inner[2] as i64,
-                    (pa + (oa * bytes) as u64) as *const std::ffi::c_void,
-                    element,
-                    la.leading as i32,
-                    plan.inner[1] as i64,
-                    (&zero as *const f32).cast(),
-                    (pc + (oc * bytes) as u64) as *mut std::ffi::c_void,
-                    element,
-                    n as i32,
-                    plan.inner[3] as i64,
-                    plan.inner[0] as i32,
-                    compute,
-                    blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )?;
+            for &(m0, mm) in &ms {
+                for &(n0, nn) in &ns {
+                    for (piece, &(k0, kk)) in ks.iter().enumerate() {
+                        let beta = if piece == 0 { 0f32 } else { 1f32 };
+                        let a = oa + at(la, m0, k0);
+                        let b = ob + at(lb, k0, n0);
+                        let c = oc + m0 * self.out_leading + n0;
+                        let address = |base: u64, offset: usize| {
+                            (base + (offset * self.bytes) as u64) as *mut std::ffi::c_void
+                        };
+                        // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: cuBLAS gets (B, A)
+                        // and (n, m).
+                        // SAFETY: see the function's contract; every piece lies inside the
+                        // product's matrices.
+                        unsafe {
+                            cudarc::cublas::result::gemm_strided_batched_ex(
+                                handle,
+                                op(lb),
+                                op(la),
+                                nn as i32,
+                                mm as i32,
+                                kk as i32,
+                                (&one as *const f32).cast(),
+                                address(pointers[1], b),
+                                self.element,
+                                lb.leading as i32,
+                                plan.inner[2] as i64,
+                                address(pointers[0], a),
+                                self.element,
+                                la.leading as i32,
+                                plan.inner[1] as i64,
+                                (&beta as *const f32).cast(),
+                                address(pointers[2], c),
+                                self.element,
+                                self.out_leading as i32,
+                                plan.inner[3] as i64,
+                                plan.inner[0] as i32,
+                                self.compute,
+                                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                            )?;
+                        }
+                    }
+                }
             }
         }
         Ok(())
-    });
-    if let Err(e) = result {
-        panic!("cuBLAS matmul {m}×{k}·{k}×{n} failed: {e}");
     }
-    drop((ga, gb, gc));
-    Product::Computed(out)
+}
+
+/// The row alignment, in bytes, of cuBLAS's widest (8 × bf16) tensor-core loads. A leading
+/// dimension that is not a multiple of it sends cuBLAS to `align2`/`align4` kernels, which
+/// ran the output head's products (vocabulary 32 100) at a fraction of the rate.
+const ROW_ALIGN_BYTES: usize = 16;
+
+/// How many products each element of a realigned operand must take part in for the copy to
+/// pay (a copy reads and writes each element once; a product is ≥ this many multiply-adds).
+const REALIGN_MIN_REUSE: usize = 64;
+
+/// The leading dimension for rows of `width` elements of `bytes` each: `width` itself when
+/// its rows are aligned, else rounded up to the next aligned pitch.
+fn aligned_leading(width: usize, bytes: usize) -> usize {
+    if (width * bytes) % ROW_ALIGN_BYTES == 0 {
+        width
+    } else {
+        (width * bytes).next_multiple_of(ROW_ALIGN_BYTES) / bytes
+    }
+}
+
+/// An uninitialised tensor of `shape` (`[…, rows, cols]`) whose rows are `leading` elements
+/// apart (`leading ≥ cols`) and whose matrices are `rows · leading` apart: a pitched
+/// row-major layout, which burn's kernels read like any strided view.
+fn empty_pitched(
+    like: &CubeTensor<CudaRuntime>,
+    shape: Vec<usize>,
+    leading: usize,
+) -> CubeTensor<CudaRuntime> {
+    let rank = shape.len();
+    let mut storage = shape.clone();
+    storage[rank - 1] = leading;
+    let mut out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype::<CudaRuntime>(
+        like.client.clone(),
+        like.device.clone(),
+        storage.into(),
+        like.dtype,
+    );
+    if leading != shape[rank - 1] {
+        let strides = out.meta.strides().clone();
+        *out.meta =
+            cubecl::zspace::metadata::Metadata::new(burn_backend::Shape::from(shape), strides);
+    }
+    out
+}
+
+/// `t` (whose matrix has cuBLAS layout `layout`, `rows × cols` as read by the product, and
+/// whose elements each take part in `reuse` multiply-adds) with an aligned leading dimension:
+/// unchanged when it already has one or when a copy would not pay, else copied in its own
+/// orientation (a column-major matrix stays column-major: the copy reads and writes rows of
+/// its transpose, coalesced both ways) onto an aligned pitch.
+fn realigned(
+    t: CubeTensor<CudaRuntime>,
+    layout: MatrixLayout,
+    reuse: usize,
+    bytes: usize,
+    rows: usize,
+    cols: usize,
+) -> (CubeTensor<CudaRuntime>, MatrixLayout) {
+    let vectors = if layout.column_major { cols } else { rows };
+    if (layout.leading * bytes) % ROW_ALIGN_BYTES == 0 || vectors < 2 || reuse < REALIGN_MIN_REUSE {
+        return (t, layout);
+    }
+    use burn_backend::ops::FloatTensorOps;
+    let rank = t.meta.shape().len();
+    // The stored orientation: rows of the matrix, or rows of its transpose.
+    let stored = if layout.column_major {
+        Inner::float_swap_dims(t, rank - 2, rank - 1)
+    } else {
+        t
+    };
+    let width = stored.meta.shape()[rank - 1];
+    let leading = aligned_leading(width, bytes);
+    let copy = empty_pitched(&stored, stored.meta.shape().to_vec(), leading);
+    cubecl::std::tensor::copy_into(
+        &stored.client,
+        stored.clone().binding(),
+        copy.clone().binding(),
+        stored.dtype.into(),
+    );
+    let out = if layout.column_major {
+        Inner::float_swap_dims(copy, rank - 2, rank - 1)
+    } else {
+        copy
+    };
+    let layout = MatrixLayout {
+        column_major: layout.column_major,
+        leading,
+    };
+    (out, layout)
 }
 
 impl BackendTypes for CublasCuda {
@@ -388,6 +584,14 @@ pub(super) fn matmul(
     lhs: FloatTensor<CublasCuda>,
     rhs: FloatTensor<CublasCuda>,
 ) -> FloatTensor<CublasCuda> {
+    if let Some(failure) = FAILURE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+    {
+        // A product enqueued earlier failed on the device thread: its output is garbage.
+        panic!("{failure}");
+    }
     match cublas_matmul(lhs, rhs) {
         Product::Computed(out) => {
             CUBLAS_PRODUCTS.fetch_add(1, Ordering::Relaxed);
@@ -416,4 +620,21 @@ pub(super) fn linear_weight_backward(
     let x = CublasCuda::float_reshape(x, burn_backend::Shape::new([rows, d_in]));
     let dy = CublasCuda::float_reshape(output_grad, burn_backend::Shape::new([rows, d_out]));
     CublasCuda::float_matmul(CublasCuda::float_swap_dims(x, 0, 1), dy)
+}
+
+/// `reshape` as a view whenever the elements' strides allow one ([`view_strides`], PyTorch's
+/// rule), else burn's reshape (which copies). burn views only contiguous tensors, splits and
+/// added axes; merging the leading axes of a pitched tensor (`[b, s, v]` logits → `[b·s, v]`)
+/// would copy it.
+pub(super) fn reshape(
+    mut tensor: FloatTensor<CublasCuda>,
+    shape: burn_backend::Shape,
+) -> FloatTensor<CublasCuda> {
+    if tensor.qparams.is_none()
+        && let Some(strides) = view_strides(tensor.meta.shape(), tensor.meta.strides(), &shape)
+    {
+        *tensor.meta = cubecl::zspace::metadata::Metadata::new(shape, strides);
+        return tensor;
+    }
+    <Inner as burn_backend::ops::FloatTensorOps<Inner>>::float_reshape(tensor, shape)
 }

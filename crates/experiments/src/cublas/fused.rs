@@ -36,12 +36,13 @@
 
 use super::backend::CublasCuda;
 use super::kernels::{
-    Primitive, causal_softmax_backward, causal_softmax_forward, cross_entropy_backward,
-    cross_entropy_forward, cross_entropy_supported, in_dtype, rms_norm_backward, rms_norm_forward,
-    rms_norm_supported, rotary, rotary_supported, softmax_supported, sum_of_squares,
-    sum_of_squares_supported, swiglu_backward, swiglu_forward, swiglu_supported,
+    AdamWScalars, Primitive, adamw, adamw_supported, causal_softmax_backward,
+    causal_softmax_forward, cross_entropy_backward, cross_entropy_forward, cross_entropy_supported,
+    in_dtype, rms_norm_backward, rms_norm_forward, rms_norm_supported, rotary, rotary_supported,
+    softmax_supported, sum_of_squares, sum_of_squares_supported, swiglu_backward, swiglu_forward,
+    swiglu_supported, with_unit_rows,
 };
-use attn_models::fused::{self, FusedKernels, Outcome};
+use attn_models::fused::{self, AdamWStep, AdamWUpdate, FusedKernels, Outcome};
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -58,6 +59,7 @@ static SWIGLUS: AtomicU64 = AtomicU64::new(0);
 static CROSS_ENTROPIES: AtomicU64 = AtomicU64::new(0);
 static ROTARIES: AtomicU64 = AtomicU64::new(0);
 static SQUARE_SUMS: AtomicU64 = AtomicU64::new(0);
+static ADAMW_STEPS: AtomicU64 = AtomicU64::new(0);
 static DECLINED: AtomicU64 = AtomicU64::new(0);
 
 /// How many forward calls the fused kernels took, and declined, since the process started.
@@ -75,6 +77,8 @@ pub struct FusedCounts {
     pub rotary: u64,
     /// Sums of squares (gradient norms) computed by the fused kernel.
     pub sum_of_squares: u64,
+    /// Parameters updated by the fused AdamW kernel.
+    pub adamw: u64,
     /// Inputs handed back to burn's composition.
     pub declined: u64,
 }
@@ -88,6 +92,7 @@ pub fn fused_counts() -> FusedCounts {
         cross_entropy: CROSS_ENTROPIES.load(Ordering::Relaxed),
         rotary: ROTARIES.load(Ordering::Relaxed),
         sum_of_squares: SQUARE_SUMS.load(Ordering::Relaxed),
+        adamw: ADAMW_STEPS.load(Ordering::Relaxed),
         declined: DECLINED.load(Ordering::Relaxed),
     }
 }
@@ -161,7 +166,7 @@ fn cross_entropy_plain(
     if !cross_entropy_supported(&lp, &tp) {
         return declined((tensor(lp), Tensor::from_primitive(tp)));
     }
-    let (loss, _) = cross_entropy_forward(into_contiguous(lp), into_contiguous(tp));
+    let (loss, _) = cross_entropy_forward(with_unit_rows(lp), into_contiguous(tp));
     computed(&CROSS_ENTROPIES, tensor(loss))
 }
 
@@ -189,6 +194,29 @@ fn sum_of_squares_plain(x: Tensor<CublasCuda, 1>) -> Outcome<Tensor<CublasCuda, 
         return declined(tensor(xp));
     }
     computed(&SQUARE_SUMS, tensor(sum_of_squares(into_contiguous(xp))))
+}
+
+fn adamw_plain(
+    step: AdamWStep<CublasCuda>,
+) -> Outcome<AdamWUpdate<CublasCuda>, AdamWStep<CublasCuda>> {
+    let (param, grad) = (primitive(step.param.clone()), primitive(step.grad.clone()));
+    let moments = step
+        .moments
+        .as_ref()
+        .map(|(m, v)| (primitive(m.clone()), primitive(v.clone())));
+    if !adamw_supported(&param, &grad, moments.as_ref().map(|(m, v)| (m, v))) {
+        return declined(step);
+    }
+    let scalars = AdamWScalars {
+        beta_1: step.beta_1,
+        beta_2: step.beta_2,
+        epsilon: step.epsilon,
+        lr: step.lr,
+        weight_decay: step.weight_decay,
+        time: step.time,
+    };
+    let (p, m, v) = adamw(param, grad, moments, &scalars);
+    computed(&ADAMW_STEPS, (tensor(p), tensor(m), tensor(v)))
 }
 
 // ---- Training backend (`Autodiff<CublasCuda>`): forward kernels with their backward. -------
@@ -346,7 +374,7 @@ fn cross_entropy_train(
     if !cross_entropy_supported(&la.primitive, &tp) {
         return declined((tensor(la), Tensor::from_primitive(tp)));
     }
-    let (lp, tp) = (into_contiguous(la.primitive.clone()), into_contiguous(tp));
+    let (lp, tp) = (with_unit_rows(la.primitive.clone()), into_contiguous(tp));
     let (loss, lse) = cross_entropy_forward(lp.clone(), tp.clone());
     let out = match CrossEntropyBackward
         .prepare::<NoCheckpointing>([la.node.clone()])
@@ -419,7 +447,8 @@ fn rotary_train(
 /// Registers the fused kernels with `attn_models::fused` for [`CublasCuda`] (forward) and
 /// `Autodiff<CublasCuda>` (forward and backward): from then on every call of
 /// `attn_models::fused` on these backends (the models' RMSNorms, causal softmaxes, SwiGLUs
-/// and rotary embeddings, the training loss and gradient norms) runs them. Inputs they do
+/// and rotary embeddings, the training loss, gradient norms and `FusedAdamW`'s updates) runs
+/// them. Inputs they do
 /// not take (f64, sizes past u32 indexing) go to burn's composition.
 pub fn register_fused() {
     fused::register::<CublasCuda>(FusedKernels {
@@ -429,6 +458,7 @@ pub fn register_fused() {
         cross_entropy: cross_entropy_plain,
         rotary: rotary_plain,
         sum_of_squares: sum_of_squares_plain,
+        adamw: adamw_plain,
     });
     fused::register::<Train>(FusedKernels {
         rms_norm: rms_norm_train,
@@ -436,8 +466,8 @@ pub fn register_fused() {
         swiglu: swiglu_train,
         cross_entropy: cross_entropy_train,
         rotary: rotary_train,
-        // Gradient norms are taken on the inner backend; an autodiff caller gets burn's
-        // composition, which it can differentiate.
+        // Gradient norms and the optimizer's update are taken on the inner backend; an
+        // autodiff caller gets burn's composition, which it can differentiate.
         ..FusedKernels::declining()
     });
 }

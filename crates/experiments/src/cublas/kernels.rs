@@ -247,7 +247,8 @@ fn cross_entropy_forward_kernel<F: Float, I: Int>(
         terminate!();
     }
     let v = vocab as usize;
-    let base = row as usize * v;
+    // Rows may be padded to a pitch (the cuBLAS head's output): address them by stride.
+    let base = row as usize * logits.stride(0);
     let lane = UNIT_POS_X as usize;
     let log_sum = plane_log_sum_exp::<F>(logits, base, v);
     if lane == 0 {
@@ -280,7 +281,8 @@ fn cross_entropy_backward_kernel<F: Float, I: Int>(
         terminate!();
     }
     let v = vocab as usize;
-    let base = row as usize * v;
+    let base = row as usize * logits.stride(0);
+    let out = row as usize * dlogits.stride(0);
     let scale = grad[0] / f32::cast_from(rows);
     let log_sum = lse[row as usize];
     let t = u32::cast_from(targets[row as usize]) as usize;
@@ -291,9 +293,51 @@ fn cross_entropy_backward_kernel<F: Float, I: Int>(
         if j == t {
             p -= f32::new(1.0);
         }
-        dlogits[base + j] = F::cast_from(p * scale);
+        dlogits[out + j] = F::cast_from(p * scale);
         j += step;
     }
+}
+
+/// One AdamW update per element, in f32 (`attn_models::fused::AdamWStep` has the formula):
+/// `m ← b₁·m + (1−β₁)·g`, `v ← b₂·v + (1−β₂)·g²` (`b = β`, or 0 and no read of the old
+/// moments on the `first` step), `θ ← keep·θ − η·(m·c₁)/(√(v·c₂) + ε)` with
+/// `keep = 1 − η·λ`, `cₖ = 1/(1 − βₖᵗ)`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn adamw_kernel<F: Float>(
+    param: &Tensor<F>,
+    grad: &Tensor<F>,
+    moment_1: &Tensor<F>,
+    moment_2: &Tensor<F>,
+    param_out: &mut Tensor<F>,
+    moment_1_out: &mut Tensor<F>,
+    moment_2_out: &mut Tensor<F>,
+    len: u32,
+    beta_1: f32,
+    beta_2: f32,
+    keep: f32,
+    lr: f32,
+    correction_1: f32,
+    correction_2: f32,
+    epsilon: f32,
+    #[comptime] first: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= len as usize {
+        terminate!();
+    }
+    let g = f32::cast_from(grad[i]);
+    let mut m = (f32::new(1.0) - beta_1) * g;
+    let mut v = (f32::new(1.0) - beta_2) * g * g;
+    if !first {
+        m += beta_1 * f32::cast_from(moment_1[i]);
+        v += beta_2 * f32::cast_from(moment_2[i]);
+    }
+    let step = (m * correction_1) / ((v * correction_2).sqrt() + epsilon);
+    param_out[i] = F::cast_from(keep * f32::cast_from(param[i]) - lr * step);
+    moment_1_out[i] = F::cast_from(m);
+    moment_2_out[i] = F::cast_from(v);
 }
 
 /// `partial[c, j] = Σ_{i ∈ chunk c} terms[i, j]` over the rows `c·per_chunk ..` of chunk `c`
@@ -721,12 +765,41 @@ pub(super) fn swiglu_backward(
 /// Whether the cross-entropy kernels take `logits` `[n, v]` and `targets` `[n]`.
 pub(super) fn cross_entropy_supported(logits: &Primitive, targets: &Primitive) -> bool {
     let [rows, vocab] = logits.meta.shape().dims::<2>();
-    supported(logits, rows, vocab)
+    // A pitched input is read in place: its last row ends `rows · pitch` elements in.
+    let pitch = logits.meta.strides()[0].max(vocab);
+    supported(logits, rows, pitch)
         && index_dtype(targets.dtype)
         && targets.meta.shape().dims::<1>() == [rows]
 }
 
-/// `(mean_i nll_i [1], lse [n])` in f32 of contiguous `logits` `[n, v]` and `targets` `[n]`.
+/// `t` `[n, w]` as the row kernels read it: unchanged when its rows are unit-stride and do
+/// not overlap (contiguous or pitched), else a contiguous copy.
+pub(super) fn with_unit_rows(t: Primitive) -> Primitive {
+    let [rows, width] = t.meta.shape().dims::<2>();
+    let strides = t.meta.strides();
+    if (strides[1] == 1 || width == 1) && (strides[0] >= width || rows == 1) {
+        t
+    } else {
+        into_contiguous(t)
+    }
+}
+
+/// An uninitialised `[n, w]` tensor laid out as `t` is, when `t`'s rows are unit-stride (the
+/// cross-entropy's gradient then has the logits' pitch, which keeps the head's backward
+/// products on aligned rows).
+fn empty_rows_like(t: &Primitive) -> Primitive {
+    let [rows, width] = t.meta.shape().dims::<2>();
+    let pitch = t.meta.strides()[0];
+    if t.meta.strides()[1] != 1 || pitch <= width || rows == 1 {
+        return empty_like(t, t.meta.shape().clone(), t.dtype);
+    }
+    let mut out = empty_like(t, Shape::new([rows, pitch]), t.dtype);
+    *out.meta = cubecl::zspace::metadata::Metadata::new(t.meta.shape().clone(), [pitch, 1]);
+    out
+}
+
+/// `(mean_i nll_i [1], lse [n])` in f32 of `logits` `[n, v]` (unit-stride rows, any pitch:
+/// [`with_unit_rows`]) and contiguous `targets` `[n]`.
 pub(super) fn cross_entropy_forward(
     logits: Primitive,
     targets: Primitive,
@@ -763,7 +836,7 @@ pub(super) fn cross_entropy_backward(
 ) -> Primitive {
     let [rows, vocab] = logits.meta.shape().dims::<2>();
     let grad = into_contiguous(in_dtype(grad, DType::F32));
-    let dlogits = empty_like(&logits, logits.meta.shape().clone(), logits.dtype);
+    let dlogits = empty_rows_like(&logits);
     let (count, dim) = geometry(rows);
     let dtypes = [logits.dtype.into(), targets.dtype.into()];
     cross_entropy_backward_kernel::launch::<CudaRuntime>(
@@ -919,4 +992,79 @@ pub(crate) fn embedding_backward(
         [dtype.into(), tokens.dtype.into()],
     );
     Inner::float_cast(acc, dtype.into())
+}
+
+/// Whether the AdamW kernel takes these flat tensors: one float dtype and one length, within
+/// u32 indexing.
+pub(super) fn adamw_supported(
+    param: &Primitive,
+    grad: &Primitive,
+    moments: Option<(&Primitive, &Primitive)>,
+) -> bool {
+    let len = param.meta.num_elements();
+    let same = |t: &Primitive| t.dtype == param.dtype && t.meta.num_elements() == len;
+    float_dtype(param.dtype)
+        && len > 0
+        && len <= u32::MAX as usize
+        && same(grad)
+        && moments.is_none_or(|(m, v)| same(m) && same(v))
+}
+
+/// AdamW's scalars as the kernel reads them, computed as burn's `AdamW` computes them (f32
+/// bias corrections, the decay factor in f64).
+pub(super) struct AdamWScalars {
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    pub lr: f64,
+    pub weight_decay: f32,
+    /// The step count after this update (1 for the first).
+    pub time: usize,
+}
+
+/// One fused AdamW update of flat `param`, `grad` and (after the first step) the moments:
+/// `(param, moment_1, moment_2)`, new contiguous tensors in the parameter's dtype.
+pub(super) fn adamw(
+    param: Primitive,
+    grad: Primitive,
+    moments: Option<(Primitive, Primitive)>,
+    s: &AdamWScalars,
+) -> (Primitive, Primitive, Primitive) {
+    let len = param.meta.num_elements();
+    let time = s.time.min(i32::MAX as usize) as i32;
+    let (param, grad) = (into_contiguous(param), into_contiguous(grad));
+    let first = moments.is_none();
+    let (m, v) = match moments {
+        Some((m, v)) => (into_contiguous(m), into_contiguous(v)),
+        // Not read on the first step: any tensor of the right type binds the slots.
+        None => (grad.clone(), grad.clone()),
+    };
+    let shape = param.meta.shape().clone();
+    let outs = [0; 3].map(|_| empty_like(&param, shape.clone(), param.dtype));
+    let (count, dim) = elementwise(len);
+    let dtype = param.dtype;
+    adamw_kernel::launch::<CudaRuntime>(
+        &param.client,
+        count,
+        dim,
+        param.clone().into_tensor_arg(),
+        grad.into_tensor_arg(),
+        m.into_tensor_arg(),
+        v.into_tensor_arg(),
+        outs[0].clone().into_tensor_arg(),
+        outs[1].clone().into_tensor_arg(),
+        outs[2].clone().into_tensor_arg(),
+        len as u32,
+        s.beta_1,
+        s.beta_2,
+        (1.0 - s.lr * s.weight_decay as f64) as f32,
+        s.lr as f32,
+        1.0 / (1.0 - s.beta_1.powi(time)),
+        1.0 / (1.0 - s.beta_2.powi(time)),
+        s.epsilon,
+        first,
+        dtype.into(),
+    );
+    let [p, m, v] = outs;
+    (p, m, v)
 }

@@ -124,6 +124,66 @@ pub(super) fn plan_batch(
     Some((out_shape, BatchPlan { outer: runs, inner }))
 }
 
+/// The strides of a view of `shape`/`strides` (in elements) as `new_shape`, or `None` when no
+/// view exists and the elements must be copied. PyTorch's `view` rule: each run of old axes
+/// that are laid out as one block (every outer stride is the inner stride times the inner
+/// size) may be re-split freely; a new axis may not straddle two such runs. Unlike burn's
+/// reshape analysis it merges axes of a strided tensor — `[b, s, v]` logits whose rows are
+/// padded to a pitch become `[b·s, v]` without a copy.
+pub(super) fn view_strides(
+    shape: &[usize],
+    strides: &[usize],
+    new_shape: &[usize],
+) -> Option<Vec<usize>> {
+    let count: usize = shape.iter().product();
+    if new_shape.iter().product::<usize>() != count || shape.len() != strides.len() {
+        return None;
+    }
+    let mut new_strides = vec![0; new_shape.len()];
+    if count == 0 {
+        // No element is ever addressed: any strides will do, contiguous ones by convention.
+        let mut stride = 1;
+        for (s, &n) in new_strides.iter_mut().zip(new_shape).rev() {
+            *s = stride;
+            stride *= n.max(1);
+        }
+        return Some(new_strides);
+    }
+    // Walk both shapes from the innermost axis, one block of chained old axes at a time.
+    let mut view_axis = new_shape.len();
+    let mut base = strides.last().copied().unwrap_or(1);
+    let (mut block_count, mut view_count) = (1usize, 1usize);
+    for axis in (0..shape.len()).rev() {
+        block_count *= shape[axis];
+        let block_ends =
+            axis == 0 || (shape[axis - 1] != 1 && strides[axis - 1] != block_count * base);
+        if block_ends {
+            while view_axis > 0 && (view_count < block_count || new_shape[view_axis - 1] == 1) {
+                view_axis -= 1;
+                new_strides[view_axis] = view_count * base;
+                view_count *= new_shape[view_axis];
+            }
+            if view_count != block_count {
+                return None;
+            }
+            if axis > 0 {
+                base = strides[axis - 1];
+                block_count = 1;
+                view_count = 1;
+            }
+        }
+    }
+    // Leading new axes of size 1 (a rank increase).
+    while view_axis > 0 {
+        view_axis -= 1;
+        if new_shape[view_axis] != 1 {
+            return None;
+        }
+        new_strides[view_axis] = view_count * base;
+    }
+    Some(new_strides)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,5 +332,98 @@ mod tests {
                 "{la:?}/{sa:?} · {lb:?}/{sb:?}"
             );
         }
+    }
+    #[test]
+    fn views_address_the_same_elements_as_the_tensor_they_reshape() {
+        // Brute force: for random shapes, strides (contiguous, permuted, padded rows, size-1
+        // axes, broadcast) and every factorisation-preserving new shape, a view's offsets of
+        // each element in row-major order equal the original's; and a view exists whenever
+        // the tensor is contiguous (no copy for what burn would also view).
+        fn offsets(shape: &[usize], strides: &[usize]) -> Vec<usize> {
+            let count: usize = shape.iter().product();
+            (0..count)
+                .map(|mut i| {
+                    let mut offset = 0;
+                    for (&n, &s) in shape.iter().zip(strides).rev() {
+                        offset += (i % n) * s;
+                        i /= n;
+                    }
+                    offset
+                })
+                .collect()
+        }
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        let mut viewed = 0;
+        for _ in 0..3000 {
+            let rank = 1 + next(4);
+            let shape: Vec<usize> = (0..rank).map(|_| 1 + next(4)).collect();
+            // Strides of a random axis order, with padding after a random axis.
+            let mut order: Vec<usize> = (0..rank).collect();
+            if next(2) == 0 {
+                for i in (1..rank).rev() {
+                    order.swap(i, next(i + 1));
+                }
+            }
+            let pad_after = next(rank + 1);
+            let mut strides = vec![0; rank];
+            let mut stride = 1;
+            for (k, &axis) in order.iter().rev().enumerate() {
+                strides[axis] = stride;
+                stride *= shape[axis] + usize::from(k == pad_after);
+            }
+            if next(5) == 0 {
+                let axis = next(rank);
+                strides[axis] = 0; // a broadcast axis
+            }
+            let count: usize = shape.iter().product();
+            // A random new shape of the same count: split count into up to 4 factors.
+            let mut new_shape = Vec::new();
+            let mut rest = count;
+            for _ in 0..next(4) {
+                let divisors: Vec<usize> = (1..=rest).filter(|d| rest % d == 0).collect();
+                let d = divisors[next(divisors.len())];
+                new_shape.push(d);
+                rest /= d;
+            }
+            new_shape.push(rest);
+            let contiguous = order.iter().enumerate().all(|(i, &a)| a == i)
+                && pad_after >= rank.saturating_sub(1)
+                && strides.iter().all(|&s| s > 0);
+            match view_strides(&shape, &strides, &new_shape) {
+                Some(new_strides) => {
+                    viewed += 1;
+                    assert_eq!(
+                        offsets(&new_shape, &new_strides),
+                        offsets(&shape, &strides),
+                        "{shape:?}/{strides:?} as {new_shape:?}"
+                    );
+                }
+                None => assert!(
+                    !contiguous,
+                    "a contiguous {shape:?}/{strides:?} has no view as {new_shape:?}"
+                ),
+            }
+        }
+        assert!(
+            viewed > 1000,
+            "only {viewed} views: the test exercises too little"
+        );
+        // The case that motivates it: [2, 3, 5] with rows padded to 8 merges to [6, 5].
+        assert_eq!(
+            view_strides(&[2, 3, 5], &[24, 8, 1], &[6, 5]),
+            Some(vec![8, 1])
+        );
+        // …but not into one axis across the padding.
+        assert_eq!(view_strides(&[2, 3, 5], &[24, 8, 1], &[30]), None);
+        // A transposed matrix cannot be flattened.
+        assert_eq!(view_strides(&[3, 4], &[1, 3], &[12]), None);
+        // Counts that differ.
+        assert_eq!(view_strides(&[3, 4], &[4, 1], &[13]), None);
     }
 }
