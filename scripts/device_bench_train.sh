@@ -61,18 +61,30 @@ if [ "${PROBE_STEPS:-0}" -gt 0 ]; then
 fi
 date -u
 # Kernel-level profile (ncu, kernel durations only): NCU_VARIANT set → a 4-update burn run and
-# a 4-update PyTorch SDPA run of that variant, summarised by kernel name.
+# a 4-update PyTorch SDPA run of that variant, summarised by kernel name. NCU_WINDOW=SKIP,COUNT
+# instead profiles only launches SKIP+1 … SKIP+COUNT of a 6-update burn run (one update in
+# steady state, e.g. 7000,2400 for MLA: ~2 300 launches an update), no PyTorch run.
 if [ -n "${NCU_VARIANT:-}" ]; then
   NCU="ncu --clock-control none --metrics gpu__time_duration.sum --csv --target-processes all"
-  $NCU --log-file "$OUT/ncu-burn.csv" ./.device/xtask bench train --backend cuda \
-    --matmul "${MATMUL:-cublas}" --preset paper \
-    --variants "$NCU_VARIANT" --steps 4 --skip 1 --reference none --out /tmp/ncu-run > "$OUT/ncu-burn.log" 2>&1
-  $NCU --log-file "$OUT/ncu-torch.csv" python3 benches/reference/train.py --run "/tmp/ncu-run/$NCU_VARIANT" \
-    --impl sdpa --steps 4 > "$OUT/ncu-torch.log" 2>&1
-  for k in burn torch; do
-    echo "## ncu $k $NCU_VARIANT (4 updates)"; python3 scripts/ncu_summary.py "$OUT/ncu-$k.csv" 20
+  if [ -n "${NCU_WINDOW:-}" ]; then
+    $NCU --launch-skip "${NCU_WINDOW%,*}" --launch-count "${NCU_WINDOW#*,}" \
+      --log-file "$OUT/ncu-burn.csv" ./.device/xtask bench train --backend cuda \
+      --matmul "${MATMUL:-cublas}" --preset paper --variants "$NCU_VARIANT" --steps 6 --skip 2 \
+      --reference none --out /tmp/ncu-run > "$OUT/ncu-burn.log" 2>&1
+    sides=burn
+  else
+    $NCU --log-file "$OUT/ncu-burn.csv" ./.device/xtask bench train --backend cuda \
+      --matmul "${MATMUL:-cublas}" --preset paper \
+      --variants "$NCU_VARIANT" --steps 4 --skip 1 --reference none --out /tmp/ncu-run > "$OUT/ncu-burn.log" 2>&1
+    $NCU --log-file "$OUT/ncu-torch.csv" python3 benches/reference/train.py --run "/tmp/ncu-run/$NCU_VARIANT" \
+      --impl sdpa --steps 4 > "$OUT/ncu-torch.log" 2>&1
+    sides="burn torch"
+  fi
+  for k in $sides; do
+    echo "## ncu $k $NCU_VARIANT (${NCU_WINDOW:+launches $NCU_WINDOW of }the run)"
+    python3 scripts/ncu_summary.py "$OUT/ncu-$k.csv" 30
   done 2>&1 | tee "$OUT/ncu-summary.txt"
-  gzip -f "$OUT/ncu-burn.csv" "$OUT/ncu-torch.csv"
+  for k in $sides; do gzip -f "$OUT/ncu-$k.csv"; done
 fi
 # Kernel time by name with Nsight Systems (a trace, no kernel replay: cheap where ncu is not):
 # NSYS_VARIANT set → a 6-update burn run of that variant under `nsys profile -t cuda`, and the

@@ -18,19 +18,32 @@ pub struct AttentionMaps<B: Backend> {
     pub probs: Tensor<B, 4>,
 }
 
-/// Causal softmax over the last axis of `scores` `[b, H, s, t]` for queries at positions
-/// `offset..offset+s` and keys `0..t` (`t = offset + s`), and, with `gap_removed`, the
+impl<B: Backend> AttentionMaps<B> {
+    /// The maps of raw scores `QKᵀ` `[b, H, s, t]` taken through a softmax with `scale`.
+    fn new(raw_scores: Tensor<B, 4>, scale: f64, probs: Tensor<B, 4>) -> Self {
+        Self {
+            scores: raw_scores.mul_scalar(scale),
+            probs,
+        }
+    }
+}
+
+/// Causal softmax over the last axis of `scale · scores` (`scores` `[b, H, s, t]`, `scale`
+/// the `1/√d_k` of `QKᵀ/√d_k`, applied inside the softmax: the scaled scores are never
+/// written out) for queries at positions `offset..offset+s` and keys `0..t`
+/// (`t = offset + s`), and, with `gap_removed`, the
 /// subtraction of each row's uniform distribution over its visible keys: row `i` becomes
 /// `A_i − 1_{j≤offset+i}/(offset+i+1)`, which sums to 0 (the causal analogue of
 /// `A − 1ₙₙ/n`, seed 002 eq. 9).
 pub fn causal_probs<B: Backend>(
     scores: Tensor<B, 4>,
+    scale: f64,
     offset: usize,
     gap_removed: bool,
 ) -> Tensor<B, 4> {
     let [_, _, s, t] = scores.dims();
     let device = scores.device();
-    let probs = crate::fused::causal_softmax(scores, offset);
+    let probs = crate::fused::causal_softmax(scores, offset, scale);
     if !gap_removed {
         return probs;
     }
@@ -114,12 +127,14 @@ impl<B: Backend> Mha<B> {
             k = cache.append_keys(k);
             v = cache.append_values(v);
         }
-        let scores = q
-            .matmul(k.transpose())
-            .div_scalar((self.head_dim as f64).sqrt());
-        let probs = causal_probs(scores.clone(), offset, self.gap_removed);
+        let scores = q.matmul(k.transpose());
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let probs = causal_probs(scores.clone(), scale, offset, self.gap_removed);
         let out = self.wo.forward(merge_heads(probs.clone().matmul(v)));
-        (out, want_maps.then_some(AttentionMaps { scores, probs }))
+        (
+            out,
+            want_maps.then(|| AttentionMaps::new(scores, scale, probs)),
+        )
     }
 }
 
@@ -330,10 +345,13 @@ impl<B: Backend> Mla<B> {
             }
             _ => q.matmul(k_nope.transpose()),
         };
-        let scores = scores.div_scalar(((hd + self.rope_dim) as f64).sqrt());
-        let probs = causal_probs(scores.clone(), offset, self.gap_removed);
+        let scale = 1.0 / ((hd + self.rope_dim) as f64).sqrt();
+        let probs = causal_probs(scores.clone(), scale, offset, self.gap_removed);
         let out = self.wo.forward(merge_heads(probs.clone().matmul(v)));
-        (out, want_maps.then_some(AttentionMaps { scores, probs }))
+        (
+            out,
+            want_maps.then(|| AttentionMaps::new(scores, scale, probs)),
+        )
     }
 
     /// The absorbed path (DeepSeek-V2 inference): `W_uk` is folded into the query
@@ -375,8 +393,8 @@ impl<B: Backend> Mla<B> {
             };
             scores = scores + q_pe.matmul(pe.transpose());
         }
-        let scores = scores.div_scalar(((hd + self.rope_dim) as f64).sqrt());
-        let probs = causal_probs(scores, offset, self.gap_removed);
+        let scale = 1.0 / ((hd + self.rope_dim) as f64).sqrt();
+        let probs = causal_probs(scores, scale, offset, self.gap_removed);
         let latent_out = probs.matmul(c_value.reshape([b, 1, t, rkv])); // [b, H, s, r_kv]
         self.wo.forward(merge_heads(latent_out.matmul(w_uv)))
     }

@@ -54,9 +54,11 @@ pub enum Outcome<T, I = T> {
 /// `y_ij = γ_j·x_ij / √(mean_j x_ij² + ε)`, `[n, w]`, in `x`'s dtype.
 pub type RmsNormKernel<B> = fn(Tensor<B, 2>, Tensor<B, 1>, f64) -> Outcome<Tensor<B, 2>>;
 
-/// Causal softmax of `scores` `[b, H, s, t]` for queries at positions `offset..offset+s`:
-/// row `i` is the softmax of its first `offset + (i mod s) + 1` entries and 0 after them.
-pub type CausalSoftmaxKernel<B> = fn(Tensor<B, 4>, usize) -> Outcome<Tensor<B, 4>>;
+/// Causal softmax of `c·scores` (`scores` `[b, H, s, t]`, scale `c`, e.g. `1/√d_k`) for
+/// queries at positions `offset..offset+s`: row `i` is the softmax of its first
+/// `offset + (i mod s) + 1` entries, each times `c`, and 0 after them. Arguments
+/// `(scores, offset, c)`.
+pub type CausalSoftmaxKernel<B> = fn(Tensor<B, 4>, usize, f64) -> Outcome<Tensor<B, 4>>;
 
 /// SwiGLU's gating: `silu(gate) ⊙ up = gate·σ(gate)·up` of two `[n, f]` tensors.
 pub type SwigluKernel<B> =
@@ -131,7 +133,7 @@ impl<B: Backend> FusedKernels<B> {
     pub fn declining() -> Self {
         Self {
             rms_norm: |x, _, _| Outcome::Declined(x),
-            causal_softmax: |scores, _| Outcome::Declined(scores),
+            causal_softmax: |scores, _, _| Outcome::Declined(scores),
             swiglu: |gate, up| Outcome::Declined((gate, up)),
             cross_entropy: |logits, targets| Outcome::Declined((logits, targets)),
             rotary: |x, _, _, _, _| Outcome::Declined(x),
@@ -193,12 +195,14 @@ pub fn rms_norm<B: Backend, const D: usize>(norm: &RmsNorm<B>, x: Tensor<B, D>) 
     }
 }
 
-/// Causal softmax over the last axis of `scores` `[b, H, s, t]` for queries at positions
-/// `offset..offset+s` and keys `0..t` → `[b, H, s, t]`: `B`'s fused kernel when registered
-/// and accepting, else masking with `−∞` above the diagonal and burn's softmax.
-pub fn causal_softmax<B: Backend>(scores: Tensor<B, 4>, offset: usize) -> Tensor<B, 4> {
+/// Causal softmax over the last axis of `scale · scores` (`scores` `[b, H, s, t]`) for
+/// queries at positions `offset..offset+s` and keys `0..t` → `[b, H, s, t]`: `B`'s fused
+/// kernel when registered and accepting (the scale costs nothing there: attention passes its
+/// `1/√d_k` here rather than scaling the `[b, H, s, t]` scores in a pass of their own), else
+/// a multiplication, masking with `−∞` above the diagonal and burn's softmax.
+pub fn causal_softmax<B: Backend>(scores: Tensor<B, 4>, offset: usize, scale: f64) -> Tensor<B, 4> {
     let scores = match kernels::<B>() {
-        Some(k) => match (k.causal_softmax)(scores, offset) {
+        Some(k) => match (k.causal_softmax)(scores, offset, scale) {
             Outcome::Computed(probs) => return probs,
             Outcome::Declined(scores) => scores,
         },
@@ -206,6 +210,11 @@ pub fn causal_softmax<B: Backend>(scores: Tensor<B, 4>, offset: usize) -> Tensor
     };
     let [_, _, s, t] = scores.dims();
     let mask = Tensor::<B, 2, Bool>::tril_mask([s, t], offset as i64, &scores.device());
+    let scores = if scale == 1.0 {
+        scores
+    } else {
+        scores.mul_scalar(scale)
+    };
     softmax(
         scores.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY),
         3,
@@ -344,14 +353,22 @@ mod tests {
         let device = Default::default();
         register::<Plain>(FusedKernels::declining());
         let scores = Tensor::<Plain, 4>::random([1, 2, 3, 5], Distribution::Default, &device);
-        // Offset 2: query i sees keys 0..=2+i.
-        let probs = causal_softmax(scores, 2);
+        let x: Vec<f64> = scores.to_data().to_vec().unwrap();
+        // Offset 2: query i sees keys 0..=2+i; scale 0.5: p_j/p_0 = e^{0.5·(x_j − x_0)}.
+        let probs = causal_softmax(scores, 2, 0.5);
         let rows: Vec<f64> = probs.into_data().to_vec().unwrap();
-        for (r, row) in rows.chunks(5).enumerate() {
+        for (r, (row, x)) in rows.chunks(5).zip(x.chunks(5)).enumerate() {
             let i = r % 3;
             assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-6);
             assert!(row[3 + i..].iter().all(|&p| p == 0.0), "row {r}: {row:?}");
             assert!(row[..3 + i].iter().all(|&p| p > 0.0), "row {r}: {row:?}");
+            for j in 1..3 + i {
+                let ratio = (0.5 * (x[j] - x[0])).exp();
+                assert!(
+                    (row[j] / row[0] - ratio).abs() < 1e-5 * ratio,
+                    "row {r}: {row:?}"
+                );
+            }
         }
         unregister::<Plain>();
     }

@@ -156,19 +156,19 @@ fn softmax_row(row: &[f64], visible: usize) -> Vec<f64> {
 fn causal_softmax_forward_and_backward_match_the_exact_function() {
     let device = device();
     // [b, H, s, t], offset: square (training), a cached prefix (decoding), more keys than a
-    // warp has lanes, and one query.
-    for (shape, offset) in [
-        ([2, 3, 9, 9], 0),
-        ([2, 3, 5, 9], 4),
-        ([1, 2, 40, 70], 30),
-        ([1, 2, 1, 33], 32),
+    // warp has lanes, and one query; scales 1, 1/√64 and 1/√96 (MLA-Decoupled's d_k).
+    for (shape, offset, scale) in [
+        ([2, 3, 9, 9], 0, 1.0),
+        ([2, 3, 5, 9], 4, 0.125),
+        ([1, 2, 40, 70], 30, 1.0 / 96f64.sqrt()),
+        ([1, 2, 1, 33], 32, 0.125),
     ] {
         let [_, _, s, t] = shape;
         let scores = Tensor::<Train, 4>::random(shape, Distribution::Uniform(-8.0, 8.0), &device)
             .require_grad();
         let c = Tensor::<Train, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
         let before = fused_counts();
-        let probs = fused::causal_softmax(scores.clone(), offset);
+        let probs = fused::causal_softmax(scores.clone(), offset, scale);
         assert_eq!(fused_counts().causal_softmax, before.causal_softmax + 1);
         let grads = (probs.clone() * c.clone()).sum().backward();
         let ds = scores.grad(&grads).expect("d scores");
@@ -180,7 +180,8 @@ fn causal_softmax_forward_and_backward_match_the_exact_function() {
         for r in 0..rows {
             let visible = offset + r % s + 1;
             let span = r * t..(r + 1) * t;
-            let exact = softmax_row(&xs[span.clone()], visible);
+            let scaled: Vec<f64> = xs[span.clone()].iter().map(|x| scale * x).collect();
+            let exact = softmax_row(&scaled, visible);
             // The backward kernel works from the forward's bf16 output, as autodiff keeps it.
             let (p, cr) = (&ps[span.clone()], &cs[span.clone()]);
             let dot: f64 = (0..visible).map(|k| p[k] * cr[k]).sum();
@@ -188,10 +189,12 @@ fn causal_softmax_forward_and_backward_match_the_exact_function() {
             for j in 0..t {
                 let e = r * t + j;
                 p_ref[e] = exact[j];
-                p_tol[e] = (U_BF16 + FAST_EXP + (t + 4) as f64 * U_F32) * exact[j];
-                d_ref[e] = p[j] * (cr[j] - dot);
+                // The f32 product c·x (|c·x| ≤ 8) is rounded once more, ≤ 8·u₃₂ in each
+                // exponent and in the log-sum-exp: 16·u₃₂ relative in p.
+                p_tol[e] = (U_BF16 + FAST_EXP + (t + 20) as f64 * U_F32) * exact[j];
+                d_ref[e] = scale * p[j] * (cr[j] - dot);
                 d_tol[e] = U_BF16 * d_ref[e].abs()
-                    + (t + 4) as f64 * U_F32 * p[j] * (cr[j].abs() + dot_abs);
+                    + (t + 4) as f64 * U_F32 * scale * p[j] * (cr[j].abs() + dot_abs);
             }
         }
         assert_within(&format!("p {shape:?} offset {offset}"), &ps, &p_ref, &p_tol);

@@ -133,6 +133,7 @@ fn rms_norm_plain(
 fn causal_softmax_plain(
     scores: Tensor<CublasCuda, 4>,
     offset: usize,
+    scale: f64,
 ) -> Outcome<Tensor<CublasCuda, 4>> {
     let sp = primitive(scores);
     if !softmax_supported(&sp, offset) {
@@ -140,7 +141,7 @@ fn causal_softmax_plain(
     }
     computed(
         &SOFTMAXES,
-        tensor(causal_softmax_forward(into_contiguous(sp), offset)),
+        tensor(causal_softmax_forward(into_contiguous(sp), offset, scale)),
     )
 }
 
@@ -273,31 +274,36 @@ fn rms_norm_train(
 struct CausalSoftmaxBackward;
 
 impl Backward<CublasCuda, 1> for CausalSoftmaxBackward {
-    /// `(y, offset)`.
-    type State = (Primitive, usize);
+    /// `(y, offset, scale)`.
+    type State = (Primitive, usize, f64);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_scores] = ops.parents;
         let dy = grads.consume::<CublasCuda>(&ops.node);
-        let (probs, offset) = ops.state;
+        let (probs, offset, scale) = ops.state;
         if let Some(node) = node_scores {
-            grads.register::<CublasCuda>(node.id, causal_softmax_backward(probs, dy, offset));
+            let dscores = causal_softmax_backward(probs, dy, offset, scale);
+            grads.register::<CublasCuda>(node.id, dscores);
         }
     }
 }
 
-fn causal_softmax_train(scores: Tensor<Train, 4>, offset: usize) -> Outcome<Tensor<Train, 4>> {
+fn causal_softmax_train(
+    scores: Tensor<Train, 4>,
+    offset: usize,
+    scale: f64,
+) -> Outcome<Tensor<Train, 4>> {
     let sa = primitive(scores);
     if !softmax_supported(&sa.primitive, offset) {
         return declined(tensor(sa));
     }
-    let probs = causal_softmax_forward(into_contiguous(sa.primitive.clone()), offset);
+    let probs = causal_softmax_forward(into_contiguous(sa.primitive.clone()), offset, scale);
     let out = match CausalSoftmaxBackward
         .prepare::<NoCheckpointing>([sa.node.clone()])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish((probs.clone(), offset), probs),
+        OpsKind::Tracked(prep) => prep.finish((probs.clone(), offset, scale), probs),
         OpsKind::UnTracked(prep) => prep.finish(probs),
     };
     computed(&SOFTMAXES, tensor(out))

@@ -94,19 +94,19 @@ fn rms_norm_backward_kernel<F: Float>(
     }
 }
 
-/// `log Σ_{j < len} exp(x[base + j])` of one row, by one plane (every lane gets it): each lane
+/// `log Σ_{j < len} exp(c·x[base + j])` of one row, by one plane (every lane gets it): each lane
 /// keeps a running maximum `m` and a sum rescaled to it (`l ← l·e^{m − x} + 1` when `x`
 /// raises the maximum, the online softmax), then the plane takes the maximum `M` of the `m`
 /// and adds `l·e^{m − M}`. f32 arithmetic.
 #[cube]
-fn plane_log_sum_exp<F: Float>(x: &Tensor<F>, base: usize, len: usize) -> f32 {
+fn plane_log_sum_exp<F: Float>(x: &Tensor<F>, base: usize, len: usize, c: f32) -> f32 {
     // Below any finite value: e^{FLOOR − x} underflows to 0 for every finite x.
     let floor = f32::new(-3.0e38);
     let mut m = floor;
     let mut l = f32::new(0.0);
     let mut j = UNIT_POS_X as usize;
     while j < len {
-        let v = f32::cast_from(x[base + j]);
+        let v = c * f32::cast_from(x[base + j]);
         if v > m {
             l = l * (m - v).exp() + f32::new(1.0);
             m = v;
@@ -127,6 +127,7 @@ fn causal_softmax_forward_kernel<F: Float>(
     queries: u32,
     keys: u32,
     offset: u32,
+    scale: f32,
     #[define(F)] _dtype: StorageType,
 ) {
     let row = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
@@ -138,12 +139,12 @@ fn causal_softmax_forward_kernel<F: Float>(
     let visible = (row % queries + offset + 1) as usize;
     let lane = UNIT_POS_X as usize;
     let step = CUBE_DIM_X as usize;
-    let lse = plane_log_sum_exp::<F>(scores, base, visible);
+    let lse = plane_log_sum_exp::<F>(scores, base, visible, scale);
     let mut k = lane;
     while k < t {
         let mut p = f32::new(0.0);
         if k < visible {
-            p = (f32::cast_from(scores[base + k]) - lse).exp();
+            p = (scale * f32::cast_from(scores[base + k]) - lse).exp();
         }
         probs[base + k] = F::cast_from(p);
         k += step;
@@ -160,6 +161,7 @@ fn causal_softmax_backward_kernel<F: Float>(
     queries: u32,
     keys: u32,
     offset: u32,
+    scale: f32,
     #[define(F)] _dtype: StorageType,
 ) {
     let row = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
@@ -182,7 +184,9 @@ fn causal_softmax_backward_kernel<F: Float>(
     while k < t {
         let mut d = f32::new(0.0);
         if k < visible {
-            d = f32::cast_from(probs[base + k]) * (f32::cast_from(dprobs[base + k]) - total);
+            d = scale
+                * f32::cast_from(probs[base + k])
+                * (f32::cast_from(dprobs[base + k]) - total);
         }
         dscores[base + k] = F::cast_from(d);
         k += step;
@@ -250,7 +254,7 @@ fn cross_entropy_forward_kernel<F: Float, I: Int>(
     // Rows may be padded to a pitch (the cuBLAS head's output): address them by stride.
     let base = row as usize * logits.stride(0);
     let lane = UNIT_POS_X as usize;
-    let log_sum = plane_log_sum_exp::<F>(logits, base, v);
+    let log_sum = plane_log_sum_exp::<F>(logits, base, v, f32::new(1.0));
     if lane == 0 {
         // A negative target wraps to a large u32: both are outside the vocabulary.
         let t = u32::cast_from(targets[row as usize]);
@@ -421,7 +425,26 @@ fn rotary_kernel<F: Float>(
     out[o + b as usize] = F::cast_from(xb * c + xa * sn);
 }
 
-/// Per plane: `partial[plane] = Σ x_i²` over a grid-stride share of `x` (f32 arithmetic).
+/// `Σ value` over the cube's planes (`CUBE_DIM_Y` ≤ [`ROWS_PER_CUBE`] of them, 32 lanes each),
+/// in a fixed order; the result is valid in unit 0 of the cube.
+#[cube]
+fn cube_sum(value: f32) -> f32 {
+    let mut per_plane = SharedMemory::<f32>::new(ROWS_PER_CUBE as usize);
+    let plane = plane_sum(value);
+    if UNIT_POS_X == 0 {
+        per_plane[UNIT_POS_Y as usize] = plane;
+    }
+    sync_cube();
+    let mut total = f32::new(0.0);
+    if UNIT_POS == 0 {
+        for p in 0..CUBE_DIM_Y {
+            total += per_plane[p as usize];
+        }
+    }
+    total
+}
+
+/// Per cube: `partial[cube] = Σ x_i²` over a grid-stride share of `x` (f32 arithmetic).
 #[cube(launch)]
 fn sum_of_squares_kernel<F: Float>(
     x: &Tensor<F>,
@@ -430,31 +453,30 @@ fn sum_of_squares_kernel<F: Float>(
     #[define(F)] _dtype: StorageType,
 ) {
     let threads = (CUBE_COUNT_X * CUBE_DIM_X * CUBE_DIM_Y) as usize;
-    let plane = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
-    let mut i = (plane * CUBE_DIM_X + UNIT_POS_X) as usize;
+    let mut i = ((CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) * CUBE_DIM_X + UNIT_POS_X) as usize;
     let mut acc = f32::new(0.0);
     while i < len as usize {
         let v = f32::cast_from(x[i]);
         acc += v * v;
         i += threads;
     }
-    let total = plane_sum(acc);
-    if UNIT_POS_X == 0 {
-        partial[plane as usize] = total;
+    let total = cube_sum(acc);
+    if UNIT_POS == 0 {
+        partial[CUBE_POS_X as usize] = total;
     }
 }
 
-/// `total[0] = Σ x_i` of an f32 `x`, by one plane.
+/// `total[0] = Σ x_i` of an f32 `x`, by one cube.
 #[cube(launch)]
-fn plane_total_kernel(x: &Tensor<f32>, total: &mut Tensor<f32>, len: u32) {
-    let mut i = UNIT_POS_X as usize;
+fn cube_total_kernel(x: &Tensor<f32>, total: &mut Tensor<f32>, len: u32) {
+    let mut i = (UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X) as usize;
     let mut acc = f32::new(0.0);
     while i < len as usize {
         acc += x[i];
-        i += CUBE_DIM_X as usize;
+        i += (CUBE_DIM_X * CUBE_DIM_Y) as usize;
     }
-    let sum = plane_sum(acc);
-    if UNIT_POS_X == 0 {
+    let sum = cube_sum(acc);
+    if UNIT_POS == 0 {
         total[0] = sum;
     }
 }
@@ -645,7 +667,9 @@ fn softmax_sizes(scores: &Primitive) -> (usize, usize, usize) {
     (b * h * s, s, t)
 }
 
-pub(super) fn causal_softmax_forward(scores: Primitive, offset: usize) -> Primitive {
+/// `P = softmax_causal(c·scores)` row by row (`c` the scale, e.g. `1/√d_k`), in `scores`'
+/// dtype: `P_ik = exp(c·x_ik − log Σ_{j visible} exp(c·x_ij))` for visible `k`, else 0.
+pub(super) fn causal_softmax_forward(scores: Primitive, offset: usize, scale: f64) -> Primitive {
     let (rows, queries, keys) = softmax_sizes(&scores);
     let probs = empty_like(&scores, scores.meta.shape().clone(), scores.dtype);
     let (count, dim) = geometry(rows);
@@ -660,15 +684,19 @@ pub(super) fn causal_softmax_forward(scores: Primitive, offset: usize) -> Primit
         queries as u32,
         keys as u32,
         offset as u32,
+        scale as f32,
         dtype.into(),
     );
     probs
 }
 
+/// The gradient at the scores of [`causal_softmax_forward`]:
+/// `dx_ik = c·P_ik·(dP_ik − Σ_j P_ij dP_ij)`.
 pub(super) fn causal_softmax_backward(
     probs: Primitive,
     dprobs: Primitive,
     offset: usize,
+    scale: f64,
 ) -> Primitive {
     let (rows, queries, keys) = softmax_sizes(&probs);
     let dprobs = gradient_like(dprobs, &probs);
@@ -686,6 +714,7 @@ pub(super) fn causal_softmax_backward(
         queries as u32,
         keys as u32,
         offset as u32,
+        scale as f32,
         dtype.into(),
     );
     dscores
@@ -909,8 +938,13 @@ pub(super) fn rotary(
     out
 }
 
-/// Planes in the first pass of [`sum_of_squares`] at most (8 per cube).
-const SQUARE_PLANES: usize = 8192;
+/// Planes in the first pass of [`sum_of_squares`] at most ([`ROWS_PER_CUBE`] per cube).
+const SQUARE_PLANES: usize = 16384;
+/// Elements per lane in the first pass of [`sum_of_squares`] below [`SQUARE_PLANES`]: each
+/// lane's loads are a chain of dependent additions, so few per lane keep it bandwidth-bound
+/// (64 per lane, 768 planes for a `[768, 2048]` gradient, took 26 µs on the H200; see
+/// docs/performance.md).
+const SQUARE_LOADS_PER_LANE: usize = 8;
 
 /// Whether [`sum_of_squares`] takes `x` (its passes reduce over planes, laid out as warps).
 pub(super) fn sum_of_squares_supported(x: &Primitive) -> bool {
@@ -919,12 +953,14 @@ pub(super) fn sum_of_squares_supported(x: &Primitive) -> bool {
 }
 
 /// `Σ x_i²` in f32 of a contiguous `x`, `[1]`: one pass of up to [`SQUARE_PLANES`] planes
-/// writing a partial each, and one plane adding the partials. Deterministic.
+/// whose cubes write a partial each, and one cube adding the partials. Deterministic.
 pub(super) fn sum_of_squares(x: Primitive) -> Primitive {
     let len = x.meta.num_elements();
-    let planes = len.div_ceil(LANES as usize * 64).clamp(1, SQUARE_PLANES);
+    let planes = len
+        .div_ceil(LANES as usize * SQUARE_LOADS_PER_LANE)
+        .clamp(1, SQUARE_PLANES);
     let cubes = planes.div_ceil(ROWS_PER_CUBE as usize);
-    let partial = empty_like(&x, Shape::new([cubes * ROWS_PER_CUBE as usize]), DType::F32);
+    let partial = empty_like(&x, Shape::new([cubes]), DType::F32);
     let dtype = x.dtype;
     sum_of_squares_kernel::launch::<CudaRuntime>(
         &x.client,
@@ -936,14 +972,13 @@ pub(super) fn sum_of_squares(x: Primitive) -> Primitive {
         dtype.into(),
     );
     let total = empty_like(&x, Shape::new([1]), DType::F32);
-    let partials = partial.meta.num_elements();
-    plane_total_kernel::launch::<CudaRuntime>(
+    cube_total_kernel::launch::<CudaRuntime>(
         &x.client,
         CubeCount::Static(1, 1, 1),
-        CubeDim::new_1d(LANES),
+        CubeDim::new_2d(LANES, ROWS_PER_CUBE),
         partial.into_tensor_arg(),
         total.clone().into_tensor_arg(),
-        partials as u32,
+        cubes as u32,
     );
     total
 }
