@@ -188,6 +188,16 @@ pub(super) fn view_strides(
 mod tests {
     use super::*;
 
+    /// A seeded xorshift64 stream of integers below `n`, for the brute-force tests.
+    fn uniform_below(mut state: u64) -> impl FnMut(usize) -> usize {
+        move |n| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        }
+    }
+
     #[test]
     fn row_and_column_major_matrices_are_recognised() {
         let row_major = |leading| {
@@ -274,13 +284,7 @@ mod tests {
         // Brute force: every output batch index, its offsets in each operand (a size-1 axis
         // broadcasts) — against the plan's strided batches and host loop, for batch shapes of
         // rank 1–4 with sizes 1–3 and strides from contiguous, permuted and broadcast layouts.
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: usize| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng % n as u64) as usize
-        };
+        let mut next = uniform_below(0x9e37_79b9_7f4a_7c15u64);
         for _ in 0..500 {
             let rank = 1 + next(4);
             let out: Vec<usize> = (0..rank).map(|_| 1 + next(3)).collect();
@@ -352,13 +356,7 @@ mod tests {
                 })
                 .collect()
         }
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: usize| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng % n as u64) as usize
-        };
+        let mut next = uniform_below(0x2545_f491_4f6c_dd1du64);
         let mut viewed = 0;
         for _ in 0..3000 {
             let rank = 1 + next(4);
