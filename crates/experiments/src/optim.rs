@@ -152,7 +152,11 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     // Backends no other test of the crate uses: a registration here changes nothing else.
-    type Unregistered = Autodiff<NdArray<f32, i32>>;
+    // Both hold f64: burn 0.21 keys a device's default float dtype by the device type, which
+    // every `NdArray<E, I>` shares, so the first backend to create a tensor on the CPU sets
+    // the dtype of the others' (an f32 backend here made the f64 test's parameters f32 when
+    // it ran first).
+    type Unregistered = Autodiff<NdArray<f64, i64>>;
     type Host = NdArray<f64, i32>;
     type Registered = Autodiff<Host>;
 
@@ -263,6 +267,8 @@ mod tests {
             ..FusedKernels::declining()
         });
         let start = initialised(LinearConfig::new(6, 3).init::<B>(&device));
+        // The tolerance below is for f64 parameters.
+        assert_eq!(start.weight.val().dtype(), burn::tensor::DType::F64);
         let (mut ours, mut theirs) = (config().init::<B, Linear<B>>(), burn_adamw().init());
         let (mut a, mut b) = (start.clone(), start);
         for seed in 0..4 {
