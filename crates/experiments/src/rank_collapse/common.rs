@@ -18,6 +18,23 @@ pub type Host = NdArray<f64>;
 /// [`Host`] with autodiff, for gradient norms and training.
 pub type HostAd = Autodiff<Host>;
 
+/// The CPU device of [`Host`], its tensors f64. burn 0.21 keys a device's default float dtype
+/// by the device's type, which every `NdArray<E, I>` shares: the first backend to create a
+/// tensor on the CPU sets the dtype the others' parameters and random tensors get. After an
+/// f32 computation in the same process these measurements would silently run in f32; that is
+/// an error instead.
+pub fn host_device() -> Result<burn::backend::ndarray::NdArrayDevice, ExperimentError> {
+    let device = Default::default();
+    let dtype = burn::tensor::get_device_settings::<Host>(&device).float_dtype;
+    if dtype != burn::tensor::FloatDType::F64 {
+        return Err(ExperimentError::Invalid(format!(
+            "the CPU backend's default float dtype is already {dtype:?} in this process; the \
+             seed-002 measurements need f64: run them in a process of their own"
+        )));
+    }
+    Ok(device)
+}
+
 /// A seeded generator for task `parts` under `base` (SplitMix64 mixing of the parts).
 pub fn rng_for(base: u64, parts: &[u64]) -> rand_pcg::Pcg64 {
     let mut h = base ^ 0x9E37_79B9_7F4A_7C15;
@@ -185,7 +202,7 @@ pub fn layer_outputs(
     orthogonal: bool,
     x0: &DMatrix<f64>,
 ) -> Result<Vec<DMatrix<f64>>, ExperimentError> {
-    let device = Default::default();
+    let device = host_device()?;
     let mut model = config.init::<Host>(&device)?;
     if orthogonal {
         orthogonal_values(&mut model, config.seed, &device);

@@ -26,7 +26,7 @@ pub fn gradient_norm_sq(
     probes: usize,
     seed: u64,
 ) -> Result<f64, ExperimentError> {
-    let device = Default::default();
+    let device = host_device()?;
     let model = config.init::<HostAd>(&device)?;
     let x = tensor3::<HostAd>(x0, &device);
     let (n, d) = x0.shape();
@@ -479,7 +479,7 @@ pub fn train_heaviside(
     lr: f64,
     data_seed: u64,
 ) -> Result<TrainRun, ExperimentError> {
-    let device = Default::default();
+    let device = host_device()?;
     let mut model = config.init::<HostAd>(&device)?;
     let (xv, yv) = heaviside_data(cfg, data_seed);
     let shape = [cfg.samples, cfg.n, cfg.d];
