@@ -418,7 +418,7 @@ fn aligned_leading(width: usize, bytes: usize) -> usize {
 /// An uninitialised tensor of `shape` (`[…, rows, cols]`) whose rows are `leading` elements
 /// apart (`leading ≥ cols`) and whose matrices are `rows · leading` apart: a pitched
 /// row-major layout, which burn's kernels read like any strided view.
-fn empty_pitched(
+pub(super) fn empty_pitched(
     like: &CubeTensor<CudaRuntime>,
     shape: Vec<usize>,
     leading: usize,

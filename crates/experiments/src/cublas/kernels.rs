@@ -846,9 +846,7 @@ fn empty_rows_like(t: &Primitive) -> Primitive {
     if t.meta.strides()[1] != 1 || pitch <= width || rows == 1 {
         return empty_like(t, t.meta.shape().clone(), t.dtype);
     }
-    let mut out = empty_like(t, Shape::new([rows, pitch]), t.dtype);
-    *out.meta = cubecl::zspace::metadata::Metadata::new(t.meta.shape().clone(), [pitch, 1]);
-    out
+    super::backend::empty_pitched(t, t.meta.shape().to_vec(), pitch)
 }
 
 /// `(mean_i nll_i [1], lse [n])` in f32 of `logits` `[n, v]` (unit-stride rows, any pitch:
