@@ -390,10 +390,13 @@ fn entry_moments<T: Element>(mm: MatRef<'_, T>) -> EntryMoments {
     let (mut sum, mut sum2) = (0.0, 0.0);
     for j in 0..mm.ncols() {
         let (mut s, mut s2) = (0.0, 0.0);
-        for i in 0..mm.nrows() {
-            let x = mm[(i, j)].to_f64();
+        let mut add = |x: f64| {
             s += x;
             s2 += x * x;
+        };
+        match crate::linalg::column(mm, j) {
+            Some(col) => col.iter().for_each(|x| add(x.to_f64())),
+            None => (0..mm.nrows()).for_each(|i| add(mm[(i, j)].to_f64())),
         }
         sum += s;
         sum2 += s2;

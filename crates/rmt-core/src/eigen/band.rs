@@ -7,7 +7,7 @@
 //! `W = X − ½ V (Tᵀ Vᵀ X)`. Only the lower triangle of `A₂₂` is read and written: `A₂₂V` is
 //! two triangular products, the update one triangular rank-2b product.
 
-use crate::linalg::{Element, GEMM_BLOCK, lower_product};
+use crate::linalg::{Element, GEMM_BLOCK, column, column_mut, lower_product};
 use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{BlockStructure, matmul as tri_matmul};
 use faer::reborrow::{Reborrow, ReborrowMut};
@@ -35,7 +35,8 @@ pub(crate) fn householder<T: Element>(x: &mut [T]) -> (T, T) {
 /// Reduces the symmetric matrix whose lower triangle is `a` (overwritten) to lower band form
 /// with half-bandwidth `b`: afterwards `a[i, j]` for `0 ≤ i − j ≤ b` holds the band of a
 /// matrix orthogonally similar to the input. Entries below the band, and above the
-/// diagonal, are garbage.
+/// diagonal, are garbage. `a` is column-major (unit row stride, as every owned `Mat`): the
+/// panels are copied in and out as column slices.
 pub(crate) fn reduce_to_band<T: Element>(mut a: MatMut<'_, T>, b: usize) {
     let n = a.nrows();
     let mut j = 0;
@@ -44,10 +45,8 @@ pub(crate) fn reduce_to_band<T: Element>(mut a: MatMut<'_, T>, b: usize) {
         let nb = b.min(k);
         // Panel QR, unblocked, on a contiguous column-major copy of the k × b panel.
         let mut panel = vec![T::ZERO; k * b];
-        for c in 0..b {
-            for i in 0..k {
-                panel[c * k + i] = a[(j + b + i, j + c)];
-            }
+        for (c, dst) in panel.chunks_exact_mut(k).enumerate() {
+            dst.copy_from_slice(&column(a.rb(), j + c).expect("column-major")[j + b..]);
         }
         let mut taus = vec![T::ZERO; nb];
         for c in 0..nb {
@@ -66,15 +65,12 @@ pub(crate) fn reduce_to_band<T: Element>(mut a: MatMut<'_, T>, b: usize) {
             x[0] = beta; // R's diagonal; v₀ = 1 is implicit from here on
         }
         // V (k × nb, unit lower trapezoidal) and T (nb × nb upper triangular, dlarft).
-        let v = Mat::<T>::from_fn(k, nb, |i, c| {
-            if i == c {
-                T::ONE
-            } else if i > c {
-                panel[c * k + i]
-            } else {
-                T::ZERO
-            }
-        });
+        let mut v = Mat::<T>::zeros(k, nb);
+        for c in 0..nb {
+            let dst = column_mut(v.as_mut(), c).expect("owned");
+            dst[c] = T::ONE;
+            dst[c + 1..].copy_from_slice(&panel[c * k + c + 1..(c + 1) * k]);
+        }
         // dlarft: T[0..c, c] = −τ_c · T[0..c, 0..c] · (V[:, 0..c]ᵀ v_c), with all the inner
         // products VᵀV from one GEMM.
         let mut vtv = Mat::<T>::zeros(nb, nb);
@@ -100,10 +96,11 @@ pub(crate) fn reduce_to_band<T: Element>(mut a: MatMut<'_, T>, b: usize) {
             }
         }
         // Write R back (upper trapezoid of the panel); below it the band is zero.
-        for c in 0..b {
-            for i in 0..k {
-                a[(j + b + i, j + c)] = if i <= c { panel[c * k + i] } else { T::ZERO };
-            }
+        for (c, src) in panel.chunks_exact(k).enumerate() {
+            let dst = &mut column_mut(a.rb_mut(), j + c).expect("column-major")[j + b..];
+            let r = (c + 1).min(k);
+            dst[..r].copy_from_slice(&src[..r]);
+            dst[r..].fill(T::ZERO);
         }
         // Two-sided update of the trailing k × k block.
         let mut a22 = a.rb_mut().submatrix_mut(j + b, j + b, k, k);
