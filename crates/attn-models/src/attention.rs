@@ -68,6 +68,28 @@ fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
     x.reshape([b, s, heads, hw / heads]).swap_dims(1, 2)
 }
 
+/// The two column blocks of a per-head weight `[r, H·(w₀ + w₁)]` whose columns are, head by
+/// head, `w₀` then `w₁` (DeepSeek-V2's `kv_b_proj`: key then value) → `[r, H·w₀]` and
+/// `[r, H·w₁]`, each in head order. Weight-sized copies only.
+fn head_column_blocks<B: Backend>(
+    w: Tensor<B, 2>,
+    heads: usize,
+    widths: [usize; 2],
+) -> [Tensor<B, 2>; 2] {
+    let [r, _] = w.dims();
+    let [w0, w1] = widths;
+    let per_head = w.reshape([r, heads, w0 + w1]);
+    [
+        per_head
+            .clone()
+            .slice([0..r, 0..heads, 0..w0])
+            .reshape([r, heads * w0]),
+        per_head
+            .slice([0..r, 0..heads, w0..w0 + w1])
+            .reshape([r, heads * w1]),
+    ]
+}
+
 /// `[b, H, s, w] → [b, s, H·w]`.
 fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
     let [b, h, s, w] = x.dims();
@@ -324,16 +346,26 @@ impl<B: Backend> Mla<B> {
         let [b, t, _] = c_value.dims();
         let q = split_heads(self.q_up.forward(c_q), h); // [b, H, s, hd + dr]
         let s = q.dims()[2];
-        let kv = split_heads(self.kv_up.forward(c_value), h);
-        let v = kv.clone().slice([0..b, 0..h, 0..t, hd..hd + dv]);
-        // Keys come from the same latent unless PreRoPE rotated it.
+        // Keys come from the same latent as values unless PreRoPE rotated it. One latent:
+        // one product for both, sliced. Two latents: keys and values each from their own
+        // columns of `kv_up`, so that no value columns are computed from the rotated latent
+        // only to be dropped (and no activation-sized slice, nor its slice-assign into zeros
+        // in the backward): +7 % tokens/s for MLA-PreRoPE on the H200; the same split for
+        // one latent measured −1.5 % (docs/performance.md).
         let keys_rotated = self.input_rotation() || self.rope_kv.is_some();
-        let k_nope = if keys_rotated {
-            split_heads(self.kv_up.forward(c_key), h)
+        let (k_nope, v) = if keys_rotated {
+            let [w_k, w_v] = head_column_blocks(self.kv_up.weight.val(), h, [hd, dv]);
+            (
+                split_heads(c_key.matmul(w_k.unsqueeze()), h), // [b, H, t, hd]
+                split_heads(c_value.matmul(w_v.unsqueeze()), h), // [b, H, t, dv]
+            )
         } else {
-            kv
-        }
-        .slice([0..b, 0..h, 0..t, 0..hd]);
+            let kv = split_heads(self.kv_up.forward(c_value), h);
+            (
+                kv.clone().slice([0..b, 0..h, 0..t, 0..hd]),
+                kv.slice([0..b, 0..h, 0..t, hd..hd + dv]),
+            )
+        };
         let scores = match (k_pe, self.rope_dim) {
             (Some(pe), dr) if dr > 0 => {
                 let q_nope = q.clone().slice([0..b, 0..h, 0..s, 0..hd]);
@@ -370,15 +402,10 @@ impl<B: Backend> Mla<B> {
         let [b, t, _] = c_value.dims();
         let q = split_heads(self.q_up.forward(c_q), h);
         let s = q.dims()[2];
-        // kv_up weight [r_kv, H·(hd + dv)] → per head [H, r_kv, hd + dv].
-        let w = self
-            .kv_up
-            .weight
-            .val()
-            .reshape([rkv, h, hd + dv])
-            .swap_dims(0, 1);
-        let w_uk = w.clone().slice([0..h, 0..rkv, 0..hd]).unsqueeze::<4>(); // [1, H, r_kv, hd]
-        let w_uv = w.slice([0..h, 0..rkv, hd..hd + dv]).unsqueeze::<4>(); // [1, H, r_kv, dv]
+        // kv_up weight [r_kv, H·(hd + dv)] → per head [1, H, r_kv, hd] and [1, H, r_kv, dv].
+        let [w_k, w_v] = head_column_blocks(self.kv_up.weight.val(), h, [hd, dv]);
+        let w_uk = w_k.reshape([rkv, h, hd]).swap_dims(0, 1).unsqueeze::<4>();
+        let w_uv = w_v.reshape([rkv, h, dv]).swap_dims(0, 1).unsqueeze::<4>();
         let q_nope = q.clone().slice([0..b, 0..h, 0..s, 0..hd]);
         let q_latent = q_nope.matmul(w_uk.transpose()); // [b, H, s, r_kv]
         let keys = c_key.reshape([b, 1, t, rkv]);
