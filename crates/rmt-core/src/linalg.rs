@@ -342,10 +342,24 @@ pub(crate) fn column_mut<T>(m: MatMut<'_, T>, j: usize) -> Option<&mut [T]> {
         .map(|c| c.as_slice_mut())
 }
 
+/// Writes the transpose of the tile whose columns are `src` (each `iw` long) into `dst`:
+/// `dst[row0 + jj, col0 + ii] = src[jj][ii]`, one destination column slice at a time.
+fn write_tile_transposed<T: Copy>(src: &[&[T]], mut dst: MatMut<'_, T>, row0: usize, col0: usize) {
+    let (jw, iw) = (src.len(), src.first().map_or(0, |c| c.len()));
+    for ii in 0..iw {
+        let out =
+            &mut column_mut(dst.rb_mut(), col0 + ii).expect("unit row stride")[row0..row0 + jw];
+        for (d, s) in out.iter_mut().zip(src) {
+            *d = s[ii];
+        }
+    }
+}
+
 /// `Aᵀ` as a new column-major matrix, copied in 32 × 32 tiles between column slices (faer's
 /// `to_owned` of a transposed view reads across columns: 45 ms at 2048²; the same tiles
-/// through `(i, j)` indexing, with its bounds checks and stride arithmetic per element,
-/// took 1.4 ms at 768² f32, the slices ≈ 0.3).
+/// through `(i, j)` indexing, with its bounds checks and stride arithmetic per element, took
+/// 1.4 ms at 768² f32 on a quiet machine; old against new in one harness on a loaded one,
+/// 3.8–6.9 against 1.3–1.9 ms, docs/performance.md).
 fn transpose_tiled<T: Element>(a: MatRef<'_, T>) -> Mat<T> {
     let (rows, cols) = (a.nrows(), a.ncols());
     let mut out = Mat::<T>::zeros(cols, rows);
@@ -360,12 +374,7 @@ fn transpose_tiled<T: Element>(a: MatRef<'_, T>) -> Mat<T> {
             let iw = TILE.min(rows - ib);
             src.clear();
             src.extend((jb..jb + jw).map(|j| &column(a, j).expect("unit row stride")[ib..ib + iw]));
-            for ii in 0..iw {
-                let dst = &mut column_mut(out.as_mut(), ib + ii).expect("owned")[jb..jb + jw];
-                for (d, s) in dst.iter_mut().zip(&src) {
-                    *d = s[ii];
-                }
-            }
+            write_tile_transposed(&src, out.as_mut(), jb, ib);
         }
     }
     out
@@ -398,13 +407,7 @@ pub(crate) fn mirror_lower<T: Element>(mut a: MatMut<'_, T>) {
             src.extend(
                 (jb..jb + jw).map(|j| &column(left, j).expect("unit row stride")[ib..ib + iw]),
             );
-            for ii in 0..iw {
-                let dst =
-                    &mut column_mut(right.rb_mut(), ii).expect("unit row stride")[jb..jb + jw];
-                for (d, s) in dst.iter_mut().zip(&src) {
-                    *d = s[ii];
-                }
-            }
+            write_tile_transposed(&src, right.rb_mut(), jb, 0);
         }
     }
 }
