@@ -10,7 +10,10 @@
 #   commas, each a `bench train` run; default cublas; the reference runs with the first only),
 #   BUILDS (default xtask: .device/xtask.xz; several names separated by commas run the same
 #   benchmarks with each carried .device/NAME.xz, the reference with the first only),
-#   PROBE_STEPS (default 0: skip `bench probe`). Every .device/NAME-test.xz carried (the
+#   BENCH_ARGS (extra arguments of every burn `bench train` run, e.g. `--read-every 1`; the
+#   builds must all know them), ARGS_<NAME> (extra arguments of build NAME's runs only, e.g.
+#   ARGS_one="--read-every 1" with a copy of xtask.xz carried as one.xz), PROBE_STEPS (default
+#   0: skip `bench probe`). Every .device/NAME-test.xz carried (the
 #   ignored GPU tests of crates/experiments/tests/NAME.rs, built with `cargo test --release
 #   -p experiments --features cuda --test NAME --no-run`) runs first.
 set -uo pipefail
@@ -40,13 +43,16 @@ if [ "${CPU_STEPS:-0}" -gt 0 ]; then
 fi
 if [ -n "${GPU_VARIANTS-mha,mla-prerope,mla-decoupled}" ]; then
   reference=${GPU_REFERENCE:-eager,sdpa,compile}
+  round=0
   for build in $(echo "${BUILDS:-xtask}" | tr , ' '); do
     unxz_bin "$build"
+    own_args="ARGS_${build//-/_}"
+    round=$((round + 1))
     for matmul in $(echo "${MATMUL:-cublas}" | tr , ' '); do
-      run="$build-$matmul"
+      run="$round-$build-$matmul"
       ./.device/"$build" bench train --backend cuda --matmul "$matmul" --preset paper \
         --variants "${GPU_VARIANTS-mha,mla-prerope,mla-decoupled}" --steps "${GPU_STEPS:-100}" \
-        --reference "$reference" --out "/tmp/bench-train-gpu-$run" 2>&1 \
+        --reference "$reference" --out "/tmp/bench-train-gpu-$run" ${BENCH_ARGS:-} ${!own_args:-} 2>&1 \
         | tee "$OUT/bench-train-gpu-$run.log"
       for f in /tmp/bench-train-gpu-"$run"/*/result.json; do
         [ -f "$f" ] && cp "$f" "$OUT/gpu-$run-$(basename "$(dirname "$f")").json"

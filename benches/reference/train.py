@@ -8,7 +8,8 @@ every update, the time of every update, and the peak memory.
 DIR holds `model/` (the project's export: config.json + model.safetensors, the initial
 weights), `tokens.u32` (little-endian uint32, [steps, batch, context + 1], in the order the
 Rust loop consumed them) and `train.json` (steps, batch, lr, warmup, min_lr_ratio, betas,
-epsilon, weight_decay, clip_norm).
+epsilon, weight_decay, clip_norm, read_every: the losses are read from the device every this
+many updates, default 1).
 
 The optimiser is the Rust loop's: AdamW (p ← p(1 − ηλ) − η m̂/(√v̂ + ε)), linear warm-up to
 η over W updates then cosine decay to r·η, parameters and optimiser state in the training
@@ -83,9 +84,10 @@ def train(args) -> dict:
         return loss
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    losses, seconds = [], []
+    read_every = int(c.get("read_every", 1))
+    losses, seconds, pending = [], [], []
+    since = time.perf_counter()
     for step in range(steps):
-        t0 = time.perf_counter()
         batch = tokens[step].to(device, non_blocking=True)
         for group in optim.param_groups:
             group["lr"] = lr_at(step, c)
@@ -94,8 +96,15 @@ def train(args) -> dict:
         if c.get("clip_norm"):
             torch.nn.utils.clip_grad_norm_(model.parameters(), c["clip_norm"])
         optim.step()
-        losses.append(loss.item())  # one host sync per update, as the Rust loop
-        seconds.append(time.perf_counter() - t0)
+        pending.append(loss.detach())
+        if len(pending) == read_every or step == steps - 1:
+            # One host sync per `read_every` updates, as the Rust loop (its
+            # `TrainConfig::read_every`); each update of the window gets an equal share of
+            # the window's time.
+            losses.extend(torch.stack(pending).float().tolist())
+            now = time.perf_counter()
+            seconds.extend([(now - since) / len(pending)] * len(pending))
+            since, pending = now, []
     out = {
         "impl": args.impl,
         "device": device,

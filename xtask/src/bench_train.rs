@@ -13,7 +13,9 @@
 //!
 //! Throughput is `tokens per update / median update time` over the updates after the first
 //! `--skip` (compilation, autotuning and allocator warm-up stay out) and before the last (it
-//! writes a checkpoint). MFU = throughput · FLOPs per token / the matmul peak measured by the
+//! writes a checkpoint). Both sides read their losses from the device every `--read-every`
+//! updates (the preset's cadence by default); an update's time is its read window's wall time
+//! shared equally among the window's updates. MFU = throughput · FLOPs per token / the matmul peak measured by the
 //! reference in the same invocation (bf16 8192² on CUDA). Numerics: the mean absolute
 //! difference of the per-update losses, burn vs PyTorch SDPA, next to PyTorch's own spread
 //! (eager vs SDPA, the same maths through different kernels).
@@ -27,7 +29,6 @@ use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
 /// Arguments of `bench train`.
 #[derive(clap::Args)]
@@ -50,6 +51,10 @@ pub struct Args {
     /// Sequences per update (default: the preset's micro-batch).
     #[arg(long)]
     batch: Option<usize>,
+    /// Read the losses from the device every this many updates, in burn and in PyTorch alike
+    /// (default: the preset's, `TrainConfig::read_every`).
+    #[arg(long)]
+    read_every: Option<u64>,
     /// PyTorch paths to run beside burn: any of eager, sdpa, compile; or `none`.
     #[arg(long, default_value = "eager,sdpa,compile")]
     reference: String,
@@ -109,7 +114,10 @@ pub fn run(args: &Args) -> Result<(), String> {
             "unknown reference `{bad}` (eager, sdpa, compile, none)"
         ));
     }
-    let config = bench_config(&args.preset, args.steps, args.batch)?;
+    let mut config = bench_config(&args.preset, args.steps, args.batch)?;
+    if let Some(r) = args.read_every {
+        config.read_every = r;
+    }
     config.validate().map_err(|e| e.to_string())?;
     if args.steps < 3 {
         return Err("--steps must be at least 3 (the first and last are not timed)".into());
@@ -336,7 +344,7 @@ fn prepare(dir: &Path, model: &LlamaConfig, config: &TrainConfig) -> Result<Pack
         "steps": config.steps, "batch": config.batch, "lr": config.lr, "warmup": config.warmup,
         "min_lr_ratio": config.min_lr_ratio, "beta1": config.beta1, "beta2": config.beta2,
         "epsilon": config.epsilon, "weight_decay": config.weight_decay,
-        "clip_norm": config.clip_norm, "seed": config.seed,
+        "clip_norm": config.clip_norm, "seed": config.seed, "read_every": config.read_every,
     });
     std::fs::write(dir.join("train.json"), settings.to_string()).map_err(io)?;
     Ok(data)
@@ -369,12 +377,9 @@ fn burn_run<B: burn::tensor::backend::AutodiffBackend>(
     };
     let mut losses = Vec::new();
     let mut seconds = Vec::new();
-    let mut last = Instant::now();
     train::<B>(&spec, device, |p| {
-        let now = Instant::now();
         losses.push(p.loss);
-        seconds.push((now - last).as_secs_f64());
-        last = now;
+        seconds.push(p.seconds);
     })
     .map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));

@@ -75,8 +75,9 @@ pub type CrossEntropyKernel<B> =
 pub type RotaryKernel<B> =
     fn(Tensor<B, 4>, Tensor<B, 2>, Tensor<B, 2>, usize, bool) -> Outcome<Tensor<B, 4>>;
 
-/// `Σ x_i²` of a flat tensor, `[1]` in f32 (the squared norm of a gradient).
-pub type SumOfSquaresKernel<B> = fn(Tensor<B, 1>) -> Outcome<Tensor<B, 1>>;
+/// `Σ_t Σ_i x_{t,i}²` over one or more flat tensors `x_t`, `[1]` in f32 (the squared global
+/// norm of a model's gradients, in one reduction instead of one per parameter).
+pub type SumOfSquaresKernel<B> = fn(Vec<Tensor<B, 1>>) -> Outcome<Tensor<B, 1>, Vec<Tensor<B, 1>>>;
 
 /// One AdamW update of a flattened parameter (Loshchilov & Hutter; burn's `AdamW` without
 /// AMSGrad): with gradient `g`, learning rate `η`, decay `λ` and `t` the step count after this
@@ -137,7 +138,7 @@ impl<B: Backend> FusedKernels<B> {
             swiglu: |gate, up| Outcome::Declined((gate, up)),
             cross_entropy: |logits, targets| Outcome::Declined((logits, targets)),
             rotary: |x, _, _, _, _| Outcome::Declined(x),
-            sum_of_squares: |x| Outcome::Declined(x),
+            sum_of_squares: Outcome::Declined,
             adamw: Outcome::Declined,
         }
     }
@@ -264,18 +265,43 @@ pub fn adamw<B: Backend>(step: AdamWStep<B>) -> Outcome<AdamWUpdate<B>, AdamWSte
     }
 }
 
-/// `Σ x_i²` of any tensor, `[1]` in f32: `B`'s fused kernel when registered and accepting,
-/// else a cast to f32, a square and burn's sum.
+/// `Σ x_i²` of any tensor, `[1]` in f32: [`sum_of_squares_all`] of `x` alone.
 pub fn sum_of_squares<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 1> {
-    let flat = x.reshape([-1]);
-    let flat = match kernels::<B>() {
-        Some(k) => match (k.sum_of_squares)(flat) {
-            Outcome::Computed(total) => return total,
-            Outcome::Declined(flat) => flat,
+    let device = x.device();
+    sum_of_squares_all(vec![x.reshape([-1])])
+        .unwrap_or_else(|| Tensor::<B, 1>::zeros([1], &device).cast(DType::F32))
+}
+
+/// `Σ_t Σ_i x_{t,i}²` over the flat tensors `xs`, `[1]` in f32, or `None` when `xs` is empty:
+/// `B`'s fused kernel when registered and accepting (one reduction over all of them), else,
+/// per tensor, a cast to f32, a square and burn's sum, added in the order of `xs`.
+///
+/// ```
+/// use attn_models::fused;
+/// use burn::backend::NdArray;
+/// use burn::prelude::*;
+///
+/// type B = NdArray<f32>;
+/// let device = Default::default();
+/// let a = Tensor::<B, 1>::from_floats([3.0, 4.0], &device);
+/// let b = Tensor::<B, 1>::from_floats([12.0], &device);
+/// let total = fused::sum_of_squares_all(vec![a, b]).unwrap();
+/// assert_eq!(total.into_scalar(), 169.0); // 9 + 16 + 144
+/// ```
+pub fn sum_of_squares_all<B: Backend>(xs: Vec<Tensor<B, 1>>) -> Option<Tensor<B, 1>> {
+    if xs.is_empty() {
+        return None;
+    }
+    let xs = match kernels::<B>() {
+        Some(k) => match (k.sum_of_squares)(xs) {
+            Outcome::Computed(total) => return Some(total),
+            Outcome::Declined(xs) => xs,
         },
-        None => flat,
+        None => xs,
     };
-    flat.cast(DType::F32).powi_scalar(2).sum()
+    xs.into_iter()
+        .map(|x| x.cast(DType::F32).powi_scalar(2).sum())
+        .reduce(|acc, s| acc + s)
 }
 
 /// The mean next-token loss of `logits` `[n, v]` against `targets` `[n]`, `[1]` in f32:

@@ -8,10 +8,12 @@
 //!    validation loss — both at `step`;
 //! 2. `accumulation` micro-batches of `batch` sequences: forward, cross-entropy, backward,
 //!    gradients summed (each loss divided by `accumulation`, so the sum is the mean);
-//! 3. clip to a global norm, if asked; AdamW update with the learning rate of `step`
-//!    ([`crate::optim::FusedAdamW`]: burn's AdamW, one fused kernel per parameter where the
-//!    backend registered one);
-//!    record `loss`, `grad_norm`, `lr` at `step`;
+//! 3. clip to a global norm, if asked (the norm and the factor stay on the device); AdamW
+//!    update with the learning rate of `step` ([`crate::optim::FusedAdamW`]: burn's AdamW, one
+//!    fused kernel per parameter where the backend registered one);
+//!    record `loss`, `grad_norm`, `lr` at `step` — read from the device with those of the
+//!    updates before it every [`TrainConfig::read_every`] updates and before any probe,
+//!    evaluation or checkpoint, so the host never waits for the device in between;
 //! 4. after every `checkpoint_every` updates, checkpoint: the model, the optimizer, and the
 //!    metrics files' lengths.
 //!
@@ -28,6 +30,7 @@ use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::Transaction;
 use burn::tensor::backend::AutodiffBackend;
 use probe::{MetricRow, Probe, ProbeConfig, WriterState};
 use serde::{Deserialize, Serialize};
@@ -69,6 +72,18 @@ pub struct TrainConfig {
     pub probe_batch: usize,
     /// Seed of initialisation and data order.
     pub seed: u64,
+    /// Read the updates' loss and gradient norm from the device every this many updates (and
+    /// before every probe, evaluation and checkpoint), all of them in one transfer. Each read
+    /// waits for the device to finish everything queued; between reads the host queues the
+    /// next updates while the device still runs the last, and the loss check, metric rows and
+    /// progress of an update come at the read after it. `1` reads every update. The metric
+    /// files are the same whatever the value.
+    #[serde(default = "one")]
+    pub read_every: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 impl TrainConfig {
@@ -118,8 +133,14 @@ impl TrainConfig {
                 self.lr, self.min_lr_ratio
             ));
         }
-        if self.eval_every == 0 || self.checkpoint_every == 0 || self.eval_batches == 0 {
-            return bad("eval_every, eval_batches and checkpoint_every must be ≥ 1".into());
+        if self.eval_every == 0
+            || self.checkpoint_every == 0
+            || self.eval_batches == 0
+            || self.read_every == 0
+        {
+            return bad(
+                "eval_every, eval_batches, checkpoint_every and read_every must be ≥ 1".into(),
+            );
         }
         if let Some(c) = self.clip_norm
             && !(c > 0.0 && c.is_finite())
@@ -188,46 +209,137 @@ fn complete_checkpoints(root: &Path) -> Result<Vec<PathBuf>, ExperimentError> {
     Ok(dirs)
 }
 
-/// Global L2 norm of the gradients of `module`'s parameters.
-fn grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, grads: &GradientsParams) -> f64 {
-    struct Norm<'a, B: AutodiffBackend> {
+/// Global L2 norm of the gradients of `module`'s parameters, `‖g‖ = √(Σ_p ‖g_p‖²)`, `[1]` in
+/// f32 on the device (one fused reduction over all of them where the backend has one; not
+/// read back here); `None` when no parameter has a gradient.
+fn grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &GradientsParams,
+) -> Option<Tensor<B::InnerBackend, 1>> {
+    struct Collect<'a, B: AutodiffBackend> {
         grads: &'a GradientsParams,
-        sum: Option<Tensor<B::InnerBackend, 1>>,
+        flat: Vec<Tensor<B::InnerBackend, 1>>,
     }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Norm<'_, B> {
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-                let s = attn_models::fused::sum_of_squares(g);
-                self.sum = Some(match self.sum.take() {
-                    Some(acc) => acc + s,
-                    None => s,
-                });
+                self.flat.push(g.reshape([-1]));
             }
         }
     }
-    let mut v = Norm::<B> { grads, sum: None };
+    let mut v = Collect::<B> {
+        grads,
+        flat: Vec::new(),
+    };
     module.visit(&mut v);
-    v.sum.map_or(0.0, |s| scalar(s).sqrt())
+    attn_models::fused::sum_of_squares_all(v.flat).map(Tensor::sqrt)
 }
 
-/// Multiplies every gradient by `factor`.
+/// The clipping factor `min(1, c/‖g‖)` of a gradient norm `‖g‖` (`[1]`), on the device (no
+/// read): exactly 1 at or below the clip norm `c`, and 1 for a zero gradient.
+fn clip_factor<B: Backend>(norm: Tensor<B, 1>, c: f64) -> Tensor<B, 1> {
+    norm.recip().mul_scalar(c).clamp_max(1.0)
+}
+
+/// Multiplies every gradient by `factor` (`[1]`, on the device).
 fn scale_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     module: &M,
     grads: &mut GradientsParams,
-    factor: f64,
+    factor: Tensor<B::InnerBackend, 1>,
 ) {
-    struct Scale<'a> {
+    struct Scale<'a, B: AutodiffBackend> {
         grads: &'a mut GradientsParams,
-        factor: f64,
+        factor: Tensor<B::InnerBackend, 1>,
     }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-                self.grads.register(param.id, g.mul_scalar(self.factor));
+                let factor = self.factor.clone().cast(g.dtype()).reshape([1; D]);
+                self.grads.register(param.id, g.mul(factor));
             }
         }
     }
-    module.visit(&mut Scale { grads, factor });
+    module.visit(&mut Scale::<B> { grads, factor });
+}
+
+/// An update whose loss and gradient norm are still on the device.
+struct Unread<B: Backend> {
+    step: u64,
+    lr: f64,
+    /// The update's loss (the micro-batches' mean), `[1]`.
+    loss: Tensor<B, 1>,
+    /// The gradient norm before clipping, `[1]`.
+    grad_norm: Option<Tensor<B, 1>>,
+}
+
+/// The updates of one read window, in step order, and when the window began.
+struct ReadWindow<B: Backend> {
+    updates: Vec<Unread<B>>,
+    since: Instant,
+}
+
+impl<B: Backend> ReadWindow<B> {
+    fn new() -> Self {
+        Self {
+            updates: Vec::new(),
+            since: Instant::now(),
+        }
+    }
+
+    /// Reads every update of the window in one transaction (one wait for the device), stops at
+    /// the first non-finite loss, and records each update's `loss`, `grad_norm` and `lr` rows
+    /// and progress in step order; the window's wall time is shared equally among its updates.
+    fn read(
+        &mut self,
+        spec: &RunSpec<'_>,
+        tokens_per_step: f64,
+        probe: &mut Probe,
+        progress: &mut impl FnMut(Progress),
+    ) -> Result<(), ExperimentError> {
+        if self.updates.is_empty() {
+            return Ok(());
+        }
+        let updates = std::mem::take(&mut self.updates);
+        let mut transaction = Transaction::<B>::default();
+        for u in &updates {
+            transaction = transaction.register(u.loss.clone());
+            if let Some(n) = &u.grad_norm {
+                transaction = transaction.register(n.clone());
+            }
+        }
+        let mut values = transaction
+            .try_execute()
+            .map_err(|e| ExperimentError::Invalid(format!("device error while training: {e}")))?
+            .into_iter()
+            .map(|d| d.iter::<f64>().next().unwrap_or(f64::NAN));
+        let seconds = self.since.elapsed().as_secs_f64() / updates.len() as f64;
+        self.since = Instant::now();
+        for u in updates {
+            let loss = values.next().unwrap_or(f64::NAN);
+            let norm = match u.grad_norm {
+                Some(_) => values.next().unwrap_or(f64::NAN),
+                None => 0.0,
+            };
+            if !loss.is_finite() {
+                return Err(ExperimentError::Invalid(format!(
+                    "training loss is {loss} at step {}: the run diverged (lower the learning rate or set a clip norm)",
+                    u.step
+                )));
+            }
+            probe.record(vec![
+                row(spec, u.step, "train", "loss", loss),
+                row(spec, u.step, "train", "grad_norm", norm),
+                row(spec, u.step, "train", "lr", u.lr),
+            ])?;
+            progress(Progress {
+                step: u.step + 1,
+                loss,
+                seconds,
+                tokens_per_second: tokens_per_step / seconds,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// The value of a one-element tensor in f64, read in the tensor's own dtype (a loss computed
@@ -297,7 +409,10 @@ pub struct Progress {
     pub step: u64,
     /// Training loss of this update.
     pub loss: f64,
-    /// Tokens per second over this update (probe included).
+    /// Wall time of this update (probe included): the time between two reads of the device's
+    /// scalars, shared equally among the updates they read ([`TrainConfig::read_every`]).
+    pub seconds: f64,
+    /// Tokens per second over this update.
     pub tokens_per_second: f64,
 }
 
@@ -442,9 +557,11 @@ pub fn train<B: AutodiffBackend>(
         (0..config.probe_batch.min(spec.validation_data.len())).collect();
     let tokens_per_step = (config.batch * config.accumulation * spec.model.context) as f64;
     let t0 = Instant::now();
+    let observed = |step: u64, probe: &Probe| {
+        probe.is_due(step) || step % config.eval_every == 0 || step == config.steps
+    };
     let observe = |step: u64, model: &Llama<B>, probe: &mut Probe| -> Result<(), ExperimentError> {
-        let is_last = step == config.steps;
-        if !probe.is_due(step) && step % config.eval_every != 0 && !is_last {
+        if !observed(step, probe) {
             return Ok(());
         }
         let valid = model.valid();
@@ -462,17 +579,21 @@ pub fn train<B: AutodiffBackend>(
             };
             probe.observe::<B::InnerBackend, _>(step, &valid, maps)?;
         }
-        if step % config.eval_every == 0 || is_last {
+        if step % config.eval_every == 0 || step == config.steps {
             let v = validation_loss(&valid, spec.validation_data, config, device);
             probe.record(vec![row(spec, step, "validation", "loss", v)])?;
         }
         Ok(())
     };
+    let mut window = ReadWindow::<B::InnerBackend>::new();
     for step in start..config.steps {
-        let t_step = Instant::now();
+        if observed(step, &probe) {
+            // The rows of earlier updates go first.
+            window.read(spec, tokens_per_step, &mut probe, &mut progress)?;
+        }
         observe(step, &model, &mut probe)?;
         let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
-        let mut loss_sum = 0.0;
+        let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
         for micro in 0..config.accumulation {
             let indices = order.batch(
                 step * config.accumulation as u64 + micro as u64,
@@ -480,31 +601,36 @@ pub fn train<B: AutodiffBackend>(
             );
             let loss = loss_of(&model, spec.train_data, &indices, device);
             let loss = loss.div_scalar(config.accumulation as f64);
-            loss_sum += scalar(loss.clone());
+            let value = loss.clone().inner();
+            loss_sum = Some(match loss_sum {
+                Some(acc) => acc + value,
+                None => value,
+            });
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             accumulator.accumulate(&model, grads);
         }
-        if !loss_sum.is_finite() {
-            return Err(ExperimentError::Invalid(format!(
-                "training loss is {loss_sum} at step {step}: the run diverged (lower the learning rate or set a clip norm)"
-            )));
-        }
         let mut grads = accumulator.grads();
         let norm = grad_norm::<B, _>(&model, &grads);
-        if let Some(c) = config.clip_norm
-            && norm > c
-        {
-            scale_grads::<B, _>(&model, &mut grads, c / norm);
+        if let (Some(c), Some(norm)) = (config.clip_norm, &norm) {
+            scale_grads::<B, _>(&model, &mut grads, clip_factor(norm.clone(), c));
         }
         let lr = config.lr_at(step);
         model = optim.step(lr, model, grads);
-        probe.record(vec![
-            row(spec, step, "train", "loss", loss_sum),
-            row(spec, step, "train", "grad_norm", norm),
-            row(spec, step, "train", "lr", lr),
-        ])?;
+        let Some(loss) = loss_sum else {
+            return Err(ExperimentError::Invalid("accumulation must be ≥ 1".into()));
+        };
+        window.updates.push(Unread {
+            step,
+            lr,
+            loss,
+            grad_norm: norm,
+        });
         let done = step + 1;
-        if done % config.checkpoint_every == 0 || done == config.steps {
+        let checkpoint = done % config.checkpoint_every == 0 || done == config.steps;
+        if checkpoint || window.updates.len() as u64 >= config.read_every {
+            window.read(spec, tokens_per_step, &mut probe, &mut progress)?;
+        }
+        if checkpoint {
             let metrics = probe.checkpoint()?;
             save_checkpoint(
                 spec.dir,
@@ -518,11 +644,6 @@ pub fn train<B: AutodiffBackend>(
                 &recorder,
             )?;
         }
-        progress(Progress {
-            step: done,
-            loss: loss_sum,
-            tokens_per_second: tokens_per_step / t_step.elapsed().as_secs_f64(),
-        });
     }
     // The loop's time: the final probe, evaluation and checkpoint are not part of it.
     let seconds = t0.elapsed().as_secs_f64();
@@ -583,4 +704,70 @@ fn save_checkpoint<B: AutodiffBackend, O: Optimizer<Llama<B>, B>>(
         let _ = std::fs::remove_dir_all(p);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+    use burn::nn::{Linear, LinearConfig};
+
+    type B = Autodiff<NdArray<f32>>;
+
+    #[derive(Module, Debug)]
+    struct Two<B: Backend> {
+        a: Linear<B>,
+        b: Linear<B>,
+    }
+
+    fn host(t: Tensor<NdArray<f32>, 1>) -> Vec<f32> {
+        t.into_data().to_vec().unwrap()
+    }
+
+    /// The global norm is `√(Σ_p ‖g_p‖²)` over every parameter's gradient; scaling by the clip
+    /// factor leaves a gradient whose norm is the clip norm, or the gradient itself.
+    #[test]
+    fn gradient_norm_and_clipping() {
+        let device = Default::default();
+        let model = Two::<B> {
+            a: LinearConfig::new(3, 4).init(&device),
+            b: LinearConfig::new(4, 2).init(&device),
+        };
+        let grads_of = || {
+            let x = Tensor::<B, 2>::from_floats([[1.0, -2.0, 0.5], [0.3, 0.0, 2.0]], &device);
+            let loss = model.b.forward(model.a.forward(x)).powi_scalar(2).sum();
+            GradientsParams::from_grads(loss.backward(), &model)
+        };
+        let grads = grads_of();
+        let mut by_hand = 0.0f64;
+        for id in [model.a.weight.id, model.b.weight.id] {
+            let g = grads.get::<NdArray<f32>, 2>(id).unwrap().reshape([-1]);
+            by_hand += host(g).iter().map(|&v| f64::from(v).powi(2)).sum::<f64>();
+        }
+        for bias in [&model.a.bias, &model.b.bias] {
+            let g = grads
+                .get::<NdArray<f32>, 1>(bias.as_ref().unwrap().id)
+                .unwrap();
+            by_hand += host(g).iter().map(|&v| f64::from(v).powi(2)).sum::<f64>();
+        }
+        let norm = grad_norm::<B, _>(&model, &grads).unwrap();
+        let got = f64::from(host(norm.clone())[0]);
+        // f32 squares and sums of 34 terms: relative error ≤ 34·u.
+        assert!(
+            (got - by_hand.sqrt()).abs() <= 1e-5 * by_hand.sqrt(),
+            "{got} vs {by_hand}"
+        );
+        for c in [0.5 * got, 2.0 * got] {
+            let mut scaled = grads_of();
+            scale_grads::<B, _>(&model, &mut scaled, clip_factor(norm.clone(), c));
+            let after = f64::from(host(grad_norm::<B, _>(&model, &scaled).unwrap())[0]);
+            let want = c.min(got);
+            assert!(
+                (after - want).abs() <= 1e-5 * want,
+                "clip {c}: {after} vs {want}"
+            );
+        }
+        let zero = Tensor::<NdArray<f32>, 1>::zeros([1], &device);
+        assert_eq!(host(clip_factor(zero, 1.0)), vec![1.0]);
+    }
 }

@@ -401,6 +401,19 @@ fn sum_of_squares_matches_the_exact_sum() {
         let tol = (xs.len() + 2) as f64 * U_F32 * exact;
         assert_within(&format!("Σx² {shape:?}"), &got, &[exact], &[tol]);
     }
+    // Several tensors in one reduction (a model's gradient norm): one kernel call, partials
+    // of every tensor in one buffer.
+    let xs: Vec<Tensor<CublasCuda, 1>> = [15, 37_000, 4096 * 768, 1]
+        .into_iter()
+        .map(|n| Tensor::random([n], Distribution::Normal(0.0, 1.0), &device))
+        .collect();
+    let before = fused_counts();
+    let got = host(&fused::sum_of_squares_all(xs.clone()).expect("non-empty"));
+    assert_eq!(fused_counts().sum_of_squares, before.sum_of_squares + 1);
+    let values: Vec<f64> = xs.iter().flat_map(host).collect();
+    let exact: f64 = values.iter().map(|v| v * v).sum();
+    let tol = (values.len() + 2) as f64 * U_F32 * exact;
+    assert_within("Σx² of four tensors", &got, &[exact], &[tol]);
 }
 
 #[test]

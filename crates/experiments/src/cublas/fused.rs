@@ -189,12 +189,15 @@ fn rotary_plain(
     )
 }
 
-fn sum_of_squares_plain(x: Tensor<CublasCuda, 1>) -> Outcome<Tensor<CublasCuda, 1>> {
-    let xp = primitive(x);
-    if !sum_of_squares_supported(&xp) {
-        return declined(tensor(xp));
+fn sum_of_squares_plain(
+    xs: Vec<Tensor<CublasCuda, 1>>,
+) -> Outcome<Tensor<CublasCuda, 1>, Vec<Tensor<CublasCuda, 1>>> {
+    let xs: Vec<_> = xs.into_iter().map(primitive).collect();
+    if !sum_of_squares_supported(&xs) {
+        return declined(xs.into_iter().map(tensor).collect());
     }
-    computed(&SQUARE_SUMS, tensor(sum_of_squares(into_contiguous(xp))))
+    let xs: Vec<_> = xs.into_iter().map(into_contiguous).collect();
+    computed(&SQUARE_SUMS, tensor(sum_of_squares(&xs)))
 }
 
 fn adamw_plain(

@@ -460,11 +460,13 @@ fn cube_sum(value: f32) -> f32 {
     total
 }
 
-/// Per cube: `partial[cube] = Σ x_i²` over a grid-stride share of `x` (f32 arithmetic).
+/// Per cube: `partial[offset + cube] = Σ x_i²` over a grid-stride share of `x` (f32
+/// arithmetic).
 #[cube(launch)]
 fn sum_of_squares_kernel<F: Float>(
     x: &Tensor<F>,
     partial: &mut Tensor<f32>,
+    offset: u32,
     len: u32,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -478,7 +480,7 @@ fn sum_of_squares_kernel<F: Float>(
     }
     let total = cube_sum(acc);
     if UNIT_POS == 0 {
-        partial[CUBE_POS_X as usize] = total;
+        partial[(offset + CUBE_POS_X) as usize] = total;
     }
 }
 
@@ -968,39 +970,66 @@ const SQUARE_PLANES: usize = 16384;
 /// docs/performance.md).
 const SQUARE_LOADS_PER_LANE: usize = 8;
 
-/// Whether [`sum_of_squares`] takes `x` (its passes reduce over planes, laid out as warps).
-pub(super) fn sum_of_squares_supported(x: &Primitive) -> bool {
-    let len = x.meta.num_elements();
-    float_dtype(x.dtype) && len > 0 && len <= u32::MAX as usize && plane_is_warp(x)
+/// Whether [`sum_of_squares`] takes `xs`: at least one tensor, each addressable with u32
+/// indices and laid out as warps (its passes reduce over planes), all on one device, and the
+/// partials' offsets within u32.
+pub(super) fn sum_of_squares_supported(xs: &[Primitive]) -> bool {
+    let Some(first) = xs.first() else {
+        return false;
+    };
+    let one = |x: &Primitive| {
+        let len = x.meta.num_elements();
+        float_dtype(x.dtype)
+            && len > 0
+            && len <= u32::MAX as usize
+            && plane_is_warp(x)
+            && x.device == first.device
+    };
+    xs.len() <= u32::MAX as usize / SQUARE_PLANES && xs.iter().all(one)
 }
 
-/// `Σ x_i²` in f32 of a contiguous `x`, `[1]`: one pass of up to [`SQUARE_PLANES`] planes
-/// whose cubes write a partial each, and one cube adding the partials. Deterministic.
-pub(super) fn sum_of_squares(x: Primitive) -> Primitive {
-    let len = x.meta.num_elements();
-    let planes = len
-        .div_ceil(LANES as usize * SQUARE_LOADS_PER_LANE)
-        .clamp(1, SQUARE_PLANES);
-    let cubes = planes.div_ceil(ROWS_PER_CUBE as usize);
-    let partial = empty_like(&x, Shape::new([cubes]), DType::F32);
-    let dtype = x.dtype;
-    sum_of_squares_kernel::launch::<CudaRuntime>(
-        &x.client,
-        CubeCount::Static(cubes as u32, 1, 1),
-        CubeDim::new_2d(LANES, ROWS_PER_CUBE),
-        x.clone().into_tensor_arg(),
-        partial.clone().into_tensor_arg(),
-        len as u32,
-        dtype.into(),
-    );
-    let total = empty_like(&x, Shape::new([1]), DType::F32);
+/// Cubes of [`sum_of_squares`]'s first pass over `len` elements.
+fn square_cubes(len: usize) -> usize {
+    len.div_ceil(LANES as usize * SQUARE_LOADS_PER_LANE)
+        .clamp(1, SQUARE_PLANES)
+        .div_ceil(ROWS_PER_CUBE as usize)
+}
+
+/// `Σ_t Σ_i x_{t,i}²` in f32 of contiguous tensors `xs` (at least one, each accepted by
+/// [`sum_of_squares_supported`], all on one device), `[1]`: per tensor one pass of up to
+/// [`SQUARE_PLANES`] planes whose cubes write a partial each into one shared buffer, then one
+/// cube adding all the partials — `|xs| + 1` launches for a model's gradient norm. The order of
+/// every addition is fixed: deterministic.
+pub(super) fn sum_of_squares(xs: &[Primitive]) -> Primitive {
+    let cubes: Vec<usize> = xs
+        .iter()
+        .map(|x| square_cubes(x.meta.num_elements()))
+        .collect();
+    let partials: usize = cubes.iter().sum();
+    let first = &xs[0];
+    let partial = empty_like(first, Shape::new([partials]), DType::F32);
+    let mut offset = 0;
+    for (x, &c) in xs.iter().zip(&cubes) {
+        sum_of_squares_kernel::launch::<CudaRuntime>(
+            &x.client,
+            CubeCount::Static(c as u32, 1, 1),
+            CubeDim::new_2d(LANES, ROWS_PER_CUBE),
+            x.clone().into_tensor_arg(),
+            partial.clone().into_tensor_arg(),
+            offset as u32,
+            x.meta.num_elements() as u32,
+            x.dtype.into(),
+        );
+        offset += c;
+    }
+    let total = empty_like(first, Shape::new([1]), DType::F32);
     cube_total_kernel::launch::<CudaRuntime>(
-        &x.client,
+        &first.client,
         CubeCount::Static(1, 1, 1),
         CubeDim::new_2d(LANES, ROWS_PER_CUBE),
         partial.into_tensor_arg(),
         total.clone().into_tensor_arg(),
-        cubes as u32,
+        partials as u32,
     );
     total
 }

@@ -64,6 +64,9 @@ pub struct RunConfig {
 /// `paper`: 20 000 updates of 512 sequences (64 × 8 accumulated), AdamW lr 1e-3, β = (0.9,
 /// 0.999), ε 1e-8, no weight decay, 2 000 warm-up updates, cosine to 0.1·lr, no clipping.
 /// `tiny`: 300 updates of 16 sequences at lr 2e-3, 30 warm-up updates, the rest alike.
+/// The loss and gradient norm are read from the device every 10 updates with `paper` (a GPU
+/// keeps computing while the host queues the next updates) and every update with `tiny` (the
+/// CPU backends compute as they go: nothing to overlap).
 ///
 /// # Errors
 /// An unknown preset name.
@@ -85,6 +88,7 @@ pub fn preset_train(preset: &str) -> Result<TrainConfig, ExperimentError> {
         checkpoint_every: 100,
         probe_batch: 2,
         seed: 0,
+        read_every: 1,
     };
     match preset {
         "tiny" => Ok(base),
@@ -98,6 +102,7 @@ pub fn preset_train(preset: &str) -> Result<TrainConfig, ExperimentError> {
             eval_batches: 8,
             checkpoint_every: 1_000,
             probe_batch: 4,
+            read_every: 10,
             ..base
         }),
         other => Err(ExperimentError::Invalid(format!(
