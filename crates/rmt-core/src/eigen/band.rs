@@ -15,6 +15,7 @@ use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 /// Householder reflector `H = I − τ v vᵀ` (`v₀ = 1`) with `H x = β e₁` (LAPACK `dlarfg`).
 /// Returns `(τ, β)` and overwrites `x[1..]` with `v[1..]`.
+#[inline(always)]
 pub(crate) fn householder<T: Element>(x: &mut [T]) -> (T, T) {
     let alpha = x[0];
     let tail = dot(&x[1..], &x[1..]);
@@ -233,7 +234,7 @@ fn symmetric_times<T: Element>(a: MatRef<'_, T>, v: MatRef<'_, T>) -> Mat<T> {
 }
 
 /// `Σ xᵢyᵢ` with eight accumulators (lets LLVM vectorise the reduction).
-#[inline]
+#[inline(always)]
 pub(crate) fn dot<T: Element>(x: &[T], y: &[T]) -> T {
     let n = x.len().min(y.len());
     let (x, y) = (&x[..n], &y[..n]);
@@ -253,7 +254,7 @@ pub(crate) fn dot<T: Element>(x: &[T], y: &[T]) -> T {
 }
 
 /// `y += α x`.
-#[inline]
+#[inline(always)]
 pub(crate) fn axpy<T: Element>(alpha: T, x: &[T], y: &mut [T]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += alpha * *xi;
