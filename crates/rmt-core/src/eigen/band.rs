@@ -37,8 +37,25 @@ pub(crate) fn householder<T: Element>(x: &mut [T]) -> (T, T) {
 /// with half-bandwidth `b`: afterwards `a[i, j]` for `0 ≤ i − j ≤ b` holds the band of a
 /// matrix orthogonally similar to the input. Entries below the band, and above the
 /// diagonal, are garbage. `a` is column-major (unit row stride, as every owned `Mat`): the
-/// panels are copied in and out as column slices.
-pub(crate) fn reduce_to_band<T: Element>(mut a: MatMut<'_, T>, b: usize) {
+/// panels are copied in and out as column slices. Compiled for AVX2 + FMA where the CPU has
+/// them ([`super::has_avx2_fma`]).
+pub(crate) fn reduce_to_band<T: Element>(a: MatMut<'_, T>, b: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        // SAFETY: the CPU has the features (checked).
+        return unsafe { reduce_to_band_avx2(a, b) };
+    }
+    reduce_to_band_body(a, b);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn reduce_to_band_avx2<T: Element>(a: MatMut<'_, T>, b: usize) {
+    reduce_to_band_body(a, b);
+}
+
+#[inline(always)]
+fn reduce_to_band_body<T: Element>(mut a: MatMut<'_, T>, b: usize) {
     let n = a.nrows();
     let mut j = 0;
     while j + b + 1 < n {

@@ -242,7 +242,7 @@ impl<T: Element> BandView<T> {
     /// As [`Self::first_step_body`].
     unsafe fn first_step(&self, c: usize, s: &mut Scratch<T>) -> Option<Cursor<T>> {
         #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
+        if super::has_avx2_fma() {
             // SAFETY: the CPU has the features (checked); the caller's contract passes on.
             return unsafe { self.first_step_avx2(c, s) };
         }
@@ -257,7 +257,7 @@ impl<T: Element> BandView<T> {
     /// As [`Self::next_step_body`].
     unsafe fn next_step(&self, cur: &mut Cursor<T>, s: &mut Scratch<T>) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
+        if super::has_avx2_fma() {
             // SAFETY: the CPU has the features (checked); the caller's contract passes on.
             return unsafe { self.next_step_avx2(cur, s) };
         }
@@ -463,12 +463,6 @@ impl<T: Element> Band<T> {
 /// How long the head waits on an unclaimed tail before running it itself: a few steps' worth
 /// (a step is ≈ 5 µs at `b = 32`), far less than a tail (tens of steps).
 const PATIENCE: std::time::Duration = std::time::Duration::from_micros(50);
-
-/// Whether the CPU has AVX2 and FMA (`is_x86_feature_detected!` caches the answer).
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-}
 
 /// Locks a mutex, ignoring poisoning (a panicking sweep already fails the whole chase).
 fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {

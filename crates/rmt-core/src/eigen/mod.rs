@@ -63,6 +63,15 @@ impl Tridiagonal {
     }
 }
 
+/// Whether the CPU has AVX2 and FMA (`is_x86_feature_detected!` caches the answer). The
+/// eigenvalue stages dispatch to copies of themselves compiled for them: their own short
+/// loops ran ≈ 3× slower in baseline x86-64 code on a Zen 5 (docs/performance.md). Rust
+/// never contracts `a·b + c` into an FMA, so both copies give bit-identical results.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
 /// Reduces the symmetric matrix whose lower triangle is `a` to an orthogonally similar
 /// tridiagonal matrix (two-stage, in `T`'s precision).
 pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {

@@ -12,8 +12,24 @@
 /// (`e.len() + 1 == d.len()`), in ascending order. A port of LAPACK 3.12 `dsterf`.
 ///
 /// Returns `None` if the iteration fails to converge in `30·n` sweeps (as `dsterf`'s
-/// `INFO > 0`).
+/// `INFO > 0`). Compiled for AVX2 + FMA where the CPU has them ([`super::has_avx2_fma`]).
 pub(crate) fn all_eigenvalues(d: &[f64], e: &[f64]) -> Option<Vec<f64>> {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        // SAFETY: the CPU has the features (checked).
+        return unsafe { all_eigenvalues_avx2(d, e) };
+    }
+    all_eigenvalues_body(d, e)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn all_eigenvalues_avx2(d: &[f64], e: &[f64]) -> Option<Vec<f64>> {
+    all_eigenvalues_body(d, e)
+}
+
+#[inline(always)]
+fn all_eigenvalues_body(d: &[f64], e: &[f64]) -> Option<Vec<f64>> {
     let n = d.len();
     let mut d = d.to_vec();
     if n <= 1 {
