@@ -15,8 +15,8 @@
 //! `--skip` (compilation, autotuning and allocator warm-up stay out) and before the last (it
 //! writes a checkpoint). Both sides read their losses from the device every `--read-every`
 //! updates (the preset's cadence by default); an update's time is its read window's wall time
-//! shared equally among the window's updates. MFU = throughput · FLOPs per token / the matmul peak measured by the
-//! reference in the same invocation (bf16 8192² on CUDA). Numerics: the mean absolute
+//! shared equally among the window's updates. MFU = throughput · FLOPs per token / the matmul
+//! peak measured by the reference in the same invocation (bf16 8192² on CUDA). Numerics: the mean absolute
 //! difference of the per-update losses, burn vs PyTorch SDPA, next to PyTorch's own spread
 //! (eager vs SDPA, the same maths through different kernels).
 

@@ -560,10 +560,8 @@ pub fn train<B: AutodiffBackend>(
     let observed = |step: u64, probe: &Probe| {
         probe.is_due(step) || step % config.eval_every == 0 || step == config.steps
     };
+    // Probe and validation at an observed step (callers check `observed`).
     let observe = |step: u64, model: &Llama<B>, probe: &mut Probe| -> Result<(), ExperimentError> {
-        if !observed(step, probe) {
-            return Ok(());
-        }
         let valid = model.valid();
         if probe.is_due(step) {
             // Let the last update finish first: the probe's device time is then its own.
@@ -590,8 +588,8 @@ pub fn train<B: AutodiffBackend>(
         if observed(step, &probe) {
             // The rows of earlier updates go first.
             window.read(spec, tokens_per_step, &mut probe, &mut progress)?;
+            observe(step, &model, &mut probe)?;
         }
-        observe(step, &model, &mut probe)?;
         let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
         let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
         for micro in 0..config.accumulation {
@@ -609,6 +607,9 @@ pub fn train<B: AutodiffBackend>(
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             accumulator.accumulate(&model, grads);
         }
+        let Some(loss) = loss_sum else {
+            return Err(ExperimentError::Invalid("accumulation must be ≥ 1".into()));
+        };
         let mut grads = accumulator.grads();
         let norm = grad_norm::<B, _>(&model, &grads);
         if let (Some(c), Some(norm)) = (config.clip_norm, &norm) {
@@ -616,9 +617,6 @@ pub fn train<B: AutodiffBackend>(
         }
         let lr = config.lr_at(step);
         model = optim.step(lr, model, grads);
-        let Some(loss) = loss_sum else {
-            return Err(ExperimentError::Invalid("accumulation must be ≥ 1".into()));
-        };
         window.updates.push(Unread {
             step,
             lr,
