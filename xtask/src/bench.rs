@@ -6,9 +6,11 @@ use crate::npy;
 use nalgebra::DMatrix;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
-use rmt_core::diagnostics::{DiagnosticsConfig, NullModel, VarianceEstimator, diagnose_layer};
+use rmt_core::diagnostics::{
+    DiagnosticsConfig, LayerDiagnostics, NullModel, VarianceEstimator, diagnose_layers,
+};
 use rmt_core::eigen::EigenSolver;
-use rmt_core::linalg::view;
+use rmt_core::linalg::{MatrixView, view};
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
@@ -287,27 +289,13 @@ fn diagnose(
                 npy::write(&qp, q32.transpose().as_slice(), n, n).map_err(|e| e.to_string())?;
                 npy::write(&kp, k32.transpose().as_slice(), n, n).map_err(|e| e.to_string())?;
                 time_ms(repeats, || {
-                    let mut last = None;
-                    for _ in 0..count {
-                        last = Some(
-                            diagnose_layer(view(&q32), view(&k32), 1, &config, None)
-                                .expect("valid layer"),
-                        );
-                    }
-                    last.unwrap()
+                    diagnose_copies(view(&q32), view(&k32), count, &config)
                 })
             } else {
                 npy::write(&qp, q.transpose().as_slice(), n, n).map_err(|e| e.to_string())?;
                 npy::write(&kp, k.transpose().as_slice(), n, n).map_err(|e| e.to_string())?;
                 time_ms(repeats, || {
-                    let mut last = None;
-                    for _ in 0..count {
-                        last = Some(
-                            diagnose_layer(view(&q), view(&k), 1, &config, None)
-                                .expect("valid layer"),
-                        );
-                    }
-                    last.unwrap()
+                    diagnose_copies(view(&q), view(&k), count, &config)
                 })
             };
             let ours = metrics
@@ -340,6 +328,21 @@ fn diagnose(
         }
     }
     Ok(())
+}
+
+/// The diagnostics of `count` copies of one layer, as a checkpoint's layers are diagnosed
+/// (`diagnose_layers`: in parallel over layers); returns the last.
+fn diagnose_copies<T: rmt_core::linalg::Element>(
+    q: MatrixView<'_, T>,
+    k: MatrixView<'_, T>,
+    count: usize,
+    config: &DiagnosticsConfig,
+) -> LayerDiagnostics {
+    diagnose_layers(&vec![(q, k); count], 1, config, None)
+        .into_iter()
+        .last()
+        .expect("count ≥ 1")
+        .expect("valid layer")
 }
 
 fn path_arg(p: &Path) -> String {

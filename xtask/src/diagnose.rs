@@ -123,22 +123,29 @@ pub fn run(args: Args) -> Result<(), String> {
         .map_err(io)?,
         Format::Json => {}
     }
-    for index in indices {
-        let layer = source.layer(index)?;
-        let diag = layer
-            .diagnose(&config)
-            .map_err(|e| format!("layer {index}: {e}"))?;
-        match args.format {
-            Format::Json => reports.push(LayerReport {
-                layer: index,
-                attention: layer.kind.clone(),
-                rows: layer.rows,
-                width: layer.width,
-                diagnostics: diag,
-            }),
-            Format::Csv | Format::Table => {
-                for spectrum in std::iter::once(&diag.layer).chain(diag.per_head.iter()) {
-                    write_rows(&mut out, args.format, index, spectrum).map_err(io)?;
+    // As many layers in memory at a time as there are cores, diagnosed in parallel (one
+    // layer per core), printed in order as each batch finishes.
+    for batch in indices.chunks(rayon::current_num_threads().max(1)) {
+        let layers = batch
+            .iter()
+            .map(|&index| source.layer(index))
+            .collect::<Result<Vec<_>, _>>()?;
+        let diagnoses = AttentionLayer::diagnose_all(&layers, &config);
+        for (layer, diag) in layers.into_iter().zip(diagnoses) {
+            let index = layer.index;
+            let diag = diag.map_err(|e| format!("layer {index}: {e}"))?;
+            match args.format {
+                Format::Json => reports.push(LayerReport {
+                    layer: index,
+                    attention: layer.kind,
+                    rows: layer.rows,
+                    width: layer.width,
+                    diagnostics: diag,
+                }),
+                Format::Csv | Format::Table => {
+                    for spectrum in std::iter::once(&diag.layer).chain(diag.per_head.iter()) {
+                        write_rows(&mut out, args.format, index, spectrum).map_err(io)?;
+                    }
                 }
             }
         }

@@ -114,6 +114,15 @@ impl AttentionLayer {
         let k = row_major_view(&self.k, self.rows, self.width)?;
         diagnose_layer(q, k, self.kind.heads(), config, Some(&self.factorization))
     }
+
+    /// [`AttentionLayer::diagnose`] for several layers, in parallel over layers (as
+    /// [`crate::diagnostics::diagnose_layers`]); one result per layer, in order.
+    pub fn diagnose_all(
+        layers: &[AttentionLayer],
+        config: &DiagnosticsConfig,
+    ) -> Vec<Result<LayerDiagnostics>> {
+        crate::diagnostics::per_layer_in_parallel(layers, |layer| layer.diagnose(config))
+    }
 }
 
 /// A row-major `f32` matrix `[rows, cols]` in PyTorch's `Linear.weight` layout.

@@ -363,6 +363,54 @@ pub fn diagnose_layer<T: Element>(
     })
 }
 
+/// [`diagnose_layer`] for several layers of one model (same head count and factor shapes),
+/// in parallel over layers: each of rayon's workers takes whole layers, so the cores stay
+/// busy through the stages of one layer that use only one of them (the bulge chase's
+/// sweeps, the GEMMs' fork and join). One result per layer, in order.
+///
+/// ```
+/// use nalgebra::DMatrix;
+/// use rmt_core::diagnostics::{diagnose_layer, diagnose_layers, DiagnosticsConfig};
+/// use rmt_core::linalg::view;
+///
+/// let layers: Vec<(DMatrix<f64>, DMatrix<f64>)> = (0..3)
+///     .map(|l| {
+///         let q = DMatrix::from_fn(16, 16, |i, j| ((i * 7 + j * 3 + l) % 11) as f64 - 5.0);
+///         let k = DMatrix::from_fn(16, 16, |i, j| ((i * 5 + j * 2 + l) % 13) as f64 - 6.0);
+///         (q, k)
+///     })
+///     .collect();
+/// let views: Vec<_> = layers.iter().map(|(q, k)| (view(q), view(k))).collect();
+/// let cfg = DiagnosticsConfig::default();
+/// let all = diagnose_layers(&views, 2, &cfg, None);
+/// assert_eq!(all.len(), 3);
+/// let one = diagnose_layer(views[1].0, views[1].1, 2, &cfg, None).unwrap();
+/// assert_eq!(all[1].as_ref().unwrap(), &one);
+/// ```
+pub fn diagnose_layers<T: Element>(
+    layers: &[(MatrixView<'_, T>, MatrixView<'_, T>)],
+    heads: usize,
+    config: &DiagnosticsConfig,
+    factorization: Option<&Factorization>,
+) -> Vec<Result<LayerDiagnostics>> {
+    per_layer_in_parallel(layers, |(q, k)| {
+        diagnose_layer(*q, *k, heads, config, factorization)
+    })
+}
+
+/// `f` over `layers` on rayon's workers, one whole layer per task, results in order. A
+/// single layer runs on the calling thread, where its own stages use every core.
+pub(crate) fn per_layer_in_parallel<L: Sync, R: Send>(
+    layers: &[L],
+    f: impl Fn(&L) -> R + Sync + Send,
+) -> Vec<R> {
+    use rayon::prelude::*;
+    if layers.len() == 1 {
+        return vec![f(&layers[0])];
+    }
+    layers.par_iter().with_max_len(1).map(f).collect()
+}
+
 /// The statistics of `M`'s entries that the metrics need besides the spectrum of `G`: from
 /// them come the paper's `σ² = Var(M_ij)` and `tr G = ‖M‖_F²/d`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -329,3 +329,34 @@ fn results_round_trip_through_json() {
     let back: LayerDiagnostics = serde_json::from_str(&json).unwrap();
     assert_eq!(back, diag);
 }
+
+/// Layers diagnosed in parallel (each on one worker: sequential bulge chase) give exactly
+/// what one layer at a time gives (pipelined chase, parallel products), in order, on the
+/// two-stage path (n ≥ 512).
+#[test]
+fn layers_in_parallel_match_one_at_a_time() {
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(77);
+    let (m, d) = (520, 520);
+    let layers: Vec<(DMatrix<f32>, DMatrix<f32>)> = (0..3)
+        .map(|_| {
+            let q = gaussian(m, d, &mut rng).map(|x| x as f32);
+            let k = gaussian(m, d, &mut rng).map(|x| x as f32);
+            (q, k)
+        })
+        .collect();
+    let views: Vec<_> = layers.iter().map(|(q, k)| (view(q), view(k))).collect();
+    let cfg = DiagnosticsConfig::default();
+    let all = diagnose_layers(&views, 4, &cfg, None);
+    assert_eq!(all.len(), 3);
+    for ((q, k), got) in views.iter().zip(&all) {
+        let one = diagnose_layer(*q, *k, 4, &cfg, None).unwrap();
+        assert!(one.layer.partial_spectrum);
+        assert_eq!(got.as_ref().unwrap(), &one);
+    }
+    // A bad layer is its own error; the others are still diagnosed.
+    let bad = DMatrix::<f32>::zeros(m, d);
+    let mixed = [views[0], (view(&bad), view(&bad)), views[2]];
+    let out = diagnose_layers(&mixed, 4, &cfg, None);
+    assert!(out[0].is_ok() && out[2].is_ok());
+    assert!(matches!(out[1], Err(RmtError::Degenerate(_))));
+}
