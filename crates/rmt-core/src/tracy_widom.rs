@@ -75,11 +75,14 @@ impl TracyWidom {
         if s.is_nan() {
             return f64::NAN;
         }
-        let tail = 1.0 - self.cdf(s);
+        if s < LEFT_CUTOFF {
+            return 1.0;
+        }
+        let (k, dk, m) = self.kernel(s);
+        let tail = 1.0 - Self::determinant_and_density(k.clone(), dk, m, false).0;
         if tail > 1e-3 {
             return tail;
         }
-        let (k, _, _) = self.kernel(s);
         let mut power = k.clone();
         let mut log_det = 0.0;
         for j in 1..=200 {
@@ -163,10 +166,11 @@ impl TracyWidom {
         let mut k = DMatrix::<f64>::zeros(m, m);
         let mut dk = DMatrix::<f64>::zeros(m, m);
         match self.beta {
+            // Both kernels are symmetric: each entry is computed once, for j ≤ i.
             Beta::Two => {
                 let ai: Vec<(f64, f64)> = x.iter().map(|&t| airy(t + s)).collect();
                 for i in 0..m {
-                    for j in 0..m {
+                    for j in 0..=i {
                         let (xi, xj) = (x[i] + s, x[j] + s);
                         let (ai_i, aip_i) = ai[i];
                         let (ai_j, aip_j) = ai[j];
@@ -182,7 +186,7 @@ impl TracyWidom {
             }
             Beta::One => {
                 for i in 0..m {
-                    for j in 0..m {
+                    for j in 0..=i {
                         let (ai, aip) = airy(x[i] + x[j] + s);
                         k[(i, j)] = sw[i] * ai * sw[j];
                         dk[(i, j)] = -sw[i] * aip * sw[j];
@@ -190,12 +194,24 @@ impl TracyWidom {
                 }
             }
         }
+        k.fill_upper_triangle_with_lower_triangle();
+        dk.fill_upper_triangle_with_lower_triangle();
         (k, dk, m)
     }
 
     /// `(F(s), f(s))`; the density only when asked.
     fn evaluate(&self, s: f64, with_density: bool) -> (f64, f64) {
         let (k, dk, m) = self.kernel(s);
+        Self::determinant_and_density(k, dk, m, with_density)
+    }
+
+    /// `(det(I − K), det(I − K)·tr((I − K)⁻¹ ∂K))` from the Nyström matrices.
+    fn determinant_and_density(
+        k: DMatrix<f64>,
+        dk: DMatrix<f64>,
+        m: usize,
+        with_density: bool,
+    ) -> (f64, f64) {
         let a = DMatrix::<f64>::identity(m, m) - k;
         let lu = a.lu();
         let det = lu.determinant().clamp(0.0, 1.0);

@@ -287,6 +287,9 @@ fn eigenvalues_2x2(a: f64, b: f64, c: f64) -> (f64, f64) {
     }
 }
 
+/// Bisections run in lockstep by [`Sturm::kth_largest_many`].
+const BISECTION_LANES: usize = 16;
+
 /// A tridiagonal matrix prepared for Sturm counts: `d`, `e²`, and the pivot floor.
 pub(crate) struct Sturm {
     d: Vec<f64>,
@@ -348,6 +351,7 @@ impl Sturm {
     /// [`Sturm::count_below`] at `LANES` shifts at once, with exactly its arithmetic per
     /// lane. The scalar recurrence is bound by the latency of its division; independent
     /// lanes fill the vector divider instead (LAPACK's `dlaebz` does the same).
+    #[inline(always)]
     fn count_below_lanes<const LANES: usize>(&self, x: &[f64; LANES]) -> [usize; LANES] {
         let mut count = [0usize; LANES];
         let mut q = [0.0f64; LANES];
@@ -375,9 +379,29 @@ impl Sturm {
 
     /// The `j`-th largest eigenvalues for several `j` (`j = 0` is λ₁), by bisection to about
     /// 2ε|λ|: λ_(j) is the smallest x with `count_below(x) ≥ n − j`. `LANES` bisections run
-    /// in lockstep; each lane follows the path a lone bisection would.
+    /// in lockstep; each lane follows the path a lone bisection would. Compiled for AVX2 +
+    /// FMA where the CPU has them ([`super::has_avx2_fma`]): the lanes' divisions then go
+    /// four to a vector instead of two. Sixteen lanes keep four vector divisions in flight:
+    /// 48 eigenvalues of a 768 × 768 tridiagonal took 1.7 ms with eight lanes in baseline
+    /// x86-64 code, 1.45 ms with eight in AVX2, 0.74 ms with sixteen (Zen 5, one thread).
     pub(crate) fn kth_largest_many(&self, js: &[usize]) -> Vec<f64> {
-        const LANES: usize = 8;
+        #[cfg(target_arch = "x86_64")]
+        if super::has_avx2_fma() {
+            // SAFETY: the CPU has the features (checked).
+            return unsafe { self.kth_largest_many_avx2(js) };
+        }
+        self.kth_largest_many_body(js)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn kth_largest_many_avx2(&self, js: &[usize]) -> Vec<f64> {
+        self.kth_largest_many_body(js)
+    }
+
+    #[inline(always)]
+    fn kth_largest_many_body(&self, js: &[usize]) -> Vec<f64> {
+        const LANES: usize = BISECTION_LANES;
         let n = self.d.len();
         let mut out = Vec::with_capacity(js.len());
         for chunk in js.chunks(LANES) {
@@ -423,8 +447,8 @@ impl Sturm {
     }
 
     /// The `j`-th largest eigenvalue (`j = 0` is λ₁), by bisection to about 2ε|λ| (one lane
-    /// of [`Sturm::kth_largest_many`]: the other lanes cost nothing extra, the count being
-    /// bound by the divider's latency).
+    /// of [`Sturm::kth_largest_many`]: the other lanes cost little, the count being bound by
+    /// the divider's latency).
     pub(crate) fn kth_largest(&self, j: usize) -> f64 {
         self.kth_largest_many(&[j])[0]
     }
@@ -440,7 +464,7 @@ pub(crate) fn eigenvalues_above(d: &[f64], e: &[f64], threshold: f64) -> (Vec<f6
     let mut above: Vec<f64> = {
         use rayon::prelude::*;
         let js: Vec<usize> = (0..count).collect();
-        js.par_chunks(8)
+        js.par_chunks(BISECTION_LANES)
             .flat_map_iter(|chunk| sturm.kth_largest_many(chunk))
             .collect()
     };
