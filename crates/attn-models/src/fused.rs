@@ -379,10 +379,12 @@ mod tests {
         let device = Default::default();
         register::<Plain>(FusedKernels::declining());
         let scores = Tensor::<Plain, 4>::random([1, 2, 3, 5], Distribution::Default, &device);
-        let x: Vec<f64> = scores.to_data().to_vec().unwrap();
+        // burn 0.21's NdArray backends share one default float dtype, set by whichever test
+        // creates a tensor first: read in f64 whatever it is (the tolerances hold for f32).
+        let x: Vec<f64> = scores.to_data().convert::<f64>().to_vec().unwrap();
         // Offset 2: query i sees keys 0..=2+i; scale 0.5: p_j/p_0 = e^{0.5·(x_j − x_0)}.
         let probs = causal_softmax(scores, 2, 0.5);
-        let rows: Vec<f64> = probs.into_data().to_vec().unwrap();
+        let rows: Vec<f64> = probs.into_data().convert::<f64>().to_vec().unwrap();
         for (r, (row, x)) in rows.chunks(5).zip(x.chunks(5)).enumerate() {
             let i = r % 3;
             assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-6);
