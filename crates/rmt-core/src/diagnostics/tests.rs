@@ -332,11 +332,11 @@ fn results_round_trip_through_json() {
 
 /// Layers diagnosed in parallel (each on one worker: sequential bulge chase) give exactly
 /// what one layer at a time gives (pipelined chase, parallel products), in order, on the
-/// two-stage path (n ≥ 512).
+/// two-stage path (n ≥ 1024).
 #[test]
 fn layers_in_parallel_match_one_at_a_time() {
     let mut rng = rand_pcg::Pcg64::seed_from_u64(77);
-    let (m, d) = (520, 520);
+    let (m, d) = (1032, 1032);
     let layers: Vec<(DMatrix<f32>, DMatrix<f32>)> = (0..3)
         .map(|_| {
             let q = gaussian(m, d, &mut rng).map(|x| x as f32);

@@ -88,13 +88,19 @@ pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
     Tridiagonal { d, e }
 }
 
-/// Below this size faer's one-stage Householder tridiagonalisation is faster. Measured on the
-/// development machine (2-core Xeon, f64, medians): n = 384 one-stage 7.0 ms vs two-stage
-/// 12 ms, n = 512 17–20 vs 17 ms, n = 768 52 vs 38 ms (stage 1 23, pipelined chase 8.5,
-/// PWK 6), n = 1024 89 vs 70 ms.
-const TWO_STAGE_MIN: usize = 512;
+/// Below this size faer's one-stage Householder tridiagonalisation (sequential) is as fast
+/// or faster, and leaves the other cores free. `bench eigen`, f64, on the Zen 5 (2026-12-02,
+/// fourth session, two runs each, one-stage sequential vs two-stage): n = 512 12.8–13.5 vs
+/// 17.6–17.9 ms, 640 22.3 vs 25.1–28.7, 768 35.0–36.5 vs 33.9–38.0, 896 55.8–56.1 vs
+/// 54.8–61.8, 1024 73.2–77.7 vs 76.5–80.6, 1536 257–280 vs 203–218 ms. `bench diagnose`,
+/// f32, 768: one layer 25.5–27.9 vs 25.3–26.4 ms, twelve layers in parallel 174–177 vs
+/// 186–191 ms. (On the 2026-12-01 Xeon, with faer's parallel one-stage, the crossing was
+/// at 512.)
+const TWO_STAGE_MIN: usize = 1024;
 
-/// faer's one-stage (blocked Householder) tridiagonalisation.
+/// faer's one-stage (blocked Householder) tridiagonalisation, on the calling thread: on two
+/// cores faer's parallel version was slower below n = 512 (n = 384: 7.3–10.0 ms against
+/// 5.3–6.2 sequential, Zen 5) and no faster above.
 fn tridiagonalize_one_stage<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
     use faer::linalg::evd::tridiag;
     let n = a.nrows();
@@ -105,7 +111,7 @@ fn tridiagonalize_one_stage<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
         };
     }
     let mut t = a.to_owned();
-    let par = crate::linalg::par();
+    let par = faer::Par::Seq;
     let params = Default::default();
     let bs = faer::linalg::qr::no_pivoting::factor::recommended_block_size::<T>(n, n);
     let mut householder = faer::Mat::<T>::zeros(bs, n.saturating_sub(1));
