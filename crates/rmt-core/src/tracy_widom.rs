@@ -78,8 +78,8 @@ impl TracyWidom {
         if s < LEFT_CUTOFF {
             return 1.0;
         }
-        let (k, dk, m) = self.kernel(s);
-        let tail = 1.0 - Self::determinant_and_density(k.clone(), dk, m, false).0;
+        let (k, dk) = self.kernel(s);
+        let tail = 1.0 - Self::determinant_and_density(&k, &dk, false).0;
         if tail > 1e-3 {
             return tail;
         }
@@ -154,9 +154,9 @@ impl TracyWidom {
         (mean, second - mean * mean)
     }
 
-    /// The weighted Nyström matrix `W^{½} K_s W^{½}`, the weighted `−∂_s K_s`, and the
-    /// number of nodes.
-    fn kernel(&self, s: f64) -> (DMatrix<f64>, DMatrix<f64>, usize) {
+    /// The weighted Nyström matrix `W^{½} K_s W^{½}` and the weighted `−∂_s K_s` (one row
+    /// and column per quadrature node).
+    fn kernel(&self, s: f64) -> (DMatrix<f64>, DMatrix<f64>) {
         // Integrate over (0, L): Ai(t) < 1e-19 for t > 12, so the kernels vanish beyond.
         let length = (12.0 - s).max(4.0);
         // Nodes: enough for the oscillations of Ai on the negative axis (wavelength ~2π/√|s|).
@@ -196,29 +196,29 @@ impl TracyWidom {
         }
         k.fill_upper_triangle_with_lower_triangle();
         dk.fill_upper_triangle_with_lower_triangle();
-        (k, dk, m)
+        (k, dk)
     }
 
     /// `(F(s), f(s))`; the density only when asked.
     fn evaluate(&self, s: f64, with_density: bool) -> (f64, f64) {
-        let (k, dk, m) = self.kernel(s);
-        Self::determinant_and_density(k, dk, m, with_density)
+        let (k, dk) = self.kernel(s);
+        Self::determinant_and_density(&k, &dk, with_density)
     }
 
     /// `(det(I − K), det(I − K)·tr((I − K)⁻¹ ∂K))` from the Nyström matrices.
     fn determinant_and_density(
-        k: DMatrix<f64>,
-        dk: DMatrix<f64>,
-        m: usize,
+        k: &DMatrix<f64>,
+        dk: &DMatrix<f64>,
         with_density: bool,
     ) -> (f64, f64) {
+        let m = k.nrows();
         let a = DMatrix::<f64>::identity(m, m) - k;
         let lu = a.lu();
         let det = lu.determinant().clamp(0.0, 1.0);
         if !with_density {
             return (det, 0.0);
         }
-        let density = match lu.solve(&dk) {
+        let density = match lu.solve(dk) {
             Some(sol) => det * sol.trace(),
             None => 0.0,
         };

@@ -365,8 +365,8 @@ pub fn diagnose_layer<T: Element>(
 
 /// [`diagnose_layer`] for several layers of one model (same head count and factor shapes),
 /// in parallel over layers: each of rayon's workers takes whole layers, so the cores stay
-/// busy through the stages of one layer that use only one of them (the bulge chase's
-/// sweeps, the GEMMs' fork and join). One result per layer, in order.
+/// busy through the stages of one layer that use only one of them (the tridiagonal
+/// reduction, the GEMMs' fork and join). One result per layer, in order.
 ///
 /// ```
 /// use nalgebra::DMatrix;
