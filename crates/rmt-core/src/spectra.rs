@@ -3,7 +3,7 @@
 
 use crate::eigen::{EigenSolver, eigenvalues_descending};
 use crate::error::{Result, RmtError};
-use crate::linalg::{check_matrix, dmatrix_as_faer, for_each_tiled, gram_aat, to_dmatrix};
+use crate::linalg::{check_matrix, dmatrix_as_faer, gram_aat, to_dmatrix};
 use nalgebra::DMatrix;
 
 /// Relative tolerance of the symmetry check: `max|a_ij − a_ji| ≤ SYMMETRY_TOLERANCE·max|a|`.
@@ -20,11 +20,7 @@ pub(crate) fn check_symmetric(what: &'static str, a: &DMatrix<f64>) -> Result<()
         });
     }
     check_matrix(what, dmatrix_as_faer(a))?;
-    let scale = a.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    let mut asym = 0.0f64;
-    for_each_tiled(r, c, true, |i, j| {
-        asym = asym.max((a[(i, j)] - a[(j, i)]).abs());
-    });
+    let (scale, asym) = symmetry_defect(a);
     if asym > SYMMETRY_TOLERANCE * scale {
         return Err(RmtError::NotSymmetric {
             what,
@@ -33,6 +29,33 @@ pub(crate) fn check_symmetric(what: &'static str, a: &DMatrix<f64>) -> Result<()
         });
     }
     Ok(())
+}
+
+/// `(max|a_ij|, max_{i>j}|a_ij − a_ji|)` of the square `a`, in one pass over pairs of 32 × 32
+/// tiles of its column-major storage (an entry and its mirror both in cache). Three passes
+/// through `(i, j)` indexing took ≈ 7 % of `symmetric_eigenvalues` at n = 768.
+fn symmetry_defect(a: &DMatrix<f64>) -> (f64, f64) {
+    const TILE: usize = 32;
+    let n = a.nrows();
+    let columns: Vec<&[f64]> = a.as_slice().chunks_exact(n).collect();
+    let (mut scale, mut asym) = (0.0f64, 0.0f64);
+    for jb in (0..n).step_by(TILE) {
+        for ib in (jb..n).step_by(TILE) {
+            for j in jb..(jb + TILE).min(n) {
+                let first = ib.max(j);
+                for (i, &x) in columns[j][first..(ib + TILE).min(n)]
+                    .iter()
+                    .enumerate()
+                    .map(|(k, x)| (first + k, x))
+                {
+                    let y = columns[i][j];
+                    scale = scale.max(x.abs()).max(y.abs());
+                    asym = asym.max((x - y).abs());
+                }
+            }
+        }
+    }
+    (scale, asym)
 }
 
 /// All eigenvalues of a symmetric matrix, in descending order `λ₁ ≥ … ≥ λ_n`.
@@ -163,6 +186,24 @@ mod tests {
             stable_rank(&DMatrix::<f64>::zeros(3, 3)),
             Err(RmtError::Degenerate(_))
         ));
+    }
+
+    /// The tiled one-pass scan equals the definition, with the largest entry placed on the
+    /// diagonal, in the upper triangle, and in the last partial tile.
+    #[test]
+    fn symmetry_defect_matches_its_definition() {
+        for (n, big) in [(70, (5, 5)), (70, (3, 66)), (33, (32, 32)), (1, (0, 0))] {
+            let mut a = DMatrix::<f64>::from_fn(n, n, |i, j| ((i * 7 + j * 13) % 11) as f64 - 5.0);
+            a[big] = -100.0;
+            let scale = a.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            let mut asym = 0.0f64;
+            for j in 0..n {
+                for i in j + 1..n {
+                    asym = asym.max((a[(i, j)] - a[(j, i)]).abs());
+                }
+            }
+            assert_eq!(symmetry_defect(&a), (scale, asym), "n={n} big={big:?}");
+        }
     }
 
     #[test]
