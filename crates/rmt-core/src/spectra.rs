@@ -41,9 +41,9 @@ fn symmetry_defect(a: &DMatrix<f64>) -> (f64, f64) {
     let (mut scale, mut asym) = (0.0f64, 0.0f64);
     for jb in (0..n).step_by(TILE) {
         for ib in (jb..n).step_by(TILE) {
-            for j in jb..(jb + TILE).min(n) {
+            for (j, column) in columns.iter().enumerate().take((jb + TILE).min(n)).skip(jb) {
                 let first = ib.max(j);
-                for (i, &x) in columns[j][first..(ib + TILE).min(n)]
+                for (i, &x) in column[first..(ib + TILE).min(n)]
                     .iter()
                     .enumerate()
                     .map(|(k, x)| (first + k, x))
