@@ -345,7 +345,7 @@ pub(crate) fn for_each_tiled(
 }
 
 /// Edge of the square tiles in which transposed accesses are made.
-const TILE: usize = 32;
+pub(crate) const TILE: usize = 32;
 
 /// Column `j` of a matrix with unit row stride, as a slice.
 #[inline]
