@@ -52,6 +52,12 @@ pub trait Element:
     fn abs_value(self) -> Self;
     /// `√x`.
     fn square_root(self) -> Self;
+    /// `self·a + b`. `f32` and `f64` round once (a fused multiply–add, which Rust never
+    /// forms from `a·b + c` by itself); the default rounds twice.
+    #[inline(always)]
+    fn fused_mul_add(self, a: Self, b: Self) -> Self {
+        self * a + b
+    }
 }
 
 macro_rules! element {
@@ -75,6 +81,10 @@ macro_rules! element {
             #[inline]
             fn square_root(self) -> Self {
                 self.sqrt()
+            }
+            #[inline(always)]
+            fn fused_mul_add(self, a: Self, b: Self) -> Self {
+                self.mul_add(a, b)
             }
         }
     };

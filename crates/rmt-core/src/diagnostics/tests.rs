@@ -330,9 +330,9 @@ fn results_round_trip_through_json() {
     assert_eq!(back, diag);
 }
 
-/// Layers diagnosed in parallel (each on one worker: sequential bulge chase) give exactly
-/// what one layer at a time gives (pipelined chase, parallel products), in order, on the
-/// two-stage path (n ≥ 1024).
+/// Layers diagnosed in parallel (each on one worker: the one-stage reduction on one core)
+/// give exactly what one layer at a time gives (the reduction's pass split between two
+/// cores, parallel products), in order.
 #[test]
 fn layers_in_parallel_match_one_at_a_time() {
     let mut rng = rand_pcg::Pcg64::seed_from_u64(77);

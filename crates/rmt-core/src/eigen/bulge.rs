@@ -37,12 +37,10 @@ pub(crate) enum Schedule {
 }
 
 impl Schedule {
-    /// Pipelined when a second core is free and the band is long enough: outside rayon's
-    /// workers (inside them, as in the probe's pool, every core already runs a job) and with
-    /// at least two threads in rayon's pool (so `RAYON_NUM_THREADS=1` means one here too).
+    /// Pipelined when a second core is free ([`super::second_core_free`]) and the band is
+    /// long enough.
     pub(crate) fn for_size(n: usize) -> Self {
-        if n >= 256 && rayon::current_thread_index().is_none() && rayon::current_num_threads() >= 2
-        {
+        if n >= 256 && super::second_core_free() {
             Schedule::Pipelined
         } else {
             Schedule::Sequential

@@ -1,18 +1,22 @@
 //! Symmetric eigenvalue solvers (eigenvalues only).
 //!
-//! [`EigenSolver::TwoStage`], the default, works in the input's precision (`f32` or `f64`):
-//! it reduces the matrix to a band of half-bandwidth `b = 32` with matrix–matrix products
-//! only (`band`), chases the band down to tridiagonal form (`bulge`: each sweep split
-//! between two cores, pipelined), and finds the
-//! tridiagonal eigenvalues in `f64` with the Pal–Walker–Kahan QL/QR iteration, or only those
-//! above a threshold by Sturm bisection (`tridiagonal`). The one-stage Householder
-//! tridiagonalisation of LAPACK's `dsyevd` spends half its flops in matrix–vector products,
-//! bound by memory bandwidth; the two-stage path moves them into GEMM and keeps the `O(n²b)`
-//! chase in cache. [`EigenSolver::Faer`] is faer 0.24's one-stage solver, kept as a
-//! reference. `cargo xtask bench eigen` measures both against LAPACK (docs/performance.md).
+//! [`EigenSolver::TwoStage`], the default, works in the input's precision (`f32` or `f64`)
+//! and reduces the matrix to tridiagonal form in one of two ways. Below `TWO_STAGE_MIN`
+//! (n = 2048): the one-stage Householder
+//! reduction of LAPACK's `dsytd2` (`householder`), whose fused pass over the trailing
+//! triangle is bound by cache bandwidth and is split between two cores. Above: two stages,
+//! reducing the matrix to a band of half-bandwidth `b = 32` with matrix–matrix products
+//! only (`band`), then chasing the band down to tridiagonal form (`bulge`: each sweep split
+//! between two cores, pipelined), which moves the bandwidth-bound half of the flops into
+//! GEMM and keeps the `O(n²b)` chase in cache. The tridiagonal eigenvalues are found in
+//! `f64` with the Pal–Walker–Kahan QL/QR iteration, or only those above a threshold by Sturm
+//! bisection (`tridiagonal`). [`EigenSolver::Faer`] is faer 0.24's solver, kept as a
+//! reference. `cargo xtask bench eigen` measures both against LAPACK
+//! (docs/performance.md).
 
 mod band;
 mod bulge;
+mod householder;
 mod tridiagonal;
 
 use crate::error::{Result, RmtError};
@@ -24,8 +28,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum EigenSolver {
-    /// Two-stage reduction (dense → band → tridiagonal) in the input's precision, then the
-    /// Pal–Walker–Kahan QL/QR iteration in `f64`.
+    /// The project's solver: Householder reduction to tridiagonal form in the input's
+    /// precision (one-stage on up to two cores below n = 2048; two-stage, dense → band →
+    /// tridiagonal, above), then the Pal–Walker–Kahan QL/QR iteration in `f64`.
     #[default]
     TwoStage,
     /// faer 0.24's one-stage solver (in `f64`), kept as a reference.
@@ -72,12 +77,21 @@ pub(crate) fn has_avx2_fma() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
+/// Whether a second core is free for this call: outside rayon's workers (inside them, as in
+/// the probe's pool or `diagnose`'s layers, every core already runs a job) and with at least
+/// two threads in rayon's pool (so `RAYON_NUM_THREADS=1` means one here too).
+pub(crate) fn second_core_free() -> bool {
+    rayon::current_thread_index().is_none() && rayon::current_num_threads() >= 2
+}
+
 /// Reduces the symmetric matrix whose lower triangle is `a` to an orthogonally similar
-/// tridiagonal matrix (two-stage, in `T`'s precision).
+/// tridiagonal matrix, in `T`'s precision: one-stage ([`householder`], on two cores when a
+/// second one is free) below [`TWO_STAGE_MIN`], two-stage above. The choice depends on the
+/// size alone, so a layer gets the same bits whether it is diagnosed alone or beside others.
 pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
     let n = a.nrows();
     if n < TWO_STAGE_MIN {
-        return tridiagonalize_one_stage(a);
+        return householder::tridiagonalize(a, second_core_free());
     }
     let b = bandwidth(n);
     let mut work = a.to_owned();
@@ -88,47 +102,11 @@ pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
     Tridiagonal { d, e }
 }
 
-/// Below this size faer's one-stage Householder tridiagonalisation (sequential) is as fast
-/// or faster, and leaves the other cores free. `bench eigen`, f64, on the Zen 5 (2026-12-02,
-/// fourth session, two runs each, one-stage sequential vs two-stage): n = 512 12.8–13.5 vs
-/// 17.6–17.9 ms, 640 22.3 vs 25.1–28.7, 768 35.0–36.5 vs 33.9–38.0, 896 55.8–56.1 vs
-/// 54.8–61.8, 1024 73.2–77.7 vs 76.5–80.6, 1536 257–280 vs 203–218 ms. `bench diagnose`,
-/// f32, 768: one layer 25.5–27.9 vs 25.3–26.4 ms, twelve layers in parallel 174–177 vs
-/// 186–191 ms. (On the 2026-12-01 Xeon, with faer's parallel one-stage, the crossing was
-/// at 512.)
-const TWO_STAGE_MIN: usize = 1024;
-
-/// faer's one-stage (blocked Householder) tridiagonalisation, on the calling thread: on two
-/// cores faer's parallel version was slower below n = 512 (n = 384: 7.3–10.0 ms against
-/// 5.3–6.2 sequential, Zen 5) and no faster above.
-fn tridiagonalize_one_stage<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
-    use faer::linalg::evd::tridiag;
-    let n = a.nrows();
-    if n == 0 {
-        return Tridiagonal {
-            d: vec![],
-            e: vec![],
-        };
-    }
-    let mut t = a.to_owned();
-    let par = faer::Par::Seq;
-    let params = Default::default();
-    let bs = faer::linalg::qr::no_pivoting::factor::recommended_block_size::<T>(n, n);
-    let mut householder = faer::Mat::<T>::zeros(bs, n.saturating_sub(1));
-    let mut mem =
-        faer::dyn_stack::MemBuffer::new(tridiag::tridiag_in_place_scratch::<T>(n, par, params));
-    tridiag::tridiag_in_place(
-        t.as_mut(),
-        householder.as_mut(),
-        par,
-        faer::dyn_stack::MemStack::new(&mut mem),
-        params,
-    );
-    Tridiagonal {
-        d: (0..n).map(|i| t[(i, i)].to_f64()).collect(),
-        e: (0..n - 1).map(|i| t[(i + 1, i)].to_f64()).collect(),
-    }
-}
+/// The size from which the two-stage reduction is faster than the one-stage one on two
+/// cores. Medians of 21 on the Zen 5 (2026-12-03, a throwaway harness timing the
+/// tridiagonalisation alone, one-stage on two cores vs two-stage): f64 n = 1024 18.7 vs
+/// 32.6 ms, 1536 69 vs 85, 2048 202 vs 171; f32 1536 40 vs 47, 2048 78 vs 82.
+const TWO_STAGE_MIN: usize = 2048;
 
 /// Eigenvalues of the symmetric matrix whose lower triangle is `a`, in descending order.
 /// No input checks (callers validate).
@@ -238,6 +216,89 @@ mod tests {
             let reference = eigenvalues_descending(a.as_ref(), EigenSolver::Faer).unwrap();
             for (g, r) in got.iter().zip(&reference) {
                 assert!((g - r).abs() < 1e-12 * (1.0 + r.abs()), "n={n}");
+            }
+        }
+    }
+
+    fn one_stage<T: Element>(a: faer::MatRef<'_, T>, two_cores: bool) -> Vec<f64> {
+        householder::tridiagonalize(a, two_cores)
+            .eigenvalues_descending()
+            .unwrap()
+    }
+
+    /// The project's one-stage reduction agrees with faer's solver to a few ulps of ‖A‖,
+    /// on one core and on two, across sizes around the split threshold and odd sizes.
+    #[test]
+    fn one_stage_matches_faer() {
+        for n in [1, 2, 3, 5, 17, 97, 98, 99, 100, 130, 257, 300] {
+            let a = random_symmetric(n, 100 + n as u64);
+            let reference = eigenvalues_descending(a.as_ref(), EigenSolver::Faer).unwrap();
+            let scale = reference[0].abs().max(reference[n - 1].abs());
+            for two_cores in [false, true] {
+                let got = one_stage(a.as_ref(), two_cores);
+                for (g, r) in got.iter().zip(&reference) {
+                    // Backward stable: |Δλ| ≤ c·n·ε·‖A‖ (Wilkinson); c·n ≤ √n·10 here.
+                    assert!(
+                        (g - r).abs() <= 1e-14 * scale * (n as f64).sqrt() * 10.0,
+                        "n={n} two_cores={two_cores}: {g} vs {r}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Splitting the pass between two cores performs the same operations on the same values:
+    /// bit-identical tridiagonal matrices, in both precisions.
+    #[test]
+    fn one_stage_schedules_are_bit_identical() {
+        let a = random_symmetric(300, 5);
+        let a32 = Mat::<f32>::from_fn(300, 300, |i, j| a[(i, j)] as f32);
+        let one = householder::tridiagonalize(a.as_ref(), false);
+        let two = householder::tridiagonalize(a.as_ref(), true);
+        assert_eq!((one.d, one.e), (two.d, two.e));
+        let one = householder::tridiagonalize(a32.as_ref(), false);
+        let two = householder::tridiagonalize(a32.as_ref(), true);
+        assert_eq!((one.d, one.e), (two.d, two.e));
+    }
+
+    #[test]
+    fn one_stage_f32_is_accurate_to_single_precision() {
+        let a = random_symmetric(300, 3);
+        let a32 = Mat::<f32>::from_fn(300, 300, |i, j| a[(i, j)] as f32);
+        let reference = eigenvalues_descending(a.as_ref(), EigenSolver::Faer).unwrap();
+        // Backward stable in f32: errors ≈ √n·ε₃₂·‖A‖ ≈ 1e-6‖A‖.
+        for (g, r) in one_stage(a32.as_ref(), true).iter().zip(&reference) {
+            assert!((g - r).abs() < 2e-5 * reference[0].abs(), "{g} vs {r}");
+        }
+    }
+
+    /// Columns that are already reduced (identity reflectors), rank one, zero, and entries
+    /// whose squares overflow or underflow `f64` (the reflector's norm is scaled).
+    #[test]
+    fn one_stage_structured_and_extreme_matrices() {
+        let n = 150;
+        let diag = Mat::<f64>::from_fn(n, n, |i, j| if i == j { i as f64 } else { 0.0 });
+        let mut ev = one_stage(diag.as_ref(), true);
+        ev.reverse();
+        for (i, e) in ev.iter().enumerate() {
+            assert_eq!(*e, i as f64);
+        }
+        let ones = Mat::<f64>::from_fn(n, n, |_, _| 1.0);
+        let ev = one_stage(ones.as_ref(), true);
+        // Backward error ≈ n·ε·‖A‖ = 150 · 2.2e-16 · 150 ≈ 5e-12.
+        assert!((ev[0] - n as f64).abs() < 1e-10);
+        assert!(ev[1..].iter().all(|e| e.abs() < 1e-10));
+        let zero = Mat::<f64>::zeros(n, n);
+        assert!(one_stage(zero.as_ref(), true).iter().all(|e| *e == 0.0));
+        let a = random_symmetric(n, 9);
+        let reference = one_stage(a.as_ref(), false);
+        for scale in [1e200, 1e-200] {
+            let scaled = Mat::<f64>::from_fn(n, n, |i, j| a[(i, j)] * scale);
+            for (g, r) in one_stage(scaled.as_ref(), true).iter().zip(&reference) {
+                assert!(
+                    (g / scale - r).abs() < 1e-12 * reference[0],
+                    "{scale}: {g} vs {r}"
+                );
             }
         }
     }
