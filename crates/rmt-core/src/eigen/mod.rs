@@ -1,8 +1,8 @@
 //! Symmetric eigenvalue solvers (eigenvalues only).
 //!
 //! [`EigenSolver::TwoStage`], the default, works in the input's precision (`f32` or `f64`)
-//! and reduces the matrix to tridiagonal form in one of two ways. Below `TWO_STAGE_MIN`
-//! (n = 2048): the one-stage Householder
+//! and reduces the matrix to tridiagonal form in one of two ways. Up to
+//! `ONE_STAGE_MAX_BYTES` (24 MiB: `f64` n ≤ 1773, `f32` n ≤ 2508): the one-stage Householder
 //! reduction of LAPACK's `dsytd2` (`householder`), whose fused pass over the trailing
 //! triangle is bound by cache bandwidth and is split between two cores. Above: two stages,
 //! reducing the matrix to a band of half-bandwidth `b = 32` with matrix–matrix products
@@ -29,8 +29,9 @@ use serde::{Deserialize, Serialize};
 #[non_exhaustive]
 pub enum EigenSolver {
     /// The project's solver: Householder reduction to tridiagonal form in the input's
-    /// precision (one-stage on up to two cores below n = 2048; two-stage, dense → band →
-    /// tridiagonal, above), then the Pal–Walker–Kahan QL/QR iteration in `f64`.
+    /// precision (one-stage on up to two cores while the matrix takes at most 24 MiB: `f64`
+    /// n ≤ 1773, `f32` n ≤ 2508; two-stage, dense → band → tridiagonal, above), then the
+    /// Pal–Walker–Kahan QL/QR iteration in `f64`.
     #[default]
     TwoStage,
     /// faer 0.24's one-stage solver (in `f64`), kept as a reference.
@@ -86,11 +87,12 @@ pub(crate) fn second_core_free() -> bool {
 
 /// Reduces the symmetric matrix whose lower triangle is `a` to an orthogonally similar
 /// tridiagonal matrix, in `T`'s precision: one-stage ([`householder`], on two cores when a
-/// second one is free) below [`TWO_STAGE_MIN`], two-stage above. The choice depends on the
-/// size alone, so a layer gets the same bits whether it is diagnosed alone or beside others.
+/// second one is free) up to [`ONE_STAGE_MAX_BYTES`], two-stage above. The choice depends
+/// on the size alone, so a layer gets the same bits whether it is diagnosed alone or beside
+/// others.
 pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
     let n = a.nrows();
-    if n < TWO_STAGE_MIN {
+    if n * n * std::mem::size_of::<T>() <= ONE_STAGE_MAX_BYTES {
         return householder::tridiagonalize(a, second_core_free());
     }
     let b = bandwidth(n);
@@ -102,11 +104,14 @@ pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
     Tridiagonal { d, e }
 }
 
-/// The size from which the two-stage reduction is faster than the one-stage one on two
-/// cores. Medians of 21 on the Zen 5 (2026-12-03, a throwaway harness timing the
-/// tridiagonalisation alone, one-stage on two cores vs two-stage): f64 n = 1024 18.7 vs
-/// 32.6 ms, 1536 69 vs 85, 2048 202 vs 171; f32 1536 40 vs 47, 2048 78 vs 82.
-const TWO_STAGE_MIN: usize = 2048;
+/// The largest matrix reduced in one stage, 24 MiB (`f64` n ≤ 1773, `f32` n ≤ 2508): each
+/// step's pass streams the trailing triangle, fast while the matrix stays in the last-level
+/// cache (32 MiB on the Zen 5) and memory-bound beyond it. A throwaway harness timing the
+/// tridiagonalisation alone, one-stage on two cores vs two-stage (2026-12-03, medians of 21
+/// up to n = 1536, of 7 above): f64 n = 1024 18.7 vs 32.6 ms, 1536 69 vs 85, 1792 115 vs 111,
+/// 2048 197–202 vs 171–185, 2560 1054 vs 360; f32 1536 40 vs 47, 2048 78–93 vs 82–101, 2560
+/// 188 vs 205, 3072 377 vs 319.
+const ONE_STAGE_MAX_BYTES: usize = 24 << 20;
 
 /// Eigenvalues of the symmetric matrix whose lower triangle is `a`, in descending order.
 /// No input checks (callers validate).
