@@ -8,28 +8,42 @@
 //! triangle is read and written once per step. That pass is all of the `4n³/3` flops and it
 //! is bound by the bandwidth of the cache that holds the triangle; two cores have twice the
 //! bandwidth (and, between their L2 caches, twice the capacity), so the pass is split
-//! between them by columns with equal areas. The rest of a step (the reflector, a few
-//! vector operations) is `O(n)` and stays on the calling thread.
+//! between them. The rest of a step (the reflector, a few vector operations) is `O(n)` and
+//! stays on the calling thread.
 //!
-//! The split shares the protocol of the pipelined chase in `bulge`: the calling thread
-//! posts the second part of each step, a second rayon worker claims it, and a part nobody
-//! has claimed by the time the caller finishes its own is run by the caller, so the
-//! reduction never waits on a worker that is busy elsewhere. Both schedules perform the
-//! same operations on the same values (bit-identical results).
+//! The pass is cut by columns into [`CHUNKS`] chunks of equal area, each with its own
+//! accumulator. The calling thread claims chunks from the first, a second rayon worker from
+//! the last, until none is left; so the faster thread does more, a chunk nobody else claims
+//! is run by the caller, and the reduction never waits on a worker busy elsewhere. The
+//! chunks and the order in which their accumulators are summed depend on the size alone:
+//! every schedule performs the same operations on the same values (bit-identical results).
 
 use super::Tridiagonal;
 use crate::linalg::Element;
 use faer::MatRef;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-/// Below this trailing size a step runs on one core: the pass then takes about as long as
-/// handing half of it to the other core.
+/// Below this trailing size a step's pass is one chunk: it then takes about as long as
+/// handing part of it to the other core.
 const SPLIT_MIN: usize = 96;
 
-/// The second worker's share of a pass: a little over half, as the calling thread also runs
-/// the `O(n)` rest of each step. On the Zen 5 (n = 512 … 1024, f32 and f64), 0.55 was
-/// 2–5 % faster than 0.5; 0.6 and 0.65 were no faster.
-const PART_1_AREA: f64 = 0.55;
+/// Chunks of a pass. More balance the two threads better when one is delayed; each costs a
+/// claim (an atomic read-modify-write on a line both cores use) and an `m`-vector sum.
+const CHUNKS: usize = 4;
+
+/// Column bounds of the chunks of a pass over `m` columns: chunk `c` is columns
+/// `b_c..b_{c+1}`, with `(m − b_c)² = (1 − c/C)·m²` (equal areas of the triangle).
+fn chunk_bounds(m: usize) -> [usize; CHUNKS + 1] {
+    let mut b = [m; CHUNKS + 1];
+    b[0] = 0;
+    if m >= SPLIT_MIN {
+        for (c, b) in b.iter_mut().enumerate().take(CHUNKS).skip(1) {
+            *b = (m as f64 * (1.0 - (1.0 - c as f64 / CHUNKS as f64).sqrt())) as usize;
+        }
+    }
+    b
+}
 
 /// Column-major working copy of the matrix and the step's vectors, in one buffer whose
 /// columns (`ld` apart, `ld` a multiple of 16) start on 64-byte boundaries: every operand of
@@ -43,9 +57,9 @@ struct Work<T> {
     ld: usize,
 }
 
-/// Vector columns after the matrix's `n`: `y`, the previous `y` (`w`), the two parts'
-/// accumulators `z₀`, `z₁`, and zeros (the "previous reflector" of step 0).
-const VECTORS: usize = 5;
+/// Vector columns after the matrix's `n`: `y`, the previous `y` (`w`), zeros (the "previous
+/// reflector" of step 0), and the chunks' accumulators `z_c`.
+const VECTORS: usize = 3 + CHUNKS;
 
 impl<T: Element> Work<T> {
     fn new(a: MatRef<'_, T>) -> Self {
@@ -72,41 +86,42 @@ impl<T: Element> Work<T> {
     }
 }
 
-/// Raw view of [`Work`] for the pass of one step, shared by the two threads. Part 0 writes
-/// columns `[0, cut)` of the trailing block, `z[0]` and `y[0..cut)`; part 1 columns
-/// `[cut, m)`, `z[1]` and `y[cut..m)`. Everything else it touches is only read.
+/// Raw view of [`Work`] for the pass of one step, shared by the two threads. Chunk `c`
+/// writes columns `b_c..b_{c+1}` of the trailing block, `z[c][b_c..]` and `y[b_c..b_{c+1}]`;
+/// everything else it touches is only read.
 #[derive(Clone, Copy)]
 struct Pass<T> {
     /// Entry `(0, 0)` of the trailing block `A[k+2.., k+2..]`; columns `ld` apart.
     a: *mut T,
     ld: usize,
     m: usize,
-    cut: usize,
+    /// [`chunk_bounds`]`(m)`.
+    bounds: [usize; CHUNKS + 1],
     /// The previous step's reflector (`u`) and `y` (`w`), and this step's reflector (`v`),
     /// restricted to the trailing block's rows: `m` entries each.
     u: *const T,
     w: *const T,
     v: *const T,
-    /// `y[k+2..]` and the two parts' accumulators (`m` entries each, aligned as the rest).
+    /// `y[k+2..]` and the chunks' accumulators (`m` entries each, aligned as the rest).
     y: *mut T,
-    z: [*mut T; 2],
+    z: [*mut T; CHUNKS],
     /// `τ⁻¹`.
     tau_inv: T,
 }
 
-// SAFETY: the two parts of a pass write disjoint entries (see `Pass`), and the caller does
-// not touch the work between posting a step and the end of its part 1.
+// SAFETY: chunks write disjoint entries (see `Pass`), each chunk is run by the one thread
+// that claimed it, and the caller touches the work again only once every chunk is done.
 unsafe impl<T: Send> Send for Pass<T> {}
 unsafe impl<T: Sync> Sync for Pass<T> {}
 
 impl<T: Element> Pass<T> {
-    /// Runs part `p` of the pass: for each column `j` of the part,
+    /// Runs chunk `p` of the pass: for each column `j` of the chunk,
     /// `A[j.., j] −= w_j·u[j..] + u_j·w[j..]`, `z[j..] += τ⁻¹v_j·A[j.., j]` and
     /// `y_j = τ⁻¹·Σ_{i>j} A[i, j]·v_i`. `f32` and `f64` run explicit SIMD code for the
-    /// widest vectors the CPU has (pulp dispatches once per part, at run time).
+    /// widest vectors the CPU has (pulp dispatches once per chunk, at run time).
     ///
     /// # Safety
-    /// The pointers must be valid for the ranges above, and no other thread may touch part
+    /// The pointers must be valid for the ranges above, and no other thread may touch chunk
     /// `p`'s outputs meanwhile.
     unsafe fn run(&self, p: usize) {
         use std::any::TypeId;
@@ -124,19 +139,15 @@ impl<T: Element> Pass<T> {
         }
     }
 
-    /// Runs part `p` with `column` as the kernel of one column (see [`fused_column`]).
+    /// Runs chunk `p` with `column` as the kernel of one column (see [`fused_column`]).
     ///
     /// # Safety
     /// As [`Pass::run`].
     #[inline(always)]
     unsafe fn for_each_column(&self, p: usize, column: impl Fn(ColumnArgs<'_, T>) -> T) {
-        let (first, last) = if p == 0 {
-            (0, self.cut)
-        } else {
-            (self.cut, self.m)
-        };
+        let (first, last) = (self.bounds[p], self.bounds[p + 1]);
         let m = self.m;
-        // SAFETY: the ranges are inside the buffers (`Pass`'s contract), and this part alone
+        // SAFETY: the ranges are inside the buffers (`Pass`'s contract), and this chunk alone
         // writes `z[p][first..m]`, `y[first..last]` and columns `first..last`.
         let (u, w, v, z) = unsafe {
             (
@@ -181,7 +192,7 @@ struct ColumnArgs<'a, T> {
 
 macro_rules! simd_part {
     ($name:ident, $t:ty, $as_simd:ident, $as_mut_simd:ident, $splat:ident, $fma:ident, $add:ident, $reduce:ident) => {
-        /// A part of the pass, vectorised for the CPU pulp dispatches to.
+        /// A chunk of the pass, vectorised for the CPU pulp dispatches to.
         struct $name<'a> {
             pass: &'a Pass<$t>,
             p: usize,
@@ -289,28 +300,47 @@ fn fused_column<T: Element>(c: ColumnArgs<'_, T>) -> T {
 }
 
 /// Hand-off between the calling thread and the second worker, one step at a time.
-struct Handoff {
-    /// `2(k + 1)`: step `k`'s part 1 is posted; `+ 1`: claimed; `usize::MAX`: finished.
+struct Handoff<T> {
+    /// `k + 1` once step `k` is posted; [`FINISHED`] at the end.
     job: AtomicUsize,
-    /// `k + 1` once step `k`'s part 1 is done.
-    done: AtomicUsize,
+    /// `(k + 1) << 8 | m`: the chunks of step `k` claimed so far (bit `c` of `m`).
+    claims: AtomicU64,
+    /// `(k + 1) << 8 | count`: chunks of step `k` finished by the second worker.
+    finished: AtomicU64,
     /// The posted pass (written before `job` is released).
-    pass: std::sync::Mutex<PassBits>,
-}
-
-/// A [`Pass`] as plain integers, so it can sit in a `Mutex` shared by the threads.
-#[derive(Clone, Copy, Default)]
-struct PassBits {
-    ptrs: [usize; 7],
-    ld: usize,
-    m: usize,
-    cut: usize,
-    tau_inv: u64,
+    pass: Mutex<Option<Pass<T>>>,
 }
 
 const FINISHED: usize = usize::MAX;
 
-/// Reduces the symmetric matrix whose lower triangle is `a` to tridiagonal form, splitting
+impl<T> Handoff<T> {
+    /// Claims the first (`front`) or last chunk of step `step` not claimed yet.
+    fn claim(&self, step: u64, front: bool) -> Option<usize> {
+        let mut cur = self.claims.load(Ordering::Acquire);
+        loop {
+            let free = !cur & ((1 << CHUNKS) - 1);
+            if cur >> 8 != step || free == 0 {
+                return None;
+            }
+            let c = if front {
+                free.trailing_zeros()
+            } else {
+                63 - free.leading_zeros()
+            } as usize;
+            match self.claims.compare_exchange_weak(
+                cur,
+                cur | 1 << c,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(c),
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+/// Reduces the symmetric matrix whose lower triangle is `a` to tridiagonal form, sharing
 /// each step's pass between the calling thread and a second rayon worker when `two_cores`.
 pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>, two_cores: bool) -> Tridiagonal {
     let n = a.nrows();
@@ -326,8 +356,9 @@ pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>, two_cores: bool) -> T
     }
     let handoff = Handoff {
         job: AtomicUsize::new(0),
-        done: AtomicUsize::new(0),
-        pass: std::sync::Mutex::new(PassBits::default()),
+        claims: AtomicU64::new(0),
+        finished: AtomicU64::new(0),
+        pass: Mutex::new(None),
     };
     rayon::join(
         || {
@@ -342,70 +373,35 @@ pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>, two_cores: bool) -> T
             let _finish = Finish(&handoff.job);
             reduce(&mut work, &mut d, &mut e, Some(&handoff));
         },
-        || helper::<T>(&handoff),
+        || helper(&handoff),
     );
     Tridiagonal { d, e }
 }
 
-/// The second worker: claims and runs posted part-1 passes until the reduction finishes.
-fn helper<T: Element>(h: &Handoff) {
+/// The second worker: runs chunks of each posted pass, from the last, until the reduction
+/// finishes.
+fn helper<T: Element>(h: &Handoff<T>) {
+    let mut seen = 0;
     loop {
         let job = h.job.load(Ordering::Acquire);
         if job == FINISHED {
             return;
         }
-        if job % 2 == 0
-            && job > 0
-            && h.job
-                .compare_exchange(job, job + 1, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            let bits = lock(&h.pass);
-            // SAFETY: the caller posted this pass and leaves part 1 to whoever claimed it.
-            unsafe { Pass::<T>::from_bits(bits).run(1) };
-            h.done.store(job / 2, Ordering::Release);
-        } else {
+        if job == seen {
             std::hint::spin_loop();
+            continue;
         }
-    }
-}
-
-fn lock<X: Copy>(m: &std::sync::Mutex<X>) -> X {
-    *m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl<T: Element> Pass<T> {
-    fn to_bits(self) -> PassBits {
-        PassBits {
-            ptrs: [
-                self.a as usize,
-                self.u as usize,
-                self.w as usize,
-                self.v as usize,
-                self.y as usize,
-                self.z[0] as usize,
-                self.z[1] as usize,
-            ],
-            ld: self.ld,
-            m: self.m,
-            cut: self.cut,
-            tau_inv: self.tau_inv.to_f64().to_bits(),
-        }
-    }
-
-    fn from_bits(b: PassBits) -> Self {
-        let [a, u, w, v, y, z0, z1] = b.ptrs;
-        Pass {
-            a: a as *mut T,
-            ld: b.ld,
-            m: b.m,
-            cut: b.cut,
-            u: u as *const T,
-            w: w as *const T,
-            v: v as *const T,
-            y: y as *mut T,
-            z: [z0 as *mut T, z1 as *mut T],
-            tau_inv: T::from_f64(f64::from_bits(b.tau_inv)),
+        seen = job;
+        // The pass read here may already be a later step's; then every claim for `job`
+        // fails (the caller retags the claims before it posts a new pass).
+        let Some(pass) = *h.pass.lock().unwrap_or_else(|e| e.into_inner()) else {
+            continue;
+        };
+        while let Some(c) = h.claim(job as u64, false) {
+            // SAFETY: chunk c of the posted pass is this thread's alone (claimed), and the
+            // caller waits for it before touching the work.
+            unsafe { pass.run(c) };
+            h.finished.fetch_add(1, Ordering::AcqRel);
         }
     }
 }
@@ -413,12 +409,17 @@ impl<T: Element> Pass<T> {
 /// The reduction proper (on the calling thread); with a hand-off, each large step's part 1
 /// is offered to the second worker. Compiled for the widest SIMD the CPU has (pulp), so that
 /// the `O(n)` vector operations of each step vectorise too.
-fn reduce<T: Element>(work: &mut Work<T>, d: &mut [f64], e: &mut [f64], handoff: Option<&Handoff>) {
+fn reduce<T: Element>(
+    work: &mut Work<T>,
+    d: &mut [f64],
+    e: &mut [f64],
+    handoff: Option<&Handoff<T>>,
+) {
     struct Reduce<'a, T> {
         work: &'a mut Work<T>,
         d: &'a mut [f64],
         e: &'a mut [f64],
-        handoff: Option<&'a Handoff>,
+        handoff: Option<&'a Handoff<T>>,
     }
     impl<T: Element> pulp::WithSimd for Reduce<'_, T> {
         type Output = ();
@@ -440,13 +441,14 @@ fn reduce_body<T: Element>(
     work: &mut Work<T>,
     d: &mut [f64],
     e: &mut [f64],
-    handoff: Option<&Handoff>,
+    handoff: Option<&Handoff<T>>,
 ) {
     let (n, ld) = (work.n, work.ld);
     let (a, vectors) = work.split();
     let mut vectors = vectors.chunks_exact_mut(ld);
-    let mut column = || vectors.next().expect("five vector columns");
-    let (y, w, z0, z1, zeros) = (column(), column(), column(), column(), column());
+    let mut column = || vectors.next().expect("VECTORS columns");
+    let (y, w, zeros) = (column(), column(), column());
+    let mut z: [&mut [T]; CHUNKS] = std::array::from_fn(|_| column());
     let (y, w) = (&mut y[..n], &mut w[..n]);
     for k in 0..n {
         // The previous step's update of column k: A[k.., k] −= u·y_k + y·u_k, where
@@ -486,15 +488,7 @@ fn reduce_body<T: Element>(
         // row k + 2 of its column, so all share one alignment.
         let m = n - k - 2;
         w[k + 2..].copy_from_slice(&y[k + 2..]);
-        // Part 1 (columns cut..m) holds a share `PART_1_AREA` of the triangle: its area is
-        // (m − cut)²/2. The cut does not depend on who runs the parts, so every schedule
-        // performs the same operations.
-        let cut = if m >= SPLIT_MIN {
-            (m as f64 * (1.0 - PART_1_AREA.sqrt())) as usize
-        } else {
-            m
-        };
-        let split = handoff.is_some() && cut < m;
+        let bounds = chunk_bounds(m);
         if m > 0 {
             let u = if k > 0 {
                 &left[(k - 1) * ld + k + 2..]
@@ -505,48 +499,56 @@ fn reduce_body<T: Element>(
                 a: trailing[k + 2..].as_mut_ptr(),
                 ld,
                 m,
-                cut,
+                bounds,
                 u: u.as_ptr(),
                 w: w[k + 2..].as_ptr(),
                 v: x.as_ptr(),
                 y: y[k + 2..].as_mut_ptr(),
-                z: [z0[k + 2..].as_mut_ptr(), z1[k + 2..].as_mut_ptr()],
+                z: std::array::from_fn(|c| z[c][k + 2..].as_mut_ptr()),
                 tau_inv,
             };
             match handoff {
-                Some(h) if split => {
-                    *h.pass.lock().unwrap_or_else(|e| e.into_inner()) = pass.to_bits();
-                    let posted = 2 * (k + 1);
-                    h.job.store(posted, Ordering::Release);
-                    // SAFETY: part 0's outputs are this thread's alone.
-                    unsafe { pass.run(0) };
-                    if h.job
-                        .compare_exchange(posted, posted + 1, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                    {
-                        // Unclaimed: run it here.
-                        // SAFETY: claimed by this thread.
-                        unsafe { pass.run(1) };
-                    } else {
-                        while h.done.load(Ordering::Acquire) < k + 1 {
-                            std::hint::spin_loop();
-                        }
+                Some(h) if bounds[1] < m => {
+                    let step = (k + 1) as u64;
+                    let empty = (0..CHUNKS)
+                        .filter(|&c| bounds[c] == bounds[c + 1])
+                        .fold(0u64, |mask, c| mask | 1 << c);
+                    let wanted = CHUNKS as u64 - u64::from(empty.count_ones());
+                    h.claims.store(step << 8 | empty, Ordering::Relaxed);
+                    h.finished.store(step << 8, Ordering::Relaxed);
+                    *h.pass.lock().unwrap_or_else(|e| e.into_inner()) = Some(pass);
+                    h.job.store(k + 1, Ordering::Release);
+                    while let Some(c) = h.claim(step, true) {
+                        // SAFETY: chunk c is this thread's alone (claimed).
+                        unsafe { pass.run(c) };
+                        h.finished.fetch_add(1, Ordering::Relaxed);
+                    }
+                    while h.finished.load(Ordering::Acquire) & 0xff < wanted {
+                        std::hint::spin_loop();
                     }
                 }
-                // SAFETY: one thread runs both parts.
-                _ => unsafe {
-                    pass.run(0);
-                    pass.run(1);
-                },
+                _ => {
+                    for c in 0..CHUNKS {
+                        // SAFETY: one thread runs every chunk.
+                        unsafe { pass.run(c) };
+                    }
+                }
             }
         }
-        // y = τ⁻¹·A·v − b·v over rows k+1.., with v = [1; x]:
+        // y = τ⁻¹·A·v − b·v over rows k+1.., with v = [1; x]; the chunks' accumulators are
+        // added in chunk order whoever ran them.
         let y2 = &mut y[k + 2..];
         let a21 = &col[1..];
-        let (z0, z1) = (&z0[k + 2..n], &z1[k + 2..n]);
-        for (i, yi) in y2.iter_mut().enumerate() {
-            let zi = if i >= cut { z0[i] + z1[i] } else { z0[i] };
-            *yi += zi + a21[i] * tau_inv;
+        for (yi, a) in y2.iter_mut().zip(a21) {
+            *yi += *a * tau_inv;
+        }
+        for c in 0..CHUNKS {
+            if bounds[c] < bounds[c + 1] {
+                let first = bounds[c];
+                for (yi, z) in y2[first..].iter_mut().zip(&z[c][k + 2 + first..n]) {
+                    *yi += *z;
+                }
+            }
         }
         let y1 = (col[0] + dot(a21, x)) * tau_inv;
         let b = (y1 + dot(x, y2)) * T::from_f64(0.5) * tau_inv;
