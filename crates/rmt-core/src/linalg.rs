@@ -264,6 +264,14 @@ pub(crate) fn product_abt<T: Element>(a: MatRef<'_, T>, b: MatRef<'_, T>) -> Mat
 /// returns `scale·(Aᵀ)ᵀ(Aᵀ) = scale·A·Aᵀ ∈ ℝ^{m×m}`. Only the lower triangle is computed
 /// (half the flops of a GEMM), then mirrored, so the result is exactly symmetric.
 pub(crate) fn gram_of_transpose<T: Element>(at: MatRef<'_, T>, scale: f64) -> Mat<T> {
+    let mut out = gram_lower_of_transpose(at, scale);
+    mirror_lower(out.as_mut());
+    out
+}
+
+/// [`gram_of_transpose`]'s lower triangle (diagonal included); the strictly upper triangle
+/// is unspecified. For consumers that read only the lower triangle, as the eigensolvers do.
+pub(crate) fn gram_lower_of_transpose<T: Element>(at: MatRef<'_, T>, scale: f64) -> Mat<T> {
     let n = at.ncols();
     let mut out = Mat::<T>::zeros(n, n);
     lower_product(
@@ -273,7 +281,6 @@ pub(crate) fn gram_of_transpose<T: Element>(at: MatRef<'_, T>, scale: f64) -> Ma
         at.transpose(),
         T::from_f64(scale),
     );
-    mirror_lower(out.as_mut());
     out
 }
 

@@ -20,10 +20,12 @@ mod estimators;
 
 pub use estimators::VarianceEstimator;
 
-use crate::eigen::{EigenSolver, eigenvalues_descending, tridiagonalize};
+use crate::eigen::{EigenSolver, eigenvalues_descending, tridiagonalize, tridiagonalize_owned};
 use crate::error::{Result, RmtError};
 use crate::laws::{MarchenkoPastur, ProductGaussianLaw, SpectralLaw};
-use crate::linalg::{Element, MatrixView, as_faer, check_matrix, gram_of_transpose, product_abt};
+use crate::linalg::{
+    Element, MatrixView, as_faer, check_matrix, gram_lower_of_transpose, product_abt,
+};
 use crate::tracy_widom::{TracyWidomTest, wishart_largest_eigenvalue_scaling};
 use faer::MatRef;
 use serde::{Deserialize, Serialize};
@@ -603,9 +605,10 @@ fn diagnose_block<T: Element>(
     // Mᵀ = KQᵀ, column-major: G = MMᵀ is then a TN product of it with itself.
     let mt = product_abt(k, q);
     let moments = entry_moments(mt.as_ref());
-    let g = gram_of_transpose(mt.as_ref(), 1.0 / width as f64);
+    // The lower triangle only: every consumer of G reads no more.
+    let g = gram_lower_of_transpose(mt.as_ref(), 1.0 / width as f64);
     drop(mt);
-    spectrum_diagnostics(g.as_ref(), moments, width, head, config, factorization)
+    spectrum_diagnostics(Gram::Owned(g), moments, width, head, config, factorization)
 }
 
 /// Diagnoses a Gram matrix `G = MMᵀ/d` computed elsewhere (on a training device, say) from
@@ -637,7 +640,7 @@ pub fn diagnose_gram<T: Element>(
     }
     let dense = Factorization::dense(width);
     spectrum_diagnostics(
-        g,
+        Gram::Borrowed(g),
         moments,
         width,
         head,
@@ -646,16 +649,32 @@ pub fn diagnose_gram<T: Element>(
     )
 }
 
+/// A `G` whose lower triangle is read: computed here (and reduced in place), or the
+/// caller's.
+enum Gram<'a, T> {
+    Owned(faer::Mat<T>),
+    Borrowed(MatRef<'a, T>),
+}
+
+impl<T: Element> Gram<'_, T> {
+    fn as_ref(&self) -> MatRef<'_, T> {
+        match self {
+            Gram::Owned(g) => g.as_ref(),
+            Gram::Borrowed(g) => *g,
+        }
+    }
+}
+
 /// The metrics of one `G` (lower triangle read) with the moments of its `M`.
 fn spectrum_diagnostics<T: Element>(
-    g: MatRef<'_, T>,
+    g: Gram<'_, T>,
     moments: EntryMoments,
     width: usize,
     head: Option<usize>,
     config: &DiagnosticsConfig,
     factorization: &Factorization,
 ) -> Result<SpectrumDiagnostics> {
-    let rows = g.nrows();
+    let rows = g.as_ref().nrows();
     if moments.frobenius2 == 0.0 || moments.variance == 0.0 || !moments.variance.is_finite() {
         return Err(RmtError::Degenerate(format!(
             "M = QKᵀ{} has no variance (all entries equal): the diagnostics are undefined",
@@ -676,7 +695,10 @@ fn spectrum_diagnostics<T: Element>(
     let partial = config.fast_path && only_empirical && config.solver == EigenSolver::TwoStage;
     let mut diagnoses = Vec::new();
     if partial {
-        let tri = tridiagonalize(g);
+        let tri = match g {
+            Gram::Owned(g) => tridiagonalize_owned(g),
+            Gram::Borrowed(g) => tridiagonalize(g),
+        };
         for (null, unit) in &unit_laws {
             let law = unit.at(moments.variance)?;
             let lp = law.law().upper_edge();
@@ -709,7 +731,7 @@ fn spectrum_diagnostics<T: Element>(
         });
     }
 
-    let spectrum = eigenvalues_descending(g, config.solver)?;
+    let spectrum = eigenvalues_descending(g.as_ref(), config.solver)?;
     let mut undefined = Vec::new();
     for &estimator in &config.estimators {
         for (null, unit) in &unit_laws {

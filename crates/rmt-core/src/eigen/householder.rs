@@ -20,7 +20,7 @@
 
 use super::Tridiagonal;
 use crate::linalg::Element;
-use faer::MatRef;
+use faer::{Mat, MatRef};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -45,44 +45,101 @@ fn chunk_bounds(m: usize) -> [usize; CHUNKS + 1] {
     b
 }
 
-/// Column-major working copy of the matrix and the step's vectors, in one buffer whose
-/// columns (`ld` apart, `ld` a multiple of 16) start on 64-byte boundaries: every operand of
-/// the pass then has the same alignment, so after a short scalar head its SIMD loads and
-/// stores are aligned (unaligned, the pass ran ≈ 1.5× slower).
+/// Column-major working storage of the matrix and the step's vectors. Columns are `ld`
+/// apart, `ld·size_of::<T>()` a multiple of 64 bytes, and every column starts on a 64-byte
+/// boundary: every operand of the pass then has the same alignment, so after a short scalar
+/// head its SIMD loads and stores are aligned (unaligned, the pass ran ≈ 1.5× slower).
 struct Work<T> {
-    buf: Vec<T>,
-    /// Offset of column 0 in `buf`.
-    off: usize,
+    matrix: Matrix<T>,
+    /// `VECTORS` columns, `ld` apart, from `vectors[vectors_offset]`.
+    vectors: Vec<T>,
+    vectors_offset: usize,
     n: usize,
     ld: usize,
+}
+
+/// The matrix: a copy of the caller's, or the caller's own faer `Mat` when it is laid out
+/// as [`Work`] needs (as faer allocates it).
+enum Matrix<T> {
+    Copy { buf: Vec<T>, offset: usize },
+    Adopted(Mat<T>),
 }
 
 /// Vector columns after the matrix's `n`: `y`, the previous `y` (`w`), zeros (the "previous
 /// reflector" of step 0), and the chunks' accumulators `z_c`.
 const VECTORS: usize = 3 + CHUNKS;
 
+/// A zeroed buffer of `len` elements and the offset at which it is 64-byte aligned.
+fn aligned_zeros<T: Element>(len: usize) -> (Vec<T>, usize) {
+    let buf = vec![T::ZERO; len + 64 / std::mem::size_of::<T>()];
+    let offset = buf.as_ptr().align_offset(64);
+    (buf, offset)
+}
+
 impl<T: Element> Work<T> {
-    fn new(a: MatRef<'_, T>) -> Self {
+    /// A copy of the lower triangle of `a`.
+    fn copy(a: MatRef<'_, T>) -> Self {
         let n = a.nrows();
-        let ld = n.next_multiple_of(16);
-        let cols = n + VECTORS;
-        let mut buf = vec![T::ZERO; ld * cols + 16];
-        let off = buf.as_ptr().align_offset(64).min(16);
+        let ld = n.next_multiple_of(64 / std::mem::size_of::<T>());
+        let (mut buf, offset) = aligned_zeros(n * ld);
         for j in 0..n {
-            let col = &mut buf[off + j * ld + j..off + j * ld + n];
+            let col = &mut buf[offset + j * ld + j..offset + j * ld + n];
             let src = a.col(j).subrows(j, n - j);
             match src.try_as_col_major() {
                 Some(src) => col.copy_from_slice(src.as_slice()),
                 None => col.iter_mut().zip(src.iter()).for_each(|(c, s)| *c = *s),
             }
         }
-        Work { buf, off, n, ld }
+        Self::with_matrix(Matrix::Copy { buf, offset }, n, ld)
     }
 
-    /// The matrix (`n` columns, `ld` apart) and the vector columns after it.
+    /// `a` itself, reduced in place, when its columns are aligned as [`Work`] needs (faer's
+    /// own allocations are); a copy otherwise.
+    fn adopt(mut a: Mat<T>) -> Self {
+        let n = a.nrows();
+        let size = std::mem::size_of::<T>();
+        let ld = a.col_stride().unsigned_abs();
+        let aligned = a.row_stride() == 1
+            && a.col_stride() > 0
+            && (ld * size) % 64 == 0
+            && (a.as_ptr() as usize) % 64 == 0;
+        if !aligned || n == 0 {
+            return Self::copy(a.as_ref());
+        }
+        // The rows between n and ld (faer's padding) are allocated but not initialised:
+        // zero them, so that the whole storage can be borrowed as one slice.
+        let ptr = a.as_ptr_mut();
+        for j in 0..n {
+            for i in n..ld {
+                // SAFETY: faer allocates ld (its row capacity) rows for each of the n columns.
+                unsafe { ptr.add(j * ld + i).write(T::ZERO) };
+            }
+        }
+        Self::with_matrix(Matrix::Adopted(a), n, ld)
+    }
+
+    fn with_matrix(matrix: Matrix<T>, n: usize, ld: usize) -> Self {
+        let (vectors, vectors_offset) = aligned_zeros(VECTORS * ld);
+        Work {
+            matrix,
+            vectors,
+            vectors_offset,
+            n,
+            ld,
+        }
+    }
+
+    /// The matrix (`n` columns, `ld` apart) and the vector columns.
     fn split(&mut self) -> (&mut [T], &mut [T]) {
-        let (n, ld) = (self.n, self.ld);
-        self.buf[self.off..].split_at_mut(n * ld)
+        let len = self.n * self.ld;
+        let matrix = match &mut self.matrix {
+            Matrix::Copy { buf, offset } => &mut buf[*offset..*offset + len],
+            // SAFETY: faer's allocation holds ld·(column capacity ≥ n) elements, rows below
+            // n initialised by faer and the rest by `adopt`; the slice borrows `a` mutably.
+            Matrix::Adopted(a) => unsafe { std::slice::from_raw_parts_mut(a.as_ptr_mut(), len) },
+        };
+        let v = self.vectors_offset;
+        (matrix, &mut self.vectors[v..v + VECTORS * self.ld])
     }
 }
 
@@ -343,13 +400,22 @@ impl<T> Handoff<T> {
 /// Reduces the symmetric matrix whose lower triangle is `a` to tridiagonal form, sharing
 /// each step's pass between the calling thread and a second rayon worker when `two_cores`.
 pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>, two_cores: bool) -> Tridiagonal {
-    let n = a.nrows();
+    reduce_work(Work::copy(a), two_cores)
+}
+
+/// [`tridiagonalize`] of a matrix the caller gives up: reduced in place (no copy) when its
+/// columns are aligned as faer allocates them.
+pub(crate) fn tridiagonalize_owned<T: Element>(a: Mat<T>, two_cores: bool) -> Tridiagonal {
+    reduce_work(Work::adopt(a), two_cores)
+}
+
+fn reduce_work<T: Element>(mut work: Work<T>, two_cores: bool) -> Tridiagonal {
+    let n = work.n;
     let mut d = vec![0.0; n];
     let mut e = vec![0.0; n.saturating_sub(1)];
     if n == 0 {
         return Tridiagonal { d, e };
     }
-    let mut work = Work::new(a);
     if !two_cores || n < SPLIT_MIN + 2 {
         reduce(&mut work, &mut d, &mut e, None);
         return Tridiagonal { d, e };

@@ -21,7 +21,7 @@ mod tridiagonal;
 
 use crate::error::{Result, RmtError};
 use crate::linalg::Element;
-use faer::MatRef;
+use faer::{Mat, MatRef};
 use serde::{Deserialize, Serialize};
 
 /// Which algorithm computes a full symmetric spectrum.
@@ -91,12 +91,31 @@ pub(crate) fn second_core_free() -> bool {
 /// on the size alone, so a layer gets the same bits whether it is diagnosed alone or beside
 /// others.
 pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
-    let n = a.nrows();
-    if n * n * std::mem::size_of::<T>() <= ONE_STAGE_MAX_BYTES {
-        return householder::tridiagonalize(a, second_core_free());
+    if one_stage::<T>(a.nrows()) {
+        householder::tridiagonalize(a, second_core_free())
+    } else {
+        two_stage(a.to_owned())
     }
-    let b = bandwidth(n);
-    let mut work = a.to_owned();
+}
+
+/// [`tridiagonalize`] of a matrix the caller gives up (lower triangle read): reduced in
+/// place, without the copy.
+pub(crate) fn tridiagonalize_owned<T: Element>(a: Mat<T>) -> Tridiagonal {
+    if one_stage::<T>(a.nrows()) {
+        householder::tridiagonalize_owned(a, second_core_free())
+    } else {
+        two_stage(a)
+    }
+}
+
+/// Whether an `n × n` matrix of `T` is reduced in one stage ([`ONE_STAGE_MAX_BYTES`]).
+fn one_stage<T>(n: usize) -> bool {
+    n * n * std::mem::size_of::<T>() <= ONE_STAGE_MAX_BYTES
+}
+
+/// Dense → band → tridiagonal, in place in `work`.
+fn two_stage<T: Element>(mut work: Mat<T>) -> Tridiagonal {
+    let b = bandwidth(work.nrows());
     band::reduce_to_band(work.as_mut(), b);
     let band = bulge::Band::from_lower(work.as_ref(), b);
     drop(work);
@@ -249,6 +268,31 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// A matrix given up is reduced in place with the bits of a copy's reduction, and only
+    /// its lower triangle is read (NaN above the diagonal), on both paths.
+    #[test]
+    fn owned_reduction_reads_the_lower_triangle_in_place() {
+        fn check<T: Element>(a: Mat<T>) {
+            let n = a.nrows();
+            let mut junk = a.clone();
+            for j in 0..n {
+                for i in 0..j {
+                    junk[(i, j)] = T::from_f64(f64::NAN);
+                }
+            }
+            let copy = tridiagonalize(a.as_ref());
+            let owned = tridiagonalize_owned(junk.clone());
+            assert_eq!((copy.d, copy.e), (owned.d, owned.e), "n = {n}");
+            let two = super::two_stage(junk);
+            assert!(two.d.iter().chain(&two.e).all(|x| x.is_finite()));
+        }
+        for n in [5, 100, 300] {
+            let a = random_symmetric(n, 11);
+            check(Mat::<f32>::from_fn(n, n, |i, j| a[(i, j)] as f32));
+            check(a);
         }
     }
 
