@@ -229,7 +229,7 @@ impl<T: Element> Pass<T> {
                 rw: -u[j],
                 c: f * v[j],
             });
-            // SAFETY: y[j] belongs to this part.
+            // SAFETY: y[j] belongs to this chunk.
             unsafe { *self.y.add(j) = f * (acc - a[0] * v[j]) };
         }
     }
