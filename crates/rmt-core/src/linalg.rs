@@ -244,11 +244,66 @@ pub(crate) fn check_matrix<T: Element>(what: &'static str, m: MatRef<'_, T>) -> 
 // (250 ms). So the product reads `A` as it is and `Bᵀ` column-major (NN), copying `B`'s
 // transpose in cache-sized tiles when it is not already a view; the Gram stays TN.
 
+/// Matrices the crate's kernels are done with, kept per thread for the next call that asks
+/// for the same type and shape: a 768-wide `f64` layer otherwise allocates three 4.7 MB
+/// matrices per call, which the OS maps, faults in and zeroes page by page each time
+/// (≈ 3 400 page faults per layer; docs/performance.md). At most [`SCRATCH_SLOTS`] matrices
+/// of at most [`SCRATCH_MAX_BYTES`] each are kept per thread.
+mod scratch {
+    use super::Element;
+    use faer::Mat;
+    use std::any::Any;
+    use std::cell::RefCell;
+
+    /// Matrices kept per thread (a layer's `Kᵀ`, `M` and `G`, and one more).
+    const SCRATCH_SLOTS: usize = 4;
+    /// The largest matrix kept (larger ones go back to the allocator).
+    const SCRATCH_MAX_BYTES: usize = 24 << 20;
+
+    thread_local! {
+        static KEPT: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A `nrows × ncols` matrix: one this thread released, with its old contents, or a new
+    /// zeroed one. Callers overwrite what they read.
+    pub(crate) fn take<T: Element>(nrows: usize, ncols: usize) -> Mat<T> {
+        let kept = KEPT
+            .try_with(|kept| {
+                let mut kept = kept.try_borrow_mut().ok()?;
+                let i = kept.iter().position(|m| {
+                    m.downcast_ref::<Mat<T>>()
+                        .is_some_and(|m| m.nrows() == nrows && m.ncols() == ncols)
+                })?;
+                kept.remove(i).downcast::<Mat<T>>().ok().map(|m| *m)
+            })
+            .ok()
+            .flatten();
+        kept.unwrap_or_else(|| Mat::zeros(nrows, ncols))
+    }
+
+    /// Gives `m` back for [`take`] on this thread (the oldest kept matrix makes room).
+    pub(crate) fn release<T: Element>(m: Mat<T>) {
+        let bytes = m.nrows() * m.ncols() * std::mem::size_of::<T>();
+        if bytes == 0 || bytes > SCRATCH_MAX_BYTES {
+            return;
+        }
+        let _ = KEPT.try_with(|kept| {
+            if let Ok(mut kept) = kept.try_borrow_mut() {
+                if kept.len() == SCRATCH_SLOTS {
+                    kept.remove(0);
+                }
+                kept.push(Box::new(m));
+            }
+        });
+    }
+}
+pub(crate) use scratch::{release as release_scratch, take as take_scratch};
+
 /// `A·Bᵀ` for `A ∈ ℝ^{m×k}`, `B ∈ ℝ^{n×k}` (the attention bilinear form `M = QKᵀ`): one GEMM
 /// with `Bᵀ` column-major.
 pub(crate) fn product_abt<T: Element>(a: MatRef<'_, T>, b: MatRef<'_, T>) -> Mat<T> {
     let bt = ColMajorTranspose::new(b);
-    let mut out = Mat::<T>::zeros(a.nrows(), b.nrows());
+    let mut out = take_scratch::<T>(a.nrows(), b.nrows());
     faer::linalg::matmul::matmul(
         out.as_mut(),
         Accum::Replace,
@@ -257,6 +312,9 @@ pub(crate) fn product_abt<T: Element>(a: MatRef<'_, T>, b: MatRef<'_, T>) -> Mat
         T::from_f64(1.0),
         par(),
     );
+    if let ColMajorTranspose::Owned(copy) = bt {
+        release_scratch(copy);
+    }
     out
 }
 
@@ -273,7 +331,7 @@ pub(crate) fn gram_of_transpose<T: Element>(at: MatRef<'_, T>, scale: f64) -> Ma
 /// is unspecified. For consumers that read only the lower triangle, as the eigensolvers do.
 pub(crate) fn gram_lower_of_transpose<T: Element>(at: MatRef<'_, T>, scale: f64) -> Mat<T> {
     let n = at.ncols();
-    let mut out = Mat::<T>::zeros(n, n);
+    let mut out = take_scratch::<T>(n, n);
     lower_product(
         out.as_mut(),
         Accum::Replace,
@@ -398,7 +456,7 @@ fn write_tile_transposed<T: Copy>(src: &[&[T]], mut dst: MatMut<'_, T>, row0: us
 /// 3.8–6.9 against 1.3–1.9 ms, docs/performance.md).
 fn transpose_tiled<T: Element>(a: MatRef<'_, T>) -> Mat<T> {
     let (rows, cols) = (a.nrows(), a.ncols());
-    let mut out = Mat::<T>::zeros(cols, rows);
+    let mut out = take_scratch::<T>(cols, rows);
     if a.row_stride() != 1 {
         for_each_tiled(rows, cols, false, |i, j| out[(j, i)] = a[(i, j)]);
         return out;

@@ -25,6 +25,7 @@ use crate::error::{Result, RmtError};
 use crate::laws::{MarchenkoPastur, ProductGaussianLaw, SpectralLaw};
 use crate::linalg::{
     Element, MatrixView, as_faer, check_matrix, gram_lower_of_transpose, product_abt,
+    release_scratch,
 };
 use crate::tracy_widom::{TracyWidomTest, wishart_largest_eigenvalue_scaling};
 use faer::MatRef;
@@ -607,7 +608,7 @@ fn diagnose_block<T: Element>(
     let moments = entry_moments(mt.as_ref());
     // The lower triangle only: every consumer of G reads no more.
     let g = gram_lower_of_transpose(mt.as_ref(), 1.0 / width as f64);
-    drop(mt);
+    release_scratch(mt);
     spectrum_diagnostics(Gram::Owned(g), moments, width, head, config, factorization)
 }
 

@@ -19,7 +19,7 @@
 //! every schedule performs the same operations on the same values (bit-identical results).
 
 use super::Tridiagonal;
-use crate::linalg::Element;
+use crate::linalg::{Element, release_scratch, take_scratch};
 use faer::{Mat, MatRef};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -58,8 +58,8 @@ struct Work<T> {
     ld: usize,
 }
 
-/// The matrix: a copy of the caller's, or the caller's own faer `Mat` when it is laid out
-/// as [`Work`] needs (as faer allocates it).
+/// The matrix: a faer `Mat` (the caller's own, or a copy in the thread's scratch) when it
+/// is laid out as [`Work`] needs, as faer allocates it; else a copy in a buffer of our own.
 enum Matrix<T> {
     Copy { buf: Vec<T>, offset: usize },
     Adopted(Mat<T>),
@@ -77,8 +77,21 @@ fn aligned_zeros<T: Element>(len: usize) -> (Vec<T>, usize) {
 }
 
 impl<T: Element> Work<T> {
-    /// A copy of the lower triangle of `a`.
+    /// A copy of the lower triangle of `a`, in a matrix from the thread's scratch.
     fn copy(a: MatRef<'_, T>) -> Self {
+        let n = a.nrows();
+        let mut m = take_scratch::<T>(n, n);
+        for j in 0..n {
+            let src = a.col(j).subrows(j, n - j);
+            let mut dst = m.as_mut().col_mut(j).subrows_mut(j, n - j);
+            dst.copy_from(src);
+        }
+        Self::adopt(m)
+    }
+
+    /// A copy of the lower triangle of `a` in a buffer of its own (when a faer matrix is
+    /// not aligned as [`Work`] needs, which faer's allocations are).
+    fn copy_into_buffer(a: MatRef<'_, T>) -> Self {
         let n = a.nrows();
         let ld = n.next_multiple_of(64 / std::mem::size_of::<T>());
         let (mut buf, offset) = aligned_zeros(n * ld);
@@ -104,7 +117,7 @@ impl<T: Element> Work<T> {
             && (ld * size) % 64 == 0
             && (a.as_ptr() as usize) % 64 == 0;
         if !aligned || n == 0 {
-            return Self::copy(a.as_ref());
+            return Self::copy_into_buffer(a.as_ref());
         }
         // The rows between n and ld (faer's padding) are allocated but not initialised:
         // zero them, so that the whole storage can be borrowed as one slice.
@@ -409,7 +422,16 @@ pub(crate) fn tridiagonalize_owned<T: Element>(a: Mat<T>, two_cores: bool) -> Tr
     reduce_work(Work::adopt(a), two_cores)
 }
 
+/// Reduces `work`, then gives its matrix back to the thread's scratch.
 fn reduce_work<T: Element>(mut work: Work<T>, two_cores: bool) -> Tridiagonal {
+    let tri = reduce_all(&mut work, two_cores);
+    if let Matrix::Adopted(a) = work.matrix {
+        release_scratch(a);
+    }
+    tri
+}
+
+fn reduce_all<T: Element>(work: &mut Work<T>, two_cores: bool) -> Tridiagonal {
     let n = work.n;
     let mut d = vec![0.0; n];
     let mut e = vec![0.0; n.saturating_sub(1)];
@@ -417,7 +439,7 @@ fn reduce_work<T: Element>(mut work: Work<T>, two_cores: bool) -> Tridiagonal {
         return Tridiagonal { d, e };
     }
     if !two_cores || n < SPLIT_MIN + 2 {
-        reduce(&mut work, &mut d, &mut e, None);
+        reduce(work, &mut d, &mut e, None);
         return Tridiagonal { d, e };
     }
     let handoff = Handoff {
@@ -437,7 +459,7 @@ fn reduce_work<T: Element>(mut work: Work<T>, two_cores: bool) -> Tridiagonal {
                 }
             }
             let _finish = Finish(&handoff.job);
-            reduce(&mut work, &mut d, &mut e, Some(&handoff));
+            reduce(work, &mut d, &mut e, Some(&handoff));
         },
         || helper(&handoff),
     );

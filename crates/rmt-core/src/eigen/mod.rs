@@ -118,7 +118,7 @@ fn two_stage<T: Element>(mut work: Mat<T>) -> Tridiagonal {
     let b = bandwidth(work.nrows());
     band::reduce_to_band(work.as_mut(), b);
     let band = bulge::Band::from_lower(work.as_ref(), b);
-    drop(work);
+    crate::linalg::release_scratch(work);
     let (d, e) = band.tridiagonalize();
     Tridiagonal { d, e }
 }
