@@ -626,6 +626,41 @@ mod tests {
 
     /// The tiled copies between column slices equal the definitions at sizes around the
     /// tile edge, and the strided fallback (a row-major view) gives the same.
+    /// Released matrices come back for the same type and shape, and what they held does not
+    /// leak into the products that reuse them (filled with NaN before release here).
+    #[test]
+    fn scratch_matrices_are_reused_and_overwritten() {
+        let a = Mat::<f64>::from_fn(70, 50, |i, j| ((i * 7 + j * 3) % 11) as f64 - 5.0);
+        let b = Mat::<f64>::from_fn(60, 50, |i, j| ((i * 5 + j) % 13) as f64 - 6.0);
+        let m = product_abt(a.as_ref(), b.as_ref());
+        let g = gram_lower_of_transpose(a.transpose(), 0.5);
+        let nan = Mat::<f64>::from_fn(70, 60, |_, _| f64::NAN);
+        let ptr = nan.as_ptr();
+        release_scratch(nan);
+        let other = take_scratch::<f32>(70, 60);
+        assert_ne!(
+            other.as_ptr() as usize,
+            ptr as usize,
+            "not for another type"
+        );
+        assert_ne!(
+            take_scratch::<f64>(60, 70).as_ptr(),
+            ptr,
+            "nor another shape"
+        );
+        let again = take_scratch::<f64>(70, 60);
+        assert_eq!(again.as_ptr(), ptr, "the same allocation comes back");
+        release_scratch(again);
+        assert_eq!(product_abt(a.as_ref(), b.as_ref()), m);
+        release_scratch(Mat::<f64>::from_fn(70, 70, |_, _| f64::NAN));
+        let g2 = gram_lower_of_transpose(a.transpose(), 0.5);
+        for j in 0..70 {
+            for i in j..70 {
+                assert_eq!(g2[(i, j)], g[(i, j)]);
+            }
+        }
+    }
+
     #[test]
     fn tiled_transpose_and_mirror_match_the_definition() {
         for (r, c) in [(1, 1), (5, 70), (32, 32), (33, 31), (70, 65), (100, 3)] {
