@@ -12,7 +12,7 @@
 //!   RMSNorm's gain enters as `diag(g)`; its per-token `1/rms` is left out (it scales a whole
 //!   row of scores).
 //!
-//! The safetensors reader ([`crate::checkpoint`], feature `checkpoint`) and attn-models'
+//! The safetensors reader (`checkpoint`, behind the feature of that name) and attn-models'
 //! `EffectiveQk` both go through these functions.
 
 use crate::diagnostics::{DiagnosticsConfig, Factorization, LayerDiagnostics, diagnose_layer};
