@@ -494,8 +494,8 @@ fn helper<T: Element>(h: &Handoff<T>) {
     }
 }
 
-/// The reduction proper (on the calling thread); with a hand-off, each large step's part 1
-/// is offered to the second worker. Compiled for the widest SIMD the CPU has (pulp), so that
+/// The reduction proper (on the calling thread); with a hand-off, each large step's chunks
+/// are offered to the second worker too. Compiled for the widest SIMD the CPU has (pulp), so that
 /// the `O(n)` vector operations of each step vectorise too.
 fn reduce<T: Element>(
     work: &mut Work<T>,
