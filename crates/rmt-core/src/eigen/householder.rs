@@ -261,7 +261,16 @@ struct ColumnArgs<'a, T> {
 }
 
 macro_rules! simd_part {
-    ($name:ident, $t:ty, $as_simd:ident, $as_mut_simd:ident, $splat:ident, $fma:ident, $add:ident, $reduce:ident) => {
+    (
+        $name:ident,
+        $t:ty,
+        $as_simd:ident,
+        $as_mut_simd:ident,
+        $splat:ident,
+        $fma:ident,
+        $add:ident,
+        $reduce:ident
+    ) => {
         /// A chunk of the pass, vectorised for the CPU pulp dispatches to.
         struct $name<'a> {
             pass: &'a Pass<$t>,
@@ -495,8 +504,8 @@ fn helper<T: Element>(h: &Handoff<T>) {
 }
 
 /// The reduction proper (on the calling thread); with a hand-off, each large step's chunks
-/// are offered to the second worker too. Compiled for the widest SIMD the CPU has (pulp), so that
-/// the `O(n)` vector operations of each step vectorise too.
+/// are offered to the second worker too. Compiled for the widest SIMD the CPU has (pulp),
+/// so that the `O(n)` vector operations of each step vectorise too.
 fn reduce<T: Element>(
     work: &mut Work<T>,
     d: &mut [f64],
