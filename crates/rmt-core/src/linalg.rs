@@ -624,8 +624,6 @@ pub(crate) fn shifted_inertia(a: MatRef<'_, f64>, shift: f64) -> Inertia {
 mod tests {
     use super::*;
 
-    /// The tiled copies between column slices equal the definitions at sizes around the
-    /// tile edge, and the strided fallback (a row-major view) gives the same.
     /// Released matrices come back for the same type and shape, and what they held does not
     /// leak into the products that reuse them (filled with NaN before release here).
     #[test]
@@ -661,6 +659,8 @@ mod tests {
         }
     }
 
+    /// The tiled copies between column slices equal the definitions at sizes around the
+    /// tile edge, and the strided fallback (a row-major view) gives the same.
     #[test]
     fn tiled_transpose_and_mirror_match_the_definition() {
         for (r, c) in [(1, 1), (5, 70), (32, 32), (33, 31), (70, 65), (100, 3)] {

@@ -19,8 +19,8 @@
 //! every schedule performs the same operations on the same values (bit-identical results).
 
 use super::Tridiagonal;
-use crate::linalg::{Element, release_scratch, take_scratch};
-use faer::{Mat, MatRef};
+use crate::linalg::{Element, release_scratch};
+use faer::Mat;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -45,82 +45,33 @@ fn chunk_bounds(m: usize) -> [usize; CHUNKS + 1] {
     b
 }
 
-/// Column-major working storage of the matrix and the step's vectors. Columns are `ld`
-/// apart, `ld·size_of::<T>()` a multiple of 64 bytes, and every column starts on a 64-byte
-/// boundary: every operand of the pass then has the same alignment, so after a short scalar
-/// head its SIMD loads and stores are aligned (unaligned, the pass ran ≈ 1.5× slower).
+/// The matrix being reduced and the step's vectors, both faer allocations: columns `ld`
+/// apart (the column stride), each starting on a 64-byte boundary with `ld·size_of::<T>()` a
+/// multiple of 64 bytes, as faer allocates. Every operand of the pass then has the same
+/// alignment, so after a short scalar head its SIMD loads and stores are aligned
+/// (unaligned, the pass ran ≈ 1.5× slower). Only speed depends on that: the kernel splits
+/// every operand where it splits the column.
 struct Work<T> {
-    matrix: Matrix<T>,
-    /// `VECTORS` columns, `ld` apart, from `vectors[vectors_offset]`.
-    vectors: Vec<T>,
-    vectors_offset: usize,
-    n: usize,
-    ld: usize,
+    /// The matrix; its lower triangle is read and reduced in place.
+    a: Mat<T>,
+    /// `n × VECTORS`: see [`VECTORS`].
+    vectors: Mat<T>,
 }
 
-/// The matrix: a faer `Mat` (the caller's own, or a copy in the thread's scratch) when it
-/// is laid out as [`Work`] needs, as faer allocates it; else a copy in a buffer of our own.
-enum Matrix<T> {
-    Copy { buf: Vec<T>, offset: usize },
-    Adopted(Mat<T>),
-}
-
-/// Vector columns after the matrix's `n`: `y`, the previous `y` (`w`), zeros (the "previous
-/// reflector" of step 0), and the chunks' accumulators `z_c`.
+/// Vector columns: `y`, the previous `y` (`w`), zeros (the "previous reflector" of step 0),
+/// and the chunks' accumulators `z_c`.
 const VECTORS: usize = 3 + CHUNKS;
 
-/// A zeroed buffer of `len` elements and the offset at which it is 64-byte aligned.
-fn aligned_zeros<T: Element>(len: usize) -> (Vec<T>, usize) {
-    let buf = vec![T::ZERO; len + 64 / std::mem::size_of::<T>()];
-    let offset = buf.as_ptr().align_offset(64);
-    (buf, offset)
-}
-
 impl<T: Element> Work<T> {
-    /// A copy of the lower triangle of `a`, in a matrix from the thread's scratch.
-    fn copy(a: MatRef<'_, T>) -> Self {
+    fn new(mut a: Mat<T>) -> Self {
         let n = a.nrows();
-        let mut m = take_scratch::<T>(n, n);
-        for j in 0..n {
-            let src = a.col(j).subrows(j, n - j);
-            let mut dst = m.as_mut().col_mut(j).subrows_mut(j, n - j);
-            dst.copy_from(src);
-        }
-        Self::adopt(m)
-    }
-
-    /// A copy of the lower triangle of `a` in a buffer of its own (when a faer matrix is
-    /// not aligned as [`Work`] needs, which faer's allocations are).
-    fn copy_into_buffer(a: MatRef<'_, T>) -> Self {
-        let n = a.nrows();
-        let ld = n.next_multiple_of(64 / std::mem::size_of::<T>());
-        let (mut buf, offset) = aligned_zeros(n * ld);
-        for j in 0..n {
-            let col = &mut buf[offset + j * ld + j..offset + j * ld + n];
-            let src = a.col(j).subrows(j, n - j);
-            match src.try_as_col_major() {
-                Some(src) => col.copy_from_slice(src.as_slice()),
-                None => col.iter_mut().zip(src.iter()).for_each(|(c, s)| *c = *s),
-            }
-        }
-        Self::with_matrix(Matrix::Copy { buf, offset }, n, ld)
-    }
-
-    /// `a` itself, reduced in place, when its columns are aligned as [`Work`] needs (faer's
-    /// own allocations are); a copy otherwise.
-    fn adopt(mut a: Mat<T>) -> Self {
-        let n = a.nrows();
-        let size = std::mem::size_of::<T>();
-        let ld = a.col_stride().unsigned_abs();
-        let aligned = a.row_stride() == 1
-            && a.col_stride() > 0
-            && (ld * size) % 64 == 0
-            && (a.as_ptr() as usize) % 64 == 0;
-        if !aligned || n == 0 {
-            return Self::copy_into_buffer(a.as_ref());
-        }
+        assert!(
+            a.row_stride() == 1 && a.col_stride().unsigned_abs() >= n,
+            "faer allocates column-major"
+        );
         // The rows between n and ld (faer's padding) are allocated but not initialised:
         // zero them, so that the whole storage can be borrowed as one slice.
+        let ld = a.col_stride().unsigned_abs();
         let ptr = a.as_ptr_mut();
         for j in 0..n {
             for i in n..ld {
@@ -128,31 +79,34 @@ impl<T: Element> Work<T> {
                 unsafe { ptr.add(j * ld + i).write(T::ZERO) };
             }
         }
-        Self::with_matrix(Matrix::Adopted(a), n, ld)
-    }
-
-    fn with_matrix(matrix: Matrix<T>, n: usize, ld: usize) -> Self {
-        let (vectors, vectors_offset) = aligned_zeros(VECTORS * ld);
         Work {
-            matrix,
-            vectors,
-            vectors_offset,
-            n,
-            ld,
+            a,
+            vectors: Mat::zeros(n, VECTORS),
         }
     }
 
-    /// The matrix (`n` columns, `ld` apart) and the vector columns.
-    fn split(&mut self) -> (&mut [T], &mut [T]) {
-        let len = self.n * self.ld;
-        let matrix = match &mut self.matrix {
-            Matrix::Copy { buf, offset } => &mut buf[*offset..*offset + len],
-            // SAFETY: faer's allocation holds ld·(column capacity ≥ n) elements, rows below
-            // n initialised by faer and the rest by `adopt`; the slice borrows `a` mutably.
-            Matrix::Adopted(a) => unsafe { std::slice::from_raw_parts_mut(a.as_ptr_mut(), len) },
-        };
-        let v = self.vectors_offset;
-        (matrix, &mut self.vectors[v..v + VECTORS * self.ld])
+    fn n(&self) -> usize {
+        self.a.nrows()
+    }
+
+    /// The matrix's column stride.
+    fn ld(&self) -> usize {
+        self.a.col_stride().unsigned_abs()
+    }
+
+    /// The matrix (`n` columns, `ld` apart) and the vector columns (`n` entries each).
+    fn split(&mut self) -> (&mut [T], [&mut [T]; VECTORS]) {
+        let len = self.n() * self.ld();
+        // SAFETY: faer's allocation holds ld·(column capacity ≥ n) elements, rows below n
+        // initialised by faer and the rest by `new`; the slice borrows `a` mutably.
+        let a = unsafe { std::slice::from_raw_parts_mut(self.a.as_ptr_mut(), len) };
+        let mut columns = self.vectors.col_iter_mut().map(|c| {
+            c.try_as_col_major_mut()
+                .expect("faer's columns are contiguous")
+                .as_slice_mut()
+        });
+        let vectors = std::array::from_fn(|_| columns.next().expect("VECTORS columns"));
+        (a, vectors)
     }
 }
 
@@ -419,29 +373,18 @@ impl<T> Handoff<T> {
     }
 }
 
-/// Reduces the symmetric matrix whose lower triangle is `a` to tridiagonal form, sharing
-/// each step's pass between the calling thread and a second rayon worker when `two_cores`.
-pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>, two_cores: bool) -> Tridiagonal {
-    reduce_work(Work::copy(a), two_cores)
-}
-
-/// [`tridiagonalize`] of a matrix the caller gives up: reduced in place (no copy) when its
-/// columns are aligned as faer allocates them.
-pub(crate) fn tridiagonalize_owned<T: Element>(a: Mat<T>, two_cores: bool) -> Tridiagonal {
-    reduce_work(Work::adopt(a), two_cores)
-}
-
-/// Reduces `work`, then gives its matrix back to the thread's scratch.
-fn reduce_work<T: Element>(mut work: Work<T>, two_cores: bool) -> Tridiagonal {
+/// Reduces the symmetric matrix whose lower triangle is `a` (a faer allocation) to
+/// tridiagonal form in place, sharing each step's pass between the calling thread and a
+/// second rayon worker when `two_cores`; then gives `a` back to the thread's scratch.
+pub(crate) fn tridiagonalize<T: Element>(a: Mat<T>, two_cores: bool) -> Tridiagonal {
+    let mut work = Work::new(a);
     let tri = reduce_all(&mut work, two_cores);
-    if let Matrix::Adopted(a) = work.matrix {
-        release_scratch(a);
-    }
+    release_scratch(work.a);
     tri
 }
 
 fn reduce_all<T: Element>(work: &mut Work<T>, two_cores: bool) -> Tridiagonal {
-    let n = work.n;
+    let n = work.n();
     let mut d = vec![0.0; n];
     let mut e = vec![0.0; n.saturating_sub(1)];
     if n == 0 {
@@ -540,25 +483,14 @@ fn reduce_body<T: Element>(
     e: &mut [f64],
     handoff: Option<&Handoff<T>>,
 ) {
-    let (n, ld) = (work.n, work.ld);
-    let (a, vectors) = work.split();
-    let mut vectors = vectors.chunks_exact_mut(ld);
-    let mut column = || vectors.next().expect("VECTORS columns");
-    let (y, w, zeros) = (column(), column(), column());
-    let mut z: [&mut [T]; CHUNKS] = std::array::from_fn(|_| column());
-    let (y, w) = (&mut y[..n], &mut w[..n]);
+    let (n, ld) = (work.n(), work.ld());
+    let (a, [y, w, zeros, z @ ..]) = work.split();
     for k in 0..n {
-        // The previous step's update of column k: A[k.., k] −= u·y_k + y·u_k, where
-        // u = [1; A[k+1.., k−1]].
+        // The previous step's update of column k (its reflector u = [1; A[k+1.., k−1]]).
         if k > 0 {
-            let y1 = y[k];
             let (left, right) = a.split_at_mut(k * ld);
             let u = &left[(k - 1) * ld + k + 1..(k - 1) * ld + n];
-            let col = &mut right[k..n];
-            col[0] -= y1 + y1;
-            for ((c, u), yi) in col[1..].iter_mut().zip(u).zip(&y[k + 1..]) {
-                *c -= y1 * *u + *yi;
-            }
+            update_column(&mut right[k..n], T::ONE, u, y[k], &y[k + 1..]);
         }
         d[k] = a[k * ld + k].to_f64();
         if k + 1 == n {
@@ -573,13 +505,8 @@ fn reduce_body<T: Element>(
         let (col, trailing) = right.split_at_mut(ld);
         let col = &mut col[k + 1..n];
         if k > 0 {
-            let u1 = left[(k - 1) * ld + k + 1];
-            let u2 = &left[(k - 1) * ld + k + 2..(k - 1) * ld + n];
-            let y1 = y[k + 1];
-            col[0] -= u1 * y1 + y1 * u1;
-            for ((c, u), yi) in col[1..].iter_mut().zip(u2).zip(&y[k + 2..]) {
-                *c -= *u * y1 + *yi * u1;
-            }
+            let u = &left[(k - 1) * ld + k + 1..(k - 1) * ld + n];
+            update_column(col, u[0], &u[1..], y[k + 1], &y[k + 2..]);
         }
         // The pass over the trailing block A[k+2.., k+2..] (m × m). Every operand starts at
         // row k + 2 of its column, so all share one alignment.
@@ -653,6 +580,18 @@ fn reduce_body<T: Element>(
         for (yi, x) in y[k + 2..].iter_mut().zip(x) {
             *yi -= b * *x;
         }
+    }
+}
+
+/// The previous step's rank-2 update `A ← A − uyᵀ − yuᵀ` of one column from its diagonal
+/// down, `col = A[j.., j]`: `col −= u_j·y[j..] + y_j·u[j..]`, with `u[j..] = [u₀; u]` and
+/// `y[j..] = [y₀; y]`.
+#[inline(always)]
+fn update_column<T: Element>(col: &mut [T], u0: T, u: &[T], y0: T, y: &[T]) {
+    let (head, rest) = col.split_first_mut().expect("a column from its diagonal");
+    *head -= u0 * y0 + y0 * u0;
+    for ((c, u), y) in rest.iter_mut().zip(u).zip(y) {
+        *c -= *u * y0 + *y * u0;
     }
 }
 

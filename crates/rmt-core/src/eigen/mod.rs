@@ -20,7 +20,7 @@ mod householder;
 mod tridiagonal;
 
 use crate::error::{Result, RmtError};
-use crate::linalg::Element;
+use crate::linalg::{Element, take_scratch};
 use faer::{Mat, MatRef};
 use serde::{Deserialize, Serialize};
 
@@ -91,8 +91,11 @@ pub(crate) fn second_core_free() -> bool {
 /// on the size alone, so a layer gets the same bits whether it is diagnosed alone or beside
 /// others.
 pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
-    if one_stage::<T>(a.nrows()) {
-        householder::tridiagonalize(a, second_core_free())
+    let n = a.nrows();
+    if one_stage::<T>(n) {
+        let mut copy = take_scratch::<T>(n, n);
+        copy.as_mut().copy_from_triangular_lower(a);
+        householder::tridiagonalize(copy, second_core_free())
     } else {
         two_stage(a.to_owned())
     }
@@ -102,7 +105,7 @@ pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
 /// place, without the copy.
 pub(crate) fn tridiagonalize_owned<T: Element>(a: Mat<T>) -> Tridiagonal {
     if one_stage::<T>(a.nrows()) {
-        householder::tridiagonalize_owned(a, second_core_free())
+        householder::tridiagonalize(a, second_core_free())
     } else {
         two_stage(a)
     }
@@ -118,7 +121,7 @@ fn two_stage<T: Element>(mut work: Mat<T>) -> Tridiagonal {
     let b = bandwidth(work.nrows());
     band::reduce_to_band(work.as_mut(), b);
     let band = bulge::Band::from_lower(work.as_ref(), b);
-    crate::linalg::release_scratch(work);
+    drop(work);
     let (d, e) = band.tridiagonalize();
     Tridiagonal { d, e }
 }
@@ -245,7 +248,7 @@ mod tests {
     }
 
     fn one_stage<T: Element>(a: faer::MatRef<'_, T>, two_cores: bool) -> Vec<f64> {
-        householder::tridiagonalize(a, two_cores)
+        householder::tridiagonalize(a.to_owned(), two_cores)
             .eigenvalues_descending()
             .unwrap()
     }
@@ -302,11 +305,11 @@ mod tests {
     fn one_stage_schedules_are_bit_identical() {
         let a = random_symmetric(300, 5);
         let a32 = Mat::<f32>::from_fn(300, 300, |i, j| a[(i, j)] as f32);
-        let one = householder::tridiagonalize(a.as_ref(), false);
-        let two = householder::tridiagonalize(a.as_ref(), true);
+        let one = householder::tridiagonalize(a.clone(), false);
+        let two = householder::tridiagonalize(a, true);
         assert_eq!((one.d, one.e), (two.d, two.e));
-        let one = householder::tridiagonalize(a32.as_ref(), false);
-        let two = householder::tridiagonalize(a32.as_ref(), true);
+        let one = householder::tridiagonalize(a32.clone(), false);
+        let two = householder::tridiagonalize(a32, true);
         assert_eq!((one.d, one.e), (two.d, two.e));
     }
 
