@@ -248,7 +248,8 @@ pub(crate) fn check_matrix<T: Element>(what: &'static str, m: MatRef<'_, T>) -> 
 /// for the same type and shape: a 768-wide `f64` layer otherwise allocates three 4.7 MB
 /// matrices per call, which the OS maps, faults in and zeroes page by page each time
 /// (≈ 3 400 page faults per layer; docs/performance.md). At most [`SCRATCH_SLOTS`] matrices
-/// of at most [`SCRATCH_MAX_BYTES`] each are kept per thread.
+/// of at most [`SCRATCH_MAX_BYTES`] each are kept per thread; [`free_kept_matrices`] gives
+/// them back.
 mod scratch {
     use super::Element;
     use faer::Mat;
@@ -257,8 +258,10 @@ mod scratch {
 
     /// Matrices kept per thread (a layer's `Kᵀ`, `M` and `G`, and one more).
     const SCRATCH_SLOTS: usize = 4;
-    /// The largest matrix kept (larger ones go back to the allocator).
-    const SCRATCH_MAX_BYTES: usize = 24 << 20;
+    /// The largest matrix kept (larger ones go back to the allocator): 32 MiB, an `f64`
+    /// layer of width 2048, whose three matrices otherwise cost ≈ 40 ms of page faults and
+    /// zeroing per call (docs/performance.md).
+    pub(super) const SCRATCH_MAX_BYTES: usize = 32 << 20;
 
     thread_local! {
         static KEPT: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
@@ -281,6 +284,21 @@ mod scratch {
         kept.unwrap_or_else(|| Mat::zeros(nrows, ncols))
     }
 
+    /// How many matrices this thread keeps.
+    #[cfg(test)]
+    pub(crate) fn kept() -> usize {
+        KEPT.with(|kept| kept.borrow().len())
+    }
+
+    /// Drops every matrix kept by this thread.
+    pub(crate) fn clear() {
+        let _ = KEPT.try_with(|kept| {
+            if let Ok(mut kept) = kept.try_borrow_mut() {
+                kept.clear();
+            }
+        });
+    }
+
     /// Gives `m` back for [`take`] on this thread (the oldest kept matrix makes room).
     pub(crate) fn release<T: Element>(m: Mat<T>) {
         let bytes = m.nrows() * m.ncols() * std::mem::size_of::<T>();
@@ -298,6 +316,27 @@ mod scratch {
     }
 }
 pub(crate) use scratch::{release as release_scratch, take as take_scratch};
+
+/// Frees the work matrices that rmt-core keeps for reuse on the calling thread and on the
+/// threads of rayon's global pool. A diagnosis keeps its layer's `Kᵀ`, `M = QKᵀ` and `G`
+/// (up to four matrices of up to 32 MiB per thread) so that the next layer of the same
+/// shape does not map and zero fresh memory; call this once the last layer is done to give
+/// that memory back at once. Later calls work as before (the first of them allocates anew).
+///
+/// ```
+/// use rmt_core::diagnostics::{DiagnosticsConfig, diagnose_layer};
+/// use rmt_core::linalg::{free_kept_matrices, view};
+/// let q = nalgebra::DMatrix::<f64>::from_fn(64, 32, |i, j| ((i * 7 + j * 3) % 11) as f64);
+/// let k = nalgebra::DMatrix::<f64>::from_fn(64, 32, |i, j| ((i * 5 + j) % 13) as f64);
+/// let d = diagnose_layer(view(&q), view(&k), 4, &DiagnosticsConfig::default(), None)?;
+/// free_kept_matrices();
+/// assert!(d.layer.partial_spectrum);
+/// # Ok::<(), rmt_core::error::RmtError>(())
+/// ```
+pub fn free_kept_matrices() {
+    scratch::clear();
+    rayon::broadcast(|_| scratch::clear());
+}
 
 /// `A·Bᵀ` for `A ∈ ℝ^{m×k}`, `B ∈ ℝ^{n×k}` (the attention bilinear form `M = QKᵀ`): one GEMM
 /// with `Bᵀ` column-major.
@@ -332,14 +371,51 @@ pub(crate) fn gram_of_transpose<T: Element>(at: MatRef<'_, T>, scale: f64) -> Ma
 pub(crate) fn gram_lower_of_transpose<T: Element>(at: MatRef<'_, T>, scale: f64) -> Mat<T> {
     let n = at.ncols();
     let mut out = take_scratch::<T>(n, n);
-    lower_product(
-        out.as_mut(),
-        Accum::Replace,
-        at.transpose(),
-        at.transpose(),
-        T::from_f64(scale),
-    );
+    let (l, alpha) = (at.transpose(), T::from_f64(scale));
+    if n >= GRAM_HALVING_MIN {
+        lower_gram(out.as_mut(), l, alpha);
+    } else {
+        lower_product(out.as_mut(), Accum::Replace, l, l, alpha);
+    }
     out
+}
+
+/// From this size on, [`gram_lower_of_transpose`] halves ([`lower_gram`]) rather than
+/// splitting in two sequential sides ([`lower_product`]); both give the same bits. Measured
+/// (Zen 5, 2 cores, `n × n` by its transpose, medians of 9, alternating): `f64` n = 768
+/// 3.3–3.5 ms either way (`f32` 1.7–1.8 against 1.9), n = 1024 8.6 → 7.9, n = 2048 68–72 →
+/// 55–57, n = 4096 623 → 490 (`f32` 2048 36–38 → 27–28).
+const GRAM_HALVING_MIN: usize = 1024;
+
+/// Rows of the diagonal blocks that [`lower_gram`] computes whole.
+const GRAM_BASE: usize = 256;
+
+/// `C ← α·L·Lᵀ` on the lower triangle of the square `C` (`L ∈ ℝ^{n×k}`), by halves: the
+/// block below the diagonal, `α·L₂L₁ᵀ`, is one GEMM on every core; the two diagonal blocks
+/// recurse, and those of at most [`GRAM_BASE`] rows are whole GEMMs (their strictly upper
+/// part written too). Every product runs near the machine's parallel GEMM rate, where
+/// [`lower_product`]'s sequential column blocks run near the single-core rate of a thin
+/// GEMM (`2048 × 128 × 2048` `f64`: 67 GF/s on one core of the Zen 5, against 89 at
+/// `2048 × 512 × 2048`).
+fn lower_gram<T: Element>(mut c: MatMut<'_, T>, l: MatRef<'_, T>, alpha: T) {
+    let n = c.nrows();
+    if n <= GRAM_BASE {
+        let lt = l.transpose();
+        faer::linalg::matmul::matmul(c, Accum::Replace, l, lt, alpha, par());
+        return;
+    }
+    let h = n / 2;
+    let (l1, l2) = l.split_at_row(h);
+    faer::linalg::matmul::matmul(
+        c.rb_mut().submatrix_mut(h, 0, n - h, h),
+        Accum::Replace,
+        l2,
+        l1.transpose(),
+        alpha,
+        par(),
+    );
+    lower_gram(c.rb_mut().submatrix_mut(0, 0, h, h), l1, alpha);
+    lower_gram(c.submatrix_mut(h, h, n - h, n - h), l2, alpha);
 }
 
 /// Width of the column blocks of the blocked products ([`lower_product`], the band
@@ -657,6 +733,20 @@ mod tests {
                 assert_eq!(g2[(i, j)], g[(i, j)]);
             }
         }
+    }
+
+    /// A matrix of 32 MiB (an `f64` layer of width 2048) is kept, a larger one is not, and
+    /// `free_kept_matrices` empties the thread's scratch.
+    #[test]
+    fn scratch_keeps_up_to_32_mib_until_freed() {
+        free_kept_matrices();
+        assert_eq!(scratch::kept(), 0);
+        release_scratch(Mat::<f64>::zeros(2048, 2048));
+        assert_eq!(scratch::kept(), 1);
+        release_scratch(Mat::<f64>::zeros(2049, 2048));
+        assert_eq!(scratch::kept(), 1);
+        free_kept_matrices();
+        assert_eq!(scratch::kept(), 0);
     }
 
     /// The tiled copies between column slices equal the definitions at sizes around the

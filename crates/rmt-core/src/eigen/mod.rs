@@ -20,7 +20,7 @@ mod householder;
 mod tridiagonal;
 
 use crate::error::{Result, RmtError};
-use crate::linalg::{Element, take_scratch};
+use crate::linalg::{Element, release_scratch, take_scratch};
 use faer::{Mat, MatRef};
 use serde::{Deserialize, Serialize};
 
@@ -92,13 +92,9 @@ pub(crate) fn second_core_free() -> bool {
 /// others.
 pub(crate) fn tridiagonalize<T: Element>(a: MatRef<'_, T>) -> Tridiagonal {
     let n = a.nrows();
-    if one_stage::<T>(n) {
-        let mut copy = take_scratch::<T>(n, n);
-        copy.as_mut().copy_from_triangular_lower(a);
-        householder::tridiagonalize(copy, second_core_free())
-    } else {
-        two_stage(a.to_owned())
-    }
+    let mut copy = take_scratch::<T>(n, n);
+    copy.as_mut().copy_from_triangular_lower(a);
+    tridiagonalize_owned(copy)
 }
 
 /// [`tridiagonalize`] of a matrix the caller gives up (lower triangle read): reduced in
@@ -121,7 +117,7 @@ fn two_stage<T: Element>(mut work: Mat<T>) -> Tridiagonal {
     let b = bandwidth(work.nrows());
     band::reduce_to_band(work.as_mut(), b);
     let band = bulge::Band::from_lower(work.as_ref(), b);
-    drop(work);
+    release_scratch(work);
     let (d, e) = band.tridiagonalize();
     Tridiagonal { d, e }
 }
