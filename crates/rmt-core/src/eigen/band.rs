@@ -4,7 +4,7 @@
 //!
 //! For the panel `P = A[j+b.., j..j+b] = Q R` with `Q = I − V T Vᵀ` (compact WY), the trailing
 //! matrix becomes `QᵀA₂₂Q = A₂₂ − V Wᵀ − W Vᵀ` with `X = A₂₂ V T` and
-//! `W = X − ½ V (Tᵀ Vᵀ X)`. Only the lower triangle of `A₂₂` is read: `A₂₂V` is GEMMs and
+//! `W = X − ½ V (Tᵀ Vᵀ X)`. Only the lower triangle of `A₂₂` is read: `(A₂₂V)ᵀ = VᵀA₂₂` is GEMMs and
 //! triangular products over column blocks, the update one triangular rank-2b product. With look-ahead: the next
 //! panel's columns are updated first, and its QR runs on one rayon worker while the other
 //! updates the rest (measured on the Zen 5, 2 threads, f32 n = 768: 5.2–6.3 ms against
@@ -73,8 +73,8 @@ fn reduce_to_band_body<T: Element>(mut a: MatMut<'_, T>, b: usize) {
         let k = n - j - b;
         let nb = v.ncols();
         let mut a22 = a.rb_mut().submatrix_mut(j + b, j + b, k, k);
-        // Y = A₂₂ V with A₂₂ = L + L_strictᵀ (lower storage).
-        let y = symmetric_times(a22.rb(), v.as_ref());
+        // Yᵀ = (A₂₂ V)ᵀ with A₂₂ = L + L_strictᵀ (lower storage).
+        let yt = symmetric_times_transposed(a22.rb(), v.as_ref());
         // X = A₂₂ V T, then W = X − ½ V (Tᵀ Vᵀ X) in place: small products, sequential
         // (rayon's hand-offs cost more than they save at these sizes).
         let seq = Par::Seq;
@@ -82,7 +82,7 @@ fn reduce_to_band_body<T: Element>(mut a: MatMut<'_, T>, b: usize) {
         matmul(
             w.as_mut(),
             Accum::Replace,
-            y.as_ref(),
+            yt.transpose(),
             t.as_ref(),
             T::ONE,
             seq,
@@ -252,14 +252,19 @@ fn factor_panel_body<T: Element>(mut p: MatMut<'_, T>) -> Panel<T> {
     Panel { v, t }
 }
 
-/// `Y = A V` for the symmetric `A` (k × k) whose lower triangle is stored, `A = L + L̊ᵀ`
-/// (the upper triangle is not read). The two halves run on two rayon workers, each as a few
-/// large sequential GEMMs over column blocks: faer's parallel triangular products split into
-/// many small ones (35 GF/s at k = 768).
-fn symmetric_times<T: Element>(a: MatRef<'_, T>, v: MatRef<'_, T>) -> Mat<T> {
+/// `Yᵀ = (A V)ᵀ = VᵀA` (`nb × k`) for the symmetric `A` (`k × k`) whose lower triangle is
+/// stored, `A = L + L̊ᵀ` (the upper triangle is not read): over column blocks `J` of `L`,
+/// `Yᵀ[:, J] += Vᵀ[:, J..]·L[J.., J]` on one rayon worker and `Yᵀ[:, after J] +=
+/// Vᵀ[:, J]·L[after J, J]ᵀ` (with the diagonal block's strict part) on the other, as
+/// sequential GEMMs. Written as `VᵀA` the products have `A`'s blocks on the wide side, where
+/// faer's kernels run well; as `AV` (output `nb = 32` columns wide) the same blocks ran
+/// 1.3–1.6× slower (Zen 5, 2 cores, `k = 2048` `f64`: 2.3–2.9 ms against 3.5–4.6; `k = 1024`
+/// 0.58–1.04 against 0.75–1.21).
+fn symmetric_times_transposed<T: Element>(a: MatRef<'_, T>, v: MatRef<'_, T>) -> Mat<T> {
     let (k, nb) = (v.nrows(), v.ncols());
-    let mut y = Mat::<T>::zeros(k, nb);
-    let mut y_upper = Mat::<T>::zeros(k, nb);
+    let vt = v.transpose();
+    let mut yt = Mat::<T>::zeros(nb, k);
+    let mut yt_upper = Mat::<T>::zeros(nb, k);
     let blocks = || {
         (0..k)
             .step_by(GEMM_BLOCK)
@@ -268,39 +273,17 @@ fn symmetric_times<T: Element>(a: MatRef<'_, T>, v: MatRef<'_, T>) -> Mat<T> {
     let seq = Par::Seq;
     rayon::join(
         || {
-            // Y[I] = A[I, ..i₀] V[..i₀] + tril(A[I, I]) V[I]
-            for (i0, i1) in blocks() {
-                let w = i1 - i0;
-                let mut yi = y.as_mut().subrows_mut(i0, w);
-                if i0 > 0 {
-                    let left = a.submatrix(i0, 0, w, i0);
-                    matmul(yi.rb_mut(), Accum::Add, left, v.subrows(0, i0), T::ONE, seq);
-                }
-                tri_matmul(
-                    yi,
-                    BlockStructure::Rectangular,
-                    Accum::Add,
-                    a.submatrix(i0, i0, w, w),
-                    BlockStructure::TriangularLower,
-                    v.subrows(i0, w),
-                    BlockStructure::Rectangular,
-                    T::ONE,
-                    seq,
-                );
-            }
-        },
-        || {
-            // Y'[J] = A[j₁.., J]ᵀ V[j₁..] + strict_tril(A[J, J])ᵀ V[J]
+            // Yᵀ[:, J] = Vᵀ[:, j₁..] A[j₁.., J] + Vᵀ[:, J] tril(A[J, J])
             for (j0, j1) in blocks() {
                 let w = j1 - j0;
-                let mut yj = y_upper.as_mut().subrows_mut(j0, w);
+                let mut yj = yt.as_mut().subcols_mut(j0, w);
                 if j1 < k {
-                    let below = a.submatrix(j1, j0, k - j1, w).transpose();
+                    let below = a.submatrix(j1, j0, k - j1, w);
                     matmul(
                         yj.rb_mut(),
                         Accum::Add,
+                        vt.subcols(j1, k - j1),
                         below,
-                        v.subrows(j1, k - j1),
                         T::ONE,
                         seq,
                     );
@@ -309,17 +292,39 @@ fn symmetric_times<T: Element>(a: MatRef<'_, T>, v: MatRef<'_, T>) -> Mat<T> {
                     yj,
                     BlockStructure::Rectangular,
                     Accum::Add,
+                    vt.subcols(j0, w),
+                    BlockStructure::Rectangular,
+                    a.submatrix(j0, j0, w, w),
+                    BlockStructure::TriangularLower,
+                    T::ONE,
+                    seq,
+                );
+            }
+        },
+        || {
+            // Yᵀ'[:, j₁..] += Vᵀ[:, J] A[j₁.., J]ᵀ, Yᵀ'[:, J] += Vᵀ[:, J] strict_tril(A[J, J])ᵀ
+            for (j0, j1) in blocks() {
+                let w = j1 - j0;
+                if j1 < k {
+                    let below = a.submatrix(j1, j0, k - j1, w).transpose();
+                    let yj = yt_upper.as_mut().subcols_mut(j1, k - j1);
+                    matmul(yj, Accum::Add, vt.subcols(j0, w), below, T::ONE, seq);
+                }
+                tri_matmul(
+                    yt_upper.as_mut().subcols_mut(j0, w),
+                    BlockStructure::Rectangular,
+                    Accum::Add,
+                    vt.subcols(j0, w),
+                    BlockStructure::Rectangular,
                     a.submatrix(j0, j0, w, w).transpose(),
                     BlockStructure::StrictTriangularUpper,
-                    v.subrows(j0, w),
-                    BlockStructure::Rectangular,
                     T::ONE,
                     seq,
                 );
             }
         },
     );
-    y + y_upper
+    yt + yt_upper
 }
 
 /// `Σ xᵢyᵢ` with eight accumulators (lets LLVM vectorise the reduction).
