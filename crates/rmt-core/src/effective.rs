@@ -429,14 +429,7 @@ fn scaled_product(a: &[f32], m: usize, g: &[f32], b: &[f32], n: usize) -> Vec<f3
     let av = MatRef::from_row_major_slice(&scaled, m, r);
     let bv = MatRef::from_row_major_slice(b, r, n);
     let mut out = faer::Mat::<f32>::zeros(m, n);
-    faer::linalg::matmul::matmul(
-        out.as_mut(),
-        Accum::Replace,
-        av,
-        bv,
-        1.0f32,
-        crate::linalg::par(),
-    );
+    crate::linalg::matmul_by_rows(out.as_mut(), Accum::Replace, av, bv, 1.0f32);
     let mut rows = Vec::with_capacity(m * n);
     for i in 0..m {
         for j in 0..n {
