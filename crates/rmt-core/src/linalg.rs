@@ -569,18 +569,35 @@ fn transpose_tiled<T: Element>(a: MatRef<'_, T>) -> Mat<T> {
         for_each_tiled(rows, cols, false, |i, j| out[(j, i)] = a[(i, j)]);
         return out;
     }
-    let mut src: Vec<&[T]> = Vec::with_capacity(TILE);
-    for jb in (0..cols).step_by(TILE) {
-        let jw = TILE.min(cols - jb);
-        for ib in (0..rows).step_by(TILE) {
-            let iw = TILE.min(rows - ib);
-            src.clear();
-            src.extend((jb..jb + jw).map(|j| &column(a, j).expect("unit row stride")[ib..ib + iw]));
-            write_tile_transposed(&src, out.as_mut(), jb, ib);
+    // Columns of `a` (rows of `out`) from `first` on, into `out` (their rows from 0).
+    let copy = |first: usize, mut out: MatMut<'_, T>| {
+        let mut src: Vec<&[T]> = Vec::with_capacity(TILE);
+        for jb in (0..out.nrows()).step_by(TILE) {
+            let jw = TILE.min(out.nrows() - jb);
+            for ib in (0..rows).step_by(TILE) {
+                let iw = TILE.min(rows - ib);
+                src.clear();
+                src.extend(
+                    (jb..jb + jw)
+                        .map(|j| &column(a, first + j).expect("unit row stride")[ib..ib + iw]),
+                );
+                write_tile_transposed(&src, out.rb_mut(), jb, ib);
+            }
         }
+    };
+    if rows * cols >= TRANSPOSE_SPLIT_MIN {
+        // Two halves on two workers (the copy is bound by one core's loads and stores).
+        let half = (cols / 2).next_multiple_of(TILE).min(cols);
+        let (top, bottom) = out.as_mut().split_at_row_mut(half);
+        rayon::join(|| copy(0, top), || copy(half, bottom));
+    } else {
+        copy(0, out.as_mut());
     }
     out
 }
+
+/// Entries from which [`transpose_tiled`] copies in two halves on two rayon workers.
+const TRANSPOSE_SPLIT_MIN: usize = 512 * 512;
 
 /// Copies the strictly lower triangle of the square column-major `a` onto its upper
 /// triangle, in tiles between column slices (see [`transpose_tiled`]).
@@ -809,10 +826,20 @@ mod tests {
     }
 
     /// The tiled copies between column slices equal the definitions at sizes around the
-    /// tile edge, and the strided fallback (a row-major view) gives the same.
+    /// tile edge, and the strided fallback (a row-major view) gives the same; the last two
+    /// sizes are copied in two halves (`TRANSPOSE_SPLIT_MIN`), one with an odd column count.
     #[test]
     fn tiled_transpose_and_mirror_match_the_definition() {
-        for (r, c) in [(1, 1), (5, 70), (32, 32), (33, 31), (70, 65), (100, 3)] {
+        for (r, c) in [
+            (1, 1),
+            (5, 70),
+            (32, 32),
+            (33, 31),
+            (70, 65),
+            (100, 3),
+            (513, 517),
+            (300, 900),
+        ] {
             let a = Mat::<f32>::from_fn(r, c, |i, j| (i * 1000 + j) as f32);
             for view in [a.as_ref(), a.transpose().to_owned().as_ref().transpose()] {
                 let t = transpose_tiled(view);
