@@ -261,7 +261,7 @@ mod scratch {
     /// The largest matrix kept (larger ones go back to the allocator): 32 MiB, an `f64`
     /// layer of width 2048, whose three matrices otherwise cost ≈ 40 ms of page faults and
     /// zeroing per call (docs/performance.md).
-    pub(super) const SCRATCH_MAX_BYTES: usize = 32 << 20;
+    const SCRATCH_MAX_BYTES: usize = 32 << 20;
 
     thread_local! {
         static KEPT: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
