@@ -244,13 +244,14 @@ pub(crate) fn check_matrix<T: Element>(what: &'static str, m: MatRef<'_, T>) -> 
 // (250 ms). So the product reads `A` as it is and `Bᵀ` column-major (NN), copying `B`'s
 // transpose in cache-sized tiles when it is not already a view; the Gram stays TN.
 
-/// Matrices the crate's kernels are done with, kept per thread for the next call that asks
-/// for the same type and shape: a 768-wide `f64` layer otherwise allocates three 4.7 MB
-/// matrices per call, which the OS maps, faults in and zeroes page by page each time
-/// (≈ 3 400 page faults per layer; docs/performance.md). At most [`SCRATCH_SLOTS`] matrices
-/// of at most [`SCRATCH_MAX_BYTES`] each are kept per thread; [`free_kept_matrices`] gives
-/// them back.
 mod scratch {
+    //! Matrices the crate's kernels are done with, kept per thread for the next call that asks
+    //! for the same type and shape: a 768-wide `f64` layer otherwise allocates three 4.7 MB
+    //! matrices per call, which the OS maps, faults in and zeroes page by page each time
+    //! (≈ 3 400 page faults per layer; docs/performance.md). At most [`SCRATCH_SLOTS`] matrices of
+    //! at most [`SCRATCH_MAX_BYTES`] each are kept per thread;
+    //! [`free_kept_matrices`](super::free_kept_matrices) gives them back.
+
     use super::Element;
     use faer::Mat;
     use std::any::Any;
