@@ -126,13 +126,26 @@ fn check_numpy() -> Result<(), String> {
     }
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    xs[xs.len() / 2]
+/// Wall times of one side of a benchmark, in ms.
+#[derive(Debug, Clone, Copy)]
+struct Times {
+    median: f64,
+    /// The fastest run: on a shared machine, the one least disturbed by other tenants.
+    min: f64,
 }
 
-/// Median wall time in ms of `repeats` runs of `f`, after one warm-up run.
-fn time_ms<T>(repeats: usize, mut f: impl FnMut() -> T) -> (f64, T) {
+impl Times {
+    fn of(mut xs: Vec<f64>) -> Self {
+        xs.sort_by(|a, b| a.total_cmp(b));
+        Times {
+            median: xs[xs.len() / 2],
+            min: xs[0],
+        }
+    }
+}
+
+/// Wall times in ms of `repeats` runs of `f`, after one warm-up run.
+fn time_ms<T>(repeats: usize, mut f: impl FnMut() -> T) -> (Times, T) {
     let mut last = f();
     let mut times = Vec::with_capacity(repeats);
     for _ in 0..repeats {
@@ -140,7 +153,16 @@ fn time_ms<T>(repeats: usize, mut f: impl FnMut() -> T) -> (f64, T) {
         last = f();
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    (median(times), last)
+    (Times::of(times), last)
+}
+
+/// The fields every benchmark line ends with: the medians' ratio and the minima's.
+fn ratios(project: Times, reference: Times) -> String {
+    format!(
+        "ratio={:.3} min_ratio={:.3}",
+        project.median / reference.median,
+        project.min / reference.min
+    )
 }
 
 /// Runs a Python snippet with `sys.argv[1:] = args` and returns its stdout's last line.
@@ -164,6 +186,14 @@ fn python(script: &str, args: &[String]) -> Result<String, String> {
         .to_string())
 }
 
+/// The reference's median (`ms`) and fastest run (`min_ms`).
+fn reference_times(line: &str) -> Result<Times, String> {
+    Ok(Times {
+        median: field(line, "ms")?,
+        min: field(line, "min_ms")?,
+    })
+}
+
 /// Parses `key=value` pairs of a reference's output line.
 fn field(line: &str, key: &str) -> Result<f64, String> {
     line.split_whitespace()
@@ -179,7 +209,7 @@ np.linalg.eigvalsh(a)
 ts = []
 for _ in range(repeats):
     t = time.perf_counter(); ev = np.linalg.eigvalsh(a); ts.append(time.perf_counter() - t)
-print(f"ms={sorted(ts)[len(ts)//2]*1e3} max={float(ev[-1])!r} min={float(ev[0])!r}")
+print(f"ms={sorted(ts)[len(ts)//2]*1e3} min_ms={min(ts)*1e3} max={float(ev[-1])!r} min={float(ev[0])!r}")
 "#;
 
 fn wishart(n: usize, seed: u64) -> DMatrix<f64> {
@@ -195,24 +225,26 @@ fn eigen(dir: &Path, sizes: &[usize], repeats: usize, solver: &str) -> Result<()
         other => return Err(format!("unknown solver `{other}` (two-stage, faer)")),
     };
     println!(
-        "# bench eigen: {solver:?} vs numpy.linalg.eigvalsh, f64, median of {repeats}, threads={}",
+        "# bench eigen: {solver:?} vs numpy.linalg.eigvalsh, f64, medians (and minima) of {repeats}, threads={}",
         rayon_threads()
     );
     for &n in sizes {
         let a = wishart(n, n as u64);
         let path = dir.join(format!("eig{n}.npy"));
         npy::write(&path, a.transpose().as_slice(), n, n).map_err(|e| e.to_string())?;
-        let (project_ms, ev) = time_ms(repeats, || {
+        let (project, ev) = time_ms(repeats, || {
             rmt_core::spectra::symmetric_eigenvalues_with(&a, solver).expect("valid matrix")
         });
         let line = python(EIGEN_REFERENCE, &[path_arg(&path), repeats.to_string()])?;
-        let lapack_ms = field(&line, "ms")?;
+        let lapack = reference_times(&line)?;
         let err = ((ev[0] - field(&line, "max")?).abs())
             .max((ev[n - 1] - field(&line, "min")?).abs())
             / ev[0];
         println!(
-            "n={n} project_ms={project_ms:.2} lapack_ms={lapack_ms:.2} ratio={:.3} max_rel_diff={err:.1e}",
-            project_ms / lapack_ms
+            "n={n} project_ms={:.2} lapack_ms={:.2} {} max_rel_diff={err:.1e}",
+            project.median,
+            lapack.median,
+            ratios(project, lapack)
         );
     }
     Ok(())
@@ -239,7 +271,7 @@ for _ in range(repeats):
     for _ in range(layers):
         r = metrics(q, k)
     ts.append(time.perf_counter() - t)
-print(f"ms={sorted(ts)[len(ts)//2]*1e3} lmax={r['lmax']!r} count={r['count']} energy={r['energy']!r}")
+print(f"ms={sorted(ts)[len(ts)//2]*1e3} min_ms={min(ts)*1e3} lmax={r['lmax']!r} count={r['count']} energy={r['energy']!r}")
 "#;
 
 /// `Q, K ∈ ℝ^{n×n}` Gaussian with 16 planted rank-one spikes of graded strength in `Q`
@@ -272,7 +304,7 @@ fn diagnose(
     };
     let config = DiagnosticsConfig::default();
     println!(
-        "# bench diagnose: paper metrics (empirical σ², MP null) of one layer vs numpy (same dtype for products, eigvalsh), median of {repeats}, threads={}",
+        "# bench diagnose: paper metrics (empirical σ², MP null) of one layer vs numpy (same dtype for products, eigvalsh), medians (and minima) of {repeats}, threads={}",
         rayon_threads()
     );
     let mut jobs: Vec<(usize, usize)> = sizes.iter().map(|&n| (n, 1)).collect();
@@ -284,7 +316,7 @@ fn diagnose(
         for &dt in &dtypes {
             let qp = dir.join(format!("q{n}{dt}.npy"));
             let kp = dir.join(format!("k{n}{dt}.npy"));
-            let (project_ms, metrics) = if dt == "f32" {
+            let (project, metrics) = if dt == "f32" {
                 let (q32, k32) = (q.map(|x| x as f32), k.map(|x| x as f32));
                 npy::write(&qp, q32.transpose().as_slice(), n, n).map_err(|e| e.to_string())?;
                 npy::write(&kp, k32.transpose().as_slice(), n, n).map_err(|e| e.to_string())?;
@@ -311,7 +343,7 @@ fn diagnose(
                     count.to_string(),
                 ],
             )?;
-            let numpy_ms = field(&line, "ms")?;
+            let numpy = reference_times(&line)?;
             let agree = (ours.lambda_max / field(&line, "lmax")? - 1.0).abs();
             let prefix = if count > 1 {
                 format!("layers={count} ")
@@ -319,8 +351,10 @@ fn diagnose(
                 String::new()
             };
             println!(
-                "{prefix}n={n} dtype={dt} project_ms={project_ms:.1} numpy_ms={numpy_ms:.1} ratio={:.3} partial_spectrum={} outliers={}/{} lambda_max_rel_diff={agree:.1e}",
-                project_ms / numpy_ms,
+                "{prefix}n={n} dtype={dt} project_ms={:.1} numpy_ms={:.1} {} partial_spectrum={} outliers={}/{} lambda_max_rel_diff={agree:.1e}",
+                project.median,
+                numpy.median,
+                ratios(project, numpy),
                 metrics.layer.partial_spectrum,
                 ours.outlier_count,
                 field(&line, "count")? as usize,
@@ -450,4 +484,21 @@ fn models_on<B: burn::tensor::backend::AutodiffBackend>(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_and_ratios_read_the_median_and_the_fastest_run() {
+        let ours = Times::of(vec![30.0, 10.0, 20.0, 50.0, 40.0]);
+        assert_eq!((ours.median, ours.min), (30.0, 10.0));
+        let theirs = Times::of(vec![60.0, 40.0, 80.0]);
+        assert_eq!(ratios(ours, theirs), "ratio=0.500 min_ratio=0.250");
+        let line = "ms=60.5 min_ms=40.25 lmax=1.0";
+        let parsed = reference_times(line).unwrap();
+        assert_eq!((parsed.median, parsed.min), (60.5, 40.25));
+        assert!(reference_times("ms=60.5 lmax=1.0").is_err());
+    }
 }
