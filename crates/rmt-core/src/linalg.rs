@@ -319,10 +319,11 @@ mod scratch {
 pub(crate) use scratch::{release as release_scratch, take as take_scratch};
 
 /// Frees the work matrices that rmt-core keeps for reuse on the calling thread and on the
-/// threads of rayon's global pool. A diagnosis keeps its layer's `Kᵀ`, `M = QKᵀ` and `G`
-/// (up to four matrices of up to 32 MiB per thread) so that the next layer of the same
-/// shape does not map and zero fresh memory; call this once the last layer is done to give
-/// that memory back at once. Later calls work as before (the first of them allocates anew).
+/// threads of rayon's global pool. A diagnosis keeps its layer's copy of `Qᵀ`,
+/// `Mᵀ = KQᵀ` and `G` (up to four matrices of up to 32 MiB per thread) so that the next
+/// layer of the same shape does not map and zero fresh memory; call this once the last
+/// layer is done to give that memory back at once. Later calls work as before (the first of
+/// them allocates anew).
 ///
 /// ```
 /// use rmt_core::diagnostics::{DiagnosticsConfig, diagnose_layer};
