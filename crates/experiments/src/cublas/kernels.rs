@@ -361,7 +361,9 @@ fn adamw_kernel<F: Float>(
 }
 
 /// `partial[c, j] = Σ_{i ∈ chunk c} terms[i, j]` over the rows `c·per_chunk ..` of chunk `c`
-/// (`CUBE_POS_Y`): one thread per column, reading rows in turn (coalesced across columns).
+/// (`CUBE_POS_Y`): one thread per column, reading rows in turn (coalesced across columns),
+/// four rows at a time into four sums, so that four loads are in flight (one at a time, each
+/// thread waited out a memory latency per row: ≈ 27 µs a launch for 64 rows).
 #[cube(launch)]
 fn column_sum_kernel(
     terms: &Tensor<f32>,
@@ -381,13 +383,28 @@ fn column_sum_kernel(
     if end > rows {
         end = rows;
     }
-    let mut acc = f32::new(0.0);
+    let end = end as usize;
+    let mut acc0 = f32::new(0.0);
+    let mut acc1 = f32::new(0.0);
+    let mut acc2 = f32::new(0.0);
+    let mut acc3 = f32::new(0.0);
     let mut i = start as usize;
-    while i < end as usize {
-        acc += terms[i * w + j];
+    while i + 4 <= end {
+        let a0 = terms[i * w + j];
+        let a1 = terms[(i + 1) * w + j];
+        let a2 = terms[(i + 2) * w + j];
+        let a3 = terms[(i + 3) * w + j];
+        acc0 += a0;
+        acc1 += a1;
+        acc2 += a2;
+        acc3 += a3;
+        i += 4;
+    }
+    while i < end {
+        acc0 += terms[i * w + j];
         i += 1;
     }
-    partial[chunk as usize * w + j] = acc;
+    partial[chunk as usize * w + j] = (acc0 + acc1) + (acc2 + acc3);
 }
 
 /// Rotary embedding of `x` `[b, h, s, w]` (any strides) at positions `start..start + s` into
