@@ -257,7 +257,7 @@ mod scratch {
     use std::any::Any;
     use std::cell::RefCell;
 
-    /// Matrices kept per thread (a layer's `Kᵀ`, `M` and `G`, and one more).
+    /// Matrices kept per thread (a layer's copy of `Qᵀ`, `Mᵀ` and `G`, and one more).
     const SCRATCH_SLOTS: usize = 4;
     /// The largest matrix kept (larger ones go back to the allocator): 32 MiB, an `f64`
     /// layer of width 2048, whose three matrices otherwise cost ≈ 40 ms of page faults and
