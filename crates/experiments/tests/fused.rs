@@ -71,9 +71,18 @@ fn norm<B: Backend>(w: usize, device: &B::Device) -> RmsNorm<B> {
 #[ignore = "needs an NVIDIA GPU"]
 fn rms_norm_forward_and_backward_match_the_exact_function() {
     let device = device();
-    // 37 rows: not a multiple of the 8 rows per cube. Widths below, at and above a warp.
-    // 9 000 rows: more than the backward's 4 096 planes, which then take 2 or 3 rows each.
-    for (n, w) in [(37, 20), (37, 100), (64, 768), (9000, 40)] {
+    // 37 rows: not a multiple of the 8 rows per cube, nor of the backward's groups of 4 rows.
+    // Widths below, at and above a warp, read in vectors of 1 (w = 7), 4 (20, 100) and 8
+    // (768, 40, 16). 17 000 rows: 4 250 groups, more than the backward's 4 096 planes, so
+    // that some planes add a second group to their partial row.
+    for (n, w) in [
+        (37, 7),
+        (37, 20),
+        (37, 100),
+        (64, 768),
+        (9000, 40),
+        (17_000, 16),
+    ] {
         let norm = norm::<Train>(w, &device);
         let x = Tensor::<Train, 2>::random([n, w], Distribution::Normal(0.0, 2.0), &device)
             .require_grad();
@@ -157,12 +166,16 @@ fn softmax_row(row: &[f64], visible: usize) -> Vec<f64> {
 fn causal_softmax_forward_and_backward_match_the_exact_function() {
     let device = device();
     // [b, H, s, t], offset: square (training), a cached prefix (decoding), more keys than a
-    // warp has lanes, and one query; scales 1, 1/√64 and 1/√96 (MLA-Decoupled's d_k).
+    // warp has lanes, and one query; scales 1, 1/√64 and 1/√96 (MLA-Decoupled's d_k). The
+    // kernels read vectors of 1 (t = 9, 33), 2 (t = 70) and 8 keys (t = 64; t = 600: more
+    // vectors than lanes, and causal limits inside a vector).
     for (shape, offset, scale) in [
         ([2, 3, 9, 9], 0, 1.0),
         ([2, 3, 5, 9], 4, 0.125),
         ([1, 2, 40, 70], 30, 1.0 / 96f64.sqrt()),
         ([1, 2, 1, 33], 32, 0.125),
+        ([2, 2, 64, 64], 0, 0.125),
+        ([1, 2, 50, 600], 550, 1.0 / 96f64.sqrt()),
     ] {
         let [_, _, s, t] = shape;
         let scores = Tensor::<Train, 4>::random(shape, Distribution::Uniform(-8.0, 8.0), &device)
@@ -221,7 +234,8 @@ fn sigmoid(x: f64) -> f64 {
 #[ignore = "needs an NVIDIA GPU"]
 fn swiglu_forward_and_backward_match_the_exact_function() {
     let device = device();
-    for shape in [[37, 100], [64, 2048]] {
+    // Read in vectors of 1 (21 entries), 4 (3 700) and 8 (131 072) elements.
+    for shape in [[3, 7], [37, 100], [64, 2048]] {
         let gate = Tensor::<Train, 2>::random(shape, Distribution::Normal(0.0, 3.0), &device)
             .require_grad();
         let up = Tensor::<Train, 2>::random(shape, Distribution::Normal(0.0, 1.0), &device)
@@ -262,8 +276,17 @@ fn cross_entropy_and_its_gradient_match_the_exact_function() {
     let device = device();
     // A vocabulary below a warp's width, odd sizes, and the paper's 32 000; then rows on a
     // pitch (a column slice of a wider leaf, as the cuBLAS head's output is laid out), read
-    // in place and with a gradient on the same pitch (zero in the leaf's extra columns).
-    for (n, v, pad) in [(5, 17, 0), (37, 1000, 0), (16, 32_000, 0), (9, 1001, 7)] {
+    // in place and with a gradient on the same pitch (zero in the leaf's extra columns). The
+    // kernels read vectors of 1 (v = 17, 1 001), 4 (36 on a pitch of 40) and 8 logits (1 000,
+    // also on a pitch of 1 008, and 32 000).
+    for (n, v, pad) in [
+        (5, 17, 0),
+        (37, 1000, 0),
+        (16, 32_000, 0),
+        (9, 1001, 7),
+        (7, 36, 4),
+        (11, 1000, 8),
+    ] {
         let leaf =
             Tensor::<Train, 2>::random([n, v + pad], Distribution::Normal(0.0, 3.0), &device)
                 .require_grad();
@@ -491,13 +514,20 @@ fn the_models_use_the_fused_kernels() {
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn adamw_update_matches_the_exact_update() {
-    use attn_models::fused::{AdamWStep, Outcome};
     let device = device();
-    let n = 100_003; // not a multiple of the cube size
+    // Not a multiple of the cube size, read one element at a time; and a multiple of 8, read
+    // in vectors of 8.
+    for n in [100_003, 98_312] {
+        adamw_update_of_size(n, &device);
+    }
+}
+
+fn adamw_update_of_size(n: usize, device: &Dev) {
+    use attn_models::fused::{AdamWStep, Outcome};
     let normal =
-        |sd: f64| Tensor::<CublasCuda, 1>::random([n], Distribution::Normal(0.0, sd), &device);
+        |sd: f64| Tensor::<CublasCuda, 1>::random([n], Distribution::Normal(0.0, sd), device);
     let (p, g, m) = (normal(1.0), normal(1e-2), normal(1e-3));
-    let v = Tensor::<CublasCuda, 1>::random([n], Distribution::Uniform(0.0, 1e-4), &device);
+    let v = Tensor::<CublasCuda, 1>::random([n], Distribution::Uniform(0.0, 1e-4), device);
     // A large learning rate and decay (θ·0.75 − 0.5·update), so that both terms of θ's update
     // stand far above its bf16 rounding (2⁻⁸·|θ|) and a wrong term would show.
     let (lr, beta_1, beta_2, epsilon, weight_decay) = (0.5, 0.9f32, 0.95f32, 1e-8f32, 0.5f32);
@@ -548,7 +578,12 @@ fn adamw_update_matches_the_exact_update() {
             tol[1][i] = U_BF16 * m_new.abs() + 4.0 * U_F32 * (b1 * hm[i].abs() + hg[i].abs());
             tol[2][i] = U_BF16 * v_new.abs() + 4.0 * U_F32 * (b2 * hv[i] + hg[i] * hg[i]);
         }
-        assert_within(&format!("θ at t = {time}"), &host(&p1), &want[0], &tol[0]);
+        assert_within(
+            &format!("θ at t = {time}, n = {n}"),
+            &host(&p1),
+            &want[0],
+            &tol[0],
+        );
         assert_within(&format!("m at t = {time}"), &host(&m1), &want[1], &tol[1]);
         assert_within(&format!("v at t = {time}"), &host(&v1), &want[2], &tol[2]);
     }

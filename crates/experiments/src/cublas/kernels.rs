@@ -8,6 +8,7 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
+use cubecl::tensor_vector_size_parallel;
 
 pub(super) type Primitive = CubeTensor<CudaRuntime>;
 
@@ -16,11 +17,25 @@ const LANES: u32 = 32;
 /// Rows per cube (`CubeDim { x: LANES, y: ROWS_PER_CUBE }`, 256 threads).
 const ROWS_PER_CUBE: u32 = 8;
 
+/// The sum of a vector's lanes, in a fixed order.
+#[cube]
+fn lane_sum<N: Size>(v: Vector<f32, N>) -> f32 {
+    let mut s = f32::new(0.0);
+    #[unroll]
+    for k in 0..N::value() {
+        s += v[k];
+    }
+    s
+}
+
+/// RMSNorm forward, one plane per row, each lane reading vectors of `N` elements (16 bytes
+/// of bf16 when `N = 8`; `width` is a multiple of `N`).
 #[cube(launch)]
-fn rms_norm_forward_kernel<F: Float>(
-    x: &Tensor<F>,
-    gain: &Tensor<F>,
-    y: &mut Tensor<F>,
+#[allow(clippy::too_many_arguments)]
+fn rms_norm_forward_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    gain: &Tensor<Vector<F, N>>,
+    y: &mut Tensor<Vector<F, N>>,
     rstd: &mut Tensor<f32>,
     rows: u32,
     width: u32,
@@ -31,22 +46,25 @@ fn rms_norm_forward_kernel<F: Float>(
     if row >= rows {
         terminate!();
     }
-    let w = width as usize;
-    let base = row as usize * w;
+    let vectors = width as usize / N::value();
+    let base = row as usize * vectors;
     let lane = UNIT_POS_X as usize;
     let step = CUBE_DIM_X as usize;
-    let mut squares = f32::new(0.0);
+    let mut squares = Vector::<f32, N>::new(f32::new(0.0));
     let mut j = lane;
-    while j < w {
-        let v = f32::cast_from(x[base + j]);
+    while j < vectors {
+        let v = Vector::<f32, N>::cast_from(x[base + j]);
         squares += v * v;
         j += step;
     }
-    let total = plane_sum(squares);
+    let total = plane_sum(lane_sum::<N>(squares));
     let r = f32::new(1.0) / (total / f32::cast_from(width) + eps).sqrt();
+    let rv = Vector::<f32, N>::new(r);
     let mut k = lane;
-    while k < w {
-        y[base + k] = F::cast_from(f32::cast_from(x[base + k]) * r * f32::cast_from(gain[k]));
+    while k < vectors {
+        y[base + k] = Vector::<F, N>::cast_from(
+            Vector::<f32, N>::cast_from(x[base + k]) * rv * Vector::<f32, N>::cast_from(gain[k]),
+        );
         k += step;
     }
     if lane == 0 {
@@ -54,59 +72,99 @@ fn rms_norm_forward_kernel<F: Float>(
     }
 }
 
-/// RMSNorm backward, rows `plane, plane + P, …` for each of the `P` planes (grid-stride):
-/// `dx` row by row, and the gain's gradient summed over the plane's rows into its own row of
-/// `gain_partial` `[P, w]` (f32, read-modify-write of a row that stays in L2), so that only
-/// `P` rows, not `n`, are left for [`column_sums`]. Deterministic: fixed rows per plane.
+/// Rows of one group of the RMSNorm backward: their `dx` and their sum of the gain's gradient
+/// are made in one pass over the group's columns, the sum kept in registers.
+const NORM_GROUP_ROWS: usize = 4;
+
+/// RMSNorm backward over groups of [`NORM_GROUP_ROWS`] consecutive rows, groups `plane,
+/// plane + P, …` for each of the `P` planes (grid-stride). Per group, first each row's
+/// coefficient `c = r³·Σ_k x_k γ_k dy_k / w`, then one pass over the columns (vectors of `N`)
+/// writing `dx = r·γ·dy − c·x` of every row of the group and adding `Σ_rows dy·x·r` to the
+/// plane's own row of `gain_partial` `[P, w]` (f32) once, so that only `P` rows are left for
+/// [`column_sums`]. Deterministic: fixed groups per plane, fixed order.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn rms_norm_backward_kernel<F: Float>(
-    x: &Tensor<F>,
-    gain: &Tensor<F>,
+fn rms_norm_backward_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    gain: &Tensor<Vector<F, N>>,
     rstd: &Tensor<f32>,
-    dy: &Tensor<F>,
-    dx: &mut Tensor<F>,
+    dy: &Tensor<Vector<F, N>>,
+    dx: &mut Tensor<Vector<F, N>>,
     gain_partial: &mut Tensor<f32>,
     rows: u32,
+    groups: u32,
     width: u32,
     #[define(F)] _dtype: StorageType,
 ) {
     let plane = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
-    if plane >= rows {
+    let group_rows = comptime!(NORM_GROUP_ROWS as u32);
+    if plane >= groups {
         terminate!();
     }
     let planes = CUBE_COUNT_X * CUBE_DIM_Y;
-    let w = width as usize;
-    let own = plane as usize * w;
+    let vectors = width as usize / N::value();
+    let own = plane as usize * width as usize;
     let lane = UNIT_POS_X as usize;
     let step = CUBE_DIM_X as usize;
-    let mut row = plane;
+    let mut group = plane;
     let mut first = true;
-    while row < rows {
-        let base = row as usize * w;
-        let r = rstd[row as usize];
-        let mut dot = f32::new(0.0);
+    while group < groups {
+        let start = group * group_rows;
+        let mut coef = Array::<f32>::new(NORM_GROUP_ROWS);
+        let mut scale = Array::<f32>::new(NORM_GROUP_ROWS);
+        #[unroll]
+        for i in 0..NORM_GROUP_ROWS {
+            let row = start + i as u32;
+            let mut c = f32::new(0.0);
+            let mut r = f32::new(0.0);
+            // `row` is the same on every lane: the plane sum is reached by all or none.
+            if row < rows {
+                let base = row as usize * vectors;
+                r = rstd[row as usize];
+                let mut dot = Vector::<f32, N>::new(f32::new(0.0));
+                let mut j = lane;
+                while j < vectors {
+                    dot += Vector::<f32, N>::cast_from(x[base + j])
+                        * Vector::<f32, N>::cast_from(gain[j])
+                        * Vector::<f32, N>::cast_from(dy[base + j]);
+                    j += step;
+                }
+                c = r * r * r * plane_sum(lane_sum::<N>(dot)) / f32::cast_from(width);
+            }
+            coef[i] = c;
+            scale[i] = r;
+        }
         let mut j = lane;
-        while j < w {
-            let xv = f32::cast_from(x[base + j]);
-            let g = f32::cast_from(dy[base + j]);
-            dot += xv * f32::cast_from(gain[j]) * g;
-            if first {
-                gain_partial[own + j] = g * xv * r;
-            } else {
-                gain_partial[own + j] += g * xv * r;
+        while j < vectors {
+            let g = Vector::<f32, N>::cast_from(gain[j]);
+            let mut acc = Vector::<f32, N>::new(f32::new(0.0));
+            #[unroll]
+            for i in 0..NORM_GROUP_ROWS {
+                let row = start + i as u32;
+                if row < rows {
+                    let e = row as usize * vectors + j;
+                    let xv = Vector::<f32, N>::cast_from(x[e]);
+                    let d = Vector::<f32, N>::cast_from(dy[e]);
+                    let r = Vector::<f32, N>::new(scale[i]);
+                    dx[e] = Vector::<F, N>::cast_from(
+                        r * (g * d) - xv * Vector::<f32, N>::new(coef[i]),
+                    );
+                    acc += d * xv * r;
+                }
+            }
+            let out = own + j * N::value();
+            #[unroll]
+            for k in 0..N::value() {
+                if first {
+                    gain_partial[out + k] = acc[k];
+                } else {
+                    gain_partial[out + k] += acc[k];
+                }
             }
             j += step;
         }
-        let c = r * r * r * plane_sum(dot) / f32::cast_from(width);
-        let mut k = lane;
-        while k < w {
-            let u = f32::cast_from(gain[k]) * f32::cast_from(dy[base + k]);
-            dx[base + k] = F::cast_from(r * u - f32::cast_from(x[base + k]) * c);
-            k += step;
-        }
         first = false;
-        row += planes;
+        group += planes;
     }
 }
 
@@ -135,10 +193,15 @@ fn plane_log_sum_exp<F: Float>(x: &Tensor<F>, base: usize, len: usize, c: f32) -
     plane_sum(l * (m - row_max).exp()).ln() + row_max
 }
 
+/// The causal softmax's rows, one plane each, each lane reading vectors of `N` keys (`keys`
+/// a multiple of `N`); key `k` of row `i` is visible when `k < i mod s + offset + 1`.
+/// Forward: the row's maximum over visible keys, then `lse = M + log Σ e^{c·x − M}` (two
+/// passes over the lane's vectors, the second from L1), then `P = e^{c·x − lse}` or 0.
 #[cube(launch)]
-fn causal_softmax_forward_kernel<F: Float>(
-    scores: &Tensor<F>,
-    probs: &mut Tensor<F>,
+#[allow(clippy::too_many_arguments)]
+fn causal_softmax_forward_kernel<F: Float, N: Size>(
+    scores: &Tensor<Vector<F, N>>,
+    probs: &mut Tensor<Vector<F, N>>,
     rows: u32,
     queries: u32,
     keys: u32,
@@ -150,29 +213,63 @@ fn causal_softmax_forward_kernel<F: Float>(
     if row >= rows {
         terminate!();
     }
-    let t = keys as usize;
-    let base = row as usize * t;
+    let vectors = keys as usize / N::value();
+    let base = row as usize * vectors;
     let visible = (row % queries + offset + 1) as usize;
     let lane = UNIT_POS_X as usize;
     let step = CUBE_DIM_X as usize;
-    let lse = plane_log_sum_exp::<F>(scores, base, visible, scale);
-    let mut k = lane;
-    while k < t {
-        let mut p = f32::new(0.0);
-        if k < visible {
-            p = (scale * f32::cast_from(scores[base + k]) - lse).exp();
+    // Below any finite value: e^{FLOOR − x} underflows to 0 for every finite x.
+    let floor = f32::new(-3.0e38);
+    let mut m = floor;
+    let mut j = lane;
+    while j * N::value() < visible {
+        let v = Vector::<f32, N>::cast_from(scores[base + j]);
+        #[unroll]
+        for e in 0..N::value() {
+            let x = scale * v[e];
+            if j * N::value() + e < visible && x > m {
+                m = x;
+            }
         }
-        probs[base + k] = F::cast_from(p);
+        j += step;
+    }
+    let row_max = plane_max(m);
+    let mut l = f32::new(0.0);
+    let mut j = lane;
+    while j * N::value() < visible {
+        let v = Vector::<f32, N>::cast_from(scores[base + j]);
+        #[unroll]
+        for e in 0..N::value() {
+            if j * N::value() + e < visible {
+                l += (scale * v[e] - row_max).exp();
+            }
+        }
+        j += step;
+    }
+    let lse = plane_sum(l).ln() + row_max;
+    let mut k = lane;
+    while k < vectors {
+        let v = Vector::<f32, N>::cast_from(scores[base + k]);
+        let mut p = Vector::<f32, N>::new(f32::new(0.0));
+        #[unroll]
+        for e in 0..N::value() {
+            if k * N::value() + e < visible {
+                p[e] = (scale * v[e] - lse).exp();
+            }
+        }
+        probs[base + k] = Vector::<F, N>::cast_from(p);
         k += step;
     }
 }
 
+/// Backward of [`causal_softmax_forward_kernel`], rows and vectors as there:
+/// `dx_k = c·P_k·(dP_k − Σ_{j visible} P_j dP_j)` for visible `k`, else 0.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn causal_softmax_backward_kernel<F: Float>(
-    probs: &Tensor<F>,
-    dprobs: &Tensor<F>,
-    dscores: &mut Tensor<F>,
+fn causal_softmax_backward_kernel<F: Float, N: Size>(
+    probs: &Tensor<Vector<F, N>>,
+    dprobs: &Tensor<Vector<F, N>>,
+    dscores: &mut Tensor<Vector<F, N>>,
     rows: u32,
     queries: u32,
     keys: u32,
@@ -184,81 +281,101 @@ fn causal_softmax_backward_kernel<F: Float>(
     if row >= rows {
         terminate!();
     }
-    let t = keys as usize;
-    let base = row as usize * t;
+    let vectors = keys as usize / N::value();
+    let base = row as usize * vectors;
     let visible = (row % queries + offset + 1) as usize;
     let lane = UNIT_POS_X as usize;
     let step = CUBE_DIM_X as usize;
     let mut dot = f32::new(0.0);
     let mut j = lane;
-    while j < visible {
-        dot += f32::cast_from(probs[base + j]) * f32::cast_from(dprobs[base + j]);
+    while j * N::value() < visible {
+        let pd = Vector::<f32, N>::cast_from(probs[base + j])
+            * Vector::<f32, N>::cast_from(dprobs[base + j]);
+        #[unroll]
+        for e in 0..N::value() {
+            if j * N::value() + e < visible {
+                dot += pd[e];
+            }
+        }
         j += step;
     }
-    let total = plane_sum(dot);
+    let total = Vector::<f32, N>::new(plane_sum(dot));
+    let c = Vector::<f32, N>::new(scale);
     let mut k = lane;
-    while k < t {
-        let mut d = f32::new(0.0);
-        if k < visible {
-            d = scale
-                * f32::cast_from(probs[base + k])
-                * (f32::cast_from(dprobs[base + k]) - total);
+    while k < vectors {
+        let mut d = c
+            * Vector::<f32, N>::cast_from(probs[base + k])
+            * (Vector::<f32, N>::cast_from(dprobs[base + k]) - total);
+        #[unroll]
+        for e in 0..N::value() {
+            if k * N::value() + e >= visible {
+                d[e] = f32::new(0.0);
+            }
         }
-        dscores[base + k] = F::cast_from(d);
+        dscores[base + k] = Vector::<F, N>::cast_from(d);
         k += step;
     }
 }
 
+/// `silu(gate) ⊙ up`, `N` elements per thread.
 #[cube(launch)]
-fn swiglu_forward_kernel<F: Float>(
-    gate: &Tensor<F>,
-    up: &Tensor<F>,
-    out: &mut Tensor<F>,
-    len: u32,
+fn swiglu_forward_kernel<F: Float, N: Size>(
+    gate: &Tensor<Vector<F, N>>,
+    up: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<Vector<F, N>>,
+    vectors: u32,
     #[define(F)] _dtype: StorageType,
 ) {
     let i = ABSOLUTE_POS;
-    if i >= len as usize {
+    if i >= vectors as usize {
         terminate!();
     }
-    let g = f32::cast_from(gate[i]);
-    let sigmoid = f32::new(1.0) / (f32::new(1.0) + (f32::new(0.0) - g).exp());
-    out[i] = F::cast_from(g * sigmoid * f32::cast_from(up[i]));
+    let g = Vector::<f32, N>::cast_from(gate[i]);
+    let one = Vector::<f32, N>::new(f32::new(1.0));
+    let sigmoid = one / (one + (Vector::<f32, N>::new(f32::new(0.0)) - g).exp());
+    out[i] = Vector::<F, N>::cast_from(g * sigmoid * Vector::<f32, N>::cast_from(up[i]));
 }
 
+/// SwiGLU backward, `N` elements per thread (see [`swiglu_backward`]).
 #[cube(launch)]
-fn swiglu_backward_kernel<F: Float>(
-    gate: &Tensor<F>,
-    up: &Tensor<F>,
-    dy: &Tensor<F>,
-    dgate: &mut Tensor<F>,
-    dup: &mut Tensor<F>,
-    len: u32,
+fn swiglu_backward_kernel<F: Float, N: Size>(
+    gate: &Tensor<Vector<F, N>>,
+    up: &Tensor<Vector<F, N>>,
+    dy: &Tensor<Vector<F, N>>,
+    dgate: &mut Tensor<Vector<F, N>>,
+    dup: &mut Tensor<Vector<F, N>>,
+    vectors: u32,
     #[define(F)] _dtype: StorageType,
 ) {
     let i = ABSOLUTE_POS;
-    if i >= len as usize {
+    if i >= vectors as usize {
         terminate!();
     }
-    let g = f32::cast_from(gate[i]);
-    let d = f32::cast_from(dy[i]);
-    let sigmoid = f32::new(1.0) / (f32::new(1.0) + (f32::new(0.0) - g).exp());
-    let one = f32::new(1.0);
-    dgate[i] = F::cast_from(d * f32::cast_from(up[i]) * sigmoid * (one + g * (one - sigmoid)));
-    dup[i] = F::cast_from(d * g * sigmoid);
+    let g = Vector::<f32, N>::cast_from(gate[i]);
+    let d = Vector::<f32, N>::cast_from(dy[i]);
+    let one = Vector::<f32, N>::new(f32::new(1.0));
+    let sigmoid = one / (one + (Vector::<f32, N>::new(f32::new(0.0)) - g).exp());
+    dgate[i] = Vector::<F, N>::cast_from(
+        d * Vector::<f32, N>::cast_from(up[i]) * sigmoid * (one + g * (one - sigmoid)),
+    );
+    dup[i] = Vector::<F, N>::cast_from(d * g * sigmoid);
 }
 
-/// Per row `i` of `logits` `[n, v]`: `lse_i = log Σ_j exp(x_ij)` and
-/// `nll_i = lse_i − x_{i,t_i}` (NaN for a target outside `0..v`, so that training stops on a non-finite loss).
+/// Per row `i` of `logits` `[n, v]` (rows `pitch` vectors apart), each lane reading vectors of
+/// `N` logits: `lse_i = log Σ_j exp(x_ij)` (each lane an online sum rescaled to its running
+/// maximum, one rescale per vector, then the plane's maximum `M` and `Σ l·e^{m − M}`) and
+/// `nll_i = lse_i − x_{i,t_i}` (NaN for a target outside `0..v`, so that training stops on
+/// a non-finite loss).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn cross_entropy_forward_kernel<F: Float, I: Int>(
-    logits: &Tensor<F>,
+fn cross_entropy_forward_kernel<F: Float, I: Int, N: Size>(
+    logits: &Tensor<Vector<F, N>>,
     targets: &Tensor<I>,
     nll: &mut Tensor<f32>,
     lse: &mut Tensor<f32>,
     rows: u32,
     vocab: u32,
+    pitch: u32,
     undefined: f32,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
@@ -266,73 +383,110 @@ fn cross_entropy_forward_kernel<F: Float, I: Int>(
     if row >= rows {
         terminate!();
     }
-    let v = vocab as usize;
-    // Rows may be padded to a pitch (the cuBLAS head's output): address them by stride.
-    let base = row as usize * logits.stride(0);
+    let vectors = vocab as usize / N::value();
+    let base = row as usize * pitch as usize;
     let lane = UNIT_POS_X as usize;
-    let log_sum = plane_log_sum_exp::<F>(logits, base, v, f32::new(1.0));
+    let step = CUBE_DIM_X as usize;
+    // A negative target wraps to a large u32: both are outside the vocabulary.
+    let t = u32::cast_from(targets[row as usize]) as usize;
+    // Below any finite value: e^{FLOOR − x} underflows to 0 for every finite x.
+    let floor = f32::new(-3.0e38);
+    let mut m = floor;
+    let mut l = f32::new(0.0);
+    let mut target = f32::new(0.0);
+    let mut j = lane;
+    while j < vectors {
+        let v = Vector::<f32, N>::cast_from(logits[base + j]);
+        let mut top = floor;
+        #[unroll]
+        for e in 0..N::value() {
+            if v[e] > top {
+                top = v[e];
+            }
+            if j * N::value() + e == t {
+                target = v[e];
+            }
+        }
+        if top > m {
+            l *= (m - top).exp();
+            m = top;
+        }
+        #[unroll]
+        for e in 0..N::value() {
+            l += (v[e] - m).exp();
+        }
+        j += step;
+    }
+    let row_max = plane_max(m);
+    let log_sum = plane_sum(l * (m - row_max).exp()).ln() + row_max;
+    // Only the lane holding the target's vector has a non-zero `target`: the sum is exact.
+    let x_target = plane_sum(target);
     if lane == 0 {
-        // A negative target wraps to a large u32: both are outside the vocabulary.
-        let t = u32::cast_from(targets[row as usize]);
         let mut loss = undefined;
-        if t < vocab {
-            loss = log_sum - f32::cast_from(logits[base + t as usize]);
+        if t < vocab as usize {
+            loss = log_sum - x_target;
         }
         nll[row as usize] = loss;
         lse[row as usize] = log_sum;
     }
 }
 
-/// `dx_ij = g/n · (exp(x_ij − lse_i) − [j = t_i])`, `g = grad[0]` the gradient of the mean.
+/// `dx_ij = g/n · (exp(x_ij − lse_i) − [j = t_i])`, `g = grad[0]` the gradient of the mean;
+/// vectors of `N` logits, rows `pitch` (input) and `out_pitch` (output) vectors apart.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn cross_entropy_backward_kernel<F: Float, I: Int>(
-    logits: &Tensor<F>,
+fn cross_entropy_backward_kernel<F: Float, I: Int, N: Size>(
+    logits: &Tensor<Vector<F, N>>,
     targets: &Tensor<I>,
     lse: &Tensor<f32>,
     grad: &Tensor<f32>,
-    dlogits: &mut Tensor<F>,
+    dlogits: &mut Tensor<Vector<F, N>>,
     rows: u32,
     vocab: u32,
+    pitch: u32,
+    out_pitch: u32,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let row = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
     if row >= rows {
         terminate!();
     }
-    let v = vocab as usize;
-    let base = row as usize * logits.stride(0);
-    let out = row as usize * dlogits.stride(0);
+    let vectors = vocab as usize / N::value();
+    let base = row as usize * pitch as usize;
+    let out = row as usize * out_pitch as usize;
     let scale = grad[0] / f32::cast_from(rows);
-    let log_sum = lse[row as usize];
+    let log_sum = Vector::<f32, N>::new(lse[row as usize]);
     let t = u32::cast_from(targets[row as usize]) as usize;
     let mut j = UNIT_POS_X as usize;
     let step = CUBE_DIM_X as usize;
-    while j < v {
-        let mut p = (f32::cast_from(logits[base + j]) - log_sum).exp();
-        if j == t {
-            p -= f32::new(1.0);
+    while j < vectors {
+        let mut p = (Vector::<f32, N>::cast_from(logits[base + j]) - log_sum).exp();
+        #[unroll]
+        for e in 0..N::value() {
+            if j * N::value() + e == t {
+                p[e] -= f32::new(1.0);
+            }
         }
-        dlogits[out + j] = F::cast_from(p * scale);
+        dlogits[out + j] = Vector::<F, N>::cast_from(p * Vector::<f32, N>::new(scale));
         j += step;
     }
 }
 
-/// One AdamW update per element, in f32 (`attn_models::fused::AdamWStep` has the formula):
+/// One AdamW update per element (`N` elements per thread), in f32 (`attn_models::fused::AdamWStep` has the formula):
 /// `m ← b₁·m + (1−β₁)·g`, `v ← b₂·v + (1−β₂)·g²` (`b = β`, or 0 and no read of the old
 /// moments on the `first` step), `θ ← keep·θ − η·(m·c₁)/(√(v·c₂) + ε)` with
 /// `keep = 1 − η·λ`, `cₖ = 1/(1 − βₖᵗ)`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn adamw_kernel<F: Float>(
-    param: &Tensor<F>,
-    grad: &Tensor<F>,
-    moment_1: &Tensor<F>,
-    moment_2: &Tensor<F>,
-    param_out: &mut Tensor<F>,
-    moment_1_out: &mut Tensor<F>,
-    moment_2_out: &mut Tensor<F>,
-    len: u32,
+fn adamw_kernel<F: Float, N: Size>(
+    param: &Tensor<Vector<F, N>>,
+    grad: &Tensor<Vector<F, N>>,
+    moment_1: &Tensor<Vector<F, N>>,
+    moment_2: &Tensor<Vector<F, N>>,
+    param_out: &mut Tensor<Vector<F, N>>,
+    moment_1_out: &mut Tensor<Vector<F, N>>,
+    moment_2_out: &mut Tensor<Vector<F, N>>,
+    vectors: u32,
     beta_1: f32,
     beta_2: f32,
     keep: f32,
@@ -344,20 +498,24 @@ fn adamw_kernel<F: Float>(
     #[define(F)] _dtype: StorageType,
 ) {
     let i = ABSOLUTE_POS;
-    if i >= len as usize {
+    if i >= vectors as usize {
         terminate!();
     }
-    let g = f32::cast_from(grad[i]);
-    let mut m = (f32::new(1.0) - beta_1) * g;
-    let mut v = (f32::new(1.0) - beta_2) * g * g;
+    let g = Vector::<f32, N>::cast_from(grad[i]);
+    let mut m = Vector::<f32, N>::new(f32::new(1.0) - beta_1) * g;
+    let mut v = Vector::<f32, N>::new(f32::new(1.0) - beta_2) * g * g;
     if !first {
-        m += beta_1 * f32::cast_from(moment_1[i]);
-        v += beta_2 * f32::cast_from(moment_2[i]);
+        m += Vector::<f32, N>::new(beta_1) * Vector::<f32, N>::cast_from(moment_1[i]);
+        v += Vector::<f32, N>::new(beta_2) * Vector::<f32, N>::cast_from(moment_2[i]);
     }
-    let step = (m * correction_1) / ((v * correction_2).sqrt() + epsilon);
-    param_out[i] = F::cast_from(keep * f32::cast_from(param[i]) - lr * step);
-    moment_1_out[i] = F::cast_from(m);
-    moment_2_out[i] = F::cast_from(v);
+    let step = (m * Vector::<f32, N>::new(correction_1))
+        / ((v * Vector::<f32, N>::new(correction_2)).sqrt() + Vector::<f32, N>::new(epsilon));
+    param_out[i] = Vector::<F, N>::cast_from(
+        Vector::<f32, N>::new(keep) * Vector::<f32, N>::cast_from(param[i])
+            - Vector::<f32, N>::new(lr) * step,
+    );
+    moment_1_out[i] = Vector::<F, N>::cast_from(m);
+    moment_2_out[i] = Vector::<F, N>::cast_from(v);
 }
 
 /// `partial[c, j] = Σ_{i ∈ chunk c} terms[i, j]` over the rows `c·per_chunk ..` of chunk `c`
@@ -556,6 +714,24 @@ fn geometry(rows: usize) -> (CubeCount, CubeDim) {
     )
 }
 
+/// The widest vector of elements (16 bytes at most: 8 of bf16, 4 of f32) that the last axis
+/// of every one of `tensors` takes: unit stride there, its length and every other stride
+/// divisible by it (cubecl's rule, which burn's own element-wise kernels apply).
+fn vector_size(tensors: &[&Primitive]) -> usize {
+    tensors
+        .iter()
+        .map(|t| {
+            tensor_vector_size_parallel(
+                t.client.io_optimized_vector_sizes(t.dtype.size()),
+                t.meta.shape(),
+                t.meta.strides(),
+                t.meta.num_dims() - 1,
+            )
+        })
+        .min()
+        .unwrap_or(1)
+}
+
 /// The float dtypes the kernels are compiled for (their arithmetic is f32 whatever these are).
 fn float_dtype(dtype: DType) -> bool {
     matches!(dtype, DType::BF16 | DType::F16 | DType::F32)
@@ -649,10 +825,12 @@ pub(super) fn rms_norm_forward(x: Primitive, gain: Primitive, eps: f64) -> (Prim
     let rstd = empty_like(&x, Shape::new([rows]), DType::F32);
     let (count, dim) = geometry(rows);
     let dtype = x.dtype;
+    let vector = vector_size(&[&x, &gain]);
     rms_norm_forward_kernel::launch::<CudaRuntime>(
         &x.client,
         count,
         dim,
+        vector,
         x.clone().into_tensor_arg(),
         gain.into_tensor_arg(),
         y.clone().into_tensor_arg(),
@@ -665,8 +843,8 @@ pub(super) fn rms_norm_forward(x: Primitive, gain: Primitive, eps: f64) -> (Prim
     (y, rstd)
 }
 
-/// Planes of the RMSNorm backward at most: each sums the gain's gradient over its rows
-/// (`n / P` of them, 4 for `n = 16 384`) into a partial row, `[P, w]` f32 in all (12.6 MB for
+/// Planes of the RMSNorm backward at most: each sums the gain's gradient over its groups of
+/// [`NORM_GROUP_ROWS`] rows (one group for `n = 16 384`) into a partial row, `[P, w]` f32 in all (12.6 MB for
 /// `w = 768`, which stays in L2), where one `[n, w]` f32 row of terms per input row (50 MB
 /// written and read again, ≈ 100 µs with its column sums) was the first version.
 const NORM_BACKWARD_PLANES: usize = 4096;
@@ -681,15 +859,18 @@ pub(super) fn rms_norm_backward(
     let [rows, width] = x.meta.shape().dims::<2>();
     let dy = gradient_like(dy, &x);
     let dx = empty_like(&x, x.meta.shape().clone(), x.dtype);
-    // One partial row of the gain's gradient per plane that has a row to do.
-    let planes = rows.min(NORM_BACKWARD_PLANES);
+    // One partial row of the gain's gradient per plane that has a group of rows to do.
+    let groups = rows.div_ceil(NORM_GROUP_ROWS);
+    let planes = groups.min(NORM_BACKWARD_PLANES);
     let partial = empty_like(&x, Shape::new([planes, width]), DType::F32);
     let (count, dim) = geometry(planes);
     let (dtype, gain_dtype) = (x.dtype, gain.dtype);
+    let vector = vector_size(&[&x, &gain, &dy]);
     rms_norm_backward_kernel::launch::<CudaRuntime>(
         &x.client,
         count,
         dim,
+        vector,
         x.clone().into_tensor_arg(),
         gain.into_tensor_arg(),
         rstd.into_tensor_arg(),
@@ -697,6 +878,7 @@ pub(super) fn rms_norm_backward(
         dx.clone().into_tensor_arg(),
         partial.clone().into_tensor_arg(),
         rows as u32,
+        groups as u32,
         width as u32,
         dtype.into(),
     );
@@ -717,10 +899,12 @@ pub(super) fn causal_softmax_forward(scores: Primitive, offset: usize, scale: f6
     let probs = empty_like(&scores, scores.meta.shape().clone(), scores.dtype);
     let (count, dim) = geometry(rows);
     let dtype = scores.dtype;
+    let vector = vector_size(&[&scores]);
     causal_softmax_forward_kernel::launch::<CudaRuntime>(
         &scores.client,
         count,
         dim,
+        vector,
         scores.clone().into_tensor_arg(),
         probs.clone().into_tensor_arg(),
         rows as u32,
@@ -746,10 +930,12 @@ pub(super) fn causal_softmax_backward(
     let dscores = empty_like(&probs, probs.meta.shape().clone(), probs.dtype);
     let (count, dim) = geometry(rows);
     let dtype = probs.dtype;
+    let vector = vector_size(&[&probs, &dprobs]);
     causal_softmax_backward_kernel::launch::<CudaRuntime>(
         &probs.client,
         count,
         dim,
+        vector,
         probs.clone().into_tensor_arg(),
         dprobs.into_tensor_arg(),
         dscores.clone().into_tensor_arg(),
@@ -791,16 +977,18 @@ pub(super) fn swiglu_supported(gate: &Primitive, up: &Primitive) -> bool {
 pub(super) fn swiglu_forward(gate: Primitive, up: Primitive) -> Primitive {
     let len = gate.meta.num_elements();
     let out = empty_like(&gate, gate.meta.shape().clone(), gate.dtype);
-    let (count, dim) = elementwise(len);
+    let vector = vector_size(&[&gate, &up]);
+    let (count, dim) = elementwise(len / vector);
     let dtype = gate.dtype;
     swiglu_forward_kernel::launch::<CudaRuntime>(
         &gate.client,
         count,
         dim,
+        vector,
         gate.clone().into_tensor_arg(),
         up.into_tensor_arg(),
         out.clone().into_tensor_arg(),
-        len as u32,
+        (len / vector) as u32,
         dtype.into(),
     );
     out
@@ -817,18 +1005,20 @@ pub(super) fn swiglu_backward(
     let dy = gradient_like(dy, &gate);
     let dgate = empty_like(&gate, gate.meta.shape().clone(), gate.dtype);
     let dup = empty_like(&gate, gate.meta.shape().clone(), gate.dtype);
-    let (count, dim) = elementwise(len);
+    let vector = vector_size(&[&gate, &up, &dy]);
+    let (count, dim) = elementwise(len / vector);
     let dtype = gate.dtype;
     swiglu_backward_kernel::launch::<CudaRuntime>(
         &gate.client,
         count,
         dim,
+        vector,
         gate.clone().into_tensor_arg(),
         up.into_tensor_arg(),
         dy.into_tensor_arg(),
         dgate.clone().into_tensor_arg(),
         dup.clone().into_tensor_arg(),
-        len as u32,
+        (len / vector) as u32,
         dtype.into(),
     );
     (dgate, dup)
@@ -868,6 +1058,17 @@ fn empty_rows_like(t: &Primitive) -> Primitive {
     super::backend::empty_pitched(t, t.meta.shape().to_vec(), pitch)
 }
 
+/// Elements from one row of a 2-D tensor with unit-stride rows to the next (its width when
+/// it has one row, whose stride may be anything).
+fn row_pitch(t: &Primitive) -> usize {
+    let [rows, width] = t.meta.shape().dims::<2>();
+    if rows == 1 {
+        width
+    } else {
+        t.meta.strides()[0]
+    }
+}
+
 /// `(mean_i nll_i [1], lse [n])` in f32 of `logits` `[n, v]` (unit-stride rows, any pitch:
 /// [`with_unit_rows`]) and contiguous `targets` `[n]`.
 pub(super) fn cross_entropy_forward(
@@ -879,16 +1080,20 @@ pub(super) fn cross_entropy_forward(
     let lse = empty_like(&logits, Shape::new([rows]), DType::F32);
     let (count, dim) = geometry(rows);
     let dtypes = [logits.dtype.into(), targets.dtype.into()];
+    let vector = vector_size(&[&logits]);
+    let pitch = row_pitch(&logits) / vector;
     cross_entropy_forward_kernel::launch::<CudaRuntime>(
         &logits.client,
         count,
         dim,
+        vector,
         logits.clone().into_tensor_arg(),
         targets.into_tensor_arg(),
         nll.clone().into_tensor_arg(),
         lse.clone().into_tensor_arg(),
         rows as u32,
         vocab as u32,
+        pitch as u32,
         // A runtime NaN: the loss of a row whose target is outside the vocabulary.
         f32::NAN,
         dtypes,
@@ -909,10 +1114,13 @@ pub(super) fn cross_entropy_backward(
     let dlogits = empty_rows_like(&logits);
     let (count, dim) = geometry(rows);
     let dtypes = [logits.dtype.into(), targets.dtype.into()];
+    let vector = vector_size(&[&logits, &dlogits]);
+    let (pitch, out_pitch) = (row_pitch(&logits) / vector, row_pitch(&dlogits) / vector);
     cross_entropy_backward_kernel::launch::<CudaRuntime>(
         &logits.client,
         count,
         dim,
+        vector,
         logits.clone().into_tensor_arg(),
         targets.into_tensor_arg(),
         lse.into_tensor_arg(),
@@ -920,6 +1128,8 @@ pub(super) fn cross_entropy_backward(
         dlogits.clone().into_tensor_arg(),
         rows as u32,
         vocab as u32,
+        pitch as u32,
+        out_pitch as u32,
         dtypes,
     );
     dlogits
@@ -1144,12 +1354,14 @@ pub(super) fn adamw(
     };
     let shape = param.meta.shape().clone();
     let outs = [0; 3].map(|_| empty_like(&param, shape.clone(), param.dtype));
-    let (count, dim) = elementwise(len);
+    let vector = vector_size(&[&param, &grad, &m, &v]);
+    let (count, dim) = elementwise(len / vector);
     let dtype = param.dtype;
     adamw_kernel::launch::<CudaRuntime>(
         &param.client,
         count,
         dim,
+        vector,
         param.clone().into_tensor_arg(),
         grad.into_tensor_arg(),
         m.into_tensor_arg(),
@@ -1157,7 +1369,7 @@ pub(super) fn adamw(
         outs[0].clone().into_tensor_arg(),
         outs[1].clone().into_tensor_arg(),
         outs[2].clone().into_tensor_arg(),
-        len as u32,
+        (len / vector) as u32,
         s.beta_1,
         s.beta_2,
         (1.0 - s.lr * s.weight_decay as f64) as f32,
