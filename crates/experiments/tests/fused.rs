@@ -360,8 +360,15 @@ fn partner(i: usize, w: usize, interleaved: bool) -> usize {
 fn rotary_embedding_matches_the_composition_forward_and_backward() {
     use attn_models::rope::{Rope, RopePairing};
     let device = device();
-    let (b, h, s, w) = (2, 3, 5, 8);
-    for pairing in [RopePairing::Half, RopePairing::Interleaved] {
+    let (b, h, s) = (2, 3, 5);
+    // The half pairing reads vectors of 4 (w = 8) and 8 pairs (w = 64); the interleaved one
+    // single pairs.
+    for (w, pairing) in [
+        (8, RopePairing::Half),
+        (64, RopePairing::Half),
+        (8, RopePairing::Interleaved),
+        (64, RopePairing::Interleaved),
+    ] {
         let rope = Rope::<Train>::new(w, 16, 10_000.0, pairing, &device);
         let interleaved = pairing == RopePairing::Interleaved;
         for start in [0, 3] {
@@ -394,7 +401,7 @@ fn rotary_embedding_matches_the_composition_forward_and_backward() {
                     })
                     .collect()
             };
-            let what = format!("{pairing:?} start {start}");
+            let what = format!("{pairing:?} w {w} start {start}");
             let xs = host(&xv);
             assert_within(&format!("y {what}"), &host(&y), &host(&y_ref), &bound(&xs));
             // dx is [b, s, h, w]: the same pairs along the last axis.

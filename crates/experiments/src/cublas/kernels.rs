@@ -616,6 +616,51 @@ fn rotary_kernel<F: Float>(
     out[o + b as usize] = F::cast_from(xb * c + xa * sn);
 }
 
+/// [`rotary_kernel`] for the half pairing `(k, k + w/2)`, one thread per `N` consecutive
+/// pairs, 16-byte loads of bf16 when `N = 8`. Strides (`sx*` of `x`, `table_pitch` of `cos`
+/// and `sin`) and `half` are in vectors; `x`'s last axis has unit stride.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn rotary_half_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    cos: &Tensor<Vector<F, N>>,
+    sin: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<Vector<F, N>>,
+    vectors: u32,
+    heads: u32,
+    seq: u32,
+    half: u32,
+    sx0: u32,
+    sx1: u32,
+    sx2: u32,
+    table_pitch: u32,
+    start: u32,
+    sign: f32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let e = ABSOLUTE_POS as u32;
+    if e >= vectors {
+        terminate!();
+    }
+    let k = e % half;
+    let row = e / half;
+    let p = row % seq;
+    let head = (row / seq) % heads;
+    let batch = row / (seq * heads);
+    let base = batch as usize * sx0 as usize
+        + head as usize * sx1 as usize
+        + p as usize * sx2 as usize
+        + k as usize;
+    let table = (start + p) as usize * table_pitch as usize + k as usize;
+    let c = Vector::<f32, N>::cast_from(cos[table]);
+    let sn = Vector::<f32, N>::new(sign) * Vector::<f32, N>::cast_from(sin[table]);
+    let xa = Vector::<f32, N>::cast_from(x[base]);
+    let xb = Vector::<f32, N>::cast_from(x[base + half as usize]);
+    let o = row as usize * 2 * half as usize + k as usize;
+    out[o] = Vector::<F, N>::cast_from(xa * c - xb * sn);
+    out[o + half as usize] = Vector::<F, N>::cast_from(xb * c + xa * sn);
+}
+
 /// `Σ value` over the cube's planes (`CUBE_DIM_Y` ≤ [`ROWS_PER_CUBE`] of them, 32 lanes each),
 /// in a fixed order; the result is valid in unit 0 of the cube.
 #[cube]
@@ -1170,8 +1215,55 @@ pub(super) fn rotary(
 ) -> Primitive {
     let pairs = x.meta.num_elements() / 2;
     let out = empty_like(&x, x.meta.shape().clone(), x.dtype);
-    let (count, dim) = elementwise(pairs);
     let dtype = x.dtype;
+    let [_, heads, seq, w] = x.meta.shape().dims::<4>();
+    let half = w / 2;
+    // Vectors along k for the half pairing: they must divide `half` and every stride (the
+    // strides, in vectors, within u32).
+    let strides = x.meta.strides();
+    let table_pitch = cos.meta.strides()[0];
+    let fits = |v: usize| {
+        half % v == 0
+            && strides[..3]
+                .iter()
+                .chain([&table_pitch])
+                .all(|&st| st % v == 0 && st / v <= u32::MAX as usize)
+    };
+    let mut vector = if interleaved {
+        1
+    } else {
+        vector_size(&[&x, &cos, &sin])
+    };
+    while vector > 1 && !fits(vector) {
+        vector /= 2;
+    }
+    if vector > 1 {
+        let vectors = pairs / vector;
+        let (count, dim) = elementwise(vectors);
+        rotary_half_kernel::launch::<CudaRuntime>(
+            &x.client,
+            count,
+            dim,
+            vector,
+            x.clone().into_tensor_arg(),
+            cos.clone().into_tensor_arg(),
+            sin.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            vectors as u32,
+            heads as u32,
+            seq as u32,
+            (half / vector) as u32,
+            (strides[0] / vector) as u32,
+            (strides[1] / vector) as u32,
+            (strides[2] / vector) as u32,
+            (table_pitch / vector) as u32,
+            start as u32,
+            sign,
+            dtype.into(),
+        );
+        return out;
+    }
+    let (count, dim) = elementwise(pairs);
     rotary_kernel::launch::<CudaRuntime>(
         &x.client,
         count,
