@@ -472,7 +472,8 @@ fn cross_entropy_backward_kernel<F: Float, I: Int, N: Size>(
     }
 }
 
-/// One AdamW update per element (`N` elements per thread), in f32 (`attn_models::fused::AdamWStep` has the formula):
+/// One AdamW update per element (`N` elements per thread), in f32
+/// (`attn_models::fused::AdamWStep` has the formula):
 /// `m ← b₁·m + (1−β₁)·g`, `v ← b₂·v + (1−β₂)·g²` (`b = β`, or 0 and no read of the old
 /// moments on the `first` step), `θ ← keep·θ − η·(m·c₁)/(√(v·c₂) + ε)` with
 /// `keep = 1 − η·λ`, `cₖ = 1/(1 − βₖᵗ)`.
@@ -760,8 +761,10 @@ fn geometry(rows: usize) -> (CubeCount, CubeDim) {
 }
 
 /// The widest vector of elements (16 bytes at most: 8 of bf16, 4 of f32) that the last axis
-/// of every one of `tensors` takes: unit stride there, its length and every other stride
-/// divisible by it (cubecl's rule, which burn's own element-wise kernels apply).
+/// of every one of `tensors` takes: unit stride there, its length and the smallest other
+/// stride divisible by it (cubecl's rule, which burn's own element-wise kernels apply). That
+/// covers every stride of a 2-D or contiguous tensor; the rotary, whose input may be any
+/// view, checks each of its strides itself.
 fn vector_size(tensors: &[&Primitive]) -> usize {
     tensors
         .iter()
