@@ -168,31 +168,6 @@ fn rms_norm_backward_kernel<F: Float, N: Size>(
     }
 }
 
-/// `log Σ_{j < len} exp(c·x[base + j])` of one row, by one plane (every lane gets it): each lane
-/// keeps a running maximum `m` and a sum rescaled to it (`l ← l·e^{m − x} + 1` when `x`
-/// raises the maximum, the online softmax), then the plane takes the maximum `M` of the `m`
-/// and adds `l·e^{m − M}`. f32 arithmetic.
-#[cube]
-fn plane_log_sum_exp<F: Float>(x: &Tensor<F>, base: usize, len: usize, c: f32) -> f32 {
-    // Below any finite value: e^{FLOOR − x} underflows to 0 for every finite x.
-    let floor = f32::new(-3.0e38);
-    let mut m = floor;
-    let mut l = f32::new(0.0);
-    let mut j = UNIT_POS_X as usize;
-    while j < len {
-        let v = c * f32::cast_from(x[base + j]);
-        if v > m {
-            l = l * (m - v).exp() + f32::new(1.0);
-            m = v;
-        } else {
-            l += (v - m).exp();
-        }
-        j += CUBE_DIM_X as usize;
-    }
-    let row_max = plane_max(m);
-    plane_sum(l * (m - row_max).exp()).ln() + row_max
-}
-
 /// The causal softmax's rows, one plane each, each lane reading vectors of `N` keys (`keys`
 /// a multiple of `N`); key `k` of row `i` is visible when `k < i mod s + offset + 1`.
 /// Forward: the row's maximum over visible keys, then `lse = M + log Σ e^{c·x − M}` (two
@@ -892,9 +867,10 @@ pub(super) fn rms_norm_forward(x: Primitive, gain: Primitive, eps: f64) -> (Prim
 }
 
 /// Planes of the RMSNorm backward at most: each sums the gain's gradient over its groups of
-/// [`NORM_GROUP_ROWS`] rows (one group for `n = 16 384`) into a partial row, `[P, w]` f32 in all (12.6 MB for
-/// `w = 768`, which stays in L2), where one `[n, w]` f32 row of terms per input row (50 MB
-/// written and read again, ≈ 100 µs with its column sums) was the first version.
+/// [`NORM_GROUP_ROWS`] rows (one group for `n = 16 384`) into a partial row, `[P, w]` f32 in
+/// all (12.6 MB for `w = 768`, which stays in L2), where one `[n, w]` f32 row of terms per
+/// input row (50 MB written and read again, ≈ 100 µs with its column sums) was the first
+/// version.
 const NORM_BACKWARD_PLANES: usize = 4096;
 
 /// RMSNorm backward: `(dx [n, w], dγ [w])` in the dtypes of `x` and `gain`.
