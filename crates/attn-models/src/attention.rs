@@ -190,6 +190,8 @@ pub struct Mla<B: Backend> {
     rope_q: Option<Rope<B>>,
     rope_kv: Option<Rope<B>>,
     rope_pe: Option<Rope<B>>,
+    /// `rope_pe`'s rotation over whole query heads `[q_nope | q_pe]` (the nope part fixed).
+    rope_q_head: Option<Rope<B>>,
     variant: AttentionVariant,
     placement: PreRopePlacement,
     n_heads: usize,
@@ -231,6 +233,9 @@ impl<B: Backend> Mla<B> {
             rope_q,
             rope_kv,
             rope_pe: (decoupled && c.rope).then(|| rope(c.rope_dim, RopePairing::Interleaved)),
+            rope_q_head: (decoupled && c.rope).then(|| {
+                Rope::interleaved_after(hd, c.rope_dim, c.max_seq_len, c.rope_theta, device)
+            }),
             variant: c.variant,
             placement: c.prerope_placement,
             n_heads: h,
@@ -345,7 +350,6 @@ impl<B: Backend> Mla<B> {
         let (c_key, c_value, k_pe) = self.cached_latents(c_key, c_value, k_pe, cache);
         let [b, t, _] = c_value.dims();
         let q = split_heads(self.q_up.forward(c_q), h); // [b, H, s, hd + dr]
-        let s = q.dims()[2];
         // Keys come from the same latent as values unless PreRoPE rotated it. One latent:
         // one product for both, sliced. Two latents: keys and values each from their own
         // columns of `kv_up`, so that no value columns are computed from the rotated latent
@@ -368,12 +372,17 @@ impl<B: Backend> Mla<B> {
         };
         let scores = match (k_pe, self.rope_dim) {
             (Some(pe), dr) if dr > 0 => {
-                let q_nope = q.clone().slice([0..b, 0..h, 0..s, 0..hd]);
-                let q_pe = match &self.rope_pe {
-                    Some(rope) => rope.apply(q.slice([0..b, 0..h, 0..s, hd..hd + dr]), offset),
-                    None => q.slice([0..b, 0..h, 0..s, hd..hd + dr]),
+                // One product over whole heads, `[q_nope | rope(q_pe)]·[k_nope | k_pe]ᵀ`, the
+                // shared `k_pe` repeated for every head: both operands contiguous, so one
+                // strided batch, where `q_nope·k_nopeᵀ + q_pe·k_peᵀ` took two products over
+                // strided views (host loops of calls), a score-sized sum, and slices of `q`
+                // (docs/performance.md).
+                let q = match &self.rope_q_head {
+                    Some(rope) => rope.apply(q, offset),
+                    None => q,
                 };
-                q_nope.matmul(k_nope.transpose()) + q_pe.matmul(pe.transpose())
+                let keys = Tensor::cat(vec![k_nope, pe.expand([b, h, t, dr])], 3);
+                q.matmul(keys.transpose())
             }
             _ => q.matmul(k_nope.transpose()),
         };

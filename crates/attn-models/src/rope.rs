@@ -33,10 +33,49 @@ impl<B: Backend> Rope<B> {
         pairing: RopePairing,
         device: &B::Device,
     ) -> Self {
-        let half = width / 2;
-        let mut cos = Vec::with_capacity(max_seq * half);
-        let mut sin = Vec::with_capacity(max_seq * half);
+        Self::with_fixed_prefix(0, width, max_seq, theta, pairing, device)
+    }
+
+    /// Tables over `prefix + width` coordinates that leave the first `prefix` unchanged and
+    /// rotate the last `width` as [`Self::new`]`(width, …, Interleaved)` does: `(cos, sin) =
+    /// (1, 0)` on the prefix's pairs. Rotating a head `[x_nope | x_pe]` with them gives
+    /// `[x_nope | rope(x_pe)]` exactly (`x·1 − y·0 = x` in every float format) in one pass,
+    /// as one contiguous tensor (MLA-Decoupled's queries: no slices, no concatenation).
+    /// `prefix` and `width` are even.
+    pub fn interleaved_after(
+        prefix: usize,
+        width: usize,
+        max_seq: usize,
+        theta: f64,
+        device: &B::Device,
+    ) -> Self {
+        Self::with_fixed_prefix(
+            prefix,
+            width,
+            max_seq,
+            theta,
+            RopePairing::Interleaved,
+            device,
+        )
+    }
+
+    /// The tables of [`Self::interleaved_after`] for either pairing (a prefix only makes sense
+    /// for the interleaved one, whose pairs never straddle it).
+    fn with_fixed_prefix(
+        prefix: usize,
+        width: usize,
+        max_seq: usize,
+        theta: f64,
+        pairing: RopePairing,
+        device: &B::Device,
+    ) -> Self {
+        let (fixed, half) = (prefix / 2, width / 2);
+        let columns = fixed + half;
+        let mut cos = Vec::with_capacity(max_seq * columns);
+        let mut sin = Vec::with_capacity(max_seq * columns);
         for p in 0..max_seq {
+            cos.extend(std::iter::repeat_n(1.0f32, fixed));
+            sin.extend(std::iter::repeat_n(0.0f32, fixed));
             for i in 0..half {
                 let freq = theta.powf(-2.0 * i as f64 / width as f64);
                 let angle = p as f64 * freq;
@@ -45,9 +84,9 @@ impl<B: Backend> Rope<B> {
             }
         }
         Self {
-            cos: Tensor::from_data(TensorData::new(cos, [max_seq, half]), device),
-            sin: Tensor::from_data(TensorData::new(sin, [max_seq, half]), device),
-            width,
+            cos: Tensor::from_data(TensorData::new(cos, [max_seq, columns]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [max_seq, columns]), device),
+            width: prefix + width,
             pairing,
         }
     }
@@ -107,5 +146,38 @@ impl<B: Backend> Rope<B> {
         let [b, s, w] = x.dims();
         self.apply(x.reshape([b, 1, s, w]), start)
             .reshape([b, s, w])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+    use burn::tensor::Distribution;
+
+    type B = NdArray<f32>;
+
+    #[test]
+    fn a_fixed_prefix_stays_exact_and_the_rest_rotates_as_alone() {
+        let device = Default::default();
+        let (b, h, s, nope, pe) = (2, 3, 5, 8, 4);
+        let x = Tensor::<B, 4>::random(
+            [b, h, s, nope + pe],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let whole = Rope::<B>::interleaved_after(nope, pe, 16, 10_000.0, &device);
+        let tail = Rope::<B>::new(pe, 16, 10_000.0, RopePairing::Interleaved, &device);
+        for start in [0, 7] {
+            let got = whole.apply(x.clone(), start);
+            let want = Tensor::cat(
+                vec![
+                    x.clone().slice([0..b, 0..h, 0..s, 0..nope]),
+                    tail.apply(x.clone().slice([0..b, 0..h, 0..s, nope..nope + pe]), start),
+                ],
+                3,
+            );
+            got.into_data().assert_eq(&want.into_data(), true);
+        }
     }
 }

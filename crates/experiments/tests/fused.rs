@@ -167,14 +167,18 @@ fn causal_softmax_forward_and_backward_match_the_exact_function() {
     let device = device();
     // [b, H, s, t], offset: square (training), a cached prefix (decoding), more keys than a
     // warp has lanes, and one query; scales 1, 1/√64 and 1/√96 (MLA-Decoupled's d_k). The
-    // kernels read vectors of 1 (t = 9, 33), 2 (t = 70) and 8 keys (t = 64; t = 600: more
-    // vectors than lanes, and causal limits inside a vector).
+    // kernels read vectors of 1 (t = 9, 33), 2 (t = 62, 70) and 8 keys (t = 64, 256; t = 600:
+    // more vectors than lanes, and causal limits inside a vector). At most one vector per
+    // lane (t = 9, 62, 64, 256: the training shape) takes the kernels' resident path, more
+    // (t = 33, 70, 600) the looping one.
     for (shape, offset, scale) in [
         ([2, 3, 9, 9], 0, 1.0),
         ([2, 3, 5, 9], 4, 0.125),
         ([1, 2, 40, 70], 30, 1.0 / 96f64.sqrt()),
         ([1, 2, 1, 33], 32, 0.125),
+        ([1, 1, 30, 62], 32, 1.0),
         ([2, 2, 64, 64], 0, 0.125),
+        ([2, 2, 256, 256], 0, 0.125),
         ([1, 2, 50, 600], 550, 1.0 / 96f64.sqrt()),
     ] {
         let [_, _, s, t] = shape;
@@ -361,12 +365,17 @@ fn rotary_embedding_matches_the_composition_forward_and_backward() {
     use attn_models::rope::{Rope, RopePairing};
     let device = device();
     let (b, h, s) = (2, 3, 5);
-    // The half pairing reads vectors of 4 (w = 8) and 8 pairs (w = 64); the interleaved one
-    // single pairs.
+    // The half pairing reads vectors of 4 (w = 8) and 8 pairs (w = 64), single pairs at
+    // w = 6; the interleaved one vectors of 2 (w = 6: one pair each), 4 (w = 4: the whole
+    // row) and 8 entries (w = 8, MLA-Decoupled's 32, 64).
     for (w, pairing) in [
+        (6, RopePairing::Half),
         (8, RopePairing::Half),
         (64, RopePairing::Half),
+        (4, RopePairing::Interleaved),
+        (6, RopePairing::Interleaved),
         (8, RopePairing::Interleaved),
+        (32, RopePairing::Interleaved),
         (64, RopePairing::Interleaved),
     ] {
         let rope = Rope::<Train>::new(w, 16, 10_000.0, pairing, &device);

@@ -168,10 +168,62 @@ fn rms_norm_backward_kernel<F: Float, N: Size>(
     }
 }
 
+/// One lane's share of a row's `log Σ e^x`, kept online: `max` the largest value added
+/// ([`LSE_FLOOR`] before any) and `sum = Σ e^{x − max}` over the values added. Shared by the
+/// causal softmax and the cross-entropy.
+#[derive(CubeType)]
+struct RunningLse {
+    max: f32,
+    sum: f32,
+}
+
+/// Below any finite value: `e^{LSE_FLOOR − x}` underflows to 0 for every finite `x`.
+const LSE_FLOOR: f32 = -3.0e38;
+
+#[cube]
+impl RunningLse {
+    fn new() -> RunningLse {
+        RunningLse {
+            max: f32::new(LSE_FLOOR),
+            sum: f32::new(0.0),
+        }
+    }
+
+    /// Adds the first `count` entries of `v` (all `N` when `count ≥ N`), rescaling `sum`
+    /// once per vector. A NaN entry makes `sum` NaN.
+    fn add<N: Size>(&mut self, v: Vector<f32, N>, count: usize) {
+        let mut top = self.max;
+        #[unroll]
+        for e in 0..N::value() {
+            if e < count && v[e] > top {
+                top = v[e];
+            }
+        }
+        let mut sum = self.sum * (self.max - top).exp();
+        #[unroll]
+        for e in 0..N::value() {
+            if e < count {
+                sum += (v[e] - top).exp();
+            }
+        }
+        self.max = top;
+        self.sum = sum;
+    }
+
+    /// `log Σ e^x` over what every lane of the plane added, in every lane: the plane's
+    /// maximum `M`, then `M + log Σ_lanes sum·e^{max − M}`.
+    fn plane_total(&self) -> f32 {
+        let row_max = plane_max(self.max);
+        plane_sum(self.sum * (self.max - row_max).exp()).ln() + row_max
+    }
+}
+
 /// The causal softmax's rows, one plane each, each lane reading vectors of `N` keys (`keys`
 /// a multiple of `N`); key `k` of row `i` is visible when `k < i mod s + offset + 1`.
-/// Forward: the row's maximum over visible keys, then `lse = M + log Σ e^{c·x − M}` (two
-/// passes over the lane's vectors, the second from L1), then `P = e^{c·x − lse}` or 0.
+/// Forward: `lse = log Σ_{visible} e^{c·x}` ([`RunningLse`]), then `P = e^{c·x − lse}` or 0.
+/// Vectors wholly past the visible keys are written as 0 without being read. `resident`
+/// (`keys ≤ 32·N`, one vector per lane at most): each lane loads its vector once and keeps
+/// it in registers for both steps.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn causal_softmax_forward_kernel<F: Float, N: Size>(
@@ -182,6 +234,7 @@ fn causal_softmax_forward_kernel<F: Float, N: Size>(
     keys: u32,
     offset: u32,
     scale: f32,
+    #[comptime] resident: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let row = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
@@ -193,52 +246,61 @@ fn causal_softmax_forward_kernel<F: Float, N: Size>(
     let visible = (row % queries + offset + 1) as usize;
     let lane = UNIT_POS_X as usize;
     let step = CUBE_DIM_X as usize;
-    // Below any finite value: e^{FLOOR − x} underflows to 0 for every finite x.
-    let floor = f32::new(-3.0e38);
-    let mut m = floor;
-    let mut j = lane;
-    while j * N::value() < visible {
-        let v = Vector::<f32, N>::cast_from(scores[base + j]);
-        #[unroll]
-        for e in 0..N::value() {
-            let x = scale * v[e];
-            if j * N::value() + e < visible && x > m {
-                m = x;
-            }
+    let c = Vector::<f32, N>::new(scale);
+    let mut lse = RunningLse::new();
+    if resident {
+        let first = lane * N::value();
+        let seen = lane < vectors && first < visible;
+        let mut v = Vector::<f32, N>::new(f32::new(0.0));
+        if seen {
+            v = c * Vector::<f32, N>::cast_from(scores[base + lane]);
+            lse.add(v, visible - first);
         }
-        j += step;
-    }
-    let row_max = plane_max(m);
-    let mut l = f32::new(0.0);
-    let mut j = lane;
-    while j * N::value() < visible {
-        let v = Vector::<f32, N>::cast_from(scores[base + j]);
-        #[unroll]
-        for e in 0..N::value() {
-            if j * N::value() + e < visible {
-                l += (scale * v[e] - row_max).exp();
+        let total = lse.plane_total();
+        if lane < vectors {
+            let mut p = Vector::<f32, N>::new(f32::new(0.0));
+            if seen {
+                #[unroll]
+                for e in 0..N::value() {
+                    if first + e < visible {
+                        p[e] = (v[e] - total).exp();
+                    }
+                }
             }
+            probs[base + lane] = Vector::<F, N>::cast_from(p);
         }
-        j += step;
-    }
-    let lse = plane_sum(l).ln() + row_max;
-    let mut k = lane;
-    while k < vectors {
-        let v = Vector::<f32, N>::cast_from(scores[base + k]);
-        let mut p = Vector::<f32, N>::new(f32::new(0.0));
-        #[unroll]
-        for e in 0..N::value() {
-            if k * N::value() + e < visible {
-                p[e] = (scale * v[e] - lse).exp();
+    } else {
+        let mut j = lane;
+        while j * N::value() < visible {
+            lse.add(
+                c * Vector::<f32, N>::cast_from(scores[base + j]),
+                visible - j * N::value(),
+            );
+            j += step;
+        }
+        let total = lse.plane_total();
+        let mut k = lane;
+        while k < vectors {
+            let first = k * N::value();
+            let mut p = Vector::<f32, N>::new(f32::new(0.0));
+            if first < visible {
+                let v = c * Vector::<f32, N>::cast_from(scores[base + k]);
+                #[unroll]
+                for e in 0..N::value() {
+                    if first + e < visible {
+                        p[e] = (v[e] - total).exp();
+                    }
+                }
             }
+            probs[base + k] = Vector::<F, N>::cast_from(p);
+            k += step;
         }
-        probs[base + k] = Vector::<F, N>::cast_from(p);
-        k += step;
     }
 }
 
-/// Backward of [`causal_softmax_forward_kernel`], rows and vectors as there:
-/// `dx_k = c·P_k·(dP_k − Σ_{j visible} P_j dP_j)` for visible `k`, else 0.
+/// Backward of [`causal_softmax_forward_kernel`], rows, vectors and `resident` as there:
+/// `dx_k = c·P_k·(dP_k − Σ_{j visible} P_j dP_j)` for visible `k`, else 0 (vectors wholly
+/// past the visible keys written without being read).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn causal_softmax_backward_kernel<F: Float, N: Size>(
@@ -250,6 +312,7 @@ fn causal_softmax_backward_kernel<F: Float, N: Size>(
     keys: u32,
     offset: u32,
     scale: f32,
+    #[comptime] resident: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let row = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
@@ -261,34 +324,72 @@ fn causal_softmax_backward_kernel<F: Float, N: Size>(
     let visible = (row % queries + offset + 1) as usize;
     let lane = UNIT_POS_X as usize;
     let step = CUBE_DIM_X as usize;
-    let mut dot = f32::new(0.0);
-    let mut j = lane;
-    while j * N::value() < visible {
-        let pd = Vector::<f32, N>::cast_from(probs[base + j])
-            * Vector::<f32, N>::cast_from(dprobs[base + j]);
-        #[unroll]
-        for e in 0..N::value() {
-            if j * N::value() + e < visible {
-                dot += pd[e];
-            }
-        }
-        j += step;
-    }
-    let total = Vector::<f32, N>::new(plane_sum(dot));
     let c = Vector::<f32, N>::new(scale);
-    let mut k = lane;
-    while k < vectors {
-        let mut d = c
-            * Vector::<f32, N>::cast_from(probs[base + k])
-            * (Vector::<f32, N>::cast_from(dprobs[base + k]) - total);
-        #[unroll]
-        for e in 0..N::value() {
-            if k * N::value() + e >= visible {
-                d[e] = f32::new(0.0);
+    let zero = Vector::<f32, N>::new(f32::new(0.0));
+    if resident {
+        let first = lane * N::value();
+        let seen = lane < vectors && first < visible;
+        let mut p = zero;
+        let mut dp = zero;
+        let mut dot = f32::new(0.0);
+        if seen {
+            p = Vector::<f32, N>::cast_from(probs[base + lane]);
+            dp = Vector::<f32, N>::cast_from(dprobs[base + lane]);
+            let pd = p * dp;
+            #[unroll]
+            for e in 0..N::value() {
+                if first + e < visible {
+                    dot += pd[e];
+                }
             }
         }
-        dscores[base + k] = Vector::<F, N>::cast_from(d);
-        k += step;
+        let total = Vector::<f32, N>::new(plane_sum(dot));
+        if lane < vectors {
+            let mut d = zero;
+            if seen {
+                d = c * p * (dp - total);
+                #[unroll]
+                for e in 0..N::value() {
+                    if first + e >= visible {
+                        d[e] = f32::new(0.0);
+                    }
+                }
+            }
+            dscores[base + lane] = Vector::<F, N>::cast_from(d);
+        }
+    } else {
+        let mut dot = f32::new(0.0);
+        let mut j = lane;
+        while j * N::value() < visible {
+            let pd = Vector::<f32, N>::cast_from(probs[base + j])
+                * Vector::<f32, N>::cast_from(dprobs[base + j]);
+            #[unroll]
+            for e in 0..N::value() {
+                if j * N::value() + e < visible {
+                    dot += pd[e];
+                }
+            }
+            j += step;
+        }
+        let total = Vector::<f32, N>::new(plane_sum(dot));
+        let mut k = lane;
+        while k < vectors {
+            let first = k * N::value();
+            let mut d = zero;
+            if first < visible {
+                d = c
+                    * Vector::<f32, N>::cast_from(probs[base + k])
+                    * (Vector::<f32, N>::cast_from(dprobs[base + k]) - total);
+                #[unroll]
+                for e in 0..N::value() {
+                    if first + e >= visible {
+                        d[e] = f32::new(0.0);
+                    }
+                }
+            }
+            dscores[base + k] = Vector::<F, N>::cast_from(d);
+            k += step;
+        }
     }
 }
 
@@ -337,10 +438,9 @@ fn swiglu_backward_kernel<F: Float, N: Size>(
 }
 
 /// Per row `i` of `logits` `[n, v]` (rows `pitch` vectors apart), each lane reading vectors of
-/// `N` logits: `lse_i = log Σ_j exp(x_ij)` (each lane an online sum rescaled to its running
-/// maximum, one rescale per vector, then the plane's maximum `M` and `Σ l·e^{m − M}`) and
-/// `nll_i = lse_i − x_{i,t_i}` (NaN for a target outside `0..v`, so that training stops on
-/// a non-finite loss).
+/// `N` logits: `lse_i = log Σ_j exp(x_ij)` ([`RunningLse`]) and `nll_i = lse_i − x_{i,t_i}`
+/// (the target's logit read again by lane 0; NaN for a target outside `0..v`, so that
+/// training stops on a non-finite loss).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn cross_entropy_forward_kernel<F: Float, I: Int, N: Size>(
@@ -362,43 +462,26 @@ fn cross_entropy_forward_kernel<F: Float, I: Int, N: Size>(
     let base = row as usize * pitch as usize;
     let lane = UNIT_POS_X as usize;
     let step = CUBE_DIM_X as usize;
-    // A negative target wraps to a large u32: both are outside the vocabulary.
-    let t = u32::cast_from(targets[row as usize]) as usize;
-    // Below any finite value: e^{FLOOR − x} underflows to 0 for every finite x.
-    let floor = f32::new(-3.0e38);
-    let mut m = floor;
-    let mut l = f32::new(0.0);
-    let mut target = f32::new(0.0);
+    let mut running = RunningLse::new();
     let mut j = lane;
     while j < vectors {
-        let v = Vector::<f32, N>::cast_from(logits[base + j]);
-        let mut top = floor;
-        #[unroll]
-        for e in 0..N::value() {
-            if v[e] > top {
-                top = v[e];
-            }
-            if j * N::value() + e == t {
-                target = v[e];
-            }
-        }
-        if top > m {
-            l *= (m - top).exp();
-            m = top;
-        }
-        #[unroll]
-        for e in 0..N::value() {
-            l += (v[e] - m).exp();
-        }
+        running.add(Vector::<f32, N>::cast_from(logits[base + j]), N::value());
         j += step;
     }
-    let row_max = plane_max(m);
-    let log_sum = plane_sum(l * (m - row_max).exp()).ln() + row_max;
-    // Only the lane holding the target's vector has a non-zero `target`: the sum is exact.
-    let x_target = plane_sum(target);
+    let log_sum = running.plane_total();
     if lane == 0 {
+        // A negative target wraps to a large u32: both are outside the vocabulary.
+        let t = u32::cast_from(targets[row as usize]) as usize;
         let mut loss = undefined;
         if t < vocab as usize {
+            let v = Vector::<f32, N>::cast_from(logits[base + t / N::value()]);
+            let mut x_target = f32::new(0.0);
+            #[unroll]
+            for e in 0..N::value() {
+                if t % N::value() == e {
+                    x_target = v[e];
+                }
+            }
             loss = log_sum - x_target;
         }
         nll[row as usize] = loss;
@@ -635,6 +718,59 @@ fn rotary_half_kernel<F: Float, N: Size>(
     let o = row as usize * 2 * half as usize + k as usize;
     out[o] = Vector::<F, N>::cast_from(xa * c - xb * sn);
     out[o + half as usize] = Vector::<F, N>::cast_from(xb * c + xa * sn);
+}
+
+/// [`rotary_kernel`] for the interleaved pairing `(2k, 2k + 1)`, one thread per vector of
+/// `N` consecutive entries (`N/2` whole pairs, `N` even), 16-byte loads of bf16 when `N = 8`;
+/// the tables are read as scalars (`N/2` entries per vector, from cache). Strides (`sx*` of
+/// `x`) and `width` are in vectors, `table_pitch` in entries; `x`'s last axis has unit stride.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn rotary_interleaved_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    cos: &Tensor<F>,
+    sin: &Tensor<F>,
+    out: &mut Tensor<Vector<F, N>>,
+    vectors: u32,
+    heads: u32,
+    seq: u32,
+    width: u32,
+    sx0: u32,
+    sx1: u32,
+    sx2: u32,
+    table_pitch: u32,
+    start: u32,
+    sign: f32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let e = ABSOLUTE_POS as u32;
+    if e >= vectors {
+        terminate!();
+    }
+    let j = e % width;
+    let row = e / width;
+    let p = row % seq;
+    let head = (row / seq) % heads;
+    let batch = row / (seq * heads);
+    let v = Vector::<f32, N>::cast_from(
+        x[batch as usize * sx0 as usize
+            + head as usize * sx1 as usize
+            + p as usize * sx2 as usize
+            + j as usize],
+    );
+    let pairs = comptime!(N::value() / 2);
+    let table = (start + p) as usize * table_pitch as usize + j as usize * pairs;
+    let mut o = Vector::<F, N>::empty();
+    #[unroll]
+    for k in 0..pairs {
+        let c = f32::cast_from(cos[table + k]);
+        let sn = sign * f32::cast_from(sin[table + k]);
+        let xa = v[2 * k];
+        let xb = v[2 * k + 1];
+        o[2 * k] = F::cast_from(xa * c - xb * sn);
+        o[2 * k + 1] = F::cast_from(xb * c + xa * sn);
+    }
+    out[e as usize] = o;
 }
 
 /// `Σ value` over the cube's planes (`CUBE_DIM_Y` ≤ [`ROWS_PER_CUBE`] of them, 32 lanes each),
@@ -936,6 +1072,7 @@ pub(super) fn causal_softmax_forward(scores: Primitive, offset: usize, scale: f6
         keys as u32,
         offset as u32,
         scale as f32,
+        keys / vector <= LANES as usize,
         dtype.into(),
     );
     probs
@@ -968,6 +1105,7 @@ pub(super) fn causal_softmax_backward(
         keys as u32,
         offset as u32,
         scale as f32,
+        keys / vector <= LANES as usize,
         dtype.into(),
     );
     dscores
@@ -1197,24 +1335,53 @@ pub(super) fn rotary(
     let dtype = x.dtype;
     let [_, heads, seq, w] = x.meta.shape().dims::<4>();
     let half = w / 2;
-    // Vectors along k for the half pairing: they must divide `half` and every stride (the
-    // strides, in vectors, within u32).
+    // Vectors along the last axis: they must divide the pairs' span (`w/2` for the half
+    // pairing, `w` for the interleaved one, whose vectors hold whole pairs) and every stride
+    // of `x` (the half pairing's tables too, which it reads as vectors), in vectors within u32.
     let strides = x.meta.strides();
     let table_pitch = cos.meta.strides()[0];
     let fits = |v: usize| {
-        half % v == 0
+        let span = if interleaved { w } else { half };
+        let table = if interleaved { 1 } else { table_pitch };
+        span % v == 0
             && strides[..3]
                 .iter()
-                .chain([&table_pitch])
+                .chain([&table])
                 .all(|&st| st % v == 0 && st / v <= u32::MAX as usize)
     };
     let mut vector = if interleaved {
-        1
+        vector_size(&[&x])
     } else {
         vector_size(&[&x, &cos, &sin])
     };
     while vector > 1 && !fits(vector) {
         vector /= 2;
+    }
+    if vector > 1 && interleaved {
+        let vectors = x.meta.num_elements() / vector;
+        let (count, dim) = elementwise(vectors);
+        rotary_interleaved_kernel::launch::<CudaRuntime>(
+            &x.client,
+            count,
+            dim,
+            vector,
+            x.clone().into_tensor_arg(),
+            cos.into_tensor_arg(),
+            sin.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            vectors as u32,
+            heads as u32,
+            seq as u32,
+            (w / vector) as u32,
+            (strides[0] / vector) as u32,
+            (strides[1] / vector) as u32,
+            (strides[2] / vector) as u32,
+            table_pitch as u32,
+            start as u32,
+            sign,
+            dtype.into(),
+        );
+        return out;
     }
     if vector > 1 {
         let vectors = pairs / vector;
