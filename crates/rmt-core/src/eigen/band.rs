@@ -253,78 +253,84 @@ fn factor_panel_body<T: Element>(mut p: MatMut<'_, T>) -> Panel<T> {
 }
 
 /// `Yᵀ = (A V)ᵀ = VᵀA` (`nb × k`) for the symmetric `A` (`k × k`) whose lower triangle is
-/// stored, `A = L + L̊ᵀ` (the upper triangle is not read): over column blocks `J` of `L`,
-/// `Yᵀ[:, J] += Vᵀ[:, J..]·L[J.., J]` on one rayon worker and `Yᵀ[:, after J] +=
-/// Vᵀ[:, J]·L[after J, J]ᵀ` (with the diagonal block's strict part) on the other, as
-/// sequential GEMMs. Written as `VᵀA` the products have `A`'s blocks on the wide side, where
-/// faer's kernels run well; as `AV` (output `nb = 32` columns wide) the same blocks ran
-/// 1.3–1.6× slower (Zen 5, 2 cores, `k = 2048` `f64`: 2.3–2.9 ms against 3.5–4.6; `k = 1024`
-/// 0.58–1.04 against 0.75–1.21).
+/// stored, `A = L + L̊ᵀ` (the upper triangle is not read). Each column block `J` of `L` is
+/// read by one rayon worker, which adds both of its contributions while the block is in
+/// cache: `Yᵀ[:, J] += Vᵀ[:, J..]·L[J.., J]` and `Yᵀ[:, after J] += Vᵀ[:, J]·L[after J, J]ᵀ`
+/// (with the diagonal block's strict part), as sequential GEMMs; the blocks are cut into two
+/// runs of equal area, one per worker, and the workers' sums added. (Splitting by
+/// contribution instead, each worker reading the whole triangle, took stage 1 of a 2048²
+/// `f64` reduction 195–211 ms against 158–180 ms this way on an Intel Xeon, 2 cores; at 4096
+/// 1 220–1 269 against 1 154–1 189 ms.) Written as `VᵀA` the products have `A`'s blocks on
+/// the wide side, where faer's kernels run well; as `AV` (output `nb = 32` columns wide) the
+/// same blocks ran 1.3–1.6× slower (Zen 5, 2 cores, `k = 2048` `f64`: 2.3–2.9 ms against
+/// 3.5–4.6; `k = 1024` 0.58–1.04 against 0.75–1.21).
 fn symmetric_times_transposed<T: Element>(a: MatRef<'_, T>, v: MatRef<'_, T>) -> Mat<T> {
     let (k, nb) = (v.nrows(), v.ncols());
     let vt = v.transpose();
-    let mut yt = Mat::<T>::zeros(nb, k);
-    let mut yt_upper = Mat::<T>::zeros(nb, k);
-    let blocks = || {
-        (0..k)
-            .step_by(GEMM_BLOCK)
-            .map(move |s| (s, (s + GEMM_BLOCK).min(k)))
-    };
+    let blocks: Vec<(usize, usize)> = (0..k)
+        .step_by(GEMM_BLOCK)
+        .map(|s| (s, (s + GEMM_BLOCK).min(k)))
+        .collect();
+    // The first worker takes the (taller) leading blocks up to half of the triangle's area.
+    let area = |&(j0, j1): &(usize, usize)| (j1 - j0) * (k - j0);
+    let total: usize = blocks.iter().map(area).sum();
+    let mut taken = 0;
+    let cut = blocks
+        .iter()
+        .position(|b| {
+            let half_reached = 2 * taken >= total;
+            taken += area(b);
+            half_reached
+        })
+        .unwrap_or(blocks.len());
     let seq = Par::Seq;
-    rayon::join(
-        || {
-            // Yᵀ[:, J] = Vᵀ[:, j₁..] A[j₁.., J] + Vᵀ[:, J] tril(A[J, J])
-            for (j0, j1) in blocks() {
-                let w = j1 - j0;
-                let mut yj = yt.as_mut().subcols_mut(j0, w);
-                if j1 < k {
-                    let below = a.submatrix(j1, j0, k - j1, w);
-                    matmul(
-                        yj.rb_mut(),
-                        Accum::Add,
-                        vt.subcols(j1, k - j1),
-                        below,
-                        T::ONE,
-                        seq,
-                    );
-                }
+    let run = |range: &[(usize, usize)]| -> Mat<T> {
+        let mut yt = Mat::<T>::zeros(nb, k);
+        for &(j0, j1) in range {
+            let w = j1 - j0;
+            // Yᵀ[:, J] += Vᵀ[:, J]·(tril(A[J, J]) + strict_tril(A[J, J])ᵀ)
+            let diagonal = a.submatrix(j0, j0, w, w);
+            for (block, structure) in [
+                (diagonal, BlockStructure::TriangularLower),
+                (diagonal.transpose(), BlockStructure::StrictTriangularUpper),
+            ] {
                 tri_matmul(
-                    yj,
+                    yt.as_mut().subcols_mut(j0, w),
                     BlockStructure::Rectangular,
                     Accum::Add,
                     vt.subcols(j0, w),
                     BlockStructure::Rectangular,
-                    a.submatrix(j0, j0, w, w),
-                    BlockStructure::TriangularLower,
+                    block,
+                    structure,
                     T::ONE,
                     seq,
                 );
             }
-        },
-        || {
-            // Yᵀ'[:, j₁..] += Vᵀ[:, J] A[j₁.., J]ᵀ, Yᵀ'[:, J] += Vᵀ[:, J] strict_tril(A[J, J])ᵀ
-            for (j0, j1) in blocks() {
-                let w = j1 - j0;
-                if j1 < k {
-                    let below = a.submatrix(j1, j0, k - j1, w).transpose();
-                    let yj = yt_upper.as_mut().subcols_mut(j1, k - j1);
-                    matmul(yj, Accum::Add, vt.subcols(j0, w), below, T::ONE, seq);
-                }
-                tri_matmul(
-                    yt_upper.as_mut().subcols_mut(j0, w),
-                    BlockStructure::Rectangular,
+            if j1 < k {
+                // Yᵀ[:, J] += Vᵀ[:, j₁..]·A[j₁.., J], Yᵀ[:, j₁..] += Vᵀ[:, J]·A[j₁.., J]ᵀ
+                let below = a.submatrix(j1, j0, k - j1, w);
+                matmul(
+                    yt.as_mut().subcols_mut(j0, w),
+                    Accum::Add,
+                    vt.subcols(j1, k - j1),
+                    below,
+                    T::ONE,
+                    seq,
+                );
+                matmul(
+                    yt.as_mut().subcols_mut(j1, k - j1),
                     Accum::Add,
                     vt.subcols(j0, w),
-                    BlockStructure::Rectangular,
-                    a.submatrix(j0, j0, w, w).transpose(),
-                    BlockStructure::StrictTriangularUpper,
+                    below.transpose(),
                     T::ONE,
                     seq,
                 );
             }
-        },
-    );
-    yt + yt_upper
+        }
+        yt
+    };
+    let (first, second) = rayon::join(|| run(&blocks[..cut]), || run(&blocks[cut..]));
+    first + second
 }
 
 /// `Σ xᵢyᵢ` with eight accumulators (lets LLVM vectorise the reduction).
