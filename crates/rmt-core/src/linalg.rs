@@ -494,9 +494,10 @@ pub(crate) fn lower_product<T: Element>(
     rayon::join(|| side(left, 0), || side(right, cut));
 }
 
-/// Column where [`lower_product`] splits its two workers: the left columns `[0, c)` and the
-/// right ones hold equal areas of the lower triangle when `(n − c)² = n²/2`, `c = n(1 − 1/√2)`.
-fn lower_product_cut(n: usize) -> usize {
+/// Column where [`lower_product`] splits its two workers (and the band reduction's `VᵀA₂₂`,
+/// rounded to a block): the left columns `[0, c)` and the right ones hold equal areas of the
+/// lower triangle when `(n − c)² = n²/2`, `c = n(1 − 1/√2)`.
+pub(crate) fn lower_product_cut(n: usize) -> usize {
     ((n as f64) * (1.0 - std::f64::consts::FRAC_1_SQRT_2)) as usize
 }
 

@@ -10,7 +10,7 @@
 //! updates the rest (measured on the Zen 5, 2 threads, f32 n = 768: 5.2–6.3 ms against
 //! 6.0–6.7 ms without; f64 n = 2048 113–135 against 118–136 ms).
 
-use crate::linalg::{Element, GEMM_BLOCK, column, column_mut, lower_product};
+use crate::linalg::{Element, GEMM_BLOCK, column, column_mut, lower_product, lower_product_cut};
 use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{BlockStructure, matmul as tri_matmul};
 use faer::reborrow::{Reborrow, ReborrowMut};
@@ -257,36 +257,24 @@ fn factor_panel_body<T: Element>(mut p: MatMut<'_, T>) -> Panel<T> {
 /// read by one rayon worker, which adds both of its contributions while the block is in
 /// cache: `Yᵀ[:, J] += Vᵀ[:, J..]·L[J.., J]` and `Yᵀ[:, after J] += Vᵀ[:, J]·L[after J, J]ᵀ`
 /// (with the diagonal block's strict part), as sequential GEMMs; the blocks are cut into two
-/// runs of equal area, one per worker, and the workers' sums added. (Splitting by
-/// contribution instead, each worker reading the whole triangle, took stage 1 of a 2048²
-/// `f64` reduction 195–211 ms against 158–180 ms this way on an Intel Xeon, 2 cores; at 4096
-/// 1 220–1 269 against 1 154–1 189 ms.) Written as `VᵀA` the products have `A`'s blocks on
+/// runs of equal area where [`lower_product`] cuts its columns, one per worker, and the
+/// workers' sums added. (Splitting by contribution instead, each worker reading the whole
+/// triangle, took stage 1 of a 2048² `f64` reduction 195–211 ms against 158–180 ms this way
+/// on an Intel Xeon, 2 cores; at 4096 1 220–1 269 against 1 154–1 189 ms.) Written as `VᵀA` the products have `A`'s blocks on
 /// the wide side, where faer's kernels run well; as `AV` (output `nb = 32` columns wide) the
 /// same blocks ran 1.3–1.6× slower (Zen 5, 2 cores, `k = 2048` `f64`: 2.3–2.9 ms against
 /// 3.5–4.6; `k = 1024` 0.58–1.04 against 0.75–1.21).
 fn symmetric_times_transposed<T: Element>(a: MatRef<'_, T>, v: MatRef<'_, T>) -> Mat<T> {
     let (k, nb) = (v.nrows(), v.ncols());
     let vt = v.transpose();
-    let blocks: Vec<(usize, usize)> = (0..k)
-        .step_by(GEMM_BLOCK)
-        .map(|s| (s, (s + GEMM_BLOCK).min(k)))
-        .collect();
-    // The first worker takes the (taller) leading blocks up to half of the triangle's area.
-    let area = |&(j0, j1): &(usize, usize)| (j1 - j0) * (k - j0);
-    let total: usize = blocks.iter().map(area).sum();
-    let mut taken = 0;
-    let cut = blocks
-        .iter()
-        .position(|b| {
-            let half_reached = 2 * taken >= total;
-            taken += area(b);
-            half_reached
-        })
-        .unwrap_or(blocks.len());
+    // The first worker takes the (taller) leading blocks, up to the column that halves the
+    // triangle's area, rounded up to a whole block.
+    let cut = (lower_product_cut(k).div_ceil(GEMM_BLOCK) * GEMM_BLOCK).min(k);
     let seq = Par::Seq;
-    let run = |range: &[(usize, usize)]| -> Mat<T> {
+    let run = |columns: std::ops::Range<usize>| -> Mat<T> {
         let mut yt = Mat::<T>::zeros(nb, k);
-        for &(j0, j1) in range {
+        for j0 in columns.step_by(GEMM_BLOCK) {
+            let j1 = (j0 + GEMM_BLOCK).min(k);
             let w = j1 - j0;
             // Yᵀ[:, J] += Vᵀ[:, J]·(tril(A[J, J]) + strict_tril(A[J, J])ᵀ)
             let diagonal = a.submatrix(j0, j0, w, w);
@@ -329,7 +317,7 @@ fn symmetric_times_transposed<T: Element>(a: MatRef<'_, T>, v: MatRef<'_, T>) ->
         }
         yt
     };
-    let (first, second) = rayon::join(|| run(&blocks[..cut]), || run(&blocks[cut..]));
+    let (first, second) = rayon::join(|| run(0..cut), || run(cut..k));
     first + second
 }
 
