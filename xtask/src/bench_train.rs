@@ -416,8 +416,9 @@ fn cuda(
     let fused = experiments::cublas::fused_counts();
     if matmul != crate::gpu::Matmul::Cubecl {
         println!(
-            "# cuBLAS products {} (burn's kernel for {}); fused RMSNorms {}, causal softmaxes {}, SwiGLUs {}, cross-entropies {}, rotaries {}, squared norms {}, AdamW updates {} (declined {})",
+            "# cuBLAS products {} ({} through pointer tables; burn's kernel for {}); fused RMSNorms {}, causal softmaxes {}, SwiGLUs {}, cross-entropies {}, rotaries {}, squared norms {}, AdamW updates {} (declined {})",
             after.cublas - before.cublas,
+            after.pointer_tables - before.pointer_tables,
             after.fallback - before.fallback,
             fused.rms_norm - fused_before.rms_norm,
             fused.causal_softmax - fused_before.causal_softmax,

@@ -100,6 +100,18 @@ fn check<const D: usize>(
     u_in: f64,
     what: &str,
 ) {
+    check_path(a, b, u_out, u_in, what, None)
+}
+
+/// [`check`], and when `tables` is given, whether the product went through pointer tables.
+fn check_path<const D: usize>(
+    a: Tensor<CublasCuda, D>,
+    b: Tensor<CublasCuda, D>,
+    u_out: f64,
+    u_in: f64,
+    what: &str,
+    tables: Option<bool>,
+) {
     // The exact reference is computed from contiguous copies of the same values.
     let (sa, sb) = (a.dims().to_vec(), b.dims().to_vec());
     let (ha, hb) = (host(&a), host(&b));
@@ -122,6 +134,13 @@ fn check<const D: usize>(
         before.cublas + 1,
         "{what}: did not run on cuBLAS"
     );
+    if let Some(tables) = tables {
+        assert_eq!(
+            after.pointer_tables,
+            before.pointer_tables + u64::from(tables),
+            "{what}: pointer tables expected: {tables}"
+        );
+    }
     assert_eq!(ours.dims().to_vec(), shape, "{what}: shape");
     assert_close(
         &host(&ours),
@@ -206,6 +225,79 @@ fn cublas_products_match_the_exact_product_in_every_layout() {
         bf16.0,
         bf16.1,
         "permuted batch",
+    );
+    // Split heads: [b, s, H, d] seen as [b, H, s, d], whose batch axes share no stride (one
+    // batched call over pointer tables), against a contiguous right operand, and both ways
+    // round as in attention's P·V and its gradients.
+    let v = random([3, 24, 4, 16], &device).swap_dims(1, 2); // [3, 4, 24, 16]
+    let p = random([3, 4, 8, 24], &device);
+    let tables = Some(true);
+    // The output follows V's order ([b, s, H, d] read as [b, H, s, d]): the heads merge back
+    // into [b, s, H·d] as a view.
+    let out = p.clone().matmul(v.clone());
+    let strides = out
+        .clone()
+        .into_primitive()
+        .tensor()
+        .meta
+        .strides()
+        .to_vec();
+    assert_eq!(
+        strides,
+        vec![8 * 4 * 16, 16, 4 * 16, 1],
+        "P·V output strides"
+    );
+    let merged = out.swap_dims(1, 2).reshape([3, 8, 4 * 16]);
+    let merged_strides = merged.into_primitive().tensor().meta.strides().to_vec();
+    assert_eq!(merged_strides, vec![8 * 4 * 16, 4 * 16, 1], "merged heads");
+    check_path(p, v.clone(), bf16.0, bf16.1, "P·V, V split heads", tables);
+    check_path(
+        v.clone().swap_dims(2, 3),
+        random([3, 4, 24, 8], &device),
+        bf16.0,
+        bf16.1,
+        "Vᵀ·dO, split heads transposed",
+        tables,
+    );
+    check_path(
+        random([3, 24, 4, 16], &device).swap_dims(1, 2),
+        v.swap_dims(2, 3),
+        bf16.0,
+        bf16.1,
+        "QKᵀ, both split heads",
+        tables,
+    );
+    // MLA's values: a slice of each head's columns (the last 128 of 256); the output follows
+    // their order too. burn views a slice only when its byte offsets are multiples of the
+    // allocator's alignment (else it copies it, row-major): the expected layout is read off
+    // the operand.
+    let kv = random([2, 24, 2, 256], &device).swap_dims(1, 2); // [2, 2, 24, 256]
+    let v_slice = kv.slice([0..2, 0..2, 0..24, 128..256]); // [2, 2, 24, 128]
+    let v_strides = v_slice
+        .clone()
+        .into_primitive()
+        .tensor()
+        .meta
+        .strides()
+        .to_vec();
+    let expected = if v_strides[1] < v_strides[2] {
+        vec![8 * 2 * 128, 128, 2 * 128, 1] // a view: [b, s, H, d] order
+    } else {
+        vec![2 * 8 * 128, 8 * 128, 128, 1] // a copy: row-major
+    };
+    let p = random([2, 2, 8, 24], &device);
+    let out = p.clone().matmul(v_slice.clone());
+    let strides = out.into_primitive().tensor().meta.strides().to_vec();
+    assert_eq!(strides, expected, "P·V (sliced V {v_strides:?}) strides");
+    check(p, v_slice, bf16.0, bf16.1, "P·V, V a slice of split heads");
+    // Split heads with an unaligned width: pieces along k, so the host loop of calls.
+    check_path(
+        random([2, 10, 3, 12], &device).swap_dims(1, 2),
+        random([2, 3, 12, 8], &device),
+        bf16.0,
+        bf16.1,
+        "split heads, k = 12 in two pieces",
+        Some(false),
     );
     // A matrix with no unit stride (every other column) is copied first.
     let strided = random([6, 16], &device)

@@ -12,8 +12,11 @@ use cubecl::cuda::{CudaDevice, CudaRuntime};
 use cudarc::cublas::sys as blas;
 use cudarc::driver::{CudaContext, DriverError};
 
-use super::plan::{MatrixLayout, matrix_layout, plan_batch, view_strides};
+use super::plan::{
+    MatrixLayout, broadcast_batch, matrix_layout, plan_batch, strides_in_order_of, view_strides,
+};
 use std::cell::{Cell, RefCell};
+use std::ffi::c_void;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,16 +53,21 @@ pub struct MatmulCounts {
     pub cublas: u64,
     /// Products left to burn's kernel (unsupported dtype, layout or shape).
     pub fallback: u64,
+    /// Of the cuBLAS products, those made as one `cublasGemmBatchedEx` over pointer tables
+    /// (batch axes that share no stride, as over split heads) instead of a loop of calls.
+    pub pointer_tables: u64,
 }
 
 static CUBLAS_PRODUCTS: AtomicU64 = AtomicU64::new(0);
 static FALLBACK_PRODUCTS: AtomicU64 = AtomicU64::new(0);
+static TABLE_PRODUCTS: AtomicU64 = AtomicU64::new(0);
 
 /// Products per path so far, process-wide.
 pub fn counts() -> MatmulCounts {
     MatmulCounts {
         cublas: CUBLAS_PRODUCTS.load(Ordering::Relaxed),
         fallback: FALLBACK_PRODUCTS.load(Ordering::Relaxed),
+        pointer_tables: TABLE_PRODUCTS.load(Ordering::Relaxed),
     }
 }
 
@@ -80,12 +88,104 @@ pub fn init(device: &CudaDevice) -> Result<(), CublasError> {
     with_blas(device.index, |_| Ok(()))
 }
 
-/// One thread's cuBLAS handle on one device, and the stream it was last bound to.
+/// One thread's cuBLAS handle on one device, the stream it was last bound to, and the pinned
+/// staging of pointer tables (made on first use).
 struct Blas {
     ordinal: usize,
     context: Arc<CudaContext>,
     handle: blas::cublasHandle_t,
     stream: Cell<cudarc::driver::sys::CUstream>,
+    tables: RefCell<Option<PointerStaging>>,
+}
+
+/// Pinned host memory for the pointer tables of `cublasGemmBatchedEx`, which reads them from
+/// device memory: [`STAGING_SLOTS`] slots of [`STAGING_SLOT_POINTERS`] pointers used in turn,
+/// each copied to the device on the stream (pinned, so the copy is asynchronous: from pageable
+/// memory the driver may wait for the stream) and reused only once the event recorded after
+/// its copy has passed — in practice long since, `STAGING_SLOTS − 1` products later.
+struct PointerStaging {
+    host: *mut u64,
+    events: Vec<Option<cudarc::driver::sys::CUevent>>,
+    next: usize,
+}
+
+/// Slots of [`PointerStaging`].
+const STAGING_SLOTS: usize = 64;
+/// Pointers per slot: the three tables of one batched product (`3 × 768` for attention's
+/// `b·H = 64 × 12` products) fit with room to spare.
+pub(super) const STAGING_SLOT_POINTERS: usize = 3 * 2048;
+
+impl PointerStaging {
+    fn new() -> Result<Self, CublasError> {
+        // SAFETY: a plain pinned allocation, freed in `drop`.
+        let host = unsafe {
+            cudarc::driver::result::malloc_host(STAGING_SLOTS * STAGING_SLOT_POINTERS * 8, 0)?
+        };
+        Ok(Self {
+            host: host.cast(),
+            events: vec![None; STAGING_SLOTS],
+            next: 0,
+        })
+    }
+
+    /// Copies `pointers` to the device buffer `device` on `stream`, in stream order.
+    ///
+    /// # Safety
+    /// `device` must hold at least `pointers.len()` u64 and stay live until the copy has run
+    /// (a buffer whose release is ordered on `stream`); `stream` must belong to the current
+    /// context.
+    unsafe fn upload(
+        &mut self,
+        pointers: &[u64],
+        device: u64,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<(), CublasError> {
+        assert!(
+            pointers.len() <= STAGING_SLOT_POINTERS,
+            "pointer table too long"
+        );
+        let slot = self.next;
+        self.next = (slot + 1) % STAGING_SLOTS;
+        let event = match self.events[slot] {
+            // SAFETY: the event is live; waiting for it makes the slot free to overwrite.
+            Some(event) => {
+                unsafe { cudarc::driver::result::event::synchronize(event)? };
+                event
+            }
+            None => {
+                let event = cudarc::driver::result::event::create(
+                    cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING,
+                )?;
+                self.events[slot] = Some(event);
+                event
+            }
+        };
+        // SAFETY: the slot lies inside the pinned allocation and no copy still reads it.
+        let staged = unsafe {
+            let start = self.host.add(slot * STAGING_SLOT_POINTERS);
+            std::ptr::copy_nonoverlapping(pointers.as_ptr(), start, pointers.len());
+            std::slice::from_raw_parts(start, pointers.len())
+        };
+        // SAFETY: see the function's contract; the staged slot outlives the copy (the event).
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(device, staged, stream)?;
+            cudarc::driver::result::event::record(event, stream)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PointerStaging {
+    fn drop(&mut self) {
+        // SAFETY: every copy that read the slots is waited for before they are freed.
+        unsafe {
+            for event in self.events.iter().flatten() {
+                let _ = cudarc::driver::result::event::synchronize(*event);
+                let _ = cudarc::driver::result::event::destroy(*event);
+            }
+            let _ = cudarc::driver::result::free_host(self.host.cast());
+        }
+    }
 }
 
 thread_local! {
@@ -111,6 +211,7 @@ fn with_blas<T>(
             context,
             handle,
             stream: Cell::new(std::ptr::null_mut()),
+            tables: RefCell::new(None),
         });
         f(states.last().expect("just pushed"))
     })
@@ -198,21 +299,36 @@ fn cublas_matmul(lhs: CubeTensor<CudaRuntime>, rhs: CubeTensor<CudaRuntime>) -> 
         return Product::Declined(lhs, rhs);
     }
     let batch = rank - 2;
-    // The output's rows are padded to an aligned pitch too (a strided view is returned), so
-    // that the products reading it later (the head's gradients) are aligned as well.
-    let out_leading = aligned_leading(n, bytes);
-    let Some((mut out_shape, plan)) = plan_batch(
-        (&lhs.meta.shape()[..batch], &lhs.meta.strides()[..batch]),
-        (&rhs.meta.shape()[..batch], &rhs.meta.strides()[..batch]),
-        m * out_leading,
-    ) else {
+    let Some(out_batch) = broadcast_batch(&lhs.meta.shape()[..batch], &rhs.meta.shape()[..batch])
+    else {
         return Product::Declined(lhs, rhs);
     };
-    if out_shape.contains(&0) || plan.inner[0] > i32::MAX as usize || !fits(out_leading) {
+    let mut out_shape = out_batch;
+    out_shape.extend([m, n]);
+    if out_shape.contains(&0) {
         return Product::Declined(lhs, rhs);
     }
-    out_shape.extend([m, n]);
-    let out = empty_pitched(&lhs, out_shape, out_leading);
+    // The output follows a permuted right operand's memory order (split heads: merging them
+    // back is then a view); otherwise its rows are padded to an aligned pitch (a strided view
+    // is returned), so that the products reading it later (the head's gradients) are aligned
+    // as well.
+    let in_order = (!lb.column_major && (n * bytes) % ROW_ALIGN_BYTES == 0)
+        .then(|| strides_in_order_of(rhs.meta.shape(), rhs.meta.strides(), &out_shape))
+        .flatten();
+    let out = match in_order {
+        Some(strides) => empty_strided(&lhs, out_shape, strides),
+        None => empty_pitched(&lhs, out_shape, aligned_leading(n, bytes)),
+    };
+    let (out_shape, out_strides) = (out.meta.shape(), out.meta.strides());
+    let out_leading = out_strides[batch];
+    let plan = plan_batch(
+        (&lhs.meta.shape()[..batch], &lhs.meta.strides()[..batch]),
+        (&rhs.meta.shape()[..batch], &rhs.meta.strides()[..batch]),
+        (&out_shape[..batch], &out_strides[..batch]),
+    );
+    if plan.inner[0] > i32::MAX as usize || !fits(out_leading) {
+        return Product::Declined(lhs, rhs);
+    }
     let (element, compute) = blas_types(lhs.dtype).expect("checked above");
     let gemm = Gemm {
         m,
@@ -226,9 +342,16 @@ fn cublas_matmul(lhs: CubeTensor<CudaRuntime>, rhs: CubeTensor<CudaRuntime>) -> 
         element,
         compute,
     };
+    // A batch the strided call cannot cover in one goes through pointer tables, in a buffer
+    // of cubecl's (its release is ordered on the stream like any buffer's).
+    let table = gemm.table_len().map(|len| {
+        TABLE_PRODUCTS.fetch_add(1, Ordering::Relaxed);
+        lhs.client.empty(len * 8)
+    });
     // The product is enqueued on cubecl's stream from cubecl's device thread, in order with
     // the kernels submitted before and after it, without waiting for that thread here.
-    let handles = vec![lhs.handle.clone(), rhs.handle.clone(), out.handle.clone()];
+    let mut handles = vec![lhs.handle.clone(), rhs.handle.clone(), out.handle.clone()];
+    handles.extend(table);
     let ordinal = lhs.device.index;
     lhs.client.submit_with_resources(handles, move |resources| {
         let result = resources
@@ -243,10 +366,21 @@ fn cublas_matmul(lhs: CubeTensor<CudaRuntime>, rhs: CubeTensor<CudaRuntime>) -> 
                 }
                 with_blas(ordinal, |state| {
                     state.bind(c.stream)?;
-                    // SAFETY: the pointers are the live buffers of the operands and the output
-                    // (their guards are held until the calls are enqueued), and `gemm` stays
-                    // inside them by construction of the layouts and the plan.
-                    unsafe { gemm.enqueue(state.handle, [a.ptr, b.ptr, c.ptr]) }
+                    let mut staging = state.tables.borrow_mut();
+                    let table = match guards.get(3) {
+                        Some(guard) => {
+                            if staging.is_none() {
+                                *staging = Some(PointerStaging::new()?);
+                            }
+                            let staging = staging.as_mut().expect("just made");
+                            Some((guard.resource().ptr, staging, c.stream))
+                        }
+                        None => None,
+                    };
+                    // SAFETY: the pointers are the live buffers of the operands, the output
+                    // and the table (their guards are held until the calls are enqueued), and
+                    // `gemm` stays inside them by construction of the layouts and the plan.
+                    unsafe { gemm.enqueue(state.handle, [a.ptr, b.ptr, c.ptr], table) }
                 })
                 .map_err(|e| e.to_string())
             });
@@ -287,23 +421,11 @@ struct Gemm {
 unsafe impl Send for Gemm {}
 
 impl Gemm {
-    /// Enqueues every call of the product on `handle`'s stream. Each of `m`, `n`, `k` that is
-    /// the unit-stride axis of an operand or of `C` and not a multiple of the 16-byte vector
-    /// (8 bf16) is cut into a multiple of it and a remainder of fewer than 8: cuBLAS runs the
-    /// bulk on its 8-wide kernels (its `align2` kernels, for the vocabulary's 32 100 columns,
-    /// ran the output head at a third of the rate) and the remainder as a thin product. A cut
-    /// along `k` computes the remainder's terms first and adds the bulk to them (`β = 1`):
-    /// besides the one rounding of the result, their partial sum is rounded once to the
-    /// output's precision, an error of at most `u·Σ_{p ∈ remainder} |a_ip||b_pj|`.
-    ///
-    /// # Safety
-    /// `pointers` (`A`, `B`, `C`) must be live device buffers holding the operands and the
-    /// output as `self` describes them, and `handle` bound to the stream that orders them.
-    unsafe fn enqueue(
-        &self,
-        handle: blas::cublasHandle_t,
-        pointers: [u64; 3],
-    ) -> Result<(), CublasError> {
+    /// The pieces `(start, extent)` of `m`, `n` and `k`: each of them that is the unit-stride
+    /// axis of an operand or of `C` and not a multiple of the 16-byte vector (8 bf16) is cut
+    /// into a multiple of it and a remainder of fewer than 8 (see [`Gemm::enqueue`]); `k`'s
+    /// remainder comes first.
+    fn pieces(&self) -> [Vec<(usize, usize)>; 3] {
         let vector = (ROW_ALIGN_BYTES / self.bytes).max(1);
         let cut = |extent: usize, unit_stride: bool| -> Vec<(usize, usize)> {
             let bulk = extent / vector * vector;
@@ -314,12 +436,45 @@ impl Gemm {
             }
         };
         let (la, lb) = (self.lhs, self.rhs);
-        let ms = cut(self.m, la.column_major);
-        let ns = cut(self.n, true);
-        // Along k the remainder goes first (β = 0) and the bulk is added to it (β = 1): the
-        // remainder's few terms are rounded to the output's precision once more, not the bulk.
         let mut ks = cut(self.k, !la.column_major || lb.column_major);
         ks.reverse();
+        [cut(self.m, la.column_major), cut(self.n, true), ks]
+    }
+
+    /// The length of the pointer tables (`B`, `A`, `C`: one entry each per matrix of the
+    /// batch) when the product is one `cublasGemmBatchedEx` instead of a host loop of
+    /// strided-batched calls: the batch has axes the strided batch cannot merge (attention's
+    /// `[b, H]` over split heads: 12 calls of 64), the product is one piece, and the tables fit
+    /// a staging slot. `None`: the loop.
+    fn table_len(&self) -> Option<usize> {
+        let count = self.plan.outer.iter().map(|a| a[0]).product::<usize>() * self.plan.inner[0];
+        let one_piece = self.pieces().iter().all(|p| p.len() == 1);
+        (!self.plan.outer.is_empty() && one_piece && 3 * count <= STAGING_SLOT_POINTERS)
+            .then_some(3 * count)
+    }
+
+    /// Enqueues the product on `handle`'s stream: one `cublasGemmBatchedEx` over pointer
+    /// tables uploaded into `table` (device memory of [`Gemm::table_len`] pointers) through
+    /// `staging` when given, else a host loop of `cublasGemmStridedBatchedEx` calls over the
+    /// outer batch axes and the pieces of [`Gemm::pieces`]. cuBLAS runs the bulk of a cut axis
+    /// on its 8-wide kernels (its `align2` kernels, for the vocabulary's 32 100 columns, ran
+    /// the output head at a third of the rate) and the remainder as a thin product. A cut
+    /// along `k` computes the remainder's terms first and adds the bulk to them (`β = 1`):
+    /// besides the one rounding of the result, their partial sum is rounded once to the
+    /// output's precision, an error of at most `u·Σ_{p ∈ remainder} |a_ip||b_pj|`.
+    ///
+    /// # Safety
+    /// `pointers` (`A`, `B`, `C`) must be live device buffers holding the operands and the
+    /// output as `self` describes them, `handle` bound to `stream`, the stream that orders
+    /// them, and `table` a live device buffer of `table_len()` u64 ordered on that stream.
+    unsafe fn enqueue(
+        &self,
+        handle: blas::cublasHandle_t,
+        pointers: [u64; 3],
+        table: Option<(u64, &mut PointerStaging, cudarc::driver::sys::CUstream)>,
+    ) -> Result<(), CublasError> {
+        let [ms, ns, ks] = self.pieces();
+        let (la, lb) = (self.lhs, self.rhs);
         // Element offsets of (row, col) in each operand's layout.
         let at = |l: MatrixLayout, row: usize, col: usize| {
             if l.column_major {
@@ -335,28 +490,58 @@ impl Gemm {
                 blas::cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let plan = &self.plan;
-        let outer_count: usize = plan.outer.iter().map(|a| a[0]).product();
+        let address = |base: u64, offset: usize| base + (offset * self.bytes) as u64;
         let one = 1f32;
-        for index in 0..outer_count {
-            let (mut oa, mut ob, mut oc, mut rest) = (0, 0, 0, index);
-            for axis in plan.outer.iter().rev() {
-                let i = rest % axis[0];
-                rest /= axis[0];
-                oa += i * axis[1];
-                ob += i * axis[2];
-                oc += i * axis[3];
+        let zero = 0f32;
+        let offsets = self.plan.offsets();
+        if let Some((device, staging, stream)) = table {
+            // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: cuBLAS's first table is B's.
+            let count = offsets.len();
+            let mut tables = Vec::with_capacity(3 * count);
+            tables.extend(offsets.iter().map(|o| address(pointers[1], o[1])));
+            tables.extend(offsets.iter().map(|o| address(pointers[0], o[0])));
+            tables.extend(offsets.iter().map(|o| address(pointers[2], o[2])));
+            let entry = |i: usize| (device + (i * count * 8) as u64) as *const *const c_void;
+            // SAFETY: see the function's contract; every table entry addresses a matrix of
+            // the batch inside its operand.
+            unsafe {
+                staging.upload(&tables, device, stream)?;
+                blas::cublasGemmBatchedEx(
+                    handle,
+                    op(lb),
+                    op(la),
+                    self.n as i32,
+                    self.m as i32,
+                    self.k as i32,
+                    (&one as *const f32).cast(),
+                    entry(0),
+                    self.element,
+                    lb.leading as i32,
+                    entry(1),
+                    self.element,
+                    la.leading as i32,
+                    (&zero as *const f32).cast(),
+                    entry(2).cast(),
+                    self.element,
+                    self.out_leading as i32,
+                    count as i32,
+                    self.compute,
+                    blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+                .result()?;
             }
+            return Ok(());
+        }
+        let plan = &self.plan;
+        for first in offsets.iter().step_by(plan.inner[0].max(1)) {
+            let [oa, ob, oc] = *first;
             for &(m0, mm) in &ms {
                 for &(n0, nn) in &ns {
                     for (piece, &(k0, kk)) in ks.iter().enumerate() {
-                        let beta = if piece == 0 { 0f32 } else { 1f32 };
-                        let a = oa + at(la, m0, k0);
-                        let b = ob + at(lb, k0, n0);
-                        let c = oc + m0 * self.out_leading + n0;
-                        let address = |base: u64, offset: usize| {
-                            (base + (offset * self.bytes) as u64) as *mut std::ffi::c_void
-                        };
+                        let beta = if piece == 0 { zero } else { one };
+                        let a = address(pointers[0], oa + at(la, m0, k0));
+                        let b = address(pointers[1], ob + at(lb, k0, n0));
+                        let c = address(pointers[2], oc + m0 * self.out_leading + n0);
                         // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: cuBLAS gets (B, A)
                         // and (n, m).
                         // SAFETY: see the function's contract; every piece lies inside the
@@ -370,16 +555,16 @@ impl Gemm {
                                 mm as i32,
                                 kk as i32,
                                 (&one as *const f32).cast(),
-                                address(pointers[1], b),
+                                b as *const c_void,
                                 self.element,
                                 lb.leading as i32,
                                 plan.inner[2] as i64,
-                                address(pointers[0], a),
+                                a as *const c_void,
                                 self.element,
                                 la.leading as i32,
                                 plan.inner[1] as i64,
                                 (&beta as *const f32).cast(),
-                                address(pointers[2], c),
+                                c as *mut c_void,
                                 self.element,
                                 self.out_leading as i32,
                                 plan.inner[3] as i64,
@@ -437,6 +622,24 @@ pub(super) fn empty_pitched(
         *out.meta =
             cubecl::zspace::metadata::Metadata::new(burn_backend::Shape::from(shape), strides);
     }
+    out
+}
+
+/// An uninitialised tensor of `shape` with the given `strides`, which must be a permutation of
+/// a dense row-major layout (as [`strides_in_order_of`] makes).
+fn empty_strided(
+    like: &CubeTensor<CudaRuntime>,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+) -> CubeTensor<CudaRuntime> {
+    let len = shape.iter().product::<usize>();
+    let mut out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype::<CudaRuntime>(
+        like.client.clone(),
+        like.device.clone(),
+        burn_backend::Shape::new([len]),
+        like.dtype,
+    );
+    *out.meta = cubecl::zspace::metadata::Metadata::new(burn_backend::Shape::from(shape), strides);
     out
 }
 

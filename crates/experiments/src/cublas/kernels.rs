@@ -218,6 +218,59 @@ impl RunningLse {
     }
 }
 
+/// `e^{v_e − total}` for the entries `e` of a vector of keys `first..first + N` that are
+/// visible (`first + e < visible`), 0 for the others.
+#[cube]
+fn visible_exp<N: Size>(
+    v: Vector<f32, N>,
+    total: f32,
+    first: usize,
+    visible: usize,
+) -> Vector<f32, N> {
+    let mut p = Vector::<f32, N>::new(f32::new(0.0));
+    #[unroll]
+    for e in 0..N::value() {
+        if first + e < visible {
+            p[e] = (v[e] - total).exp();
+        }
+    }
+    p
+}
+
+/// `Σ v_e` over the visible entries of a vector of keys `first..first + N`.
+#[cube]
+fn visible_sum<N: Size>(v: Vector<f32, N>, first: usize, visible: usize) -> f32 {
+    let mut sum = f32::new(0.0);
+    #[unroll]
+    for e in 0..N::value() {
+        if first + e < visible {
+            sum += v[e];
+        }
+    }
+    sum
+}
+
+/// The softmax gradient `c·P·(dP − total)` on the visible entries of a vector of keys
+/// `first..first + N`, 0 on the others.
+#[cube]
+fn visible_gradient<N: Size>(
+    c: Vector<f32, N>,
+    p: Vector<f32, N>,
+    dp: Vector<f32, N>,
+    total: Vector<f32, N>,
+    first: usize,
+    visible: usize,
+) -> Vector<f32, N> {
+    let mut d = c * p * (dp - total);
+    #[unroll]
+    for e in 0..N::value() {
+        if first + e >= visible {
+            d[e] = f32::new(0.0);
+        }
+    }
+    d
+}
+
 /// The causal softmax's rows, one plane each, each lane reading vectors of `N` keys (`keys`
 /// a multiple of `N`); key `k` of row `i` is visible when `k < i mod s + offset + 1`.
 /// Forward: `lse = log Σ_{visible} e^{c·x}` ([`RunningLse`]), then `P = e^{c·x − lse}` or 0.
@@ -260,12 +313,7 @@ fn causal_softmax_forward_kernel<F: Float, N: Size>(
         if lane < vectors {
             let mut p = Vector::<f32, N>::new(f32::new(0.0));
             if seen {
-                #[unroll]
-                for e in 0..N::value() {
-                    if first + e < visible {
-                        p[e] = (v[e] - total).exp();
-                    }
-                }
+                p = visible_exp(v, total, first, visible);
             }
             probs[base + lane] = Vector::<F, N>::cast_from(p);
         }
@@ -285,12 +333,7 @@ fn causal_softmax_forward_kernel<F: Float, N: Size>(
             let mut p = Vector::<f32, N>::new(f32::new(0.0));
             if first < visible {
                 let v = c * Vector::<f32, N>::cast_from(scores[base + k]);
-                #[unroll]
-                for e in 0..N::value() {
-                    if first + e < visible {
-                        p[e] = (v[e] - total).exp();
-                    }
-                }
+                p = visible_exp(v, total, first, visible);
             }
             probs[base + k] = Vector::<F, N>::cast_from(p);
             k += step;
@@ -335,25 +378,13 @@ fn causal_softmax_backward_kernel<F: Float, N: Size>(
         if seen {
             p = Vector::<f32, N>::cast_from(probs[base + lane]);
             dp = Vector::<f32, N>::cast_from(dprobs[base + lane]);
-            let pd = p * dp;
-            #[unroll]
-            for e in 0..N::value() {
-                if first + e < visible {
-                    dot += pd[e];
-                }
-            }
+            dot = visible_sum(p * dp, first, visible);
         }
         let total = Vector::<f32, N>::new(plane_sum(dot));
         if lane < vectors {
             let mut d = zero;
             if seen {
-                d = c * p * (dp - total);
-                #[unroll]
-                for e in 0..N::value() {
-                    if first + e >= visible {
-                        d[e] = f32::new(0.0);
-                    }
-                }
+                d = visible_gradient(c, p, dp, total, first, visible);
             }
             dscores[base + lane] = Vector::<F, N>::cast_from(d);
         }
@@ -363,12 +394,7 @@ fn causal_softmax_backward_kernel<F: Float, N: Size>(
         while j * N::value() < visible {
             let pd = Vector::<f32, N>::cast_from(probs[base + j])
                 * Vector::<f32, N>::cast_from(dprobs[base + j]);
-            #[unroll]
-            for e in 0..N::value() {
-                if j * N::value() + e < visible {
-                    dot += pd[e];
-                }
-            }
+            dot += visible_sum(pd, j * N::value(), visible);
             j += step;
         }
         let total = Vector::<f32, N>::new(plane_sum(dot));
@@ -377,15 +403,9 @@ fn causal_softmax_backward_kernel<F: Float, N: Size>(
             let first = k * N::value();
             let mut d = zero;
             if first < visible {
-                d = c
-                    * Vector::<f32, N>::cast_from(probs[base + k])
-                    * (Vector::<f32, N>::cast_from(dprobs[base + k]) - total);
-                #[unroll]
-                for e in 0..N::value() {
-                    if first + e >= visible {
-                        d[e] = f32::new(0.0);
-                    }
-                }
+                let p = Vector::<f32, N>::cast_from(probs[base + k]);
+                let dp = Vector::<f32, N>::cast_from(dprobs[base + k]);
+                d = visible_gradient(c, p, dp, total, first, visible);
             }
             dscores[base + k] = Vector::<F, N>::cast_from(d);
             k += step;
@@ -624,6 +644,42 @@ fn column_sum_kernel(
     partial[chunk as usize * w + j] = (acc0 + acc1) + (acc2 + acc3);
 }
 
+/// Where thread `e` of a rotary kernel works, for rows of `per_row` threads over `x`
+/// `[b, h, s, ·]` with strides `sx0, sx1, sx2` (in whatever unit `x` is indexed by).
+#[derive(CubeType)]
+struct RotaryIndex {
+    /// The row `(batch·h + head)·s + position`, which is also the contiguous output's row.
+    row: u32,
+    /// The position along `s` (the tables' row is `start + position`).
+    position: u32,
+    /// The thread's index within its row.
+    column: u32,
+    /// Offset of the row's first entry in `x`.
+    source: usize,
+}
+
+#[cube]
+fn rotary_index(
+    e: u32,
+    per_row: u32,
+    seq: u32,
+    heads: u32,
+    sx0: usize,
+    sx1: usize,
+    sx2: usize,
+) -> RotaryIndex {
+    let row = e / per_row;
+    let position = row % seq;
+    let head = (row / seq) % heads;
+    let batch = row / (seq * heads);
+    RotaryIndex {
+        row,
+        position,
+        column: e % per_row,
+        source: batch as usize * sx0 + head as usize * sx1 + position as usize * sx2,
+    }
+}
+
 /// Rotary embedding of `x` `[b, h, s, w]` (any strides) at positions `start..start + s` into
 /// the contiguous `out`, one thread per pair: `(x_a, x_b)` becomes
 /// `(x_a cos θ − sign·x_b sin θ, x_b cos θ + sign·x_a sin θ)`, the pairs being `(k, k + w/2)`
@@ -648,29 +704,31 @@ fn rotary_kernel<F: Float>(
         terminate!();
     }
     let w = x.shape(3) as u32;
-    let s = x.shape(2) as u32;
-    let h = x.shape(1) as u32;
     let half = w / 2;
-    let k = e % half;
-    let row = e / half;
-    let p = row % s;
-    let head = (row / s) % h;
-    let batch = row / (s * h);
+    let at = rotary_index(
+        e,
+        half,
+        x.shape(2) as u32,
+        x.shape(1) as u32,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+    );
+    let k = at.column;
     let mut a = k;
     let mut b = k + half;
     if interleaved {
         a = 2 * k;
         b = 2 * k + 1;
     }
-    let base =
-        batch as usize * x.stride(0) + head as usize * x.stride(1) + p as usize * x.stride(2);
+    let base = at.source;
     let step = x.stride(3);
-    let table = (start + p) as usize * cos.stride(0) + k as usize;
+    let table = (start + at.position) as usize * cos.stride(0) + k as usize;
     let c = f32::cast_from(cos[table]);
     let sn = sign * f32::cast_from(sin[table]);
     let xa = f32::cast_from(x[base + a as usize * step]);
     let xb = f32::cast_from(x[base + b as usize * step]);
-    let o = row as usize * w as usize;
+    let o = at.row as usize * w as usize;
     out[o + a as usize] = F::cast_from(xa * c - xb * sn);
     out[o + b as usize] = F::cast_from(xb * c + xa * sn);
 }
@@ -701,21 +759,23 @@ fn rotary_half_kernel<F: Float, N: Size>(
     if e >= vectors {
         terminate!();
     }
-    let k = e % half;
-    let row = e / half;
-    let p = row % seq;
-    let head = (row / seq) % heads;
-    let batch = row / (seq * heads);
-    let base = batch as usize * sx0 as usize
-        + head as usize * sx1 as usize
-        + p as usize * sx2 as usize
-        + k as usize;
-    let table = (start + p) as usize * table_pitch as usize + k as usize;
+    let at = rotary_index(
+        e,
+        half,
+        seq,
+        heads,
+        sx0 as usize,
+        sx1 as usize,
+        sx2 as usize,
+    );
+    let k = at.column as usize;
+    let base = at.source + k;
+    let table = (start + at.position) as usize * table_pitch as usize + k;
     let c = Vector::<f32, N>::cast_from(cos[table]);
     let sn = Vector::<f32, N>::new(sign) * Vector::<f32, N>::cast_from(sin[table]);
     let xa = Vector::<f32, N>::cast_from(x[base]);
     let xb = Vector::<f32, N>::cast_from(x[base + half as usize]);
-    let o = row as usize * 2 * half as usize + k as usize;
+    let o = at.row as usize * 2 * half as usize + k;
     out[o] = Vector::<F, N>::cast_from(xa * c - xb * sn);
     out[o + half as usize] = Vector::<F, N>::cast_from(xb * c + xa * sn);
 }
@@ -747,19 +807,19 @@ fn rotary_interleaved_kernel<F: Float, N: Size>(
     if e >= vectors {
         terminate!();
     }
-    let j = e % width;
-    let row = e / width;
-    let p = row % seq;
-    let head = (row / seq) % heads;
-    let batch = row / (seq * heads);
-    let v = Vector::<f32, N>::cast_from(
-        x[batch as usize * sx0 as usize
-            + head as usize * sx1 as usize
-            + p as usize * sx2 as usize
-            + j as usize],
+    let at = rotary_index(
+        e,
+        width,
+        seq,
+        heads,
+        sx0 as usize,
+        sx1 as usize,
+        sx2 as usize,
     );
+    let j = at.column as usize;
+    let v = Vector::<f32, N>::cast_from(x[at.source + j]);
     let pairs = comptime!(N::value() / 2);
-    let table = (start + p) as usize * table_pitch as usize + j as usize * pairs;
+    let table = (start + at.position) as usize * table_pitch as usize + j * pairs;
     let mut o = Vector::<F, N>::empty();
     #[unroll]
     for k in 0..pairs {

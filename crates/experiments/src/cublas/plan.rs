@@ -61,32 +61,76 @@ pub(super) struct BatchPlan {
     pub inner: [usize; 4],
 }
 
-/// Plans the batch axes of a product into a contiguous output whose matrices have
-/// `matrix_elems` entries: `lhs`/`rhs` are `(shape, strides)` of the batch axes only (equal
-/// rank). A broadcast axis (size 1 in one operand) gets stride 0 in that operand. Returns the
-/// output's batch shape and the plan, or `None` if the shapes do not broadcast.
-pub(super) fn plan_batch(
-    lhs: (&[usize], &[usize]),
-    rhs: (&[usize], &[usize]),
-    matrix_elems: usize,
-) -> Option<(Vec<usize>, BatchPlan)> {
-    let out_shape = lhs
-        .0
-        .iter()
-        .zip(rhs.0)
+/// The batch shape of a product whose operands' batch axes are `lhs` and `rhs` (equal rank),
+/// broadcast as burn broadcasts (a size-1 axis takes the other's size), or `None` when they do
+/// not broadcast.
+pub(super) fn broadcast_batch(lhs: &[usize], rhs: &[usize]) -> Option<Vec<usize>> {
+    lhs.iter()
+        .zip(rhs)
         .map(|(&a, &b)| match (a, b) {
             _ if a == b || b == 1 => Some(a),
             (1, _) => Some(b),
             _ => None,
         })
-        .collect::<Option<Vec<usize>>>()?;
-    // The output is contiguous: its batch strides follow from its shape.
-    let mut out_strides = vec![0; out_shape.len()];
-    let mut stride = matrix_elems;
-    for (s, &size) in out_strides.iter_mut().zip(&out_shape).rev() {
-        *s = stride;
-        stride *= size;
+        .collect()
+}
+
+/// Strides for a product's output `[…, m, n]` (`out_shape`) laid out densely in the memory
+/// order of its right operand `[…, k, n]` (`rhs_shape`, `rhs_strides`): the axes of `rhs`
+/// (those longer than 1) sorted by stride, when the strides are distinct, the last axis is
+/// innermost at stride 1 and the order is not the row-major one. Attention's `P·V` with `V`
+/// split into heads (`[b, s, H, d]` read as `[b, H, s, d]`, or a slice of the heads' columns,
+/// as MLA's values are) gets its output as `[b, s, H, d]` read as `[b, H, s, d]`, so merging
+/// the heads back is a view, not a copy. `None` (a plain row-major output) otherwise, or when
+/// a batch axis of `rhs` is broadcast.
+pub(super) fn strides_in_order_of(
+    rhs_shape: &[usize],
+    rhs_strides: &[usize],
+    out_shape: &[usize],
+) -> Option<Vec<usize>> {
+    let rank = rhs_shape.len();
+    if rank < 3 || out_shape.len() != rank || rhs_strides.len() != rank {
+        return None;
     }
+    let batch_equal = rhs_shape[..rank - 2] == out_shape[..rank - 2];
+    if !batch_equal || rhs_shape[rank - 2] < 2 || rhs_shape[rank - 1] < 2 {
+        return None;
+    }
+    // The axes that matter (size > 1), innermost first by stride: distinct strides, the last
+    // axis first at stride 1, and not already the row-major order.
+    let mut order: Vec<usize> = (0..rank).filter(|&i| rhs_shape[i] > 1).collect();
+    order.sort_by_key(|&i| rhs_strides[i]);
+    let distinct = order
+        .windows(2)
+        .all(|w| rhs_strides[w[0]] < rhs_strides[w[1]]);
+    let last_innermost = order.first() == Some(&(rank - 1)) && rhs_strides[rank - 1] == 1;
+    if !distinct || !last_innermost || order.windows(2).all(|w| w[0] > w[1]) {
+        return None;
+    }
+    let mut strides = vec![0; rank];
+    let mut stride = 1;
+    for &axis in &order {
+        strides[axis] = stride;
+        stride *= out_shape[axis];
+    }
+    // Axes of size 1 are never stepped over: any stride will do, the whole tensor's.
+    for (axis, s) in strides.iter_mut().enumerate() {
+        if rhs_shape[axis] == 1 {
+            *s = stride;
+        }
+    }
+    Some(strides)
+}
+
+/// Plans the batch axes of a product: `lhs`/`rhs` are `(shape, strides)` of the operands'
+/// batch axes, `out` of the output's (its shape from [`broadcast_batch`]), all of equal rank.
+/// A broadcast axis (size 1 in one operand) gets stride 0 in that operand.
+pub(super) fn plan_batch(
+    lhs: (&[usize], &[usize]),
+    rhs: (&[usize], &[usize]),
+    out: (&[usize], &[usize]),
+) -> BatchPlan {
+    let (out_shape, out_strides) = out;
     let mut axes = Vec::new();
     for (i, &size) in out_shape.iter().enumerate() {
         if size > 1 {
@@ -112,16 +156,40 @@ pub(super) fn plan_batch(
         }
     }
     let Some(longest) = (0..runs.len()).max_by_key(|&i| (runs[i][0], usize::MAX - i)) else {
-        return Some((
-            out_shape,
-            BatchPlan {
-                outer: Vec::new(),
-                inner: [1, 0, 0, 0],
-            },
-        ));
+        return BatchPlan {
+            outer: Vec::new(),
+            inner: [1, 0, 0, 0],
+        };
     };
     let inner = runs.remove(longest);
-    Some((out_shape, BatchPlan { outer: runs, inner }))
+    BatchPlan { outer: runs, inner }
+}
+
+impl BatchPlan {
+    /// The `(lhs, rhs, out)` element offsets of every matrix product of the plan: outer axes
+    /// outermost (the last of `outer` fastest), each followed by its strided batch.
+    pub(super) fn offsets(&self) -> Vec<[usize; 3]> {
+        let outer: usize = self.outer.iter().map(|a| a[0]).product();
+        let mut all = Vec::with_capacity(outer * self.inner[0]);
+        for index in 0..outer {
+            let (mut o, mut rest) = ([0; 3], index);
+            for axis in self.outer.iter().rev() {
+                let i = rest % axis[0];
+                rest /= axis[0];
+                for (x, s) in o.iter_mut().zip(&axis[1..]) {
+                    *x += i * s;
+                }
+            }
+            all.extend((0..self.inner[0]).map(|j| {
+                [
+                    o[0] + j * self.inner[1],
+                    o[1] + j * self.inner[2],
+                    o[2] + j * self.inner[3],
+                ]
+            }));
+        }
+        all
+    }
 }
 
 /// The strides of a view of `shape`/`strides` (in elements) as `new_shape`, or `None` when no
@@ -228,6 +296,29 @@ mod tests {
         assert_eq!(matrix_layout(1, 5, 9, 4), column_major(4));
     }
 
+    /// Row-major strides of `shape`, in units of `inner` elements.
+    fn row_major_strides(shape: &[usize], inner: usize) -> Vec<usize> {
+        let mut strides = vec![0; shape.len()];
+        let mut stride = inner;
+        for (s, &size) in strides.iter_mut().zip(shape).rev() {
+            *s = stride;
+            stride *= size;
+        }
+        strides
+    }
+
+    /// The plan of a product into a row-major output of `matrix` elements per matrix.
+    fn plan_batch(
+        lhs: (&[usize], &[usize]),
+        rhs: (&[usize], &[usize]),
+        matrix: usize,
+    ) -> Option<(Vec<usize>, BatchPlan)> {
+        let shape = broadcast_batch(lhs.0, rhs.0)?;
+        let strides = row_major_strides(&shape, matrix);
+        let plan = super::plan_batch(lhs, rhs, (&shape, &strides));
+        Some((shape, plan))
+    }
+
     #[test]
     fn batch_axes_merge_when_their_strides_chain() {
         // [2, 3] batch of contiguous 4×5 · 5×6 products: one call of 6.
@@ -254,27 +345,9 @@ mod tests {
         assert!(plan_batch((&[2], &[20]), (&[3], &[30]), 24).is_none());
     }
 
-    /// The `(lhs, rhs, out)` element offsets of every product a plan makes.
+    /// The `(lhs, rhs, out)` element offsets of every product a plan makes, sorted.
     fn planned_offsets(plan: &BatchPlan) -> Vec<[usize; 3]> {
-        let outer: usize = plan.outer.iter().map(|a| a[0]).product();
-        let mut all = Vec::new();
-        for index in 0..outer {
-            let (mut o, mut rest) = ([0; 3], index);
-            for axis in &plan.outer {
-                let i = rest % axis[0];
-                rest /= axis[0];
-                for (x, s) in o.iter_mut().zip(&axis[1..]) {
-                    *x += i * s;
-                }
-            }
-            for j in 0..plan.inner[0] {
-                all.push([
-                    o[0] + j * plan.inner[1],
-                    o[1] + j * plan.inner[2],
-                    o[2] + j * plan.inner[3],
-                ]);
-            }
-        }
+        let mut all = plan.offsets();
         all.sort_unstable();
         all
     }
@@ -337,6 +410,79 @@ mod tests {
             );
         }
     }
+    #[test]
+    fn outputs_follow_a_permuted_right_operand() {
+        // V of [b, s, H, d] = [2, 5, 3, 4] read as [b, H, s, d]: strides (60, 4, 12, 1). P·V
+        // [2, 3, 7, 5]·[2, 3, 5, 4] → [2, 3, 7, 4] as [b, 7, H, d]: strides (84, 4, 12, 1), so
+        // swapping H back and merging (H, d) is a view.
+        let out = strides_in_order_of(&[2, 3, 5, 4], &[60, 4, 12, 1], &[2, 3, 7, 4]);
+        assert_eq!(out, Some(vec![84, 4, 12, 1]));
+        let merged = view_strides(&[2, 7, 3, 4], &[84, 12, 4, 1], &[2, 7, 12]);
+        assert_eq!(merged, Some(vec![84, 12, 1]));
+        // A slice of the heads' columns (MLA's values: 4 of every 6, rows of 18): the same.
+        let out = strides_in_order_of(&[2, 3, 5, 4], &[90, 6, 18, 1], &[2, 3, 7, 4]);
+        assert_eq!(out, Some(vec![84, 4, 12, 1]));
+        // Row-major (padded or not), transposed (column-major matrices), broadcast, or with
+        // two axes at one stride: a plain output.
+        for strides in [
+            [60, 20, 4, 1],
+            [80, 20, 4, 1],
+            [60, 20, 1, 5],
+            [60, 12, 12, 1],
+        ] {
+            assert_eq!(
+                strides_in_order_of(&[2, 3, 5, 4], &strides, &[2, 3, 7, 4]),
+                None,
+                "{strides:?}"
+            );
+        }
+        assert_eq!(
+            strides_in_order_of(&[2, 1, 5, 4], &[20, 0, 4, 1], &[2, 3, 7, 4]),
+            None
+        );
+        // A size-1 axis anywhere is skipped: [1, s, H, d] as [1, H, s, d].
+        assert_eq!(
+            strides_in_order_of(&[1, 3, 5, 4], &[60, 4, 12, 1], &[1, 3, 7, 4]),
+            Some(vec![84, 4, 12, 1])
+        );
+        // Brute force: the output's offsets are a bijection onto 0..len for any permutation.
+        let mut next = uniform_below(0x51ed_2701_a3c4_9b1fu64);
+        for _ in 0..300 {
+            let rank = 3 + next(3);
+            let shape: Vec<usize> = (0..rank).map(|_| 1 + next(4)).collect();
+            let mut order: Vec<usize> = (0..rank - 1).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, next(i + 1));
+            }
+            order.push(rank - 1);
+            let mut strides = vec![0; rank];
+            let mut stride = 1;
+            for &axis in order.iter().rev() {
+                strides[axis] = stride;
+                stride *= shape[axis];
+            }
+            let mut out_shape = shape.clone();
+            out_shape[rank - 2] = 1 + next(4);
+            let Some(out) = strides_in_order_of(&shape, &strides, &out_shape) else {
+                continue;
+            };
+            let len: usize = out_shape.iter().product();
+            let mut seen = vec![false; len];
+            for index in 0..len {
+                let (mut offset, mut rest) = (0, index);
+                for i in (0..rank).rev() {
+                    offset += (rest % out_shape[i]) * out[i];
+                    rest /= out_shape[i];
+                }
+                assert!(
+                    offset < len && !seen[offset],
+                    "{shape:?}/{strides:?}: {out:?}"
+                );
+                seen[offset] = true;
+            }
+        }
+    }
+
     #[test]
     fn views_address_the_same_elements_as_the_tensor_they_reshape() {
         // Brute force: for random shapes, strides (contiguous, permuted, padded rows, size-1
