@@ -235,21 +235,13 @@ fn cublas_products_match_the_exact_product_in_every_layout() {
     // The output follows V's order ([b, s, H, d] read as [b, H, s, d]): the heads merge back
     // into [b, s, H·d] as a view.
     let out = p.clone().matmul(v.clone());
-    let strides = out
-        .clone()
-        .into_primitive()
-        .tensor()
-        .meta
-        .strides()
-        .to_vec();
-    assert_eq!(
-        strides,
-        vec![8 * 4 * 16, 16, 4 * 16, 1],
-        "P·V output strides"
-    );
+    assert_eq!(strides(&out), vec![8 * 4 * 16, 16, 4 * 16, 1], "P·V output");
     let merged = out.swap_dims(1, 2).reshape([3, 8, 4 * 16]);
-    let merged_strides = merged.into_primitive().tensor().meta.strides().to_vec();
-    assert_eq!(merged_strides, vec![8 * 4 * 16, 4 * 16, 1], "merged heads");
+    assert_eq!(
+        strides(&merged),
+        vec![8 * 4 * 16, 4 * 16, 1],
+        "merged heads"
+    );
     check_path(p, v.clone(), bf16.0, bf16.1, "P·V, V split heads", tables);
     check_path(
         v.clone().swap_dims(2, 3),
@@ -267,28 +259,21 @@ fn cublas_products_match_the_exact_product_in_every_layout() {
         "QKᵀ, both split heads",
         tables,
     );
-    // MLA's values: a slice of each head's columns (the last 128 of 256); the output follows
+    // MLA's values: a slice of each head's columns (the last 256 of 512); the output follows
     // their order too. burn views a slice only when its byte offsets are multiples of the
-    // allocator's alignment (else it copies it, row-major): the expected layout is read off
-    // the operand.
-    let kv = random([2, 24, 2, 256], &device).swap_dims(1, 2); // [2, 2, 24, 256]
-    let v_slice = kv.slice([0..2, 0..2, 0..24, 128..256]); // [2, 2, 24, 128]
-    let v_strides = v_slice
-        .clone()
-        .into_primitive()
-        .tensor()
-        .meta
-        .strides()
-        .to_vec();
+    // allocator's alignment (512 bytes on CUDA; else it copies it, row-major): the expected
+    // layout is read off the operand.
+    let kv = random([2, 24, 2, 512], &device).swap_dims(1, 2); // [2, 2, 24, 512]
+    let v_slice = kv.slice([0..2, 0..2, 0..24, 256..512]); // [2, 2, 24, 256]
+    let v_strides = strides(&v_slice);
     let expected = if v_strides[1] < v_strides[2] {
-        vec![8 * 2 * 128, 128, 2 * 128, 1] // a view: [b, s, H, d] order
+        vec![8 * 2 * 256, 256, 2 * 256, 1] // a view: [b, s, H, d] order
     } else {
-        vec![2 * 8 * 128, 8 * 128, 128, 1] // a copy: row-major
+        vec![2 * 8 * 256, 8 * 256, 256, 1] // a copy: row-major
     };
     let p = random([2, 2, 8, 24], &device);
     let out = p.clone().matmul(v_slice.clone());
-    let strides = out.into_primitive().tensor().meta.strides().to_vec();
-    assert_eq!(strides, expected, "P·V (sliced V {v_strides:?}) strides");
+    assert_eq!(strides(&out), expected, "P·V (sliced V {v_strides:?})");
     check(p, v_slice, bf16.0, bf16.1, "P·V, V a slice of split heads");
     // Split heads with an unaligned width: pieces along k, so the host loop of calls.
     check_path(
@@ -436,8 +421,13 @@ fn linear_weight_gradients_are_one_product_over_every_row() {
 }
 
 /// The row stride of a float tensor's primitive (its second-to-last axis).
+/// The element strides of `t`'s buffer.
+fn strides<const D: usize>(t: &Tensor<CublasCuda, D>) -> Vec<usize> {
+    t.clone().into_primitive().tensor().meta.strides().to_vec()
+}
+
 fn row_stride<const D: usize>(t: &Tensor<CublasCuda, D>) -> usize {
-    t.clone().into_primitive().tensor().meta.strides()[D - 2]
+    strides(t)[D - 2]
 }
 
 #[test]
