@@ -113,7 +113,7 @@ struct PointerStaging {
 const STAGING_SLOTS: usize = 64;
 /// Pointers per slot: the three tables of one batched product (`3 × 768` for attention's
 /// `b·H = 64 × 12` products) fit with room to spare.
-pub(super) const STAGING_SLOT_POINTERS: usize = 3 * 2048;
+const STAGING_SLOT_POINTERS: usize = 3 * 2048;
 
 impl PointerStaging {
     fn new() -> Result<Self, CublasError> {
