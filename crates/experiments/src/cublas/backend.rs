@@ -13,7 +13,8 @@ use cudarc::cublas::sys as blas;
 use cudarc::driver::{CudaContext, DriverError};
 
 use super::plan::{
-    MatrixLayout, broadcast_batch, matrix_layout, plan_batch, strides_in_order_of, view_strides,
+    MatrixLayout, broadcast_batch, matrix_layout, plan_batch, row_major_strides,
+    strides_in_order_of, view_strides,
 };
 use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
@@ -315,11 +316,10 @@ fn cublas_matmul(lhs: CubeTensor<CudaRuntime>, rhs: CubeTensor<CudaRuntime>) -> 
     let in_order = (!lb.column_major && (n * bytes) % ROW_ALIGN_BYTES == 0)
         .then(|| strides_in_order_of(rhs.meta.shape(), rhs.meta.strides(), &out_shape))
         .flatten();
-    let out = match in_order {
-        Some(strides) => empty_strided(&lhs, out_shape, strides),
-        None => empty_pitched(&lhs, out_shape, aligned_leading(n, bytes)),
+    let (out_strides, out_len) = match in_order {
+        Some(strides) => (strides, out_shape.iter().product()),
+        None => pitched_strides(&out_shape, aligned_leading(n, bytes)),
     };
-    let (out_shape, out_strides) = (out.meta.shape(), out.meta.strides());
     let out_leading = out_strides[batch];
     let plan = plan_batch(
         (&lhs.meta.shape()[..batch], &lhs.meta.strides()[..batch]),
@@ -329,6 +329,7 @@ fn cublas_matmul(lhs: CubeTensor<CudaRuntime>, rhs: CubeTensor<CudaRuntime>) -> 
     if plan.inner[0] > i32::MAX as usize || !fits(out_leading) {
         return Product::Declined(lhs, rhs);
     }
+    let out = empty_strided(&lhs, out_shape, out_strides, out_len);
     let (element, compute) = blas_types(lhs.dtype).expect("checked above");
     let gemm = Gemm {
         m,
@@ -493,9 +494,9 @@ impl Gemm {
         let address = |base: u64, offset: usize| base + (offset * self.bytes) as u64;
         let one = 1f32;
         let zero = 0f32;
-        let offsets = self.plan.offsets();
         if let Some((device, staging, stream)) = table {
             // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: cuBLAS's first table is B's.
+            let offsets = self.plan.offsets();
             let count = offsets.len();
             let mut tables = Vec::with_capacity(3 * count);
             tables.extend(offsets.iter().map(|o| address(pointers[1], o[1])));
@@ -533,8 +534,7 @@ impl Gemm {
             return Ok(());
         }
         let plan = &self.plan;
-        for first in offsets.iter().step_by(plan.inner[0].max(1)) {
-            let [oa, ob, oc] = *first;
+        for [oa, ob, oc] in plan.outer_offsets() {
             for &(m0, mm) in &ms {
                 for &(n0, nn) in &ns {
                     for (piece, &(k0, kk)) in ks.iter().enumerate() {
@@ -600,6 +600,17 @@ fn aligned_leading(width: usize, bytes: usize) -> usize {
     }
 }
 
+/// The strides of a pitched row-major `shape` (`[…, rows, cols]`) whose rows are `leading`
+/// elements apart (`leading ≥ cols`) and whose matrices are `rows · leading` apart, and the
+/// number of elements its storage spans.
+fn pitched_strides(shape: &[usize], leading: usize) -> (Vec<usize>, usize) {
+    let rank = shape.len();
+    let mut strides = row_major_strides(&shape[..rank - 1], leading);
+    strides.push(1);
+    let len = leading * shape[..rank - 1].iter().product::<usize>();
+    (strides, len)
+}
+
 /// An uninitialised tensor of `shape` (`[…, rows, cols]`) whose rows are `leading` elements
 /// apart (`leading ≥ cols`) and whose matrices are `rows · leading` apart: a pitched
 /// row-major layout, which burn's kernels read like any strided view.
@@ -608,31 +619,18 @@ pub(super) fn empty_pitched(
     shape: Vec<usize>,
     leading: usize,
 ) -> CubeTensor<CudaRuntime> {
-    let rank = shape.len();
-    let mut storage = shape.clone();
-    storage[rank - 1] = leading;
-    let mut out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype::<CudaRuntime>(
-        like.client.clone(),
-        like.device.clone(),
-        storage.into(),
-        like.dtype,
-    );
-    if leading != shape[rank - 1] {
-        let strides = out.meta.strides().clone();
-        *out.meta =
-            cubecl::zspace::metadata::Metadata::new(burn_backend::Shape::from(shape), strides);
-    }
-    out
+    let (strides, len) = pitched_strides(&shape, leading);
+    empty_strided(like, shape, strides, len)
 }
 
-/// An uninitialised tensor of `shape` with the given `strides`, which must be a permutation of
-/// a dense row-major layout (as [`strides_in_order_of`] makes).
+/// An uninitialised tensor of `shape` with the given `strides` over a fresh buffer of `len`
+/// elements (the strides address nothing beyond it: a pitched or permuted dense layout).
 fn empty_strided(
     like: &CubeTensor<CudaRuntime>,
     shape: Vec<usize>,
     strides: Vec<usize>,
+    len: usize,
 ) -> CubeTensor<CudaRuntime> {
-    let len = shape.iter().product::<usize>();
     let mut out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype::<CudaRuntime>(
         like.client.clone(),
         like.device.clone(),

@@ -75,6 +75,17 @@ pub(super) fn broadcast_batch(lhs: &[usize], rhs: &[usize]) -> Option<Vec<usize>
         .collect()
 }
 
+/// Row-major strides of `shape`, the last axis's being `inner`.
+pub(super) fn row_major_strides(shape: &[usize], inner: usize) -> Vec<usize> {
+    let mut strides = vec![0; shape.len()];
+    let mut stride = inner;
+    for (s, &size) in strides.iter_mut().zip(shape).rev() {
+        *s = stride;
+        stride *= size;
+    }
+    strides
+}
+
 /// Strides for a product's output `[…, m, n]` (`out_shape`) laid out densely in the memory
 /// order of its right operand `[…, k, n]` (`rhs_shape`, `rhs_strides`): the axes of `rhs`
 /// (those longer than 1) sorted by stride, when the strides are distinct, the last axis is
@@ -166,29 +177,33 @@ pub(super) fn plan_batch(
 }
 
 impl BatchPlan {
-    /// The `(lhs, rhs, out)` element offsets of every matrix product of the plan: outer axes
-    /// outermost (the last of `outer` fastest), each followed by its strided batch.
-    pub(super) fn offsets(&self) -> Vec<[usize; 3]> {
+    /// The `(lhs, rhs, out)` element offsets of the first matrix product of each strided
+    /// batch: one per index of the outer axes (the last of `outer` fastest).
+    pub(super) fn outer_offsets(&self) -> Vec<[usize; 3]> {
         let outer: usize = self.outer.iter().map(|a| a[0]).product();
-        let mut all = Vec::with_capacity(outer * self.inner[0]);
-        for index in 0..outer {
-            let (mut o, mut rest) = ([0; 3], index);
-            for axis in self.outer.iter().rev() {
-                let i = rest % axis[0];
-                rest /= axis[0];
-                for (x, s) in o.iter_mut().zip(&axis[1..]) {
-                    *x += i * s;
+        (0..outer)
+            .map(|index| {
+                let (mut o, mut rest) = ([0; 3], index);
+                for axis in self.outer.iter().rev() {
+                    let i = rest % axis[0];
+                    rest /= axis[0];
+                    for (x, s) in o.iter_mut().zip(&axis[1..]) {
+                        *x += i * s;
+                    }
                 }
-            }
-            all.extend((0..self.inner[0]).map(|j| {
-                [
-                    o[0] + j * self.inner[1],
-                    o[1] + j * self.inner[2],
-                    o[2] + j * self.inner[3],
-                ]
-            }));
-        }
-        all
+                o
+            })
+            .collect()
+    }
+
+    /// The `(lhs, rhs, out)` element offsets of every matrix product of the plan: each of
+    /// [`Self::outer_offsets`] followed by its strided batch.
+    pub(super) fn offsets(&self) -> Vec<[usize; 3]> {
+        let [count, sa, sb, so] = self.inner;
+        self.outer_offsets()
+            .into_iter()
+            .flat_map(|o| (0..count).map(move |j| [o[0] + j * sa, o[1] + j * sb, o[2] + j * so]))
+            .collect()
     }
 }
 
@@ -294,17 +309,6 @@ mod tests {
         assert_eq!(matrix_layout(5, 1, 1, 7), row_major(1));
         // One row whose elements are 4 apart: column-major, a column every 4 elements.
         assert_eq!(matrix_layout(1, 5, 9, 4), column_major(4));
-    }
-
-    /// Row-major strides of `shape`, in units of `inner` elements.
-    fn row_major_strides(shape: &[usize], inner: usize) -> Vec<usize> {
-        let mut strides = vec![0; shape.len()];
-        let mut stride = inner;
-        for (s, &size) in strides.iter_mut().zip(shape).rev() {
-            *s = stride;
-            stride *= size;
-        }
-        strides
     }
 
     /// The plan of a product into a row-major output of `matrix` elements per matrix.
