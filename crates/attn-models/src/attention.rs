@@ -350,26 +350,14 @@ impl<B: Backend> Mla<B> {
         let (c_key, c_value, k_pe) = self.cached_latents(c_key, c_value, k_pe, cache);
         let [b, t, _] = c_value.dims();
         let q = split_heads(self.q_up.forward(c_q), h); // [b, H, s, hd + dr]
-        // Keys come from the same latent as values unless PreRoPE rotated it. One latent:
-        // one product for both, sliced. Two latents: keys and values each from their own
-        // columns of `kv_up`, so that no value columns are computed from the rotated latent
-        // only to be dropped (and no activation-sized slice, nor its slice-assign into zeros
-        // in the backward): +7 % tokens/s for MLA-PreRoPE on the H200; the same split for
-        // one latent measured −1.5 % (docs/performance.md).
-        let keys_rotated = self.input_rotation() || self.rope_kv.is_some();
-        let (k_nope, v) = if keys_rotated {
-            let [w_k, w_v] = head_column_blocks(self.kv_up.weight.val(), h, [hd, dv]);
-            (
-                split_heads(c_key.matmul(w_k.unsqueeze()), h), // [b, H, t, hd]
-                split_heads(c_value.matmul(w_v.unsqueeze()), h), // [b, H, t, dv]
-            )
-        } else {
-            let kv = split_heads(self.kv_up.forward(c_value), h);
-            (
-                kv.clone().slice([0..b, 0..h, 0..t, 0..hd]),
-                kv.slice([0..b, 0..h, 0..t, hd..hd + dv]),
-            )
-        };
+        // Keys and values each from their own columns of `kv_up` (two products, from the
+        // rotated latent for keys where PreRoPE rotated it): no value columns are computed
+        // only to be dropped, no activation-sized slice (nor its slice-assign into zeros in
+        // the backward), and both come out contiguous, so `P·V` writes its output in the
+        // heads' order and `merge_heads` is a view (docs/performance.md).
+        let [w_k, w_v] = head_column_blocks(self.kv_up.weight.val(), h, [hd, dv]);
+        let k_nope = split_heads(c_key.matmul(w_k.unsqueeze()), h); // [b, H, t, hd]
+        let v = split_heads(c_value.matmul(w_v.unsqueeze()), h); // [b, H, t, dv]
         let scores = match (k_pe, self.rope_dim) {
             (Some(pe), dr) if dr > 0 => {
                 // One product over whole heads, `[q_nope | rope(q_pe)]·[k_nope | k_pe]ᵀ`, the
