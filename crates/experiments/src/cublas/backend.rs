@@ -342,6 +342,7 @@ fn cublas_matmul(lhs: CubeTensor<CudaRuntime>, rhs: CubeTensor<CudaRuntime>) -> 
         bytes,
         element,
         compute,
+        pieces: Gemm::pieces([m, n, k], la, lb, bytes),
     };
     // A batch the strided call cannot cover in one goes through pointer tables, in a buffer
     // of cubecl's (its release is ordered on the stream like any buffer's).
@@ -416,6 +417,8 @@ struct Gemm {
     bytes: usize,
     element: blas::cudaDataType,
     compute: blas::cublasComputeType_t,
+    /// The pieces of `m`, `n` and `k`, from [`Gemm::pieces`].
+    pieces: [Vec<(usize, usize)>; 3],
 }
 
 // SAFETY: the cuBLAS enums are plain integers.
@@ -425,9 +428,14 @@ impl Gemm {
     /// The pieces `(start, extent)` of `m`, `n` and `k`: each of them that is the unit-stride
     /// axis of an operand or of `C` and not a multiple of the 16-byte vector (8 bf16) is cut
     /// into a multiple of it and a remainder of fewer than 8 (see [`Gemm::enqueue`]); `k`'s
-    /// remainder comes first.
-    fn pieces(&self) -> [Vec<(usize, usize)>; 3] {
-        let vector = (ROW_ALIGN_BYTES / self.bytes).max(1);
+    /// remainder comes first. `bytes` is the element size.
+    fn pieces(
+        [m, n, k]: [usize; 3],
+        la: MatrixLayout,
+        lb: MatrixLayout,
+        bytes: usize,
+    ) -> [Vec<(usize, usize)>; 3] {
+        let vector = (ROW_ALIGN_BYTES / bytes).max(1);
         let cut = |extent: usize, unit_stride: bool| -> Vec<(usize, usize)> {
             let bulk = extent / vector * vector;
             if !unit_stride || bulk == extent || bulk == 0 {
@@ -436,10 +444,9 @@ impl Gemm {
                 vec![(0, bulk), (bulk, extent - bulk)]
             }
         };
-        let (la, lb) = (self.lhs, self.rhs);
-        let mut ks = cut(self.k, !la.column_major || lb.column_major);
+        let mut ks = cut(k, !la.column_major || lb.column_major);
         ks.reverse();
-        [cut(self.m, la.column_major), cut(self.n, true), ks]
+        [cut(m, la.column_major), cut(n, true), ks]
     }
 
     /// The length of the pointer tables (`B`, `A`, `C`: one entry each per matrix of the
@@ -449,7 +456,7 @@ impl Gemm {
     /// a staging slot. `None`: the loop.
     fn table_len(&self) -> Option<usize> {
         let count = self.plan.outer.iter().map(|a| a[0]).product::<usize>() * self.plan.inner[0];
-        let one_piece = self.pieces().iter().all(|p| p.len() == 1);
+        let one_piece = self.pieces.iter().all(|p| p.len() == 1);
         (!self.plan.outer.is_empty() && one_piece && 3 * count <= STAGING_SLOT_POINTERS)
             .then_some(3 * count)
     }
@@ -474,7 +481,7 @@ impl Gemm {
         pointers: [u64; 3],
         table: Option<(u64, &mut PointerStaging, cudarc::driver::sys::CUstream)>,
     ) -> Result<(), CublasError> {
-        let [ms, ns, ks] = self.pieces();
+        let [ms, ns, ks] = &self.pieces;
         let (la, lb) = (self.lhs, self.rhs);
         // Element offsets of (row, col) in each operand's layout.
         let at = |l: MatrixLayout, row: usize, col: usize| {
@@ -535,8 +542,8 @@ impl Gemm {
         }
         let plan = &self.plan;
         for [oa, ob, oc] in plan.outer_offsets() {
-            for &(m0, mm) in &ms {
-                for &(n0, nn) in &ns {
+            for &(m0, mm) in ms {
+                for &(n0, nn) in ns {
                     for (piece, &(k0, kk)) in ks.iter().enumerate() {
                         let beta = if piece == 0 { zero } else { one };
                         let a = address(pointers[0], oa + at(la, m0, k0));

@@ -400,6 +400,28 @@ impl<'a> Command<'a> {
     /// * `Ok(Handle)` - A handle to the newly allocated and populated GPU memory.
     /// * `Err(IoError)` - If the allocation or data copy fails.
     pub fn create_with_data(&mut self, data: &[u8]) -> Result<Handle, IoError> {
+        // attention-spectra patch: small uploads (kernel metadata) through the pinned ring.
+        if data.len() <= crate::compute::stream::METADATA_CHUNK_BYTES {
+            let handle = self.empty(data.len() as u64)?;
+            let resource = self.resource(handle.clone().binding())?;
+            let current = self.streams.current();
+            let failed = |e: cudarc::driver::DriverError| IoError::Unknown {
+                description: format!("metadata upload failed: {e}"),
+                backtrace: BackTrace::capture(),
+            };
+            // SAFETY: `current.sys` is the stream's own; `resource.ptr` is a live allocation
+            // of at least `data.len()` bytes, and the staged copy is not overwritten before
+            // this copy has run (see `MetadataStaging::stage`).
+            unsafe {
+                let staged = current
+                    .metadata_staging
+                    .stage(data, current.sys)
+                    .map_err(failed)?;
+                cudarc::driver::result::memcpy_htod_async(resource.ptr, staged, current.sys)
+                    .map_err(failed)?;
+            }
+            return Ok(handle);
+        }
         let mut staging =
             self.reserve_pinned(data.len(), None)
                 .ok_or_else(|| IoError::Unknown {

@@ -26,6 +26,108 @@ pub struct Stream {
     pub memory_management_cpu: MemoryManagement<PinnedMemoryStorage>,
     pub errors: Vec<ServerError>,
     pub drop_queue: drop_queue::PendingDropQueue<Fence>,
+    /// attention-spectra patch: pinned staging of kernel metadata, see [`MetadataStaging`].
+    pub metadata_staging: MetadataStaging,
+}
+
+/// attention-spectra patch: a pinned ring through which kernel metadata (the shapes and strides
+/// a launch uploads) reaches the device, in [`METADATA_CHUNKS`] chunks of
+/// [`METADATA_CHUNK_BYTES`] used in turn. A chunk is reused once the event recorded when it
+/// was last left has passed, thousands of launches later.
+///
+/// Unpatched, each upload reserved a slice of the pinned memory pool and went through the
+/// drop queue, whose flush every 64 uploads waited on the host for the fence of the 64 before:
+/// the device thread could never be more than about 128 uploads ahead of the GPU, and each
+/// reservation scanned the pool's slices.
+#[derive(Debug)]
+pub struct MetadataStaging {
+    host: *mut u8,
+    chunk: usize,
+    used: usize,
+    events: Vec<Option<cudarc::driver::sys::CUevent>>,
+}
+
+/// Bytes per chunk of [`MetadataStaging`]; a larger upload takes cubecl's own path.
+pub const METADATA_CHUNK_BYTES: usize = 64 * 1024;
+/// Chunks of [`MetadataStaging`] (4 MiB of pinned memory in all).
+pub const METADATA_CHUNKS: usize = 64;
+
+// SAFETY: the pinned allocation is owned by the staging and only touched through `&mut self`.
+unsafe impl Send for MetadataStaging {}
+
+impl Default for MetadataStaging {
+    fn default() -> Self {
+        Self {
+            host: std::ptr::null_mut(),
+            chunk: 0,
+            used: 0,
+            events: vec![None; METADATA_CHUNKS],
+        }
+    }
+}
+
+impl MetadataStaging {
+    /// Copies `data` (at most [`METADATA_CHUNK_BYTES`]) into the ring and returns its staged
+    /// copy, which stays untouched until the work enqueued on `stream` after this call, up to
+    /// the next [`METADATA_CHUNKS`] − 1 chunk changes, has run.
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of the current context, the same on every call.
+    pub unsafe fn stage(
+        &mut self,
+        data: &[u8],
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<&[u8], cudarc::driver::DriverError> {
+        use cudarc::driver::result::{event, malloc_host};
+        assert!(
+            data.len() <= METADATA_CHUNK_BYTES,
+            "metadata upload too long"
+        );
+        if self.host.is_null() {
+            // SAFETY: a plain pinned allocation, freed in `drop`.
+            self.host = unsafe { malloc_host(METADATA_CHUNKS * METADATA_CHUNK_BYTES, 0)? }.cast();
+        }
+        let len = data.len().next_multiple_of(16);
+        if self.used + len > METADATA_CHUNK_BYTES {
+            // Leave the chunk: its event passes once every copy that reads it has run.
+            let left = match self.events[self.chunk] {
+                Some(e) => e,
+                None => event::create(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?,
+            };
+            self.events[self.chunk] = Some(left);
+            // SAFETY: `left` is a live event and `stream` a live stream (contract).
+            unsafe { event::record(left, stream)? };
+            self.chunk = (self.chunk + 1) % METADATA_CHUNKS;
+            self.used = 0;
+            if let Some(entered) = self.events[self.chunk] {
+                // SAFETY: a live event; once it has passed, no copy still reads the chunk.
+                unsafe { event::synchronize(entered)? };
+            }
+        }
+        // SAFETY: the range lies inside the allocation and no pending copy reads it.
+        let staged = unsafe {
+            let start = self.host.add(self.chunk * METADATA_CHUNK_BYTES + self.used);
+            std::ptr::copy_nonoverlapping(data.as_ptr(), start, data.len());
+            std::slice::from_raw_parts(start, data.len())
+        };
+        self.used += len;
+        Ok(staged)
+    }
+}
+
+impl Drop for MetadataStaging {
+    fn drop(&mut self) {
+        // SAFETY: every copy that read the ring is waited for before it is freed.
+        unsafe {
+            for event in self.events.iter().flatten() {
+                let _ = cudarc::driver::result::event::synchronize(*event);
+                let _ = cudarc::driver::result::event::destroy(*event);
+            }
+            if !self.host.is_null() {
+                let _ = cudarc::driver::result::free_host(self.host.cast());
+            }
+        }
+    }
 }
 
 impl drop_queue::Fence for Fence {
@@ -79,6 +181,7 @@ impl EventStreamBackend for CudaStreamBackend {
             memory_management_cpu,
             errors: Vec::new(),
             drop_queue: Default::default(),
+            metadata_staging: Default::default(),
         }
     }
 
