@@ -141,6 +141,7 @@ fn bench<B: burn::tensor::backend::AutodiffBackend>(
             validation_data: &validation,
             dir: &dir,
             initial: None,
+            phase_timing: false,
         };
         let s = train::<B>(&spec, device, |_| {}).map_err(|e| e.to_string())?;
         let step_ms = 1e3 * s.seconds / spec.train.steps as f64;

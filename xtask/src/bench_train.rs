@@ -23,7 +23,7 @@
 use attn_models::{AttentionVariant, LlamaConfig};
 use experiments::mla_spectra::preset_train;
 use experiments::tokens::{Packed, SequenceOrder};
-use experiments::train::{RunSpec, TrainConfig, train};
+use experiments::train::{PhaseTimes, RunSpec, TrainConfig, train};
 use probe::{ProbeConfig, Schedule};
 use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
@@ -64,6 +64,11 @@ pub struct Args {
     /// Updates left out of the throughput at the start (warm-up, compilation).
     #[arg(long, default_value_t = 10)]
     skip: usize,
+    /// Time burn's updates phase by phase on the host (forward, backward, norm, optimizer)
+    /// and wait for the device after each (`RunSpec::phase_timing`); prints the medians. The
+    /// waits drain the device once an update, so burn's tokens/s are not comparable then.
+    #[arg(long)]
+    phases: bool,
     /// Override the preset's vocabulary size (e.g. 32128, T5's padded embedding, a multiple
     /// of 64, against the paper preset's 32100).
     #[arg(long)]
@@ -80,6 +85,8 @@ struct Measured {
     losses: Vec<f64>,
     step_seconds: Vec<f64>,
     peak_bytes: Option<f64>,
+    /// Per update, with `--phases` (burn only).
+    phases: Vec<experiments::train::PhaseTimes>,
 }
 
 impl Measured {
@@ -179,9 +186,10 @@ pub fn run(args: &Args) -> Result<(), String> {
         let mut results = vec![match args.backend.as_str() {
             "cpu" => {
                 type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
-                burn_run::<B>(&dir, &data, &model, &config, &Default::default(), || None)?
+                let device = Default::default();
+                burn_run::<B>(&dir, &data, &model, &config, &device, args.phases, || None)?
             }
-            _ => cuda(&dir, &data, &model, &config, args.matmul)?,
+            _ => cuda(&dir, &data, &model, &config, args.matmul, args.phases)?,
         }];
         for i in &impls {
             let v = python(
@@ -214,6 +222,7 @@ pub fn run(args: &Args) -> Result<(), String> {
                 losses: floats("losses")?,
                 step_seconds: floats("step_seconds")?,
                 peak_bytes: v["peak_reserved_bytes"].as_f64(),
+                phases: Vec::new(),
             });
         }
         let line = report(variant, &model, &config, &results, peak, args.skip, dtype);
@@ -358,6 +367,7 @@ fn burn_run<B: burn::tensor::backend::AutodiffBackend>(
     model: &LlamaConfig,
     config: &TrainConfig,
     device: &B::Device,
+    phase_timing: bool,
     memory: impl Fn() -> Option<f64>,
 ) -> Result<Measured, String> {
     let validation = synthetic_windows(config.batch, model.context, model.vocab_size, 2);
@@ -374,12 +384,15 @@ fn burn_run<B: burn::tensor::backend::AutodiffBackend>(
         validation_data: &validation,
         dir: &run_dir,
         initial: Some(&initial),
+        phase_timing,
     };
     let mut losses = Vec::new();
     let mut seconds = Vec::new();
+    let mut phases = Vec::new();
     train::<B>(&spec, device, |p| {
         losses.push(p.loss);
         seconds.push(p.seconds);
+        phases.extend(p.phases);
     })
     .map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
@@ -388,6 +401,7 @@ fn burn_run<B: burn::tensor::backend::AutodiffBackend>(
         losses,
         step_seconds: seconds,
         peak_bytes: memory(),
+        phases,
     })
 }
 
@@ -398,6 +412,7 @@ fn cuda(
     model: &LlamaConfig,
     config: &TrainConfig,
     matmul: crate::gpu::Matmul,
+    phase_timing: bool,
 ) -> Result<Measured, String> {
     use cubecl::Runtime;
     let device = burn::backend::cuda::CudaDevice::default();
@@ -410,7 +425,13 @@ fn cuda(
     let before = experiments::cublas::counts();
     let fused_before = experiments::cublas::fused_counts();
     let measured = crate::gpu::with_cuda_backend!(matmul, |B| burn_run::<B>(
-        dir, data, model, config, &device, reserved
+        dir,
+        data,
+        model,
+        config,
+        &device,
+        phase_timing,
+        reserved
     ))?;
     let after = experiments::cublas::counts();
     let fused = experiments::cublas::fused_counts();
@@ -440,8 +461,46 @@ fn cuda(
     _: &LlamaConfig,
     _: &TrainConfig,
     _: crate::gpu::Matmul,
+    _: bool,
 ) -> Result<Measured, String> {
     Err(NO_CUDA.into())
+}
+
+/// The columns of [`phase_medians`].
+const PHASE_NAMES: [&str; 7] = [
+    "forward",
+    "backward",
+    "norm",
+    "optimizer",
+    "host",
+    "device_wait",
+    "update",
+];
+
+/// Medians (seconds) of each phase, of the host's total and of the whole update over the
+/// steady updates (the first `skip` and the last left out, as for the throughput), each
+/// column its own median; `None` without phases.
+fn phase_medians(phases: &[PhaseTimes], skip: usize) -> Option<[f64; 7]> {
+    let n = phases.len();
+    if n == 0 {
+        return None;
+    }
+    let lo = skip.min(n.saturating_sub(2));
+    let steady = &phases[lo..n.saturating_sub(1).max(lo + 1)];
+    let median = |f: &dyn Fn(&PhaseTimes) -> f64| {
+        let mut v: Vec<f64> = steady.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Some([
+        median(&|t| t.forward),
+        median(&|t| t.backward),
+        median(&|t| t.norm),
+        median(&|t| t.optimizer),
+        median(&|t| t.host()),
+        median(&|t| t.device_wait),
+        median(&|t| t.update()),
+    ])
 }
 
 /// Unit roundoff `u` of the training dtype (bf16: 8 significant bits, `2⁻⁸`; f32: `2⁻²⁴`):
@@ -502,6 +561,21 @@ fn report(
         record[&r.name] = json!({ "tokens_per_second": tps, "mfu": mfu,
             "peak_reserved_bytes": r.peak_bytes, "losses": r.losses, "step_seconds": r.step_seconds });
     }
+    if let Some(m) = phase_medians(&burn.phases, skip) {
+        let names = PHASE_NAMES.iter().zip(m);
+        println!(
+            "variant={} impl=burn phases_ms {}",
+            variant.name(),
+            names
+                .clone()
+                .map(|(n, v)| format!("{n}={:.2}", 1e3 * v))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        record["burn"]["phases_ms"] = names
+            .map(|(n, v)| (n.to_string(), json!(1e3 * v)))
+            .collect();
+    }
     if let Some(m) = peak.map(|p| burn_tps * flops / p) {
         line += &format!(" mfu_burn={m:.3}");
     }
@@ -544,8 +618,33 @@ mod tests {
             losses: vec![],
             step_seconds: vec![9.0, 9.0, 1.0, 2.0, 1.0, 9.0],
             peak_bytes: None,
+            phases: vec![],
         };
         assert_eq!(m.tokens_per_second(100.0, 2), 100.0);
+    }
+
+    #[test]
+    fn phase_medians_leave_out_warm_up_and_the_last_update() {
+        let t = |forward: f64, device_wait: f64| PhaseTimes {
+            forward,
+            backward: 2.0,
+            norm: 0.5,
+            optimizer: 1.0,
+            device_wait,
+        };
+        let phases = [
+            t(90.0, 0.0),
+            t(1.0, 4.0),
+            t(3.0, 2.0),
+            t(2.0, 3.0),
+            t(90.0, 90.0),
+        ];
+        let [forward, backward, norm, optimizer, host, wait, update] =
+            phase_medians(&phases, 1).expect("three steady updates");
+        assert_eq!([forward, backward, norm, optimizer], [2.0, 2.0, 0.5, 1.0]);
+        // Each column its own median: the hosts 4.5, 6.5, 5.5; the updates 8.5 each.
+        assert_eq!([host, wait, update], [5.5, 3.0, 8.5]);
+        assert_eq!(phase_medians(&[], 1), None);
     }
 
     #[test]

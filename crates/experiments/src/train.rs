@@ -270,6 +270,7 @@ struct Unread<B: Backend> {
     loss: Tensor<B, 1>,
     /// The gradient norm before clipping, `[1]`.
     grad_norm: Option<Tensor<B, 1>>,
+    phases: Option<PhaseTimes>,
 }
 
 /// The updates of one read window, in step order, and when the window began.
@@ -336,6 +337,7 @@ impl<B: Backend> ReadWindow<B> {
                 loss,
                 seconds,
                 tokens_per_second: tokens_per_step / seconds,
+                phases: u.phases,
             });
         }
         Ok(())
@@ -414,6 +416,50 @@ pub struct Progress {
     pub seconds: f64,
     /// Tokens per second over this update.
     pub tokens_per_second: f64,
+    /// Where this update's time went, with [`RunSpec::phase_timing`].
+    pub phases: Option<PhaseTimes>,
+}
+
+/// Where one update's time went, timed on the host with [`RunSpec::phase_timing`] (seconds).
+/// On a device that runs asynchronously (CUDA) the first four are the host's time to build
+/// and launch each phase, and `device_wait` how long the device then took to finish the
+/// update: a wait near 0 means the host bounds the update, a long one the device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseTimes {
+    /// The micro-batches' forward passes and losses.
+    pub forward: f64,
+    /// Their `backward()` and the accumulation of their gradients.
+    pub backward: f64,
+    /// The global gradient norm and clipping.
+    pub norm: f64,
+    /// The optimizer's update.
+    pub optimizer: f64,
+    /// The wait, once all of it was launched, until the device had finished the update.
+    pub device_wait: f64,
+}
+
+impl PhaseTimes {
+    /// The host's time for the update: `forward + backward + norm + optimizer`.
+    pub fn host(&self) -> f64 {
+        self.forward + self.backward + self.norm + self.optimizer
+    }
+
+    /// The whole update: [`PhaseTimes::host`] `+ device_wait`.
+    pub fn update(&self) -> f64 {
+        self.host() + self.device_wait
+    }
+}
+
+/// Seconds between successive calls of [`Lap::lap`].
+struct Lap(Instant);
+
+impl Lap {
+    fn lap(&mut self) -> f64 {
+        let now = Instant::now();
+        let seconds = (now - self.0).as_secs_f64();
+        self.0 = now;
+        seconds
+    }
 }
 
 /// What a finished run reports.
@@ -448,6 +494,10 @@ pub struct RunSpec<'a> {
     /// of a seeded random initialisation. Used to train two implementations from identical
     /// weights.
     pub initial: Option<&'a Path>,
+    /// Time each update's phases ([`Progress::phases`]), waiting for the device after every
+    /// update: the device then drains its queue once an update, so the run's throughput is
+    /// not the loop's usual one. Off in every experiment; `bench train --phases` sets it.
+    pub phase_timing: bool,
 }
 
 fn row(spec: &RunSpec, step: u64, space: &str, metric: &str, value: f64) -> MetricRow {
@@ -590,6 +640,8 @@ pub fn train<B: AutodiffBackend>(
             window.read(spec, tokens_per_step, &mut probe, &mut progress)?;
             observe(step, &model, &mut probe)?;
         }
+        let mut clock = Lap(Instant::now());
+        let mut phases = PhaseTimes::default();
         let mut accumulator = GradientsAccumulator::<Llama<B>>::new();
         let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
         for micro in 0..config.accumulation {
@@ -604,8 +656,10 @@ pub fn train<B: AutodiffBackend>(
                 Some(acc) => acc + value,
                 None => value,
             });
+            phases.forward += clock.lap();
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             accumulator.accumulate(&model, grads);
+            phases.backward += clock.lap();
         }
         let Some(loss) = loss_sum else {
             return Err(ExperimentError::Invalid("accumulation must be ≥ 1".into()));
@@ -615,13 +669,22 @@ pub fn train<B: AutodiffBackend>(
         if let (Some(c), Some(norm)) = (config.clip_norm, &norm) {
             scale_grads::<B, _>(&model, &mut grads, clip_factor(norm.clone(), c));
         }
+        phases.norm = clock.lap();
         let lr = config.lr_at(step);
         model = optim.step(lr, model, grads);
+        phases.optimizer = clock.lap();
+        if spec.phase_timing {
+            <B::InnerBackend as Backend>::sync(device).map_err(|e| {
+                ExperimentError::Invalid(format!("device error at step {step}: {e}"))
+            })?;
+            phases.device_wait = clock.lap();
+        }
         window.updates.push(Unread {
             step,
             lr,
             loss,
             grad_norm: norm,
+            phases: spec.phase_timing.then_some(phases),
         });
         let done = step + 1;
         let checkpoint = done % config.checkpoint_every == 0 || done == config.steps;

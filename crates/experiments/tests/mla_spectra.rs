@@ -220,6 +220,7 @@ fn a_killed_run_resumes_without_losing_or_repeating_a_row() {
             validation_data: &valid,
             dir,
             initial: None,
+            phase_timing: false,
         };
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             train::<B>(&spec, &Default::default(), |p| {
@@ -287,6 +288,7 @@ fn training_starts_from_exported_weights() {
     let model = micro(AttentionVariant::MlaPreRope, vocab);
     let mut config = micro_train(4);
     config.accumulation = 1;
+    config.read_every = 1;
     let never = Schedule::never();
     let export = |seed: u64, name: &str| {
         let dir = temp(name);
@@ -297,7 +299,7 @@ fn training_starts_from_exported_weights() {
     };
     let same = export(config.seed, "initial-same");
     let other = export(config.seed + 1, "initial-other");
-    let losses = |initial: Option<&Path>, spec_model: &LlamaConfig| {
+    let run = |initial: Option<&Path>, spec_model: &LlamaConfig, phase_timing: bool| {
         let dir = temp("initial-run");
         let spec = RunSpec {
             model: spec_model,
@@ -307,13 +309,35 @@ fn training_starts_from_exported_weights() {
             validation_data: &valid,
             dir: &dir,
             initial,
+            phase_timing,
         };
         let mut out = Vec::new();
-        train::<B>(&spec, &Default::default(), |p| out.push(p.loss)).map(|_| out)
+        train::<B>(&spec, &Default::default(), |p| out.push(p)).map(|_| out)
+    };
+    let losses = |initial: Option<&Path>, spec_model: &LlamaConfig| {
+        run(initial, spec_model, false)
+            .map(|progress| progress.into_iter().map(|p| p.loss).collect::<Vec<_>>())
     };
     let seeded = losses(None, &model).unwrap();
     assert_eq!(seeded.len(), 4);
     assert_eq!(losses(Some(&same), &model).unwrap(), seeded);
+    // Phase timing: every update reports its phases (none without it), they fit inside the
+    // update's wall time (one update per read), and the waits change no loss.
+    assert!(
+        run(Some(&same), &model, false)
+            .unwrap()
+            .iter()
+            .all(|p| p.phases.is_none())
+    );
+    let timed = run(Some(&same), &model, true).unwrap();
+    assert_eq!(timed.iter().map(|p| p.loss).collect::<Vec<_>>(), seeded);
+    for p in &timed {
+        let t = p.phases.expect("phases with phase_timing");
+        let parts = [t.forward, t.backward, t.norm, t.optimizer, t.device_wait];
+        assert!(parts.iter().all(|x| x.is_finite() && *x >= 0.0), "{t:?}");
+        assert!(t.forward > 0.0 && t.backward > 0.0, "{t:?}");
+        assert!(t.update() <= p.seconds, "{t:?} within {} s", p.seconds);
+    }
     let moved = losses(Some(&other), &model).unwrap();
     assert!(moved[0] != seeded[0], "{moved:?} vs {seeded:?}");
     let wider = micro(AttentionVariant::Mha, vocab);

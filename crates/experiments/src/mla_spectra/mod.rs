@@ -362,6 +362,7 @@ pub fn run<B: AutodiffBackend>(
             validation_data: &data.validation,
             dir: &vdir,
             initial: None,
+            phase_timing: false,
         };
         let summary = train::<B>(&spec, device, |p| progress(variant, &config.train, p))?;
         summaries.push((variant, summary));
