@@ -92,12 +92,18 @@ struct Measured {
 impl Measured {
     /// Tokens per second: tokens per update over the median update time of the steady part.
     fn tokens_per_second(&self, tokens_per_step: f64, skip: usize) -> f64 {
-        let n = self.step_seconds.len();
-        let lo = skip.min(n.saturating_sub(2));
-        let mut t = self.step_seconds[lo..n.saturating_sub(1).max(lo + 1)].to_vec();
+        let mut t = steady(&self.step_seconds, skip).to_vec();
         t.sort_by(f64::total_cmp);
         tokens_per_step / t[t.len() / 2]
     }
+}
+
+/// The steady updates of a run: the first `skip` (warm-up, compilation) and the last left
+/// out, keeping at least one of `n ≥ 1`.
+fn steady<T>(per_update: &[T], skip: usize) -> &[T] {
+    let n = per_update.len();
+    let lo = skip.min(n.saturating_sub(2));
+    &per_update[lo..n.saturating_sub(1).max(lo + 1)]
 }
 
 pub fn run(args: &Args) -> Result<(), String> {
@@ -481,12 +487,10 @@ const PHASE_NAMES: [&str; 7] = [
 /// steady updates (the first `skip` and the last left out, as for the throughput), each
 /// column its own median; `None` without phases.
 fn phase_medians(phases: &[PhaseTimes], skip: usize) -> Option<[f64; 7]> {
-    let n = phases.len();
-    if n == 0 {
+    if phases.is_empty() {
         return None;
     }
-    let lo = skip.min(n.saturating_sub(2));
-    let steady = &phases[lo..n.saturating_sub(1).max(lo + 1)];
+    let steady = steady(phases, skip);
     let median = |f: &dyn Fn(&PhaseTimes) -> f64| {
         let mut v: Vec<f64> = steady.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
