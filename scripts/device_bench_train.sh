@@ -10,7 +10,8 @@
 #   commas, each a `bench train` run; default cublas; the reference runs with the first only),
 #   BUILDS (default xtask: .device/xtask.xz; several names separated by commas run the same
 #   benchmarks with each carried .device/NAME.xz, the reference with the first only),
-#   BENCH_ARGS (extra arguments of every burn `bench train` run, e.g. `--read-every 1`; the
+#   BENCH_ARGS (extra arguments of every burn `bench train` run, e.g. `--read-every 1`, or
+#   `--phases` to see whether the host or the GPU bounds an update; the
 #   builds must all know them), ARGS_<NAME> (extra arguments of build NAME's runs only, e.g.
 #   ARGS_one="--read-every 1" with a copy of xtask.xz carried as one.xz), PROBE_STEPS (default
 #   0: skip `bench probe`). Every .device/NAME-test.xz carried (the
