@@ -126,16 +126,18 @@ fn check_numpy() -> Result<(), String> {
     }
 }
 
-/// Wall times of one side of a benchmark, in ms.
+/// Wall times of one side of a benchmark, in ms (or any times: `bench train` takes the
+/// median of per-update seconds).
 #[derive(Debug, Clone, Copy)]
-struct Times {
-    median: f64,
+pub(crate) struct Times {
+    pub(crate) median: f64,
     /// The fastest run: on a shared machine, the one least disturbed by other tenants.
-    min: f64,
+    pub(crate) min: f64,
 }
 
 impl Times {
-    fn of(mut xs: Vec<f64>) -> Self {
+    /// The median (the upper one of an even count) and the minimum of `xs` (not empty).
+    pub(crate) fn of(mut xs: Vec<f64>) -> Self {
         xs.sort_by(|a, b| a.total_cmp(b));
         Times {
             median: xs[xs.len() / 2],

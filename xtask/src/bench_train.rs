@@ -20,6 +20,7 @@
 //! difference of the per-update losses, burn vs PyTorch SDPA, next to PyTorch's own spread
 //! (eager vs SDPA, the same maths through different kernels).
 
+use crate::bench::Times;
 use attn_models::{AttentionVariant, LlamaConfig};
 use experiments::mla_spectra::preset_train;
 use experiments::tokens::{Packed, SequenceOrder};
@@ -86,15 +87,13 @@ struct Measured {
     step_seconds: Vec<f64>,
     peak_bytes: Option<f64>,
     /// Per update, with `--phases` (burn only).
-    phases: Vec<experiments::train::PhaseTimes>,
+    phases: Vec<PhaseTimes>,
 }
 
 impl Measured {
     /// Tokens per second: tokens per update over the median update time of the steady part.
     fn tokens_per_second(&self, tokens_per_step: f64, skip: usize) -> f64 {
-        let mut t = steady(&self.step_seconds, skip).to_vec();
-        t.sort_by(f64::total_cmp);
-        tokens_per_step / t[t.len() / 2]
+        tokens_per_step / Times::of(steady(&self.step_seconds, skip).to_vec()).median
     }
 }
 
@@ -491,11 +490,7 @@ fn phase_medians(phases: &[PhaseTimes], skip: usize) -> Option<[f64; 7]> {
         return None;
     }
     let steady = steady(phases, skip);
-    let median = |f: &dyn Fn(&PhaseTimes) -> f64| {
-        let mut v: Vec<f64> = steady.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = |f: &dyn Fn(&PhaseTimes) -> f64| Times::of(steady.iter().map(f).collect()).median;
     Some([
         median(&|t| t.forward),
         median(&|t| t.backward),
