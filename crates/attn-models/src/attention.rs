@@ -296,9 +296,12 @@ impl<B: Backend> Mla<B> {
         let kv = self.kv_down.forward(x);
         let c_kv = self.norm_kv(kv.clone().slice([0..b, 0..s, 0..rkv]));
         let k_pe = (self.rope_dim > 0).then(|| {
-            let pe =
-                kv.slice([0..b, 0..s, rkv..rkv + self.rope_dim])
-                    .reshape([b, 1, s, self.rope_dim]);
+            // The head axis added before slicing: a view of `kv`'s last columns (slicing
+            // first and then reshaping would copy the strided slice).
+            let dr = self.rope_dim;
+            let pe = kv
+                .reshape([b, 1, s, rkv + dr])
+                .slice([0..b, 0..1, 0..s, rkv..rkv + dr]);
             match &self.rope_pe {
                 Some(rope) => rope.apply(pe, offset),
                 None => pe,
@@ -348,7 +351,6 @@ impl<B: Backend> Mla<B> {
         let (h, hd, dv) = (self.n_heads, self.nope, self.value_dim);
         let (c_q, c_key, c_value, k_pe) = self.latents(x, offset);
         let (c_key, c_value, k_pe) = self.cached_latents(c_key, c_value, k_pe, cache);
-        let [b, t, _] = c_value.dims();
         let q = split_heads(self.q_up.forward(c_q), h); // [b, H, s, hd + dr]
         // Keys and values each from their own columns of `kv_up` (two products, from the
         // rotated latent for keys where PreRoPE rotated it): no value columns are computed
@@ -369,7 +371,7 @@ impl<B: Backend> Mla<B> {
                     Some(rope) => rope.apply(q, offset),
                     None => q,
                 };
-                let keys = Tensor::cat(vec![k_nope, pe.expand([b, h, t, dr])], 3);
+                let keys = crate::fused::shared_suffix(k_nope, pe); // [b, H, t, hd + dr]
                 q.matmul(keys.transpose())
             }
             _ => q.matmul(k_nope.transpose()),

@@ -5,8 +5,8 @@
 //! `[b, H, s, t]` scores for one softmax and its gradient, f32 copies of the whole `[n, v]`
 //! logits for the loss. A backend that has a fused kernel for any of them (with its backward,
 //! when it is an autodiff backend) registers it here, keyed by the backend's type; the models
-//! call [`rms_norm`], [`causal_softmax`], [`swiglu`], [`cross_entropy`], [`rotary`] and
-//! [`sum_of_squares`], and the training loop's optimizer calls [`adamw`]; each runs the
+//! call [`rms_norm`], [`causal_softmax`], [`swiglu`], [`cross_entropy`], [`rotary`],
+//! [`shared_suffix`] and [`sum_of_squares`], and the training loop's optimizer calls [`adamw`]; each runs the
 //! registered kernel when there is one and burn's composition otherwise. The composition is
 //! the definition: a registered kernel must compute the same function (tests compare them),
 //! and may decline an input it does not handle (a dtype, a layout) by handing it back.
@@ -75,6 +75,13 @@ pub type CrossEntropyKernel<B> =
 pub type RotaryKernel<B> =
     fn(Tensor<B, 4>, Tensor<B, 2>, Tensor<B, 2>, usize, bool) -> Outcome<Tensor<B, 4>>;
 
+/// Whole heads with a suffix every head shares: `x` `[b, H, t, w₀]` and `shared`
+/// `[b, 1, t, w₁]` → `[x_h | shared]` `[b, H, t, w₀ + w₁]` (MLA-Decoupled's keys
+/// `[k_nope | k_pe]`, so that `q·kᵀ` over whole heads is one product); the gradient of
+/// `shared` is the sum over heads. See [`shared_suffix`].
+pub type SharedSuffixKernel<B> =
+    fn(Tensor<B, 4>, Tensor<B, 4>) -> Outcome<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>)>;
+
 /// `Σ_t Σ_i x_{t,i}²` over one or more flat tensors `x_t`, `[1]` in f32 (the squared global
 /// norm of a model's gradients, in one reduction instead of one per parameter).
 pub type SumOfSquaresKernel<B> = fn(Vec<Tensor<B, 1>>) -> Outcome<Tensor<B, 1>, Vec<Tensor<B, 1>>>;
@@ -123,6 +130,8 @@ pub struct FusedKernels<B: Backend> {
     pub cross_entropy: CrossEntropyKernel<B>,
     /// See [`RotaryKernel`].
     pub rotary: RotaryKernel<B>,
+    /// See [`SharedSuffixKernel`].
+    pub shared_suffix: SharedSuffixKernel<B>,
     /// See [`SumOfSquaresKernel`].
     pub sum_of_squares: SumOfSquaresKernel<B>,
     /// See [`AdamWKernel`].
@@ -138,6 +147,7 @@ impl<B: Backend> FusedKernels<B> {
             swiglu: |gate, up| Outcome::Declined((gate, up)),
             cross_entropy: |logits, targets| Outcome::Declined((logits, targets)),
             rotary: |x, _, _, _, _| Outcome::Declined(x),
+            shared_suffix: |x, shared| Outcome::Declined((x, shared)),
             sum_of_squares: Outcome::Declined,
             adamw: Outcome::Declined,
         }
@@ -253,6 +263,36 @@ pub fn rotary<B: Backend>(
         Some(k) => (k.rotary)(x, cos.clone(), sin.clone(), start, interleaved),
         None => Outcome::Declined(x),
     }
+}
+
+/// `[x_h | shared]` for every head `h`: `x` `[b, H, t, w₀]`, `shared` `[b, 1, t, w₁]` →
+/// `[b, H, t, w₀ + w₁]`, by `B`'s fused kernel ([`SharedSuffixKernel`]) when registered and
+/// accepting, else burn's `cat` of `x` and `shared` expanded over the heads.
+///
+/// ```
+/// use attn_models::fused;
+/// use burn::backend::NdArray;
+/// use burn::prelude::*;
+///
+/// type B = NdArray<f32>;
+/// let device = Default::default();
+/// let x = Tensor::<B, 4>::from_floats([[[[1.0, 2.0]], [[3.0, 4.0]]]], &device); // [1, 2, 1, 2]
+/// let shared = Tensor::<B, 4>::from_floats([[[[9.0]]]], &device); // [1, 1, 1, 1]
+/// let keys = fused::shared_suffix(x, shared);
+/// assert_eq!(keys.dims(), [1, 2, 1, 3]);
+/// assert_eq!(keys.into_data().to_vec::<f32>().unwrap(), [1.0, 2.0, 9.0, 3.0, 4.0, 9.0]);
+/// ```
+pub fn shared_suffix<B: Backend>(x: Tensor<B, 4>, shared: Tensor<B, 4>) -> Tensor<B, 4> {
+    let (x, shared) = match kernels::<B>() {
+        Some(k) => match (k.shared_suffix)(x, shared) {
+            Outcome::Computed(y) => return y,
+            Outcome::Declined(inputs) => inputs,
+        },
+        None => (x, shared),
+    };
+    let [b, h, t, _] = x.dims();
+    let w1 = shared.dims()[3];
+    Tensor::cat(vec![x, shared.expand([b, h, t, w1])], 3)
 }
 
 /// One AdamW update by `B`'s fused kernel ([`AdamWKernel`]), or the step handed back when
@@ -399,6 +439,54 @@ mod tests {
             }
         }
         unregister::<Plain>();
+    }
+
+    #[test]
+    fn the_shared_suffix_is_repeated_for_every_head_and_its_gradient_summed_over_them() {
+        // Nothing registered for `Grad` here: burn's `cat` of the expanded suffix.
+        let device = Default::default();
+        let x =
+            Tensor::<Grad, 4>::random([2, 3, 4, 5], Distribution::Default, &device).require_grad();
+        let shared =
+            Tensor::<Grad, 4>::random([2, 1, 4, 2], Distribution::Default, &device).require_grad();
+        let keys = shared_suffix(x.clone(), shared.clone());
+        assert_eq!(keys.dims(), [2, 3, 4, 7]);
+        let head = |h: usize| keys.clone().slice([0..2, h..h + 1, 0..4, 0..7]);
+        for h in 0..3 {
+            let (own, suffix) = (
+                head(h).slice([0..2, 0..1, 0..4, 0..5]),
+                head(h).slice([0..2, 0..1, 0..4, 5..7]),
+            );
+            own.into_data().assert_eq(
+                &x.clone().slice([0..2, h..h + 1, 0..4, 0..5]).into_data(),
+                true,
+            );
+            suffix
+                .into_data()
+                .assert_eq(&shared.clone().into_data(), true);
+        }
+        // d/dshared Σ c⊙keys = Σ_h c[:, h, :, 5..]; d/dx = c[..., ..5].
+        let c = Tensor::<Grad, 4>::random([2, 3, 4, 7], Distribution::Default, &device);
+        let grads = (keys * c.clone()).sum().backward();
+        let want = c
+            .clone()
+            .slice([0..2, 0..3, 0..4, 5..7])
+            .sum_dim(1)
+            .inner()
+            .into_data();
+        let tolerance = Tolerance::rel_abs(1e-6, 1e-6);
+        shared
+            .grad(&grads)
+            .expect("dshared")
+            .into_data()
+            .assert_approx_eq::<f32>(&want, tolerance);
+        x.grad(&grads)
+            .expect("dx")
+            .into_data()
+            .assert_approx_eq::<f32>(
+                &c.slice([0..2, 0..3, 0..4, 0..5]).inner().into_data(),
+                tolerance,
+            );
     }
 
     #[test]

@@ -14,7 +14,7 @@
 #![cfg(feature = "cuda")]
 
 mod common;
-use common::host;
+use common::{host, strides};
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
@@ -421,11 +421,6 @@ fn linear_weight_gradients_are_one_product_over_every_row() {
 }
 
 /// The row stride of a float tensor's primitive (its second-to-last axis).
-/// The element strides of `t`'s buffer.
-fn strides<const D: usize>(t: &Tensor<CublasCuda, D>) -> Vec<usize> {
-    t.clone().into_primitive().tensor().meta.strides().to_vec()
-}
-
 fn row_stride<const D: usize>(t: &Tensor<CublasCuda, D>) -> usize {
     strides(t)[D - 2]
 }

@@ -13,7 +13,7 @@
 #![cfg(feature = "cuda")]
 
 mod common;
-use common::host;
+use common::{host, strides};
 
 use attn_models::fused;
 use burn::backend::Autodiff;
@@ -365,6 +365,7 @@ fn rotary_embedding_matches_the_composition_forward_and_backward() {
     use attn_models::rope::{Rope, RopePairing};
     let device = device();
     let (b, h, s) = (2, 3, 5);
+    let mut dense = 0;
     // The half pairing reads vectors of 4 (w = 8) and 8 pairs (w = 64), single pairs at
     // w = 6; the interleaved one vectors of 2 (w = 6: one pair each), 4 (w = 4: the whole
     // row) and 8 entries (w = 8, MLA-Decoupled's 32, 64).
@@ -411,6 +412,14 @@ fn rotary_embedding_matches_the_composition_forward_and_backward() {
                     .collect()
             };
             let what = format!("{pairing:?} w {w} start {start}");
+            // Heads split from a dense `[b, s, h·w]` (burn pads rows of other widths, w = 6, to
+            // 16 bytes): the gradient came back in their memory order, so `x`'s is contiguous
+            // (the merge of the heads in the split's backward was a view).
+            let row_major = vec![s * h * w, h * w, w, 1];
+            if strides(&x.clone().inner()) == row_major {
+                dense += 1;
+                assert_eq!(strides(&dx), row_major, "dx strides {what}");
+            }
             let xs = host(&xv);
             assert_within(&format!("y {what}"), &host(&y), &host(&y_ref), &bound(&xs));
             // dx is [b, s, h, w]: the same pairs along the last axis.
@@ -422,6 +431,111 @@ fn rotary_embedding_matches_the_composition_forward_and_backward() {
                 &bound(&cs),
             );
         }
+    }
+    // The models' widths (8, 32, 64) are dense: the layout check above ran.
+    assert!(dense >= 10, "dense cases: {dense}");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn shared_suffix_matches_the_composition_forward_and_backward() {
+    let device = device();
+    let (b, h, t) = (2, 3, 5);
+    // Vectors of 8 (MLA-Decoupled's 64 + 32, and 8 + 8) and 2 (6 + 2); a suffix of odd width
+    // takes no vector and is declined to burn's `cat`.
+    for (w0, w1, taken) in [(64, 32, true), (8, 8, true), (6, 2, true), (4, 1, false)] {
+        // `k_nope` split from `[b, t, H·w₀]` and the suffix a slice of wider rows, as the model
+        // makes them: both strided views.
+        let x = Tensor::<Train, 4>::random([b, t, h, w0], Distribution::Normal(0.0, 1.0), &device)
+            .require_grad();
+        // The suffix starts 256 entries (512 bytes) into its rows, as `k_pe` does after MLA's
+        // 256-wide latent: an offset at which burn's slice is a view.
+        let lead = 256;
+        let rows = Tensor::<Train, 4>::random(
+            [b, 1, t, lead + w1],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        )
+        .require_grad();
+        let xv = x.clone().swap_dims(1, 2);
+        let shared = rows.clone().slice([0..b, 0..1, 0..t, lead..lead + w1]);
+        let c =
+            Tensor::<Train, 4>::random([b, h, t, w0 + w1], Distribution::Normal(0.0, 1.0), &device);
+        let before = fused_counts();
+        let keys = fused::shared_suffix(xv.clone(), shared.clone());
+        let took = fused_counts().shared_suffix - before.shared_suffix;
+        assert_eq!(took, u64::from(taken), "w {w0} + {w1}");
+        let grads = (keys.clone() * c.clone()).sum().backward();
+        let (dx, drows) = (
+            x.grad(&grads).expect("dx"),
+            rows.grad(&grads).expect("drows"),
+        );
+        // The definition, from the host values: a copy forward; backward `dx` is `c`'s first
+        // `w₀` columns and `dshared` the sum of its last `w₁` over heads.
+        let (xs, ss, cs) = (host(&xv), host(&shared), host(&c));
+        let mut want_keys = Vec::new();
+        for bi in 0..b {
+            for hi in 0..h {
+                for ti in 0..t {
+                    let row = (bi * h + hi) * t + ti;
+                    want_keys.extend_from_slice(&xs[row * w0..(row + 1) * w0]);
+                    let srow = bi * t + ti;
+                    want_keys.extend_from_slice(&ss[srow * w1..(srow + 1) * w1]);
+                }
+            }
+        }
+        let what = format!("w {w0} + {w1}");
+        let exact = vec![0.0; want_keys.len()];
+        assert_within(&format!("keys {what}"), &host(&keys), &want_keys, &exact);
+        // dx [b, t, H, w₀]: a copy of bf16 values, exact.
+        let mut want_dx = vec![0.0; b * t * h * w0];
+        let mut want_dshared = vec![0.0; b * t * w1];
+        let mut magnitude = vec![0.0; b * t * w1];
+        for bi in 0..b {
+            for hi in 0..h {
+                for ti in 0..t {
+                    let row = &cs[((bi * h + hi) * t + ti) * (w0 + w1)..][..w0 + w1];
+                    let at = ((bi * t + ti) * h + hi) * w0;
+                    want_dx[at..at + w0].copy_from_slice(&row[..w0]);
+                    for j in 0..w1 {
+                        want_dshared[(bi * t + ti) * w1 + j] += row[w0 + j];
+                        magnitude[(bi * t + ti) * w1 + j] += row[w0 + j].abs();
+                    }
+                }
+            }
+        }
+        assert_within(
+            &format!("dx {what}"),
+            &host(&dx),
+            &want_dx,
+            &vec![0.0; want_dx.len()],
+        );
+        if taken {
+            assert_eq!(
+                strides(&dx),
+                vec![t * h * w0, h * w0, w0, 1],
+                "dx strides {what}"
+            );
+        }
+        // drows: zero outside the slice; inside, H terms added and rounded once to bf16: by the
+        // kernel in f32 (γ_H = H·2⁻²⁴ relative to Σ|terms|), by burn's composition possibly in
+        // bf16 (H roundings of 2⁻⁸).
+        let got = host(&drows);
+        let (mut got_shared, mut outside) = (Vec::new(), 0.0f64);
+        for (i, v) in got.iter().enumerate() {
+            let j = i % (lead + w1);
+            if j >= lead {
+                got_shared.push(*v);
+            } else {
+                outside = outside.max(v.abs());
+            }
+        }
+        assert_eq!(outside, 0.0, "drows outside the slice {what}");
+        let per_term = if taken { U_F32 } else { U_BF16 };
+        let tol: Vec<f64> = (0..want_dshared.len())
+            .map(|i| U_BF16 * want_dshared[i].abs() + h as f64 * per_term * magnitude[i])
+            .collect();
+        assert_within(&format!("dshared {what}"), &got_shared, &want_dshared, &tol);
     }
 }
 
@@ -453,6 +567,18 @@ fn sum_of_squares_matches_the_exact_sum() {
     let exact: f64 = values.iter().map(|v| v * v).sum();
     let tol = (values.len() + 2) as f64 * U_F32 * exact;
     assert_within("Σx² of four tensors", &got, &[exact], &[tol]);
+    // More tensors than one launch takes (16): two full groups and a remainder of 5, sizes
+    // from 1 to a few cubes' worth, as a model's gains, biases and matrices come.
+    let xs: Vec<Tensor<CublasCuda, 1>> = (0..37)
+        .map(|i| Tensor::random([1 + 997 * i], Distribution::Normal(0.0, 1.0), &device))
+        .collect();
+    let before = fused_counts();
+    let got = host(&fused::sum_of_squares_all(xs.clone()).expect("non-empty"));
+    assert_eq!(fused_counts().sum_of_squares, before.sum_of_squares + 1);
+    let values: Vec<f64> = xs.iter().flat_map(host).collect();
+    let exact: f64 = values.iter().map(|v| v * v).sum();
+    let tol = (values.len() + 2) as f64 * U_F32 * exact;
+    assert_within("Σx² of 37 tensors", &got, &[exact], &[tol]);
 }
 
 #[test]

@@ -25,7 +25,13 @@
 //!   (burn's composition makes two f32 copies of the `[n, v]` logits and several passes).
 //! * Rotary embedding (element-wise, reading `x` through its strides, so the heads' transposed
 //!   view needs no copy): each pair `(a, b)` → `(a cos θ − b sin θ, b cos θ + a sin θ)`; the
-//!   gradient is the rotation by `−θ`, the same kernel with the sign of `sin` flipped.
+//!   gradient is the rotation by `−θ`, the same kernel with the sign of `sin` flipped, written
+//!   in the memory order of the heads' split (`[b, s, H, w]`) when `x` was split from
+//!   `[b, s, H·w]`, so that merging them back in the backward is a view.
+//! * Heads with a shared suffix (MLA-Decoupled's keys `[k_nope | k_pe]`): a copy in vectors;
+//!   the gradient copies `dk_nope` into the split heads' memory order and adds `dk_pe` over
+//!   the heads in f32 (burn's `cat` and `expand`: a slice copied for `dk_nope`, a strided
+//!   sum for `dk_pe`).
 //! * Sum of squares (gradient norms): per plane a grid-stride share in f32, then one plane
 //!   adds the partials (burn's full `sum` of an f32 tensor launched too few cubes: 51 µs for
 //!   a `[768, 768]` gradient).
@@ -34,12 +40,13 @@
 //! the backend itself (`forward.rs`): f32 atomics into a zeroed `[vocab, w]` table, rounded
 //! once.
 
-use super::backend::CublasCuda;
+use super::backend::{CublasCuda, Inner};
 use super::kernels::{
     AdamWScalars, Primitive, adamw, adamw_supported, causal_softmax_backward,
     causal_softmax_forward, cross_entropy_backward, cross_entropy_forward, cross_entropy_supported,
     in_dtype, rms_norm_backward, rms_norm_forward, rms_norm_supported, rotary, rotary_supported,
-    softmax_supported, sum_of_squares, sum_of_squares_supported, swiglu_backward, swiglu_forward,
+    shared_suffix, shared_suffix_backward, shared_suffix_supported, softmax_supported,
+    split_heads_layout, sum_of_squares, sum_of_squares_supported, swiglu_backward, swiglu_forward,
     swiglu_supported, with_unit_rows,
 };
 use attn_models::fused::{self, AdamWStep, AdamWUpdate, FusedKernels, Outcome};
@@ -49,7 +56,8 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::prelude::*;
-use burn::tensor::TensorPrimitive;
+use burn::tensor::{DType, TensorPrimitive};
+use burn_backend::ops::FloatTensorOps;
 use burn_cubecl::kernel::into_contiguous;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -58,6 +66,7 @@ static SOFTMAXES: AtomicU64 = AtomicU64::new(0);
 static SWIGLUS: AtomicU64 = AtomicU64::new(0);
 static CROSS_ENTROPIES: AtomicU64 = AtomicU64::new(0);
 static ROTARIES: AtomicU64 = AtomicU64::new(0);
+static SHARED_SUFFIXES: AtomicU64 = AtomicU64::new(0);
 static SQUARE_SUMS: AtomicU64 = AtomicU64::new(0);
 static ADAMW_STEPS: AtomicU64 = AtomicU64::new(0);
 static DECLINED: AtomicU64 = AtomicU64::new(0);
@@ -75,6 +84,8 @@ pub struct FusedCounts {
     pub cross_entropy: u64,
     /// Rotary embeddings computed by the fused kernel.
     pub rotary: u64,
+    /// Heads with a shared suffix (MLA-Decoupled's keys) built by the fused kernel.
+    pub shared_suffix: u64,
     /// Sums of squares (gradient norms) computed by the fused kernel.
     pub sum_of_squares: u64,
     /// Parameters updated by the fused AdamW kernel.
@@ -91,6 +102,7 @@ pub fn fused_counts() -> FusedCounts {
         swiglu: SWIGLUS.load(Ordering::Relaxed),
         cross_entropy: CROSS_ENTROPIES.load(Ordering::Relaxed),
         rotary: ROTARIES.load(Ordering::Relaxed),
+        shared_suffix: SHARED_SUFFIXES.load(Ordering::Relaxed),
         sum_of_squares: SQUARE_SUMS.load(Ordering::Relaxed),
         adamw: ADAMW_STEPS.load(Ordering::Relaxed),
         declined: DECLINED.load(Ordering::Relaxed),
@@ -185,8 +197,19 @@ fn rotary_plain(
     let (cp, sp) = (into_contiguous(cp), into_contiguous(sp));
     computed(
         &ROTARIES,
-        tensor(rotary(xp, cp, sp, start, interleaved, 1.0)),
+        tensor(rotary(xp, cp, sp, start, interleaved, 1.0, true)),
     )
+}
+
+fn shared_suffix_plain(
+    x: Tensor<CublasCuda, 4>,
+    shared: Tensor<CublasCuda, 4>,
+) -> Outcome<Tensor<CublasCuda, 4>, (Tensor<CublasCuda, 4>, Tensor<CublasCuda, 4>)> {
+    let (xp, sp) = (primitive(x), primitive(shared));
+    if !shared_suffix_supported(&xp, &sp) {
+        return declined((tensor(xp), tensor(sp)));
+    }
+    computed(&SHARED_SUFFIXES, tensor(shared_suffix(xp, sp)))
 }
 
 fn sum_of_squares_plain(
@@ -400,17 +423,27 @@ fn cross_entropy_train(
 struct RotaryBackward;
 
 impl Backward<CublasCuda, 1> for RotaryBackward {
-    /// `(cos, sin, start, interleaved)`.
-    type State = (Primitive, Primitive, usize, bool);
+    /// `(cos, sin, start, interleaved, split)`: `split` when `x` was heads split from
+    /// `[b, s, H·w]` ([`split_heads_layout`]).
+    type State = (Primitive, Primitive, usize, bool, bool);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x] = ops.parents;
         let dy = grads.consume::<CublasCuda>(&ops.node);
-        let (cos, sin, start, interleaved) = ops.state;
+        let (cos, sin, start, interleaved, split) = ops.state;
         if let Some(node) = node_x {
-            // The rotation is orthogonal: its gradient is the rotation back (sign −1).
+            // The rotation is orthogonal: its gradient is the rotation back (sign −1). For
+            // split heads it is written in their memory order, `[b, s, H, w]` (positions along
+            // axis 1), and handed back as `[b, H, s, w]`: the heads' merge in the backward of
+            // the split is then a view, not a copy of the gradient.
             let dy = in_dtype(dy, cos.dtype);
-            let dx = rotary(dy, cos, sin, start, interleaved, -1.0);
+            let dx = if split {
+                let dy = Inner::float_swap_dims(dy, 1, 2);
+                let dx = rotary(dy, cos, sin, start, interleaved, -1.0, false);
+                Inner::float_swap_dims(dx, 1, 2)
+            } else {
+                rotary(dy, cos, sin, start, interleaved, -1.0, true)
+            };
             grads.register::<CublasCuda>(node.id, dx);
         }
     }
@@ -434,6 +467,7 @@ fn rotary_train(
         return declined(tensor(xa));
     }
     let (cp, sp) = (into_contiguous(cp), into_contiguous(sp));
+    let split = split_heads_layout(&xa.primitive);
     let y = rotary(
         xa.primitive,
         cp.clone(),
@@ -441,22 +475,65 @@ fn rotary_train(
         start,
         interleaved,
         1.0,
+        true,
     );
     let out = match RotaryBackward
         .prepare::<NoCheckpointing>([xa.node.clone()])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish((cp, sp, start, interleaved), y),
+        OpsKind::Tracked(prep) => prep.finish((cp, sp, start, interleaved, split), y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
     computed(&ROTARIES, tensor(out))
 }
 
+#[derive(Debug)]
+struct SharedSuffixBackward;
+
+impl Backward<CublasCuda, 2> for SharedSuffixBackward {
+    /// `(w₀, dtype)`: the heads' own width and the inputs' dtype.
+    type State = (usize, DType);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_shared] = ops.parents;
+        let dkeys = grads.consume::<CublasCuda>(&ops.node);
+        let (w0, dtype) = ops.state;
+        let (dx, dshared) = shared_suffix_backward(dkeys, w0, dtype);
+        if let Some(node) = node_x {
+            grads.register::<CublasCuda>(node.id, dx);
+        }
+        if let Some(node) = node_shared {
+            grads.register::<CublasCuda>(node.id, dshared);
+        }
+    }
+}
+
+fn shared_suffix_train(
+    x: Tensor<Train, 4>,
+    shared: Tensor<Train, 4>,
+) -> Outcome<Tensor<Train, 4>, (Tensor<Train, 4>, Tensor<Train, 4>)> {
+    let (xa, sa) = (primitive(x), primitive(shared));
+    if !shared_suffix_supported(&xa.primitive, &sa.primitive) {
+        return declined((tensor(xa), tensor(sa)));
+    }
+    let (w0, dtype) = (xa.primitive.meta.shape()[3], xa.primitive.dtype);
+    let keys = shared_suffix(xa.primitive.clone(), sa.primitive.clone());
+    let out = match SharedSuffixBackward
+        .prepare::<NoCheckpointing>([xa.node.clone(), sa.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((w0, dtype), keys),
+        OpsKind::UnTracked(prep) => prep.finish(keys),
+    };
+    computed(&SHARED_SUFFIXES, tensor(out))
+}
+
 /// Registers the fused kernels with `attn_models::fused` for [`CublasCuda`] (forward) and
 /// `Autodiff<CublasCuda>` (forward and backward): from then on every call of
-/// `attn_models::fused` on these backends (the models' RMSNorms, causal softmaxes, SwiGLUs
-/// and rotary embeddings, the training loss, gradient norms and `FusedAdamW`'s updates) runs
+/// `attn_models::fused` on these backends (the models' RMSNorms, causal softmaxes, SwiGLUs,
+/// rotary embeddings and MLA-Decoupled's keys, the training loss, gradient norms and `FusedAdamW`'s updates) runs
 /// them. Inputs they do
 /// not take (f64, sizes past u32 indexing) go to burn's composition.
 pub fn register_fused() {
@@ -466,6 +543,7 @@ pub fn register_fused() {
         swiglu: swiglu_plain,
         cross_entropy: cross_entropy_plain,
         rotary: rotary_plain,
+        shared_suffix: shared_suffix_plain,
         sum_of_squares: sum_of_squares_plain,
         adamw: adamw_plain,
     });
@@ -475,6 +553,7 @@ pub fn register_fused() {
         swiglu: swiglu_train,
         cross_entropy: cross_entropy_train,
         rotary: rotary_train,
+        shared_suffix: shared_suffix_train,
         // Gradient norms and the optimizer's update are taken on the inner backend; an
         // autodiff caller gets burn's composition, which it can differentiate.
         ..FusedKernels::declining()

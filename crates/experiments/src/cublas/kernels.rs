@@ -8,6 +8,7 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
+use cubecl::std::FastDivmod;
 use cubecl::tensor_vector_size_parallel;
 
 pub(super) type Primitive = CubeTensor<CudaRuntime>;
@@ -644,48 +645,73 @@ fn column_sum_kernel(
     partial[chunk as usize * w + j] = (acc0 + acc1) + (acc2 + acc3);
 }
 
-/// Where thread `e` of a rotary kernel works, for rows of `per_row` threads over `x`
-/// `[b, h, s, ·]` with strides `sx0, sx1, sx2` (in whatever unit `x` is indexed by).
+/// Where the rows of a rotary kernel lie: `x`'s three leading axes `[n0, n1, n2]` (rows of the
+/// contiguous output in that order) read through `x`'s strides, and the tables' rows. Strides
+/// are in the kernel's unit (vectors, or entries for the scalar kernel).
+#[derive(CubeLaunch, CubeType)]
+struct RotaryLayout {
+    /// `x`'s stride along axis 0.
+    sx0: u32,
+    /// `x`'s stride along axis 1.
+    sx1: u32,
+    /// `x`'s stride along axis 2.
+    sx2: u32,
+    /// Distance between the tables' rows.
+    table_pitch: u32,
+    /// The position of the first row along the position axis (the tables' row of index 0).
+    start: u32,
+}
+
+/// Where thread `e` of a rotary kernel works.
 #[derive(CubeType)]
 struct RotaryIndex {
-    /// The row `(batch·h + head)·s + position`, which is also the contiguous output's row.
+    /// The row of the contiguous output: `(i0·n1 + i1)·n2 + i2`.
     row: u32,
-    /// The position along `s` (the tables' row is `start + position`).
-    position: u32,
+    /// The tables' row: `start` plus the index along the position axis.
+    table_row: u32,
     /// The thread's index within its row.
     column: u32,
     /// Offset of the row's first entry in `x`.
     source: usize,
 }
 
+/// Thread `e` of rows of `per_row` threads over `x` `[n0, n1, n2, ·]`: positions run along
+/// axis 2 (`position_last`: `x` as `[b, H, s, ·]`, the forward) or axis 1 (`[b, s, H, ·]`: a
+/// gradient written in the memory order of split heads). `FastDivmod`: a multiply and a
+/// shift per division instead of a u32 division's ≈ 20 instructions.
 #[cube]
 fn rotary_index(
     e: u32,
-    per_row: u32,
-    seq: u32,
-    heads: u32,
-    sx0: usize,
-    sx1: usize,
-    sx2: usize,
+    per_row: &FastDivmod<u32>,
+    n2: &FastDivmod<u32>,
+    n1: &FastDivmod<u32>,
+    layout: &RotaryLayout,
+    #[comptime] position_last: bool,
 ) -> RotaryIndex {
-    let row = e / per_row;
-    let position = row % seq;
-    let head = (row / seq) % heads;
-    let batch = row / (seq * heads);
+    let (row, column) = per_row.div_mod(e);
+    let (rest, i2) = n2.div_mod(row);
+    let (i0, i1) = n1.div_mod(rest);
+    let mut position = i1;
+    if position_last {
+        position = i2;
+    }
     RotaryIndex {
         row,
-        position,
-        column: e % per_row,
-        source: batch as usize * sx0 + head as usize * sx1 + position as usize * sx2,
+        table_row: layout.start + position,
+        column,
+        source: i0 as usize * layout.sx0 as usize
+            + i1 as usize * layout.sx1 as usize
+            + i2 as usize * layout.sx2 as usize,
     }
 }
 
-/// Rotary embedding of `x` `[b, h, s, w]` (any strides) at positions `start..start + s` into
-/// the contiguous `out`, one thread per pair: `(x_a, x_b)` becomes
+/// Rotary embedding of `x` `[n0, n1, n2, w]` (any strides; positions along axis 2 or 1, see
+/// [`rotary_index`]) into the contiguous `out`, one thread per pair: `(x_a, x_b)` becomes
 /// `(x_a cos θ − sign·x_b sin θ, x_b cos θ + sign·x_a sin θ)`, the pairs being `(k, k + w/2)`
 /// (`interleaved` false, HF LLaMA) or `(2k, 2k + 1)` (true, DeepSeek); `sign = −1` rotates
-/// back, which is the gradient (the rotation is orthogonal). Index arithmetic in u32 (the
-/// launcher checks the sizes fit).
+/// back, which is the gradient (the rotation is orthogonal). `per_row = w/2`; strides in
+/// entries, `x`'s last axis of stride `step`. Index arithmetic in u32 (the launcher checks
+/// the sizes fit).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn rotary_kernel<F: Float>(
@@ -694,26 +720,22 @@ fn rotary_kernel<F: Float>(
     sin: &Tensor<F>,
     out: &mut Tensor<F>,
     pairs: u32,
-    start: u32,
+    per_row: FastDivmod<u32>,
+    n2: FastDivmod<u32>,
+    n1: FastDivmod<u32>,
+    layout: RotaryLayout,
+    step: u32,
     sign: f32,
     #[comptime] interleaved: bool,
+    #[comptime] position_last: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let e = ABSOLUTE_POS as u32;
     if e >= pairs {
         terminate!();
     }
-    let w = x.shape(3) as u32;
-    let half = w / 2;
-    let at = rotary_index(
-        e,
-        half,
-        x.shape(2) as u32,
-        x.shape(1) as u32,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-    );
+    let at = rotary_index(e, &per_row, &n2, &n1, &layout, position_last);
+    let half = x.shape(3) as u32 / 2;
     let k = at.column;
     let mut a = k;
     let mut b = k + half;
@@ -722,20 +744,20 @@ fn rotary_kernel<F: Float>(
         b = 2 * k + 1;
     }
     let base = at.source;
-    let step = x.stride(3);
-    let table = (start + at.position) as usize * cos.stride(0) + k as usize;
+    let step = step as usize;
+    let table = at.table_row as usize * layout.table_pitch as usize + k as usize;
     let c = f32::cast_from(cos[table]);
     let sn = sign * f32::cast_from(sin[table]);
     let xa = f32::cast_from(x[base + a as usize * step]);
     let xb = f32::cast_from(x[base + b as usize * step]);
-    let o = at.row as usize * w as usize;
+    let o = at.row as usize * 2 * half as usize;
     out[o + a as usize] = F::cast_from(xa * c - xb * sn);
     out[o + b as usize] = F::cast_from(xb * c + xa * sn);
 }
 
 /// [`rotary_kernel`] for the half pairing `(k, k + w/2)`, one thread per `N` consecutive
-/// pairs, 16-byte loads of bf16 when `N = 8`. Strides (`sx*` of `x`, `table_pitch` of `cos`
-/// and `sin`) and `half` are in vectors; `x`'s last axis has unit stride.
+/// pairs, 16-byte loads of bf16 when `N = 8`. Strides and the tables' pitch are in vectors,
+/// `per_row = w/(2N)`; `x`'s last axis has unit stride.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn rotary_half_kernel<F: Float, N: Size>(
@@ -744,33 +766,23 @@ fn rotary_half_kernel<F: Float, N: Size>(
     sin: &Tensor<Vector<F, N>>,
     out: &mut Tensor<Vector<F, N>>,
     vectors: u32,
-    heads: u32,
-    seq: u32,
+    per_row: FastDivmod<u32>,
+    n2: FastDivmod<u32>,
+    n1: FastDivmod<u32>,
+    layout: RotaryLayout,
     half: u32,
-    sx0: u32,
-    sx1: u32,
-    sx2: u32,
-    table_pitch: u32,
-    start: u32,
     sign: f32,
+    #[comptime] position_last: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let e = ABSOLUTE_POS as u32;
     if e >= vectors {
         terminate!();
     }
-    let at = rotary_index(
-        e,
-        half,
-        seq,
-        heads,
-        sx0 as usize,
-        sx1 as usize,
-        sx2 as usize,
-    );
+    let at = rotary_index(e, &per_row, &n2, &n1, &layout, position_last);
     let k = at.column as usize;
     let base = at.source + k;
-    let table = (start + at.position) as usize * table_pitch as usize + k;
+    let table = at.table_row as usize * layout.table_pitch as usize + k;
     let c = Vector::<f32, N>::cast_from(cos[table]);
     let sn = Vector::<f32, N>::new(sign) * Vector::<f32, N>::cast_from(sin[table]);
     let xa = Vector::<f32, N>::cast_from(x[base]);
@@ -780,10 +792,36 @@ fn rotary_half_kernel<F: Float, N: Size>(
     out[o + half as usize] = Vector::<F, N>::cast_from(xb * c + xa * sn);
 }
 
+/// The interleaved rotation of one vector `v` of `N` entries (`N/2` whole pairs) whose first
+/// pair has index `first` in row `table_row` of the tables (entries; `sign` as in
+/// [`rotary_kernel`]).
+#[cube]
+fn rotate_interleaved<F: Float, N: Size>(
+    v: Vector<f32, N>,
+    cos: &Tensor<F>,
+    sin: &Tensor<F>,
+    first: usize,
+    sign: f32,
+) -> Vector<F, N> {
+    let pairs = comptime!(N::value() / 2);
+    let mut o = Vector::<F, N>::empty();
+    #[unroll]
+    for k in 0..pairs {
+        let c = f32::cast_from(cos[first + k]);
+        let sn = sign * f32::cast_from(sin[first + k]);
+        let xa = v[2 * k];
+        let xb = v[2 * k + 1];
+        o[2 * k] = F::cast_from(xa * c - xb * sn);
+        o[2 * k + 1] = F::cast_from(xb * c + xa * sn);
+    }
+    o
+}
+
 /// [`rotary_kernel`] for the interleaved pairing `(2k, 2k + 1)`, one thread per vector of
 /// `N` consecutive entries (`N/2` whole pairs, `N` even), 16-byte loads of bf16 when `N = 8`;
-/// the tables are read as scalars (`N/2` entries per vector, from cache). Strides (`sx*` of
-/// `x`) and `width` are in vectors, `table_pitch` in entries; `x`'s last axis has unit stride.
+/// the tables are read as scalars (`N/2` entries per vector, from cache). Strides of `x` and
+/// `per_row = w/N` are in vectors, the tables' pitch in entries; `x`'s last axis has unit
+/// stride.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn rotary_interleaved_kernel<F: Float, N: Size>(
@@ -792,45 +830,136 @@ fn rotary_interleaved_kernel<F: Float, N: Size>(
     sin: &Tensor<F>,
     out: &mut Tensor<Vector<F, N>>,
     vectors: u32,
-    heads: u32,
-    seq: u32,
-    width: u32,
-    sx0: u32,
-    sx1: u32,
-    sx2: u32,
-    table_pitch: u32,
-    start: u32,
+    per_row: FastDivmod<u32>,
+    n2: FastDivmod<u32>,
+    n1: FastDivmod<u32>,
+    layout: RotaryLayout,
     sign: f32,
+    #[comptime] position_last: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let e = ABSOLUTE_POS as u32;
     if e >= vectors {
         terminate!();
     }
-    let at = rotary_index(
-        e,
-        width,
-        seq,
-        heads,
-        sx0 as usize,
-        sx1 as usize,
-        sx2 as usize,
-    );
+    let at = rotary_index(e, &per_row, &n2, &n1, &layout, position_last);
     let j = at.column as usize;
     let v = Vector::<f32, N>::cast_from(x[at.source + j]);
-    let pairs = comptime!(N::value() / 2);
-    let table = (start + at.position) as usize * table_pitch as usize + j * pairs;
-    let mut o = Vector::<F, N>::empty();
-    #[unroll]
-    for k in 0..pairs {
-        let c = f32::cast_from(cos[table + k]);
-        let sn = sign * f32::cast_from(sin[table + k]);
-        let xa = v[2 * k];
-        let xb = v[2 * k + 1];
-        o[2 * k] = F::cast_from(xa * c - xb * sn);
-        o[2 * k + 1] = F::cast_from(xb * c + xa * sn);
+    let first = at.table_row as usize * layout.table_pitch as usize + j * comptime!(N::value() / 2);
+    out[e as usize] = rotate_interleaved::<F, N>(v, cos, sin, first, sign);
+}
+
+/// Keys of whole heads with a shared suffix (MLA-Decoupled's `[k_nope | k_pe]`): `keys`
+/// `[b, H, t, w₀ + w₁]` (contiguous) from `k_nope` `[b, H, t, w₀]` and `shared` `[b, 1, t, w₁]`
+/// (any strides, unit along the last axis), one thread per vector of `N` entries of `keys`.
+/// Strides in vectors; `per_row = (w₀ + w₁)/N`, `nope = w₀/N`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn shared_suffix_kernel<F: Float, N: Size>(
+    k_nope: &Tensor<Vector<F, N>>,
+    shared: &Tensor<Vector<F, N>>,
+    keys: &mut Tensor<Vector<F, N>>,
+    vectors: u32,
+    per_row: FastDivmod<u32>,
+    seq: FastDivmod<u32>,
+    heads: FastDivmod<u32>,
+    layout: SharedSuffixLayout,
+    #[define(F)] _dtype: StorageType,
+) {
+    let e = ABSOLUTE_POS as u32;
+    if e >= vectors {
+        terminate!();
     }
-    out[e as usize] = o;
+    let (row, j) = per_row.div_mod(e);
+    let (rest, t) = seq.div_mod(row);
+    let (b, h) = heads.div_mod(rest);
+    if j < layout.nope {
+        keys[e as usize] = k_nope[b as usize * layout.sk0 as usize
+            + h as usize * layout.sk1 as usize
+            + t as usize * layout.sk2 as usize
+            + j as usize];
+    } else {
+        keys[e as usize] = shared[b as usize * layout.ss0 as usize
+            + t as usize * layout.ss2 as usize
+            + (j - layout.nope) as usize];
+    }
+}
+
+/// The strides of [`shared_suffix_kernel`]'s inputs (in vectors) and its split.
+#[derive(CubeLaunch, CubeType)]
+struct SharedSuffixLayout {
+    /// `k_nope`'s stride along the batch.
+    sk0: u32,
+    /// `k_nope`'s stride along the heads.
+    sk1: u32,
+    /// `k_nope`'s stride along the keys.
+    sk2: u32,
+    /// The shared suffix's stride along the batch.
+    ss0: u32,
+    /// The shared suffix's stride along the keys.
+    ss2: u32,
+    /// Vectors of the heads' own part, `w₀/N`.
+    nope: u32,
+}
+
+/// The sizes of [`shared_suffix_backward_kernel`]'s rows.
+#[derive(CubeLaunch, CubeType)]
+struct SharedSuffixSizes {
+    /// Heads `H`.
+    heads: u32,
+    /// Keys `t`.
+    seq: u32,
+    /// Vectors per row of `dkeys`, `(w₀ + w₁)/N`.
+    per_row: u32,
+    /// Vectors of the heads' own part, `w₀/N`.
+    nope: u32,
+}
+
+/// The gradient of [`shared_suffix_kernel`]: from `dkeys` `[b, H, t, w₀ + w₁]` (contiguous),
+/// `dk_nope` `[b, t, H, w₀]` (contiguous: the memory order of heads split from `[b, t, H·w₀]`,
+/// so merging them back is a view) and `dshared` `[b, t, w₁]`, the sum over heads in f32.
+/// Threads `0..nope_vectors` copy one vector of `dk_nope` each; the rest add one vector of
+/// `dshared` over the `H` heads. `nope_per_row = w₀/N`, `shared_per_row = w₁/N`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn shared_suffix_backward_kernel<F: Float, N: Size>(
+    dkeys: &Tensor<Vector<F, N>>,
+    dk_nope: &mut Tensor<Vector<F, N>>,
+    dshared: &mut Tensor<Vector<F, N>>,
+    nope_vectors: u32,
+    vectors: u32,
+    nope_per_row: FastDivmod<u32>,
+    shared_per_row: FastDivmod<u32>,
+    seq: FastDivmod<u32>,
+    heads: FastDivmod<u32>,
+    sizes: SharedSuffixSizes,
+    #[define(F)] _dtype: StorageType,
+) {
+    let e = ABSOLUTE_POS as u32;
+    if e >= vectors {
+        terminate!();
+    }
+    if e < nope_vectors {
+        // dk_nope's row is (b, t, h).
+        let (row, j) = nope_per_row.div_mod(e);
+        let (rest, h) = heads.div_mod(row);
+        let (b, t) = seq.div_mod(rest);
+        let source = ((b * sizes.heads + h) * sizes.seq + t) * sizes.per_row + j;
+        dk_nope[e as usize] = dkeys[source as usize];
+    } else {
+        let i = e - nope_vectors;
+        let (row, j) = shared_per_row.div_mod(i);
+        let (b, t) = seq.div_mod(row);
+        let stride = (sizes.seq * sizes.per_row) as usize;
+        let mut source =
+            ((b * sizes.heads * sizes.seq + t) * sizes.per_row + sizes.nope + j) as usize;
+        let mut acc = Vector::<f32, N>::new(0.0);
+        for _ in 0..sizes.heads {
+            acc += Vector::<f32, N>::cast_from(dkeys[source]);
+            source += stride;
+        }
+        dshared[i as usize] = Vector::<F, N>::cast_from(acc);
+    }
 }
 
 /// `Σ value` over the cube's planes (`CUBE_DIM_Y` ≤ [`ROWS_PER_CUBE`] of them, 32 lanes each),
@@ -852,27 +981,58 @@ fn cube_sum(value: f32) -> f32 {
     total
 }
 
-/// Per cube: `partial[offset + cube] = Σ x_i²` over a grid-stride share of `x` (f32
-/// arithmetic).
-#[cube(launch)]
-fn sum_of_squares_kernel<F: Float>(
+/// `partial[at] = Σ x_i²` (f32 arithmetic) over the share of cube `cube` of `cubes` of `x`'s
+/// entries (a grid-stride loop over the `cubes` cubes' threads).
+#[cube]
+fn square_share<F: Float>(
     x: &Tensor<F>,
+    cube: u32,
+    cubes: u32,
     partial: &mut Tensor<f32>,
-    offset: u32,
-    len: u32,
-    #[define(F)] _dtype: StorageType,
+    at: u32,
 ) {
-    let threads = (CUBE_COUNT_X * CUBE_DIM_X * CUBE_DIM_Y) as usize;
-    let mut i = ((CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) * CUBE_DIM_X + UNIT_POS_X) as usize;
+    let threads = (cubes * CUBE_DIM_X * CUBE_DIM_Y) as usize;
+    let mut i = ((cube * CUBE_DIM_Y + UNIT_POS_Y) * CUBE_DIM_X + UNIT_POS_X) as usize;
+    let len = x.len();
     let mut acc = f32::new(0.0);
-    while i < len as usize {
+    while i < len {
         let v = f32::cast_from(x[i]);
         acc += v * v;
         i += threads;
     }
     let total = cube_sum(acc);
     if UNIT_POS == 0 {
-        partial[(offset + CUBE_POS_X) as usize] = total;
+        partial[at as usize] = total;
+    }
+}
+
+/// Per cube, one partial sum of squares of one of the tensors `xs` (up to [`SQUARE_GROUP`] in
+/// one launch, so a model's ≈ 150 gradients take ≈ 10 launches, not one each): tensor `t` has
+/// cubes `starts[t]..starts[t + 1]`, and cube `c` writes `partial[offset + c]`.
+#[cube(launch)]
+fn sum_of_squares_kernel<F: Float>(
+    xs: &Sequence<Tensor<F>>,
+    starts: Sequence<u32>,
+    partial: &mut Tensor<f32>,
+    offset: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let count = comptime![xs.len()];
+    let cube = CUBE_POS_X;
+    #[unroll]
+    for t in 0..count {
+        let next = comptime![t + 1];
+        let begin = *starts.index(t);
+        let end = *starts.index(next);
+        if cube >= begin && cube < end {
+            square_share::<F>(
+                xs.index(t),
+                cube - begin,
+                end - begin,
+                partial,
+                offset + cube,
+            );
+        }
     }
 }
 
@@ -1380,8 +1540,10 @@ pub(super) fn rotary_supported(
         && len <= u32::MAX as usize - THREADS as usize
 }
 
-/// The rotary embedding (`sign = 1`) or its gradient (`sign = −1`) of `x` (any strides),
-/// contiguous; `cos`, `sin` contiguous.
+/// The rotary embedding (`sign = 1`) or its gradient (`sign = −1`) of `x` `[n0, n1, n2, w]`
+/// (any strides), contiguous in `x`'s axis order; positions run along axis 2
+/// (`position_last`, `x` as `[b, H, s, w]`) or axis 1 (`[b, s, H, w]`). `cos`, `sin`
+/// contiguous.
 pub(super) fn rotary(
     x: Primitive,
     cos: Primitive,
@@ -1389,16 +1551,17 @@ pub(super) fn rotary(
     start: usize,
     interleaved: bool,
     sign: f32,
+    position_last: bool,
 ) -> Primitive {
     let pairs = x.meta.num_elements() / 2;
     let out = empty_like(&x, x.meta.shape().clone(), x.dtype);
     let dtype = x.dtype;
-    let [_, heads, seq, w] = x.meta.shape().dims::<4>();
+    let [_, n1, n2, w] = x.meta.shape().dims::<4>();
     let half = w / 2;
     // Vectors along the last axis: they must divide the pairs' span (`w/2` for the half
     // pairing, `w` for the interleaved one, whose vectors hold whole pairs) and every stride
     // of `x` (the half pairing's tables too, which it reads as vectors), in vectors within u32.
-    let strides = x.meta.strides();
+    let strides = x.meta.strides().to_vec();
     let table_pitch = cos.meta.strides()[0];
     let fits = |v: usize| {
         let span = if interleaved { w } else { half };
@@ -1417,6 +1580,16 @@ pub(super) fn rotary(
     while vector > 1 && !fits(vector) {
         vector /= 2;
     }
+    // Strides of `x` and the tables' pitch in the kernel's unit (`unit` entries).
+    let layout = |unit: usize, pitch_unit: usize| {
+        RotaryLayoutLaunch::new(
+            (strides[0] / unit) as u32,
+            (strides[1] / unit) as u32,
+            (strides[2] / unit) as u32,
+            (table_pitch / pitch_unit) as u32,
+            start as u32,
+        )
+    };
     if vector > 1 && interleaved {
         let vectors = x.meta.num_elements() / vector;
         let (count, dim) = elementwise(vectors);
@@ -1430,15 +1603,12 @@ pub(super) fn rotary(
             sin.into_tensor_arg(),
             out.clone().into_tensor_arg(),
             vectors as u32,
-            heads as u32,
-            seq as u32,
             (w / vector) as u32,
-            (strides[0] / vector) as u32,
-            (strides[1] / vector) as u32,
-            (strides[2] / vector) as u32,
-            table_pitch as u32,
-            start as u32,
+            n2 as u32,
+            n1 as u32,
+            layout(vector, 1),
             sign,
+            position_last,
             dtype.into(),
         );
         return out;
@@ -1456,15 +1626,13 @@ pub(super) fn rotary(
             sin.into_tensor_arg(),
             out.clone().into_tensor_arg(),
             vectors as u32,
-            heads as u32,
-            seq as u32,
             (half / vector) as u32,
-            (strides[0] / vector) as u32,
-            (strides[1] / vector) as u32,
-            (strides[2] / vector) as u32,
-            (table_pitch / vector) as u32,
-            start as u32,
+            n2 as u32,
+            n1 as u32,
+            layout(vector, vector),
+            (half / vector) as u32,
             sign,
+            position_last,
             dtype.into(),
         );
         return out;
@@ -1479,15 +1647,154 @@ pub(super) fn rotary(
         sin.into_tensor_arg(),
         out.clone().into_tensor_arg(),
         pairs as u32,
-        start as u32,
+        half as u32,
+        n2 as u32,
+        n1 as u32,
+        layout(1, 1),
+        strides[3] as u32,
         sign,
         interleaved,
+        position_last,
         dtype.into(),
     );
     out
 }
 
-/// Planes in the first pass of [`sum_of_squares`] at most ([`ROWS_PER_CUBE`] per cube).
+/// Whether `x` `[b, H, s, w]` is heads split from a contiguous `[b, s, H·w]`
+/// (`[b, s, H, w]` read with axes 1 and 2 swapped): the layout its gradient is best written
+/// in, since merging the heads back is then a view.
+pub(super) fn split_heads_layout(x: &Primitive) -> bool {
+    let [_, h, s, w] = x.meta.shape().dims::<4>();
+    x.meta.strides()[..] == [s * h * w, w, h * w, 1]
+}
+
+/// Whether [`shared_suffix`] takes `k_nope` `[b, H, t, w₀]` and `shared` `[b, 1, t, w₁]`:
+/// one float dtype, matching `b` and `t`, widths and strides that take vectors of 2 entries
+/// or more (the models' 64 and 32 take 8), sizes within u32 indexing.
+pub(super) fn shared_suffix_supported(k_nope: &Primitive, shared: &Primitive) -> bool {
+    let [b, h, t, w0] = k_nope.meta.shape().dims::<4>();
+    let [bs, one, ts, w1] = shared.meta.shape().dims::<4>();
+    let len = b * h * t * (w0 + w1);
+    float_dtype(k_nope.dtype)
+        && shared.dtype == k_nope.dtype
+        && (bs, one, ts) == (b, 1, t)
+        && w0 > 0
+        && w1 > 0
+        && len <= u32::MAX as usize - THREADS as usize
+        && suffix_vector(k_nope, shared) > 1
+}
+
+/// The widest vector that divides both widths, unit-stride last axes and every other stride
+/// of both inputs (1 when none does).
+fn suffix_vector(k_nope: &Primitive, shared: &Primitive) -> usize {
+    let [_, _, _, w0] = k_nope.meta.shape().dims::<4>();
+    let [_, _, _, w1] = shared.meta.shape().dims::<4>();
+    let (sk, ss) = (k_nope.meta.strides(), shared.meta.strides());
+    let fits = |v: usize| {
+        w0 % v == 0
+            && w1 % v == 0
+            && sk[3] == 1
+            && ss[3] == 1
+            && [sk[0], sk[1], sk[2], ss[0], ss[2]]
+                .iter()
+                .all(|&st| st % v == 0 && st / v <= u32::MAX as usize)
+    };
+    let mut vector = vector_size(&[k_nope, shared]).max(1);
+    while vector > 1 && !fits(vector) {
+        vector /= 2;
+    }
+    vector
+}
+
+/// `[k_nope | shared]` `[b, H, t, w₀ + w₁]` (contiguous), `shared` `[b, 1, t, w₁]` repeated
+/// for every head (after [`shared_suffix_supported`]).
+pub(super) fn shared_suffix(k_nope: Primitive, shared: Primitive) -> Primitive {
+    let [b, h, t, w0] = k_nope.meta.shape().dims::<4>();
+    let w1 = shared.meta.shape()[3];
+    let vector = suffix_vector(&k_nope, &shared);
+    let keys = empty_like(&k_nope, Shape::new([b, h, t, w0 + w1]), k_nope.dtype);
+    let vectors = b * h * t * (w0 + w1) / vector;
+    let (sk, ss) = (
+        k_nope.meta.strides().to_vec(),
+        shared.meta.strides().to_vec(),
+    );
+    let (count, dim) = elementwise(vectors);
+    let dtype = k_nope.dtype;
+    shared_suffix_kernel::launch::<CudaRuntime>(
+        &k_nope.client,
+        count,
+        dim,
+        vector,
+        k_nope.clone().into_tensor_arg(),
+        shared.into_tensor_arg(),
+        keys.clone().into_tensor_arg(),
+        vectors as u32,
+        ((w0 + w1) / vector) as u32,
+        t as u32,
+        h as u32,
+        SharedSuffixLayoutLaunch::new(
+            (sk[0] / vector) as u32,
+            (sk[1] / vector) as u32,
+            (sk[2] / vector) as u32,
+            (ss[0] / vector) as u32,
+            (ss[2] / vector) as u32,
+            (w0 / vector) as u32,
+        ),
+        dtype.into(),
+    );
+    keys
+}
+
+/// The gradients of [`shared_suffix`] from `dkeys` `[b, H, t, w₀ + w₁]`: `dk_nope`
+/// `[b, H, t, w₀]` laid out as `[b, t, H, w₀]` (see [`split_heads_layout`]) and `dshared`
+/// `[b, 1, t, w₁]` (contiguous), the sum over heads taken in f32 and rounded once.
+pub(super) fn shared_suffix_backward(
+    dkeys: Primitive,
+    w0: usize,
+    dtype: DType,
+) -> (Primitive, Primitive) {
+    let dkeys = into_contiguous(in_dtype(dkeys, dtype));
+    let [b, h, t, w] = dkeys.meta.shape().dims::<4>();
+    let w1 = w - w0;
+    // `dkeys` is contiguous: the vector need only divide both widths.
+    let mut vector = vector_size(&[&dkeys]);
+    while vector > 1 && (w0 % vector != 0 || w1 % vector != 0) {
+        vector /= 2;
+    }
+    let dk_nope = empty_like(&dkeys, Shape::new([b, t, h, w0]), dtype);
+    let dshared = empty_like(&dkeys, Shape::new([b, 1, t, w1]), dtype);
+    let nope_vectors = b * t * h * w0 / vector;
+    let vectors = nope_vectors + b * t * w1 / vector;
+    let (count, dim) = elementwise(vectors);
+    shared_suffix_backward_kernel::launch::<CudaRuntime>(
+        &dkeys.client,
+        count,
+        dim,
+        vector,
+        dkeys.clone().into_tensor_arg(),
+        dk_nope.clone().into_tensor_arg(),
+        dshared.clone().into_tensor_arg(),
+        nope_vectors as u32,
+        vectors as u32,
+        (w0 / vector) as u32,
+        (w1 / vector) as u32,
+        t as u32,
+        h as u32,
+        SharedSuffixSizesLaunch::new(
+            h as u32,
+            t as u32,
+            (w / vector) as u32,
+            (w0 / vector) as u32,
+        ),
+        dtype.into(),
+    );
+    (Inner::float_swap_dims(dk_nope, 1, 2), dshared)
+}
+
+/// Tensors per launch of [`sum_of_squares`] at most (the kernel's branches over them are
+/// unrolled).
+const SQUARE_GROUP: usize = 16;
+/// Planes in the first pass of [`sum_of_squares`] at most ([`ROWS_PER_CUBE`] per tensor and cube).
 const SQUARE_PLANES: usize = 16384;
 /// Elements per lane in the first pass of [`sum_of_squares`] below [`SQUARE_PLANES`]: each
 /// lane's loads are a chain of dependent additions, so few per lane keep it bandwidth-bound
@@ -1496,7 +1803,8 @@ const SQUARE_PLANES: usize = 16384;
 const SQUARE_LOADS_PER_LANE: usize = 8;
 
 /// Whether [`sum_of_squares`] takes `xs`: at least one tensor, each addressable with u32
-/// indices and laid out as warps (its passes reduce over planes), all on one device, and the
+/// indices and laid out as warps (its passes reduce over planes), all on one device in one
+/// dtype (one launch reads several), and the
 /// partials' offsets within u32.
 pub(super) fn sum_of_squares_supported(xs: &[Primitive]) -> bool {
     let Some(first) = xs.first() else {
@@ -1509,6 +1817,7 @@ pub(super) fn sum_of_squares_supported(xs: &[Primitive]) -> bool {
             && len <= u32::MAX as usize
             && plane_is_warp(x)
             && x.device == first.device
+            && x.dtype == first.dtype
     };
     xs.len() <= u32::MAX as usize / SQUARE_PLANES && xs.iter().all(one)
 }
@@ -1521,10 +1830,11 @@ fn square_cubes(len: usize) -> usize {
 }
 
 /// `Σ_t Σ_i x_{t,i}²` in f32 of contiguous tensors `xs` (at least one, each accepted by
-/// [`sum_of_squares_supported`], all on one device), `[1]`: per tensor one pass of up to
-/// [`SQUARE_PLANES`] planes whose cubes write a partial each into one shared buffer, then one
-/// cube adding all the partials — `|xs| + 1` launches for a model's gradient norm. The order of
-/// every addition is fixed: deterministic.
+/// [`sum_of_squares_supported`], all on one device), `[1]`: per group of up to
+/// [`SQUARE_GROUP`] tensors one launch, each tensor given up to [`SQUARE_PLANES`] planes whose
+/// cubes write a partial each into one shared buffer, then one cube adding all the partials —
+/// `⌈|xs|/16⌉ + 1` launches for a model's gradient norm. The order of every addition is fixed:
+/// deterministic.
 pub(super) fn sum_of_squares(xs: &[Primitive]) -> Primitive {
     let cubes: Vec<usize> = xs
         .iter()
@@ -1534,18 +1844,27 @@ pub(super) fn sum_of_squares(xs: &[Primitive]) -> Primitive {
     let first = &xs[0];
     let partial = empty_like(first, Shape::new([partials]), DType::F32);
     let mut offset = 0;
-    for (x, &c) in xs.iter().zip(&cubes) {
+    for (group, group_cubes) in xs.chunks(SQUARE_GROUP).zip(cubes.chunks(SQUARE_GROUP)) {
+        let mut tensors = SequenceArg::new();
+        let mut starts = SequenceArg::new();
+        let mut start = 0u32;
+        starts.push(start);
+        for (x, &c) in group.iter().zip(group_cubes) {
+            tensors.push(x.clone().into_tensor_arg());
+            start += c as u32;
+            starts.push(start);
+        }
         sum_of_squares_kernel::launch::<CudaRuntime>(
-            &x.client,
-            CubeCount::Static(c as u32, 1, 1),
+            &first.client,
+            CubeCount::Static(start, 1, 1),
             CubeDim::new_2d(LANES, ROWS_PER_CUBE),
-            x.clone().into_tensor_arg(),
+            tensors,
+            starts,
             partial.clone().into_tensor_arg(),
             offset as u32,
-            x.meta.num_elements() as u32,
-            x.dtype.into(),
+            first.dtype.into(),
         );
-        offset += c;
+        offset += start as usize;
     }
     let total = empty_like(first, Shape::new([1]), DType::F32);
     cube_total_kernel::launch::<CudaRuntime>(
