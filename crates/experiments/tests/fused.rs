@@ -74,18 +74,23 @@ fn rms_norm_forward_and_backward_match_the_exact_function() {
     // 37 rows: not a multiple of the 8 rows per cube, nor of the backward's groups of 4 rows.
     // Widths below, at and above a warp, read in vectors of 1 (w = 7), 4 (20, 100) and 8
     // (768, 40, 16). 17 000 rows: 4 250 groups, more than the backward's 4 096 planes, so
-    // that some planes add a second group to their partial row.
-    for (n, w) in [
-        (37, 7),
-        (37, 20),
-        (37, 100),
-        (64, 768),
-        (9000, 40),
-        (17_000, 16),
+    // that some planes add a second group to their partial row. A pitch beyond the width: the
+    // first `w` columns of wider rows, read in place (MLA-Decoupled's 256-wide `c_kv` beside
+    // its 32-wide `k_pe`; and a pitch of 4-element vectors).
+    for (n, w, pitch) in [
+        (37, 7, 7),
+        (37, 20, 20),
+        (37, 100, 100),
+        (64, 768, 768),
+        (9000, 40, 40),
+        (17_000, 16, 16),
+        (300, 256, 288),
+        (37, 20, 28),
     ] {
         let norm = norm::<Train>(w, &device);
-        let x = Tensor::<Train, 2>::random([n, w], Distribution::Normal(0.0, 2.0), &device)
+        let wide = Tensor::<Train, 2>::random([n, pitch], Distribution::Normal(0.0, 2.0), &device)
             .require_grad();
+        let x = wide.clone().slice([0..n, 0..w]);
         let c = Tensor::<Train, 2>::random([n, w], Distribution::Normal(0.0, 1.0), &device);
         let before = fused_counts();
         let y = fused::rms_norm(&norm, x.clone());
@@ -95,7 +100,15 @@ fn rms_norm_forward_and_backward_match_the_exact_function() {
             "fused kernel ran"
         );
         let grads = (y.clone() * c.clone()).sum().backward();
-        let dx = x.grad(&grads).expect("dx");
+        // The gradient of the wide rows: `dx` in the first `w` columns, zero after them.
+        let dwide = host(&wide.grad(&grads).expect("dx"));
+        let dx: Vec<f64> = dwide.chunks(pitch).flat_map(|r| r[..w].to_vec()).collect();
+        assert!(
+            dwide
+                .chunks(pitch)
+                .all(|r| r[w..].iter().all(|&v| v == 0.0)),
+            "dx beyond the slice ({n}×{w}, pitch {pitch})"
+        );
         let dg = norm.gamma.val().grad(&grads).expect("dγ");
 
         let (xs, gs, cs) = (host(&x), host(&norm.gamma.val()), host(&c));
@@ -124,7 +137,7 @@ fn rms_norm_forward_and_backward_match_the_exact_function() {
             .map(|j| U_BF16 * dg_ref[j].abs() + (n + 4) as f64 * U_F32 * dg_abs[j])
             .collect();
         assert_within(&format!("y ({n}×{w})"), &host(&y), &y_ref, &y_tol);
-        assert_within(&format!("dx ({n}×{w})"), &host(&dx), &dx_ref, &dx_tol);
+        assert_within(&format!("dx ({n}×{w})"), &dx, &dx_ref, &dx_tol);
         assert_within(&format!("dγ ({n}×{w})"), &host(&dg), &dg_ref, &dg_tol);
     }
 }

@@ -8,7 +8,8 @@
 //! burn's compositions round intermediate results to the model dtype (RMSNorm's `rms`, the
 //! softmax's shifted scores), so the fused results are as accurate or more.
 //!
-//! * RMSNorm, forward: `r_i = (mean_j x_ij² + ε)^{-1/2}` (kept, f32), `y_ij = γ_j x_ij r_i`.
+//! * RMSNorm, forward: `r_i = (mean_j x_ij² + ε)^{-1/2}` (kept, f32), `y_ij = γ_j x_ij r_i`;
+//!   rows of `x` may be pitched (a column slice of wider rows is read in place).
 //! * RMSNorm, backward: with `u_ij = γ_j dy_ij`,
 //!   `dx_ij = r_i u_ij − x_ij r_i³ · (1/w) Σ_k x_ik u_ik` and `dγ_j = Σ_i dy_ij x_ij r_i`
 //!   (the kernel writes the f32 terms, burn's `sum_dim` adds them over the rows).
@@ -138,7 +139,7 @@ fn rms_norm_plain(
     if !rms_norm_supported(&xp, &gp) {
         return declined(tensor(xp));
     }
-    let (y, _) = rms_norm_forward(into_contiguous(xp), into_contiguous(gp), eps);
+    let (y, _) = rms_norm_forward(with_unit_rows(xp), into_contiguous(gp), eps);
     computed(&RMS_NORMS, tensor(y))
 }
 
@@ -280,8 +281,10 @@ fn rms_norm_train(
     if !rms_norm_supported(&xa.primitive, &ga.primitive) {
         return declined(tensor(xa));
     }
+    // A column slice of wider rows (MLA-Decoupled's `c_kv` beside `k_pe`) is read in place,
+    // and kept so for the backward.
     let (xp, gp) = (
-        into_contiguous(xa.primitive.clone()),
+        with_unit_rows(xa.primitive.clone()),
         into_contiguous(ga.primitive.clone()),
     );
     let (y, rstd) = rms_norm_forward(xp.clone(), gp.clone(), eps);

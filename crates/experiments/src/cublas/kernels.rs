@@ -30,7 +30,8 @@ fn lane_sum<N: Size>(v: Vector<f32, N>) -> f32 {
 }
 
 /// RMSNorm forward, one plane per row, each lane reading vectors of `N` elements (16 bytes
-/// of bf16 when `N = 8`; `width` is a multiple of `N`).
+/// of bf16 when `N = 8`; `width` is a multiple of `N`). `x`'s rows are `pitch` vectors apart
+/// (a column slice of wider rows is read in place), `y`'s are contiguous.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn rms_norm_forward_kernel<F: Float, N: Size>(
@@ -40,6 +41,7 @@ fn rms_norm_forward_kernel<F: Float, N: Size>(
     rstd: &mut Tensor<f32>,
     rows: u32,
     width: u32,
+    pitch: u32,
     eps: f32,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -48,13 +50,14 @@ fn rms_norm_forward_kernel<F: Float, N: Size>(
         terminate!();
     }
     let vectors = width as usize / N::value();
+    let source = row as usize * pitch as usize;
     let base = row as usize * vectors;
     let lane = UNIT_POS_X as usize;
     let step = CUBE_DIM_X as usize;
     let mut squares = Vector::<f32, N>::new(f32::new(0.0));
     let mut j = lane;
     while j < vectors {
-        let v = Vector::<f32, N>::cast_from(x[base + j]);
+        let v = Vector::<f32, N>::cast_from(x[source + j]);
         squares += v * v;
         j += step;
     }
@@ -64,7 +67,7 @@ fn rms_norm_forward_kernel<F: Float, N: Size>(
     let mut k = lane;
     while k < vectors {
         y[base + k] = Vector::<F, N>::cast_from(
-            Vector::<f32, N>::cast_from(x[base + k]) * rv * Vector::<f32, N>::cast_from(gain[k]),
+            Vector::<f32, N>::cast_from(x[source + k]) * rv * Vector::<f32, N>::cast_from(gain[k]),
         );
         k += step;
     }
@@ -82,7 +85,8 @@ const NORM_GROUP_ROWS: usize = 4;
 /// coefficient `c = r³·Σ_k x_k γ_k dy_k / w`, then one pass over the columns (vectors of `N`)
 /// writing `dx = r·γ·dy − c·x` of every row of the group and adding `Σ_rows dy·x·r` to the
 /// plane's own row of `gain_partial` `[P, w]` (f32) once, so that only `P` rows are left for
-/// [`column_sums`]. Deterministic: fixed groups per plane, fixed order.
+/// [`column_sums`]. Deterministic: fixed groups per plane, fixed order. `x`'s rows are `pitch`
+/// vectors apart, `dy`'s and `dx`'s contiguous.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn rms_norm_backward_kernel<F: Float, N: Size>(
@@ -95,6 +99,7 @@ fn rms_norm_backward_kernel<F: Float, N: Size>(
     rows: u32,
     groups: u32,
     width: u32,
+    pitch: u32,
     #[define(F)] _dtype: StorageType,
 ) {
     let plane = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
@@ -121,11 +126,12 @@ fn rms_norm_backward_kernel<F: Float, N: Size>(
             // `row` is the same on every lane: the plane sum is reached by all or none.
             if row < rows {
                 let base = row as usize * vectors;
+                let source = row as usize * pitch as usize;
                 r = rstd[row as usize];
                 let mut dot = Vector::<f32, N>::new(f32::new(0.0));
                 let mut j = lane;
                 while j < vectors {
-                    dot += Vector::<f32, N>::cast_from(x[base + j])
+                    dot += Vector::<f32, N>::cast_from(x[source + j])
                         * Vector::<f32, N>::cast_from(gain[j])
                         * Vector::<f32, N>::cast_from(dy[base + j]);
                     j += step;
@@ -144,7 +150,7 @@ fn rms_norm_backward_kernel<F: Float, N: Size>(
                 let row = start + i as u32;
                 if row < rows {
                     let e = row as usize * vectors + j;
-                    let xv = Vector::<f32, N>::cast_from(x[e]);
+                    let xv = Vector::<f32, N>::cast_from(x[row as usize * pitch as usize + j]);
                     let d = Vector::<f32, N>::cast_from(dy[e]);
                     let r = Vector::<f32, N>::new(scale[i]);
                     dx[e] = Vector::<F, N>::cast_from(
@@ -1142,10 +1148,12 @@ fn supported(t: &Primitive, rows: usize, width: usize) -> bool {
         && plane_is_warp(t)
 }
 
-/// Whether the RMSNorm kernels take `x` `[n, w]` and `gain` `[w]` (of `x`'s dtype).
+/// Whether the RMSNorm kernels take `x` `[n, w]` and `gain` `[w]` (of `x`'s dtype), read in
+/// place when its rows are unit-stride ([`with_unit_rows`]: the last row ends `n · pitch`
+/// elements in).
 pub(super) fn rms_norm_supported(x: &Primitive, gain: &Primitive) -> bool {
     let [rows, width] = x.meta.shape().dims::<2>();
-    supported(x, rows, width) && gain.dtype == x.dtype
+    supported(x, rows, x.meta.strides()[0].max(width)) && gain.dtype == x.dtype
 }
 
 fn empty_like(t: &Primitive, shape: Shape, dtype: DType) -> Primitive {
@@ -1197,7 +1205,8 @@ fn column_sums(terms: Primitive) -> Primitive {
     }
 }
 
-/// RMSNorm forward on `x` `[n, w]` (contiguous) and `gain` `[w]`: `(y, r)`, `r` f32 `[n]`.
+/// RMSNorm forward on `x` `[n, w]` (unit-stride rows, any pitch: [`with_unit_rows`]) and
+/// `gain` `[w]`: `(y, r)`, `y` contiguous, `r` f32 `[n]`.
 pub(super) fn rms_norm_forward(x: Primitive, gain: Primitive, eps: f64) -> (Primitive, Primitive) {
     let [rows, width] = x.meta.shape().dims::<2>();
     let y = empty_like(&x, x.meta.shape().clone(), x.dtype);
@@ -1205,6 +1214,7 @@ pub(super) fn rms_norm_forward(x: Primitive, gain: Primitive, eps: f64) -> (Prim
     let (count, dim) = geometry(rows);
     let dtype = x.dtype;
     let vector = vector_size(&[&x, &gain]);
+    let pitch = row_pitch(&x) / vector;
     rms_norm_forward_kernel::launch::<CudaRuntime>(
         &x.client,
         count,
@@ -1216,6 +1226,7 @@ pub(super) fn rms_norm_forward(x: Primitive, gain: Primitive, eps: f64) -> (Prim
         rstd.clone().into_tensor_arg(),
         rows as u32,
         width as u32,
+        pitch as u32,
         eps as f32,
         dtype.into(),
     );
@@ -1229,7 +1240,8 @@ pub(super) fn rms_norm_forward(x: Primitive, gain: Primitive, eps: f64) -> (Prim
 /// version.
 const NORM_BACKWARD_PLANES: usize = 4096;
 
-/// RMSNorm backward: `(dx [n, w], dγ [w])` in the dtypes of `x` and `gain`.
+/// RMSNorm backward: `(dx [n, w], dγ [w])` in the dtypes of `x` and `gain`; `x` with
+/// unit-stride rows, any pitch ([`with_unit_rows`]).
 pub(super) fn rms_norm_backward(
     x: Primitive,
     gain: Primitive,
@@ -1246,6 +1258,7 @@ pub(super) fn rms_norm_backward(
     let (count, dim) = geometry(planes);
     let (dtype, gain_dtype) = (x.dtype, gain.dtype);
     let vector = vector_size(&[&x, &gain, &dy]);
+    let pitch = row_pitch(&x) / vector;
     rms_norm_backward_kernel::launch::<CudaRuntime>(
         &x.client,
         count,
@@ -1260,6 +1273,7 @@ pub(super) fn rms_norm_backward(
         rows as u32,
         groups as u32,
         width as u32,
+        pitch as u32,
         dtype.into(),
     );
     let dgain = Inner::float_reshape(column_sums(partial), Shape::new([width]));
