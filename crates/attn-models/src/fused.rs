@@ -6,10 +6,11 @@
 //! logits for the loss. A backend that has a fused kernel for any of them (with its backward,
 //! when it is an autodiff backend) registers it here, keyed by the backend's type; the models
 //! call [`rms_norm`], [`causal_softmax`], [`swiglu`], [`cross_entropy`], [`rotary`],
-//! [`shared_suffix`] and [`sum_of_squares`], and the training loop's optimizer calls [`adamw`]; each runs the
-//! registered kernel when there is one and burn's composition otherwise. The composition is
-//! the definition: a registered kernel must compute the same function (tests compare them),
-//! and may decline an input it does not handle (a dtype, a layout) by handing it back.
+//! [`shared_suffix`] and [`sum_of_squares`], and the training loop's optimizer calls
+//! [`adamw`]; each runs the registered kernel when there is one and burn's composition
+//! otherwise. The composition is the definition: a registered kernel must compute the same
+//! function (tests compare them), and may decline an input it does not handle (a dtype, a
+//! layout) by handing it back.
 //!
 //! No bound is added to the models' `B: Backend`, and a backend with nothing registered (the
 //! CPU backends, always) runs exactly the composed code.

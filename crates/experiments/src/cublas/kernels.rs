@@ -798,31 +798,6 @@ fn rotary_half_kernel<F: Float, N: Size>(
     out[o + half as usize] = Vector::<F, N>::cast_from(xb * c + xa * sn);
 }
 
-/// The interleaved rotation of one vector `v` of `N` entries (`N/2` whole pairs) whose first
-/// pair has index `first` in row `table_row` of the tables (entries; `sign` as in
-/// [`rotary_kernel`]).
-#[cube]
-fn rotate_interleaved<F: Float, N: Size>(
-    v: Vector<f32, N>,
-    cos: &Tensor<F>,
-    sin: &Tensor<F>,
-    first: usize,
-    sign: f32,
-) -> Vector<F, N> {
-    let pairs = comptime!(N::value() / 2);
-    let mut o = Vector::<F, N>::empty();
-    #[unroll]
-    for k in 0..pairs {
-        let c = f32::cast_from(cos[first + k]);
-        let sn = sign * f32::cast_from(sin[first + k]);
-        let xa = v[2 * k];
-        let xb = v[2 * k + 1];
-        o[2 * k] = F::cast_from(xa * c - xb * sn);
-        o[2 * k + 1] = F::cast_from(xb * c + xa * sn);
-    }
-    o
-}
-
 /// [`rotary_kernel`] for the interleaved pairing `(2k, 2k + 1)`, one thread per vector of
 /// `N` consecutive entries (`N/2` whole pairs, `N` even), 16-byte loads of bf16 when `N = 8`;
 /// the tables are read as scalars (`N/2` entries per vector, from cache). Strides of `x` and
@@ -851,8 +826,19 @@ fn rotary_interleaved_kernel<F: Float, N: Size>(
     let at = rotary_index(e, &per_row, &n2, &n1, &layout, position_last);
     let j = at.column as usize;
     let v = Vector::<f32, N>::cast_from(x[at.source + j]);
-    let first = at.table_row as usize * layout.table_pitch as usize + j * comptime!(N::value() / 2);
-    out[e as usize] = rotate_interleaved::<F, N>(v, cos, sin, first, sign);
+    let pairs = comptime!(N::value() / 2);
+    let table = at.table_row as usize * layout.table_pitch as usize + j * pairs;
+    let mut o = Vector::<F, N>::empty();
+    #[unroll]
+    for k in 0..pairs {
+        let c = f32::cast_from(cos[table + k]);
+        let sn = sign * f32::cast_from(sin[table + k]);
+        let xa = v[2 * k];
+        let xb = v[2 * k + 1];
+        o[2 * k] = F::cast_from(xa * c - xb * sn);
+        o[2 * k + 1] = F::cast_from(xb * c + xa * sn);
+    }
+    out[e as usize] = o;
 }
 
 /// Keys of whole heads with a shared suffix (MLA-Decoupled's `[k_nope | k_pe]`): `keys`
@@ -1117,6 +1103,15 @@ fn vector_size(tensors: &[&Primitive]) -> usize {
         .unwrap_or(1)
 }
 
+/// The widest of `widest`, `widest/2`, … (a power of two) that `fits`; 1 when none does.
+fn narrowed(widest: usize, fits: impl Fn(usize) -> bool) -> usize {
+    let mut vector = widest;
+    while vector > 1 && !fits(vector) {
+        vector /= 2;
+    }
+    vector
+}
+
 /// The float dtypes the kernels are compiled for (their arithmetic is f32 whatever these are).
 fn float_dtype(dtype: DType) -> bool {
     matches!(dtype, DType::BF16 | DType::F16 | DType::F32)
@@ -1148,12 +1143,18 @@ fn supported(t: &Primitive, rows: usize, width: usize) -> bool {
         && plane_is_warp(t)
 }
 
-/// Whether the RMSNorm kernels take `x` `[n, w]` and `gain` `[w]` (of `x`'s dtype), read in
-/// place when its rows are unit-stride ([`with_unit_rows`]: the last row ends `n · pitch`
-/// elements in).
+/// Whether the row kernels take `t` `[n, w]` read in place when its rows are pitched
+/// ([`with_unit_rows`]): [`supported`] with the pitch as the width, since the last row ends
+/// `n · pitch` elements in.
+fn rows_supported(t: &Primitive) -> bool {
+    let [rows, width] = t.meta.shape().dims::<2>();
+    supported(t, rows, t.meta.strides()[0].max(width))
+}
+
+/// Whether the RMSNorm kernels take `x` `[n, w]` (pitched rows read in place) and `gain`
+/// `[w]` (of `x`'s dtype).
 pub(super) fn rms_norm_supported(x: &Primitive, gain: &Primitive) -> bool {
-    let [rows, width] = x.meta.shape().dims::<2>();
-    supported(x, rows, x.meta.strides()[0].max(width)) && gain.dtype == x.dtype
+    rows_supported(x) && gain.dtype == x.dtype
 }
 
 fn empty_like(t: &Primitive, shape: Shape, dtype: DType) -> Primitive {
@@ -1169,9 +1170,9 @@ pub(super) fn in_dtype(t: Primitive, dtype: DType) -> Primitive {
     }
 }
 
-/// `dy` in `like`'s dtype and contiguous (gradients may arrive broadcast or in f32).
-fn gradient_like(dy: Primitive, like: &Primitive) -> Primitive {
-    into_contiguous(in_dtype(dy, like.dtype))
+/// `dy` in `dtype` and contiguous (gradients may arrive broadcast, transposed or in f32).
+fn contiguous_gradient(dy: Primitive, dtype: DType) -> Primitive {
+    into_contiguous(in_dtype(dy, dtype))
 }
 
 /// Rows per chunk of [`column_sums`]' passes.
@@ -1249,7 +1250,7 @@ pub(super) fn rms_norm_backward(
     dy: Primitive,
 ) -> (Primitive, Primitive) {
     let [rows, width] = x.meta.shape().dims::<2>();
-    let dy = gradient_like(dy, &x);
+    let dy = contiguous_gradient(dy, x.dtype);
     let dx = empty_like(&x, x.meta.shape().clone(), x.dtype);
     // One partial row of the gain's gradient per plane that has a group of rows to do.
     let groups = rows.div_ceil(NORM_GROUP_ROWS);
@@ -1321,7 +1322,7 @@ pub(super) fn causal_softmax_backward(
     scale: f64,
 ) -> Primitive {
     let (rows, queries, keys) = softmax_sizes(&probs);
-    let dprobs = gradient_like(dprobs, &probs);
+    let dprobs = contiguous_gradient(dprobs, probs.dtype);
     let dscores = empty_like(&probs, probs.meta.shape().clone(), probs.dtype);
     let (count, dim) = geometry(rows);
     let dtype = probs.dtype;
@@ -1398,7 +1399,7 @@ pub(super) fn swiglu_backward(
     dy: Primitive,
 ) -> (Primitive, Primitive) {
     let len = gate.meta.num_elements();
-    let dy = gradient_like(dy, &gate);
+    let dy = contiguous_gradient(dy, gate.dtype);
     let dgate = empty_like(&gate, gate.meta.shape().clone(), gate.dtype);
     let dup = empty_like(&gate, gate.meta.shape().clone(), gate.dtype);
     let vector = vector_size(&[&gate, &up, &dy]);
@@ -1422,10 +1423,8 @@ pub(super) fn swiglu_backward(
 
 /// Whether the cross-entropy kernels take `logits` `[n, v]` and `targets` `[n]`.
 pub(super) fn cross_entropy_supported(logits: &Primitive, targets: &Primitive) -> bool {
-    let [rows, vocab] = logits.meta.shape().dims::<2>();
-    // A pitched input is read in place: its last row ends `rows · pitch` elements in.
-    let pitch = logits.meta.strides()[0].max(vocab);
-    supported(logits, rows, pitch)
+    let [rows, _] = logits.meta.shape().dims::<2>();
+    rows_supported(logits)
         && index_dtype(targets.dtype)
         && targets.meta.shape().dims::<1>() == [rows]
 }
@@ -1506,7 +1505,7 @@ pub(super) fn cross_entropy_backward(
     grad: Primitive,
 ) -> Primitive {
     let [rows, vocab] = logits.meta.shape().dims::<2>();
-    let grad = into_contiguous(in_dtype(grad, DType::F32));
+    let grad = contiguous_gradient(grad, DType::F32);
     let dlogits = empty_rows_like(&logits);
     let (count, dim) = geometry(rows);
     let dtypes = [logits.dtype.into(), targets.dtype.into()];
@@ -1586,14 +1585,12 @@ pub(super) fn rotary(
                 .chain([&table])
                 .all(|&st| st % v == 0 && st / v <= u32::MAX as usize)
     };
-    let mut vector = if interleaved {
+    let widest = if interleaved {
         vector_size(&[&x])
     } else {
         vector_size(&[&x, &cos, &sin])
     };
-    while vector > 1 && !fits(vector) {
-        vector /= 2;
-    }
+    let vector = narrowed(widest, fits);
     // Strides of `x` and the tables' pitch in the kernel's unit (`unit` entries).
     let layout = |unit: usize, pitch_unit: usize| {
         RotaryLayoutLaunch::new(
@@ -1713,11 +1710,7 @@ fn suffix_vector(k_nope: &Primitive, shared: &Primitive) -> usize {
                 .iter()
                 .all(|&st| st % v == 0 && st / v <= u32::MAX as usize)
     };
-    let mut vector = vector_size(&[k_nope, shared]).max(1);
-    while vector > 1 && !fits(vector) {
-        vector /= 2;
-    }
-    vector
+    narrowed(vector_size(&[k_nope, shared]).max(1), fits)
 }
 
 /// `[k_nope | shared]` `[b, H, t, w₀ + w₁]` (contiguous), `shared` `[b, 1, t, w₁]` repeated
@@ -1767,14 +1760,11 @@ pub(super) fn shared_suffix_backward(
     w0: usize,
     dtype: DType,
 ) -> (Primitive, Primitive) {
-    let dkeys = into_contiguous(in_dtype(dkeys, dtype));
+    let dkeys = contiguous_gradient(dkeys, dtype);
     let [b, h, t, w] = dkeys.meta.shape().dims::<4>();
     let w1 = w - w0;
     // `dkeys` is contiguous: the vector need only divide both widths.
-    let mut vector = vector_size(&[&dkeys]);
-    while vector > 1 && (w0 % vector != 0 || w1 % vector != 0) {
-        vector /= 2;
-    }
+    let vector = narrowed(vector_size(&[&dkeys]), |v| w0 % v == 0 && w1 % v == 0);
     let dk_nope = empty_like(&dkeys, Shape::new([b, t, h, w0]), dtype);
     let dshared = empty_like(&dkeys, Shape::new([b, 1, t, w1]), dtype);
     let nope_vectors = b * t * h * w0 / vector;
@@ -1808,7 +1798,8 @@ pub(super) fn shared_suffix_backward(
 /// Tensors per launch of [`sum_of_squares`] at most (the kernel's branches over them are
 /// unrolled).
 const SQUARE_GROUP: usize = 16;
-/// Planes in the first pass of [`sum_of_squares`] at most ([`ROWS_PER_CUBE`] per tensor and cube).
+/// Planes of one tensor in the first pass of [`sum_of_squares`] at most ([`ROWS_PER_CUBE`] per
+/// cube).
 const SQUARE_PLANES: usize = 16384;
 /// Elements per lane in the first pass of [`sum_of_squares`] below [`SQUARE_PLANES`]: each
 /// lane's loads are a chain of dependent additions, so few per lane keep it bandwidth-bound
@@ -1818,8 +1809,7 @@ const SQUARE_LOADS_PER_LANE: usize = 8;
 
 /// Whether [`sum_of_squares`] takes `xs`: at least one tensor, each addressable with u32
 /// indices and laid out as warps (its passes reduce over planes), all on one device in one
-/// dtype (one launch reads several), and the
-/// partials' offsets within u32.
+/// dtype (one launch reads several), and the partials' offsets within u32.
 pub(super) fn sum_of_squares_supported(xs: &[Primitive]) -> bool {
     let Some(first) = xs.first() else {
         return false;
