@@ -149,7 +149,7 @@ impl<B: Backend> Mha<B> {
             k = cache.append_keys(k);
             v = cache.append_values(v);
         }
-        let scores = q.matmul(k.transpose());
+        let scores = crate::fused::attention_scores(q, k);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let probs = causal_probs(scores.clone(), scale, offset, self.gap_removed);
         let out = self.wo.forward(merge_heads(probs.clone().matmul(v)));
@@ -372,9 +372,9 @@ impl<B: Backend> Mla<B> {
                     None => q,
                 };
                 let keys = crate::fused::shared_suffix(k_nope, pe); // [b, H, t, hd + dr]
-                q.matmul(keys.transpose())
+                crate::fused::attention_scores(q, keys)
             }
-            _ => q.matmul(k_nope.transpose()),
+            _ => crate::fused::attention_scores(q, k_nope),
         };
         let scale = 1.0 / ((hd + self.rope_dim) as f64).sqrt();
         let probs = causal_probs(scores.clone(), scale, offset, self.gap_removed);

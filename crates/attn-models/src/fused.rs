@@ -6,7 +6,7 @@
 //! logits for the loss. A backend that has a fused kernel for any of them (with its backward,
 //! when it is an autodiff backend) registers it here, keyed by the backend's type; the models
 //! call [`rms_norm`], [`causal_softmax`], [`swiglu`], [`cross_entropy`], [`rotary`],
-//! [`shared_suffix`] and [`sum_of_squares`], and the training loop's optimizer calls
+//! [`shared_suffix`], [`attention_scores`] and [`sum_of_squares`], and the training loop's optimizer calls
 //! [`adamw`]; each runs the registered kernel when there is one and burn's composition
 //! otherwise. The composition is the definition: a registered kernel must compute the same
 //! function (tests compare them), and may decline an input it does not handle (a dtype, a
@@ -83,6 +83,13 @@ pub type RotaryKernel<B> =
 pub type SharedSuffixKernel<B> =
     fn(Tensor<B, 4>, Tensor<B, 4>) -> Outcome<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>)>;
 
+/// Attention's raw scores over heads: `q` `[b, H, s, w]`, `k` `[b, H, t, w]` → `q·kᵀ`
+/// `[b, H, s, t]`. A kernel is free to choose how it differentiates the product: autodiff's
+/// `matmul` computes the keys' gradient as `(qᵀ·dS)ᵀ`, a transposed `[b, H, t, w]` that every
+/// consumer must copy, where `dSᵀ·q` writes it in order. See [`attention_scores`].
+pub type AttentionScoresKernel<B> =
+    fn(Tensor<B, 4>, Tensor<B, 4>) -> Outcome<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>)>;
+
 /// `Σ_t Σ_i x_{t,i}²` over one or more flat tensors `x_t`, `[1]` in f32 (the squared global
 /// norm of a model's gradients, in one reduction instead of one per parameter).
 pub type SumOfSquaresKernel<B> = fn(Vec<Tensor<B, 1>>) -> Outcome<Tensor<B, 1>, Vec<Tensor<B, 1>>>;
@@ -133,6 +140,8 @@ pub struct FusedKernels<B: Backend> {
     pub rotary: RotaryKernel<B>,
     /// See [`SharedSuffixKernel`].
     pub shared_suffix: SharedSuffixKernel<B>,
+    /// See [`AttentionScoresKernel`].
+    pub attention_scores: AttentionScoresKernel<B>,
     /// See [`SumOfSquaresKernel`].
     pub sum_of_squares: SumOfSquaresKernel<B>,
     /// See [`AdamWKernel`].
@@ -149,6 +158,7 @@ impl<B: Backend> FusedKernels<B> {
             cross_entropy: |logits, targets| Outcome::Declined((logits, targets)),
             rotary: |x, _, _, _, _| Outcome::Declined(x),
             shared_suffix: |x, shared| Outcome::Declined((x, shared)),
+            attention_scores: |q, k| Outcome::Declined((q, k)),
             sum_of_squares: Outcome::Declined,
             adamw: Outcome::Declined,
         }
@@ -294,6 +304,33 @@ pub fn shared_suffix<B: Backend>(x: Tensor<B, 4>, shared: Tensor<B, 4>) -> Tenso
     let [b, h, t, _] = x.dims();
     let w1 = shared.dims()[3];
     Tensor::cat(vec![x, shared.expand([b, h, t, w1])], 3)
+}
+
+/// Attention's raw scores `q·kᵀ` `[b, H, s, t]` of queries `q` `[b, H, s, w]` and keys `k`
+/// `[b, H, t, w]`, by `B`'s kernel ([`AttentionScoresKernel`]) when registered and accepting,
+/// else burn's `q.matmul(k.transpose())`.
+///
+/// ```
+/// use attn_models::fused;
+/// use burn::backend::NdArray;
+/// use burn::prelude::*;
+///
+/// type B = NdArray<f32>;
+/// let device = Default::default();
+/// let q = Tensor::<B, 4>::from_floats([[[[1.0, 2.0], [3.0, 4.0]]]], &device); // [1, 1, 2, 2]
+/// let k = Tensor::<B, 4>::from_floats([[[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]]], &device);
+/// let scores = fused::attention_scores(q, k); // [1, 1, 2, 3]
+/// assert_eq!(scores.into_data().to_vec::<f32>().unwrap(), [1.0, 2.0, 3.0, 3.0, 4.0, 7.0]);
+/// ```
+pub fn attention_scores<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>) -> Tensor<B, 4> {
+    let (q, k) = match kernels::<B>() {
+        Some(registered) => match (registered.attention_scores)(q, k) {
+            Outcome::Computed(scores) => return scores,
+            Outcome::Declined(inputs) => inputs,
+        },
+        None => (q, k),
+    };
+    q.matmul(k.transpose())
 }
 
 /// One AdamW update by `B`'s fused kernel ([`AdamWKernel`]), or the step handed back when

@@ -552,6 +552,113 @@ fn shared_suffix_matches_the_composition_forward_and_backward() {
     }
 }
 
+/// The sums `terms(x, y, z)` of a row-major `[X, Y, Z]` output, each of `n` products, and
+/// their tolerances: an f32 sum rounded once to bf16, `2⁻⁸·|ref| + n·2⁻²⁴·Σ|terms|` (module
+/// docs).
+fn exact(
+    [nx, ny, nz]: [usize; 3],
+    n: usize,
+    terms: impl Fn(usize, usize, usize) -> (f64, f64),
+) -> (Vec<f64>, Vec<f64>) {
+    let mut out = (Vec::new(), Vec::new());
+    for x in 0..nx {
+        for y in 0..ny {
+            for z in 0..nz {
+                let (sum, magnitude) = terms(x, y, z);
+                out.0.push(sum);
+                out.1
+                    .push(U_BF16 * sum.abs() + n as f64 * U_F32 * magnitude);
+            }
+        }
+    }
+    out
+}
+
+/// `Σ_l a[l]·b[l]` and `Σ_l |a[l]·b[l]|` over `n` terms, `a` and `b` read at `a0 + l·sa` and
+/// `b0 + l·sb`.
+fn dot(
+    a: &[f64],
+    b: &[f64],
+    n: usize,
+    (a0, sa): (usize, usize),
+    (b0, sb): (usize, usize),
+) -> (f64, f64) {
+    (0..n).fold((0.0, 0.0), |(sum, mag), l| {
+        let term = a[a0 + l * sa] * b[b0 + l * sb];
+        (sum + term, mag + term.abs())
+    })
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn attention_scores_and_their_gradients_match_the_exact_products() {
+    let device = device();
+    // Rows of 16-byte multiples, as the models' (cuBLAS takes them without a copy).
+    let (b, h, s, t) = (2, 3, 8, 16);
+    // Whole heads of MHA (64) and MLA-Decoupled (96), contiguous as the rotary or the shared
+    // suffix writes them, and queries split from `[b, s, H·w]` as MLA-PreRoPE's are.
+    for (w, split) in [(64, false), (96, false), (64, true)] {
+        let what = format!("w {w} split {split}");
+        let leaf = if split { [b, s, h, w] } else { [b, h, s, w] };
+        let qx = Tensor::<Train, 4>::random(leaf, Distribution::Normal(0.0, 1.0), &device)
+            .require_grad();
+        let q = if split {
+            qx.clone().swap_dims(1, 2)
+        } else {
+            qx.clone()
+        };
+        let k = Tensor::<Train, 4>::random([b, h, t, w], Distribution::Normal(0.0, 1.0), &device)
+            .require_grad();
+        let c = Tensor::<Train, 4>::random([b, h, s, t], Distribution::Normal(0.0, 1.0), &device);
+        let before = fused_counts();
+        let scores = fused::attention_scores(q.clone(), k.clone());
+        assert_eq!(
+            fused_counts().attention_scores,
+            before.attention_scores + 1,
+            "{what}"
+        );
+        let grads = (scores.clone() * c.clone()).sum().backward();
+        let dqx = qx.grad(&grads).expect("dq");
+        let dk = k.grad(&grads).expect("dk");
+        let dq = if split {
+            dqx.clone().swap_dims(1, 2)
+        } else {
+            dqx.clone()
+        };
+        // The keys' gradient in the queries' memory order: contiguous, or split heads.
+        let want_strides = if split {
+            vec![t * h * w, w, h * w, 1]
+        } else {
+            vec![h * t * w, t * w, w, 1]
+        };
+        assert_eq!(strides(&dk), want_strides, "dk strides {what}");
+        // Exact products in f64 of the bf16 values (row-major `[b·H, rows, cols]` outputs).
+        let (qs, ks, cs) = (host(&q), host(&k), host(&c));
+        let (want, tol) = exact([b * h, s, t], w, |bh, i, j| {
+            dot(&qs, &ks, w, ((bh * s + i) * w, 1), ((bh * t + j) * w, 1))
+        });
+        assert_within(&format!("scores {what}"), &host(&scores), &want, &tol);
+        // dq = c·k.
+        let (want, tol) = exact([b * h, s, w], t, |bh, i, e| {
+            dot(&cs, &ks, t, ((bh * s + i) * t, 1), (bh * t * w + e, w))
+        });
+        assert_within(&format!("dq {what}"), &host(&dq), &want, &tol);
+        // dk = cᵀ·q.
+        let (want, tol) = exact([b * h, t, w], s, |bh, j, e| {
+            dot(&cs, &qs, s, (bh * s * t + j, t), (bh * s * w + e, w))
+        });
+        assert_within(&format!("dk {what}"), &host(&dk), &want, &tol);
+    }
+    // Keys shared by the heads (a broadcast whose gradient autodiff sums) are declined.
+    let q = Tensor::<Train, 4>::random([b, h, s, 64], Distribution::Normal(0.0, 1.0), &device);
+    let k = Tensor::<Train, 4>::random([b, 1, t, 64], Distribution::Normal(0.0, 1.0), &device);
+    let before = fused_counts();
+    let scores = fused::attention_scores(q, k);
+    assert_eq!(scores.dims(), [b, h, s, t]);
+    assert_eq!(fused_counts().declined, before.declined + 1);
+    assert_eq!(fused_counts().attention_scores, before.attention_scores);
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn sum_of_squares_matches_the_exact_sum() {
@@ -659,6 +766,11 @@ fn the_models_use_the_fused_kernels() {
         // Queries and keys of every layer (MLA-PreRoPE rotates its latents).
         assert!(
             after.rotary - before.rotary >= config.n_layers as u64,
+            "{variant:?}"
+        );
+        assert_eq!(
+            after.attention_scores - before.attention_scores,
+            config.n_layers as u64,
             "{variant:?}"
         );
         assert_eq!(after.declined, before.declined, "{variant:?}");

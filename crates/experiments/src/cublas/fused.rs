@@ -33,6 +33,9 @@
 //!   the gradient copies `dk_nope` into the split heads' memory order and adds `dk_pe` over
 //!   the heads in f32 (burn's `cat` and `expand`: a slice copied for `dk_nope`, a strided
 //!   sum for `dk_pe`).
+//! * Attention scores `S = q·kᵀ` (training only): the product itself is cuBLAS's; the
+//!   backward takes `dk = dSᵀ·q` instead of autodiff's `(qᵀ·dS)ᵀ`, so the keys' gradient
+//!   comes out in `q`'s memory order rather than transposed (a copy a layer saved).
 //! * Sum of squares (gradient norms): per plane a grid-stride share in f32, then one plane
 //!   adds the partials (burn's full `sum` of an f32 tensor launched too few cubes: 51 µs for
 //!   a `[768, 768]` gradient).
@@ -41,7 +44,7 @@
 //! the backend itself (`forward.rs`): f32 atomics into a zeroed `[vocab, w]` table, rounded
 //! once.
 
-use super::backend::{CublasCuda, Inner};
+use super::backend::{CublasCuda, Inner, matmul};
 use super::kernels::{
     AdamWScalars, Primitive, adamw, adamw_supported, causal_softmax_backward,
     causal_softmax_forward, cross_entropy_backward, cross_entropy_forward, cross_entropy_supported,
@@ -68,6 +71,7 @@ static SWIGLUS: AtomicU64 = AtomicU64::new(0);
 static CROSS_ENTROPIES: AtomicU64 = AtomicU64::new(0);
 static ROTARIES: AtomicU64 = AtomicU64::new(0);
 static SHARED_SUFFIXES: AtomicU64 = AtomicU64::new(0);
+static ATTENTION_SCORES: AtomicU64 = AtomicU64::new(0);
 static SQUARE_SUMS: AtomicU64 = AtomicU64::new(0);
 static ADAMW_STEPS: AtomicU64 = AtomicU64::new(0);
 static DECLINED: AtomicU64 = AtomicU64::new(0);
@@ -87,6 +91,8 @@ pub struct FusedCounts {
     pub rotary: u64,
     /// Heads with a shared suffix (MLA-Decoupled's keys) built by the fused kernel.
     pub shared_suffix: u64,
+    /// Attention scores `q·kᵀ` whose gradients the fused backward takes (`dk = dSᵀ·q`).
+    pub attention_scores: u64,
     /// Sums of squares (gradient norms) computed by the fused kernel.
     pub sum_of_squares: u64,
     /// Parameters updated by the fused AdamW kernel.
@@ -104,6 +110,7 @@ pub fn fused_counts() -> FusedCounts {
         cross_entropy: CROSS_ENTROPIES.load(Ordering::Relaxed),
         rotary: ROTARIES.load(Ordering::Relaxed),
         shared_suffix: SHARED_SUFFIXES.load(Ordering::Relaxed),
+        attention_scores: ATTENTION_SCORES.load(Ordering::Relaxed),
         sum_of_squares: SQUARE_SUMS.load(Ordering::Relaxed),
         adamw: ADAMW_STEPS.load(Ordering::Relaxed),
         declined: DECLINED.load(Ordering::Relaxed),
@@ -533,12 +540,63 @@ fn shared_suffix_train(
     computed(&SHARED_SUFFIXES, tensor(out))
 }
 
+#[derive(Debug)]
+struct AttentionScoresBackward;
+
+impl Backward<CublasCuda, 2> for AttentionScoresBackward {
+    /// `(q, k)`.
+    type State = (Primitive, Primitive);
+
+    /// `dq = dS·k` and `dk = dSᵀ·q`: each product's output follows its right operand's memory
+    /// order (`backend::matmul`), so `dk` comes out in `q`'s order, contiguous or split heads,
+    /// where autodiff's `matmul` gives `(qᵀ·dS)ᵀ`, transposed, which the keys' next
+    /// backward (the rotary, the shared suffix, the merge of split heads) had to copy.
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k] = ops.parents;
+        let (q, k) = ops.state;
+        let ds = in_dtype(grads.consume::<CublasCuda>(&ops.node), q.dtype);
+        if let Some(node) = node_k {
+            let dk = matmul(Inner::float_swap_dims(ds.clone(), 2, 3), q);
+            grads.register::<CublasCuda>(node.id, dk);
+        }
+        if let Some(node) = node_q {
+            grads.register::<CublasCuda>(node.id, matmul(ds, k));
+        }
+    }
+}
+
+fn attention_scores_train(
+    q: Tensor<Train, 4>,
+    k: Tensor<Train, 4>,
+) -> Outcome<Tensor<Train, 4>, (Tensor<Train, 4>, Tensor<Train, 4>)> {
+    let (qa, ka) = (primitive(q), primitive(k));
+    let ([b, h, _, w], [bk, hk, _, wk]) = (
+        qa.primitive.meta.shape().dims::<4>(),
+        ka.primitive.meta.shape().dims::<4>(),
+    );
+    // Broadcast heads or batches (and their summed gradients) are left to autodiff.
+    if (b, h, w) != (bk, hk, wk) || qa.primitive.dtype != ka.primitive.dtype {
+        return declined((tensor(qa), tensor(ka)));
+    }
+    let (qp, kp) = (qa.primitive.clone(), ka.primitive.clone());
+    let scores = matmul(qp.clone(), Inner::float_swap_dims(kp.clone(), 2, 3));
+    let out = match AttentionScoresBackward
+        .prepare::<NoCheckpointing>([qa.node.clone(), ka.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((qp, kp), scores),
+        OpsKind::UnTracked(prep) => prep.finish(scores),
+    };
+    computed(&ATTENTION_SCORES, tensor(out))
+}
+
 /// Registers the fused kernels with `attn_models::fused` for [`CublasCuda`] (forward) and
 /// `Autodiff<CublasCuda>` (forward and backward): from then on every call of
 /// `attn_models::fused` on these backends (the models' RMSNorms, causal softmaxes, SwiGLUs,
-/// rotary embeddings and MLA-Decoupled's keys, the training loss, gradient norms and `FusedAdamW`'s updates) runs
-/// them. Inputs they do
-/// not take (f64, sizes past u32 indexing) go to burn's composition.
+/// rotary embeddings, MLA-Decoupled's keys and, in training, the scores' gradients; the
+/// training loss, gradient norms and `FusedAdamW`'s updates) runs them. Inputs they do not
+/// take (f64, sizes past u32 indexing) go to burn's composition.
 pub fn register_fused() {
     fused::register::<CublasCuda>(FusedKernels {
         rms_norm: rms_norm_plain,
@@ -547,6 +605,8 @@ pub fn register_fused() {
         cross_entropy: cross_entropy_plain,
         rotary: rotary_plain,
         shared_suffix: shared_suffix_plain,
+        // Without a backward, burn's `q.matmul(k.transpose())` is the same product.
+        attention_scores: |q, k| Outcome::Declined((q, k)),
         sum_of_squares: sum_of_squares_plain,
         adamw: adamw_plain,
     });
@@ -557,6 +617,7 @@ pub fn register_fused() {
         cross_entropy: cross_entropy_train,
         rotary: rotary_train,
         shared_suffix: shared_suffix_train,
+        attention_scores: attention_scores_train,
         // Gradient norms and the optimizer's update are taken on the inner backend; an
         // autodiff caller gets burn's composition, which it can differentiate.
         ..FusedKernels::declining()
