@@ -15,7 +15,9 @@
 //!   (the kernel writes the f32 terms, burn's `sum_dim` adds them over the rows).
 //! * Causal softmax, forward: row `i` of query position `p = offset + (i mod s)` sees keys
 //!   `0..=p`; one pass keeps each lane's running maximum and rescaled sum (the online
-//!   softmax), the plane combines them, a second pass writes `exp(x − m)/Σ` and zeros.
+//!   softmax), the plane combines them, a second pass writes `exp(x − m)/Σ` and zeros. A row
+//!   of at most 32 vectors (the training shape) stays in registers instead: its maximum, then
+//!   one exponential per entry. Exponentials here and in the cross-entropy are CUDA's `__expf`.
 //! * Causal softmax, backward: `dx_j = y_j (dy_j − Σ_k y_k dy_k)`, zero where masked
 //!   (`y_j = 0` there).
 //! * SwiGLU (element-wise), with `σ = sigmoid(g)`: `y = g·σ·u`;

@@ -187,6 +187,15 @@ struct RunningLse {
 /// Below any finite value: `e^{LSE_FLOOR − x}` underflows to 0 for every finite `x`.
 const LSE_FLOOR: f32 = -3.0e38;
 
+/// The fast-math flags under which cubecl compiles an f32 `exp` (and `ln`) to CUDA's
+/// `__expf` (`__logf`): `ex2.approx` of `x·log₂e`, within `2 + 1.16·|x|` ulp (CUDA C
+/// Programming Guide, intrinsic functions), where `expf` takes a dozen instructions. No other
+/// instruction of the kernels changes under them (cubecl-cpp selects only these, and the
+/// division, which needs more flags); NaN and ±∞ still propagate through `ex2.approx`.
+fn fast_exp() -> cubecl::ir::features::EnumSet<FastMath> {
+    FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
+}
+
 #[cube]
 impl RunningLse {
     fn new() -> RunningLse {
@@ -223,6 +232,20 @@ impl RunningLse {
         let row_max = plane_max(self.max);
         plane_sum(self.sum * (self.max - row_max).exp()).ln() + row_max
     }
+}
+
+/// The largest visible entry of a vector of keys `first..first + N` ([`LSE_FLOOR`] when none
+/// is; a NaN entry is skipped here and surfaces in the sum of the exponentials).
+#[cube]
+fn visible_max<N: Size>(v: Vector<f32, N>, first: usize, visible: usize) -> f32 {
+    let mut top = f32::new(LSE_FLOOR);
+    #[unroll]
+    for e in 0..N::value() {
+        if first + e < visible && v[e] > top {
+            top = v[e];
+        }
+    }
+    top
 }
 
 /// `e^{v_e − total}` for the entries `e` of a vector of keys `first..first + N` that are
@@ -283,8 +306,10 @@ fn visible_gradient<N: Size>(
 /// Forward: `lse = log Σ_{visible} e^{c·x}` ([`RunningLse`]), then `P = e^{c·x − lse}` or 0.
 /// Vectors wholly past the visible keys are written as 0 without being read. `resident`
 /// (`keys ≤ 32·N`, one vector per lane at most): each lane loads its vector once and keeps
-/// it in registers for both steps.
-#[cube(launch)]
+/// it in registers; the row's maximum `m` first, then `e^{c·x − m}` once per entry and
+/// `P = e^{c·x − m}/Σ` (`N` exponentials a lane, where the online form takes `2N + 2`).
+/// Exponentials are CUDA's `__expf` ([`fast_exp`]).
+#[cube(launch, fast_math = fast_exp())]
 #[allow(clippy::too_many_arguments)]
 fn causal_softmax_forward_kernel<F: Float, N: Size>(
     scores: &Tensor<Vector<F, N>>,
@@ -312,17 +337,20 @@ fn causal_softmax_forward_kernel<F: Float, N: Size>(
         let first = lane * N::value();
         let seen = lane < vectors && first < visible;
         let mut v = Vector::<f32, N>::new(f32::new(0.0));
+        let mut top = f32::new(LSE_FLOOR);
         if seen {
             v = c * Vector::<f32, N>::cast_from(scores[base + lane]);
-            lse.add(v, visible - first);
+            top = visible_max(v, first, visible);
         }
-        let total = lse.plane_total();
+        let row_max = plane_max(top);
+        let mut p = Vector::<f32, N>::new(f32::new(0.0));
+        if seen {
+            p = visible_exp(v, row_max, first, visible);
+        }
+        // Σ ≥ 1 (the maximum's own term), or NaN when an entry is.
+        let inverse = f32::new(1.0) / plane_sum(lane_sum::<N>(p));
         if lane < vectors {
-            let mut p = Vector::<f32, N>::new(f32::new(0.0));
-            if seen {
-                p = visible_exp(v, total, first, visible);
-            }
-            probs[base + lane] = Vector::<F, N>::cast_from(p);
+            probs[base + lane] = Vector::<F, N>::cast_from(p * Vector::<f32, N>::new(inverse));
         }
     } else {
         let mut j = lane;
@@ -467,8 +495,8 @@ fn swiglu_backward_kernel<F: Float, N: Size>(
 /// Per row `i` of `logits` `[n, v]` (rows `pitch` vectors apart), each lane reading vectors of
 /// `N` logits: `lse_i = log Σ_j exp(x_ij)` ([`RunningLse`]) and `nll_i = lse_i − x_{i,t_i}`
 /// (the target's logit read again by lane 0; NaN for a target outside `0..v`, so that
-/// training stops on a non-finite loss).
-#[cube(launch)]
+/// training stops on a non-finite loss). `exp` and `ln` are CUDA's intrinsics ([`fast_exp`]).
+#[cube(launch, fast_math = fast_exp())]
 #[allow(clippy::too_many_arguments)]
 fn cross_entropy_forward_kernel<F: Float, I: Int, N: Size>(
     logits: &Tensor<Vector<F, N>>,
@@ -517,8 +545,9 @@ fn cross_entropy_forward_kernel<F: Float, I: Int, N: Size>(
 }
 
 /// `dx_ij = g/n · (exp(x_ij − lse_i) − [j = t_i])`, `g = grad[0]` the gradient of the mean;
-/// vectors of `N` logits, rows `pitch` (input) and `out_pitch` (output) vectors apart.
-#[cube(launch)]
+/// vectors of `N` logits, rows `pitch` (input) and `out_pitch` (output) vectors apart;
+/// `exp` is CUDA's `__expf` ([`fast_exp`]).
+#[cube(launch, fast_math = fast_exp())]
 #[allow(clippy::too_many_arguments)]
 fn cross_entropy_backward_kernel<F: Float, I: Int, N: Size>(
     logits: &Tensor<Vector<F, N>>,
