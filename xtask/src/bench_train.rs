@@ -442,7 +442,7 @@ fn cuda(
     let fused = experiments::cublas::fused_counts();
     if matmul != crate::gpu::Matmul::Cubecl {
         println!(
-            "# cuBLAS products {} ({} through pointer tables; burn's kernel for {}); fused RMSNorms {}, causal softmaxes {}, SwiGLUs {}, cross-entropies {}, rotaries {}, shared suffixes {}, squared norms {}, AdamW updates {} (declined {})",
+            "# cuBLAS products {} ({} through pointer tables; burn's kernel for {}); fused RMSNorms {}, causal softmaxes {}, SwiGLUs {}, cross-entropies {}, rotaries {}, shared suffixes {}, attention scores {}, squared norms {}, AdamW updates {} (declined {})",
             after.cublas - before.cublas,
             after.pointer_tables - before.pointer_tables,
             after.fallback - before.fallback,
@@ -452,6 +452,7 @@ fn cuda(
             fused.cross_entropy - fused_before.cross_entropy,
             fused.rotary - fused_before.rotary,
             fused.shared_suffix - fused_before.shared_suffix,
+            fused.attention_scores - fused_before.attention_scores,
             fused.sum_of_squares - fused_before.sum_of_squares,
             fused.adamw - fused_before.adamw,
             fused.declined - fused_before.declined,

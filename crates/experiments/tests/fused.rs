@@ -71,12 +71,14 @@ fn norm<B: Backend>(w: usize, device: &B::Device) -> RmsNorm<B> {
 #[ignore = "needs an NVIDIA GPU"]
 fn rms_norm_forward_and_backward_match_the_exact_function() {
     let device = device();
-    // 37 rows: not a multiple of the 8 rows per cube, nor of the backward's groups of 4 rows.
+    // 37 rows: not a multiple of the 8 rows per cube, nor of the grouped backward's 4 rows.
     // Widths below, at and above a warp, read in vectors of 1 (w = 7), 4 (20, 100) and 8
-    // (768, 40, 16). 17 000 rows: 4 250 groups, more than the backward's 4 096 planes, so
-    // that some planes add a second group to their partial row. A pitch beyond the width: the
-    // first `w` columns of wider rows, read in place (MLA-Decoupled's 256-wide `c_kv` beside
-    // its 32-wide `k_pe`; and a pitch of 4-element vectors).
+    // (768, 40, 16, 1024, 1600). Rows of up to 4 vectors a lane (1 024 bf16) take the
+    // backward that holds a row in registers, one plane per row; wider ones (1 600) the grouped
+    // backward, here with 17 000 rows: 4 250 groups, more than its 4 096 planes, so that some
+    // planes add a second group to their partial row. A pitch beyond the width: the first `w`
+    // columns of wider rows, read in place (MLA-Decoupled's 256-wide `c_kv` beside its 32-wide
+    // `k_pe`; and a pitch of 4-element vectors).
     for (n, w, pitch) in [
         (37, 7, 7),
         (37, 20, 20),
@@ -86,6 +88,8 @@ fn rms_norm_forward_and_backward_match_the_exact_function() {
         (17_000, 16, 16),
         (300, 256, 288),
         (37, 20, 28),
+        (45, 1024, 1024),
+        (17_000, 1600, 1600),
     ] {
         let norm = norm::<Train>(w, &device);
         let wide = Tensor::<Train, 2>::random([n, pitch], Distribution::Normal(0.0, 2.0), &device)

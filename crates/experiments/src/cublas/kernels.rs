@@ -175,6 +175,91 @@ fn rms_norm_backward_kernel<F: Float, N: Size>(
     }
 }
 
+/// RMSNorm backward, one plane per row as in the forward, for rows of at most
+/// [`NORM_ROW_VECTORS_PER_LANE`] vectors a lane (`per_lane`, a launch constant): each lane
+/// keeps its vectors of `x` and `dy` in registers between the two steps, `c = r³·Σ_k x_k γ_k
+/// dy_k / w` and `dx = r·γ·dy − c·x`. The row's terms of the gain's gradient, `dy·x·r`, go to
+/// shared memory, and the cube adds its [`ROWS_PER_CUBE`] rows in a fixed order into its
+/// partial row of `gain_partial` `[⌈n/8⌉, w]` (f32) for [`column_sums`]: every row in flight
+/// at once, where [`rms_norm_backward_kernel`] gives a plane a chain of groups.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn rms_norm_backward_rows_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    gain: &Tensor<Vector<F, N>>,
+    rstd: &Tensor<f32>,
+    dy: &Tensor<Vector<F, N>>,
+    dx: &mut Tensor<Vector<F, N>>,
+    gain_partial: &mut Tensor<f32>,
+    rows: u32,
+    width: u32,
+    pitch: u32,
+    #[comptime] per_lane: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let slots = comptime!(per_lane * LANES as usize);
+    let mut terms = SharedMemory::<Vector<f32, N>>::new(comptime!(ROWS_PER_CUBE as usize * slots));
+    let row = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
+    // Planes past the last row write zero terms: every plane reaches the cube's barrier.
+    let live = row < rows;
+    let vectors = width as usize / N::value();
+    let lane = UNIT_POS_X as usize;
+    let source = row as usize * pitch as usize;
+    let base = row as usize * vectors;
+    let mut xs = Array::<Vector<F, N>>::new(per_lane);
+    let mut ds = Array::<Vector<F, N>>::new(per_lane);
+    let mut dot = f32::new(0.0);
+    let mut r = f32::new(0.0);
+    if live {
+        r = rstd[row as usize];
+        #[unroll]
+        for k in 0..per_lane {
+            let j = lane + k * LANES as usize;
+            if j < vectors {
+                xs[k] = x[source + j];
+                ds[k] = dy[base + j];
+                dot += lane_sum::<N>(
+                    Vector::<f32, N>::cast_from(xs[k])
+                        * Vector::<f32, N>::cast_from(gain[j])
+                        * Vector::<f32, N>::cast_from(ds[k]),
+                );
+            }
+        }
+    }
+    // `row` is the same on every lane: the plane sum is reached by all of them.
+    let c = Vector::<f32, N>::new(r * r * r * plane_sum(dot) / f32::cast_from(width));
+    let rv = Vector::<f32, N>::new(r);
+    let own = UNIT_POS_Y as usize * slots;
+    #[unroll]
+    for k in 0..per_lane {
+        let j = lane + k * LANES as usize;
+        let mut term = Vector::<f32, N>::new(f32::new(0.0));
+        if live && j < vectors {
+            let xv = Vector::<f32, N>::cast_from(xs[k]);
+            let d = Vector::<f32, N>::cast_from(ds[k]);
+            let g = Vector::<f32, N>::cast_from(gain[j]);
+            dx[base + j] = Vector::<F, N>::cast_from(rv * (g * d) - xv * c);
+            term = d * xv * rv;
+        }
+        terms[own + j] = term;
+    }
+    sync_cube();
+    let out = CUBE_POS_X as usize * vectors;
+    let mut j = UNIT_POS as usize;
+    while j < vectors {
+        let mut acc = Vector::<f32, N>::new(f32::new(0.0));
+        #[unroll]
+        for p in 0..ROWS_PER_CUBE as usize {
+            acc += terms[p * slots + j];
+        }
+        #[unroll]
+        for e in 0..N::value() {
+            gain_partial[(out + j) * N::value() + e] = acc[e];
+        }
+        j += (CUBE_DIM_X * CUBE_DIM_Y) as usize;
+    }
+}
+
 /// One lane's share of a row's `log Σ e^x`, kept online: `max` the largest value added
 /// ([`LSE_FLOOR`] before any) and `sum = Σ e^{x − max}` over the values added. Shared by the
 /// causal softmax and the cross-entropy.
@@ -1263,7 +1348,13 @@ pub(super) fn rms_norm_forward(x: Primitive, gain: Primitive, eps: f64) -> (Prim
     (y, rstd)
 }
 
-/// Planes of the RMSNorm backward at most: each sums the gain's gradient over its groups of
+/// Vectors a lane of [`rms_norm_backward_rows_kernel`] holds at most (each of `x` and `dy`):
+/// rows of up to 4·32·8 = 1 024 bf16 (the paper preset's 768 and 256 take 3 and 1). Its
+/// shared memory is then `8·32·4` vectors of up to 8 f32, 32 KiB (48 KiB is the most a
+/// kernel has without opting in); wider rows take [`rms_norm_backward_kernel`].
+const NORM_ROW_VECTORS_PER_LANE: usize = 4;
+
+/// Planes of [`rms_norm_backward_kernel`] at most: each sums the gain's gradient over its groups of
 /// [`NORM_GROUP_ROWS`] rows (one group for `n = 16 384`) into a partial row, `[P, w]` f32 in
 /// all (12.6 MB for `w = 768`, which stays in L2), where one `[n, w]` f32 row of terms per
 /// input row (50 MB written and read again, ≈ 100 µs with its column sums) was the first
@@ -1281,14 +1372,40 @@ pub(super) fn rms_norm_backward(
     let [rows, width] = x.meta.shape().dims::<2>();
     let dy = contiguous_gradient(dy, x.dtype);
     let dx = empty_like(&x, x.meta.shape().clone(), x.dtype);
+    let (dtype, gain_dtype) = (x.dtype, gain.dtype);
+    let vector = vector_size(&[&x, &gain, &dy]);
+    let pitch = row_pitch(&x) / vector;
+    let per_lane = (width / vector).div_ceil(LANES as usize);
+    if per_lane <= NORM_ROW_VECTORS_PER_LANE {
+        // One partial row of the gain's gradient per cube of rows.
+        let cubes = rows.div_ceil(ROWS_PER_CUBE as usize);
+        let partial = empty_like(&x, Shape::new([cubes, width]), DType::F32);
+        let (count, dim) = geometry(rows);
+        rms_norm_backward_rows_kernel::launch::<CudaRuntime>(
+            &x.client,
+            count,
+            dim,
+            vector,
+            x.clone().into_tensor_arg(),
+            gain.into_tensor_arg(),
+            rstd.into_tensor_arg(),
+            dy.into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            partial.clone().into_tensor_arg(),
+            rows as u32,
+            width as u32,
+            pitch as u32,
+            per_lane,
+            dtype.into(),
+        );
+        let dgain = Inner::float_reshape(column_sums(partial), Shape::new([width]));
+        return (dx, in_dtype(dgain, gain_dtype));
+    }
     // One partial row of the gain's gradient per plane that has a group of rows to do.
     let groups = rows.div_ceil(NORM_GROUP_ROWS);
     let planes = groups.min(NORM_BACKWARD_PLANES);
     let partial = empty_like(&x, Shape::new([planes, width]), DType::F32);
     let (count, dim) = geometry(planes);
-    let (dtype, gain_dtype) = (x.dtype, gain.dtype);
-    let vector = vector_size(&[&x, &gain, &dy]);
-    let pitch = row_pitch(&x) / vector;
     rms_norm_backward_kernel::launch::<CudaRuntime>(
         &x.client,
         count,
