@@ -1376,7 +1376,7 @@ pub(super) fn rms_norm_backward(
     let vector = vector_size(&[&x, &gain, &dy]);
     let pitch = row_pitch(&x) / vector;
     let per_lane = (width / vector).div_ceil(LANES as usize);
-    if per_lane <= NORM_ROW_VECTORS_PER_LANE {
+    let partial = if per_lane <= NORM_ROW_VECTORS_PER_LANE {
         // One partial row of the gain's gradient per cube of rows.
         let cubes = rows.div_ceil(ROWS_PER_CUBE as usize);
         let partial = empty_like(&x, Shape::new([cubes, width]), DType::F32);
@@ -1398,31 +1398,32 @@ pub(super) fn rms_norm_backward(
             per_lane,
             dtype.into(),
         );
-        let dgain = Inner::float_reshape(column_sums(partial), Shape::new([width]));
-        return (dx, in_dtype(dgain, gain_dtype));
-    }
-    // One partial row of the gain's gradient per plane that has a group of rows to do.
-    let groups = rows.div_ceil(NORM_GROUP_ROWS);
-    let planes = groups.min(NORM_BACKWARD_PLANES);
-    let partial = empty_like(&x, Shape::new([planes, width]), DType::F32);
-    let (count, dim) = geometry(planes);
-    rms_norm_backward_kernel::launch::<CudaRuntime>(
-        &x.client,
-        count,
-        dim,
-        vector,
-        x.clone().into_tensor_arg(),
-        gain.into_tensor_arg(),
-        rstd.into_tensor_arg(),
-        dy.into_tensor_arg(),
-        dx.clone().into_tensor_arg(),
-        partial.clone().into_tensor_arg(),
-        rows as u32,
-        groups as u32,
-        width as u32,
-        pitch as u32,
-        dtype.into(),
-    );
+        partial
+    } else {
+        // One partial row of the gain's gradient per plane that has a group of rows to do.
+        let groups = rows.div_ceil(NORM_GROUP_ROWS);
+        let planes = groups.min(NORM_BACKWARD_PLANES);
+        let partial = empty_like(&x, Shape::new([planes, width]), DType::F32);
+        let (count, dim) = geometry(planes);
+        rms_norm_backward_kernel::launch::<CudaRuntime>(
+            &x.client,
+            count,
+            dim,
+            vector,
+            x.clone().into_tensor_arg(),
+            gain.into_tensor_arg(),
+            rstd.into_tensor_arg(),
+            dy.into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            partial.clone().into_tensor_arg(),
+            rows as u32,
+            groups as u32,
+            width as u32,
+            pitch as u32,
+            dtype.into(),
+        );
+        partial
+    };
     let dgain = Inner::float_reshape(column_sums(partial), Shape::new([width]));
     (dx, in_dtype(dgain, gain_dtype))
 }
