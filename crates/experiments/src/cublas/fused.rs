@@ -12,7 +12,9 @@
 //!   rows of `x` may be pitched (a column slice of wider rows is read in place).
 //! * RMSNorm, backward: with `u_ij = γ_j dy_ij`,
 //!   `dx_ij = r_i u_ij − x_ij r_i³ · (1/w) Σ_k x_ik u_ik` and `dγ_j = Σ_i dy_ij x_ij r_i`
-//!   (the kernel writes the f32 terms, burn's `sum_dim` adds them over the rows).
+//!   (the kernel sums `dγ`'s terms over a cube's 8 rows in shared memory, or, for rows of
+//!   more than 4 vectors a lane (1 024 bf16 in vectors of 8), over a plane's groups of 4
+//!   rows, into f32 partial rows that `column_sums` adds in a fixed order).
 //! * Causal softmax, forward: row `i` of query position `p = offset + (i mod s)` sees keys
 //!   `0..=p`; one pass keeps each lane's running maximum and rescaled sum (the online
 //!   softmax), the plane combines them, a second pass writes `exp(x − m)/Σ` and zeros. A row

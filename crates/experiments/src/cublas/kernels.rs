@@ -180,8 +180,9 @@ fn rms_norm_backward_kernel<F: Float, N: Size>(
 /// keeps its vectors of `x` and `dy` in registers between the two steps, `c = r³·Σ_k x_k γ_k
 /// dy_k / w` and `dx = r·γ·dy − c·x`. The row's terms of the gain's gradient, `dy·x·r`, go to
 /// shared memory, and the cube adds its [`ROWS_PER_CUBE`] rows in a fixed order into its
-/// partial row of `gain_partial` `[⌈n/8⌉, w]` (f32) for [`column_sums`]: every row in flight
-/// at once, where [`rms_norm_backward_kernel`] gives a plane a chain of groups.
+/// partial row of `gain_partial` `[⌈n/8⌉, w]` (f32) for [`column_sums`]. The grid has a plane
+/// for every row (2 048 cubes for 16 384 rows), where [`rms_norm_backward_kernel`] gives each
+/// of at most 4 096 planes a chain of row groups.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn rms_norm_backward_rows_kernel<F: Float, N: Size>(
