@@ -6,11 +6,11 @@
 //! logits for the loss. A backend that has a fused kernel for any of them (with its backward,
 //! when it is an autodiff backend) registers it here, keyed by the backend's type; the models
 //! call [`rms_norm`], [`causal_softmax`], [`swiglu`], [`cross_entropy`], [`rotary`],
-//! [`shared_suffix`], [`attention_scores`] and [`sum_of_squares`], and the training loop's optimizer calls
-//! [`adamw`]; each runs the registered kernel when there is one and burn's composition
-//! otherwise. The composition is the definition: a registered kernel must compute the same
-//! function (tests compare them), and may decline an input it does not handle (a dtype, a
-//! layout) by handing it back.
+//! [`shared_suffix`], [`attention_scores`] and [`sum_of_squares`], and the training loop's
+//! optimizer calls [`adamw`]; each runs the registered kernel when there is one and burn's
+//! composition otherwise. The composition is the definition: a registered kernel must
+//! compute the same function (tests compare them), and may decline an input it does not
+//! handle (a dtype, a layout) by handing it back.
 //!
 //! No bound is added to the models' `B: Backend`, and a backend with nothing registered (the
 //! CPU backends, always) runs exactly the composed code.
@@ -85,8 +85,9 @@ pub type SharedSuffixKernel<B> =
 
 /// Attention's raw scores over heads: `q` `[b, H, s, w]`, `k` `[b, H, t, w]` → `q·kᵀ`
 /// `[b, H, s, t]`. A kernel is free to choose how it differentiates the product: autodiff's
-/// `matmul` computes the keys' gradient as `(qᵀ·dS)ᵀ`, a transposed `[b, H, t, w]` that every
-/// consumer must copy, where `dSᵀ·q` writes it in order. See [`attention_scores`].
+/// `matmul` computes the keys' gradient as `(qᵀ·dS)ᵀ`, a transposed `[b, H, t, w]` that a
+/// consumer reading rows in order must copy, where `dSᵀ·q` writes it in order. See
+/// [`attention_scores`].
 pub type AttentionScoresKernel<B> =
     fn(Tensor<B, 4>, Tensor<B, 4>) -> Outcome<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>)>;
 

@@ -554,7 +554,7 @@ impl Backward<CublasCuda, 2> for AttentionScoresBackward {
     /// `dq = dS·k` and `dk = dSᵀ·q`: each product's output follows its right operand's memory
     /// order (`backend::matmul`), so `dk` comes out in `q`'s order, contiguous or split heads,
     /// where autodiff's `matmul` gives `(qᵀ·dS)ᵀ`, transposed, which the keys' next
-    /// backward (the rotary, the shared suffix, the merge of split heads) had to copy.
+    /// backward (the rotary, the shared suffix) had to copy.
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_q, node_k] = ops.parents;
         let (q, k) = ops.state;

@@ -295,11 +295,9 @@ impl RunningLse {
     /// once per vector. A NaN entry makes `sum` NaN.
     fn add<N: Size>(&mut self, v: Vector<f32, N>, count: usize) {
         let mut top = self.max;
-        #[unroll]
-        for e in 0..N::value() {
-            if e < count && v[e] > top {
-                top = v[e];
-            }
+        let own = visible_max::<N>(v, 0, count);
+        if own > top {
+            top = own;
         }
         let mut sum = self.sum * (self.max - top).exp();
         #[unroll]
@@ -320,8 +318,9 @@ impl RunningLse {
     }
 }
 
-/// The largest visible entry of a vector of keys `first..first + N` ([`LSE_FLOOR`] when none
-/// is; a NaN entry is skipped here and surfaces in the sum of the exponentials).
+/// The largest visible entry of a vector of keys `first..first + N` (those with
+/// `first + e < visible`; [`LSE_FLOOR`] when none is; a NaN entry is skipped here and surfaces
+/// in the sum of the exponentials). [`RunningLse::add`]'s maximum too, with `first = 0`.
 #[cube]
 fn visible_max<N: Size>(v: Vector<f32, N>, first: usize, visible: usize) -> f32 {
     let mut top = f32::new(LSE_FLOOR);
@@ -418,7 +417,6 @@ fn causal_softmax_forward_kernel<F: Float, N: Size>(
     let lane = UNIT_POS_X as usize;
     let step = CUBE_DIM_X as usize;
     let c = Vector::<f32, N>::new(scale);
-    let mut lse = RunningLse::new();
     if resident {
         let first = lane * N::value();
         let seen = lane < vectors && first < visible;
@@ -439,6 +437,7 @@ fn causal_softmax_forward_kernel<F: Float, N: Size>(
             probs[base + lane] = Vector::<F, N>::cast_from(p * Vector::<f32, N>::new(inverse));
         }
     } else {
+        let mut lse = RunningLse::new();
         let mut j = lane;
         while j * N::value() < visible {
             lse.add(
@@ -1355,11 +1354,11 @@ pub(super) fn rms_norm_forward(x: Primitive, gain: Primitive, eps: f64) -> (Prim
 /// kernel has without opting in); wider rows take [`rms_norm_backward_kernel`].
 const NORM_ROW_VECTORS_PER_LANE: usize = 4;
 
-/// Planes of [`rms_norm_backward_kernel`] at most: each sums the gain's gradient over its groups of
-/// [`NORM_GROUP_ROWS`] rows (one group for `n = 16 384`) into a partial row, `[P, w]` f32 in
-/// all (12.6 MB for `w = 768`, which stays in L2), where one `[n, w]` f32 row of terms per
-/// input row (50 MB written and read again, ≈ 100 µs with its column sums) was the first
-/// version.
+/// Planes of [`rms_norm_backward_kernel`] (rows wider than [`NORM_ROW_VECTORS_PER_LANE`]
+/// vectors a lane) at most: each sums the gain's gradient over its groups of
+/// [`NORM_GROUP_ROWS`] rows into a partial row, `[P, w]` f32 in all, where one `[n, w]` f32
+/// row of terms per input row (50 MB for `[16 384, 768]`, written and read again, ≈ 100 µs
+/// with its column sums) was the first version.
 const NORM_BACKWARD_PLANES: usize = 4096;
 
 /// RMSNorm backward: `(dx [n, w], dγ [w])` in the dtypes of `x` and `gain`; `x` with
