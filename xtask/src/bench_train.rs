@@ -442,10 +442,12 @@ fn cuda(
     let fused = experiments::cublas::fused_counts();
     if matmul != crate::gpu::Matmul::Cubecl {
         println!(
-            "# cuBLAS products {} ({} through pointer tables; burn's kernel for {}); fused RMSNorms {}, causal softmaxes {}, SwiGLUs {}, cross-entropies {}, rotaries {}, shared suffixes {}, attention scores {}, squared norms {}, AdamW updates {} (declined {})",
+            "# cuBLAS products {} ({} through pointer tables; burn's kernel for {}); linear maps {} (input gradients accumulated in the product {}), fused RMSNorms {}, causal softmaxes {}, SwiGLUs {}, cross-entropies {}, rotaries {}, shared suffixes {}, attention scores {}, squared norms {}, AdamW updates {} (declined {})",
             after.cublas - before.cublas,
             after.pointer_tables - before.pointer_tables,
             after.fallback - before.fallback,
+            fused.linear - fused_before.linear,
+            fused.accumulated - fused_before.accumulated,
             fused.rms_norm - fused_before.rms_norm,
             fused.causal_softmax - fused_before.causal_softmax,
             fused.swiglu - fused_before.swiglu,

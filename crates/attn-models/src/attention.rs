@@ -4,6 +4,7 @@
 //! Shapes: `b` batch, `s` new tokens, `t` keys (cached + new), `H` heads, `d` model width.
 
 use crate::cache::LayerCache;
+use crate::fused::linear_layer;
 use crate::config::{AttentionConfig, AttentionVariant, PreRopePlacement};
 use crate::rope::{Rope, RopePairing};
 use burn::nn::{Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
@@ -138,9 +139,9 @@ impl<B: Backend> Mha<B> {
         cache: Option<&mut LayerCache<B>>,
         want_maps: bool,
     ) -> (Tensor<B, 3>, Option<AttentionMaps<B>>) {
-        let mut q = split_heads(self.wq.forward(x.clone()), self.n_heads);
-        let mut k = split_heads(self.wk.forward(x.clone()), self.n_heads);
-        let mut v = split_heads(self.wv.forward(x), self.n_heads);
+        let mut q = split_heads(linear_layer(&self.wq, x.clone()), self.n_heads);
+        let mut k = split_heads(linear_layer(&self.wk, x.clone()), self.n_heads);
+        let mut v = split_heads(linear_layer(&self.wv, x), self.n_heads);
         if let Some(rope) = &self.rope {
             q = rope.apply(q, offset);
             k = rope.apply(k, offset);
@@ -152,7 +153,7 @@ impl<B: Backend> Mha<B> {
         let scores = crate::fused::attention_scores(q, k);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let probs = causal_probs(scores.clone(), scale, offset, self.gap_removed);
-        let out = self.wo.forward(merge_heads(probs.clone().matmul(v)));
+        let out = linear_layer(&self.wo, merge_heads(probs.clone().matmul(v)));
         (
             out,
             want_maps.then(|| AttentionMaps::new(scores, scale, probs)),
@@ -284,16 +285,16 @@ impl<B: Backend> Mla<B> {
         if self.input_rotation() {
             let rope = self.rope_q.as_ref().expect("input rotation has a table");
             let xr = rope.apply3(x.clone(), offset);
-            let c_q = self.norm_q(self.q_down.forward(xr.clone()));
-            let c_key = self.norm_kv(self.kv_down.forward(xr));
-            let c_value = self.norm_kv(self.kv_down.forward(x));
+            let c_q = self.norm_q(linear_layer(&self.q_down, xr.clone()));
+            let c_key = self.norm_kv(linear_layer(&self.kv_down, xr));
+            let c_value = self.norm_kv(linear_layer(&self.kv_down, x));
             return (c_q, c_key, c_value, None);
         }
-        let mut c_q = self.norm_q(self.q_down.forward(x.clone()));
+        let mut c_q = self.norm_q(linear_layer(&self.q_down, x.clone()));
         if let Some(rope) = &self.rope_q {
             c_q = rope.apply3(c_q, offset);
         }
-        let kv = self.kv_down.forward(x);
+        let kv = linear_layer(&self.kv_down, x);
         let c_kv = self.norm_kv(kv.clone().slice([0..b, 0..s, 0..rkv]));
         let k_pe = (self.rope_dim > 0).then(|| {
             // The head axis added before slicing: a view of `kv`'s last columns (slicing
@@ -351,15 +352,15 @@ impl<B: Backend> Mla<B> {
         let (h, hd, dv) = (self.n_heads, self.nope, self.value_dim);
         let (c_q, c_key, c_value, k_pe) = self.latents(x, offset);
         let (c_key, c_value, k_pe) = self.cached_latents(c_key, c_value, k_pe, cache);
-        let q = split_heads(self.q_up.forward(c_q), h); // [b, H, s, hd + dr]
+        let q = split_heads(linear_layer(&self.q_up, c_q), h); // [b, H, s, hd + dr]
         // Keys and values each from their own columns of `kv_up` (two products, from the
         // rotated latent for keys where PreRoPE rotated it): no value columns are computed
         // only to be dropped, no activation-sized slice (nor its slice-assign into zeros in
         // the backward), and both come out contiguous, so `P·V` writes its output in the
         // heads' order and `merge_heads` is a view (docs/performance.md).
         let [w_k, w_v] = head_column_blocks(self.kv_up.weight.val(), h, [hd, dv]);
-        let k_nope = split_heads(c_key.matmul(w_k.unsqueeze()), h); // [b, H, t, hd]
-        let v = split_heads(c_value.matmul(w_v.unsqueeze()), h); // [b, H, t, dv]
+        let k_nope = split_heads(crate::fused::linear(c_key, w_k), h); // [b, H, t, hd]
+        let v = split_heads(crate::fused::linear(c_value, w_v), h); // [b, H, t, dv]
         let scores = match (k_pe, self.rope_dim) {
             (Some(pe), dr) if dr > 0 => {
                 // One product over whole heads, `[q_nope | rope(q_pe)]·[k_nope | k_pe]ᵀ`, the
@@ -378,7 +379,7 @@ impl<B: Backend> Mla<B> {
         };
         let scale = 1.0 / ((hd + self.rope_dim) as f64).sqrt();
         let probs = causal_probs(scores.clone(), scale, offset, self.gap_removed);
-        let out = self.wo.forward(merge_heads(probs.clone().matmul(v)));
+        let out = linear_layer(&self.wo, merge_heads(probs.clone().matmul(v)));
         (
             out,
             want_maps.then(|| AttentionMaps::new(scores, scale, probs)),
@@ -399,7 +400,7 @@ impl<B: Backend> Mla<B> {
         let (c_q, c_key, c_value, k_pe) = self.latents(x, offset);
         let (c_key, c_value, k_pe) = self.cached_latents(c_key, c_value, k_pe, cache);
         let [b, t, _] = c_value.dims();
-        let q = split_heads(self.q_up.forward(c_q), h);
+        let q = split_heads(linear_layer(&self.q_up, c_q), h);
         let s = q.dims()[2];
         // kv_up weight [r_kv, H·(hd + dv)] → per head [1, H, r_kv, hd] and [1, H, r_kv, dv].
         let [w_k, w_v] = head_column_blocks(self.kv_up.weight.val(), h, [hd, dv]);
@@ -422,7 +423,7 @@ impl<B: Backend> Mla<B> {
         let scale = 1.0 / ((hd + self.rope_dim) as f64).sqrt();
         let probs = causal_probs(scores, scale, offset, self.gap_removed);
         let latent_out = probs.matmul(c_value.reshape([b, 1, t, rkv])); // [b, H, s, r_kv]
-        self.wo.forward(merge_heads(latent_out.matmul(w_uv)))
+        linear_layer(&self.wo, merge_heads(latent_out.matmul(w_uv)))
     }
 }
 

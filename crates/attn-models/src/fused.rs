@@ -5,7 +5,7 @@
 //! `[b, H, s, t]` scores for one softmax and its gradient, f32 copies of the whole `[n, v]`
 //! logits for the loss. A backend that has a fused kernel for any of them (with its backward,
 //! when it is an autodiff backend) registers it here, keyed by the backend's type; the models
-//! call [`rms_norm`], [`causal_softmax`], [`swiglu`], [`cross_entropy`], [`rotary`],
+//! call [`linear`], [`rms_norm`], [`causal_softmax`], [`swiglu`], [`cross_entropy`], [`rotary`],
 //! [`shared_suffix`], [`attention_scores`] and [`sum_of_squares`], and the training loop's
 //! optimizer calls [`adamw`]; each runs the registered kernel when there is one and burn's
 //! composition otherwise. The composition is the definition: a registered kernel must
@@ -35,7 +35,7 @@
 //! fused::unregister::<B>();
 //! ```
 
-use burn::nn::RmsNorm;
+use burn::nn::{Linear, RmsNorm};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::activation::{log_softmax, silu, softmax};
@@ -91,6 +91,15 @@ pub type SharedSuffixKernel<B> =
 pub type AttentionScoresKernel<B> =
     fn(Tensor<B, 4>, Tensor<B, 4>) -> Outcome<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>)>;
 
+/// A linear map of the last axis without bias: `x` `[b, s, d_in]`, `W` `[d_in, d_out]` →
+/// `x·W` `[b, s, d_out]` (`nn::Linear`'s product). A kernel is free to choose how it
+/// differentiates it: where `x` feeds several products (the queries', keys' and values'
+/// projections; SwiGLU's gate and up), autodiff adds each `dx = dy·Wᵀ` to the gradient
+/// already registered in a pass of its own, where the product can accumulate into it
+/// (cuBLAS's `β = 1`). See [`linear`].
+pub type LinearKernel<B> =
+    fn(Tensor<B, 3>, Tensor<B, 2>) -> Outcome<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 2>)>;
+
 /// `Σ_t Σ_i x_{t,i}²` over one or more flat tensors `x_t`, `[1]` in f32 (the squared global
 /// norm of a model's gradients, in one reduction instead of one per parameter).
 pub type SumOfSquaresKernel<B> = fn(Vec<Tensor<B, 1>>) -> Outcome<Tensor<B, 1>, Vec<Tensor<B, 1>>>;
@@ -129,6 +138,8 @@ pub type AdamWKernel<B> = fn(AdamWStep<B>) -> Outcome<AdamWUpdate<B>, AdamWStep<
 
 /// The fused kernels of one backend `B`.
 pub struct FusedKernels<B: Backend> {
+    /// See [`LinearKernel`].
+    pub linear: LinearKernel<B>,
     /// See [`RmsNormKernel`].
     pub rms_norm: RmsNormKernel<B>,
     /// See [`CausalSoftmaxKernel`].
@@ -153,6 +164,7 @@ impl<B: Backend> FusedKernels<B> {
     /// Kernels that decline every input: a base to override some of.
     pub fn declining() -> Self {
         Self {
+            linear: |x, weight| Outcome::Declined((x, weight)),
             rms_norm: |x, _, _| Outcome::Declined(x),
             causal_softmax: |scores, _, _| Outcome::Declined(scores),
             swiglu: |gate, up| Outcome::Declined((gate, up)),
@@ -202,6 +214,43 @@ fn kernels<B: Backend>() -> Option<FusedKernels<B>> {
         .iter()
         .find(|(id, _)| *id == TypeId::of::<B>())
         .and_then(|(_, k)| k.downcast_ref::<FusedKernels<B>>().copied())
+}
+
+/// `x·W` for `x` `[b, s, d_in]` and `W` `[d_in, d_out]` → `[b, s, d_out]`: `B`'s kernel
+/// ([`LinearKernel`]) when registered and accepting, else burn's `linear` (what
+/// `nn::Linear::forward` computes without a bias).
+///
+/// ```
+/// use attn_models::fused;
+/// use burn::backend::NdArray;
+/// use burn::prelude::*;
+///
+/// type B = NdArray<f32>;
+/// let device = Default::default();
+/// let x = Tensor::<B, 3>::from_floats([[[1.0, 2.0]]], &device); // [1, 1, 2]
+/// let w = Tensor::<B, 2>::from_floats([[1.0, 0.0, 2.0], [0.0, 1.0, 3.0]], &device); // [2, 3]
+/// let y = fused::linear(x, w);
+/// assert_eq!(y.into_data().to_vec::<f32>().unwrap(), [1.0, 2.0, 8.0]);
+/// ```
+pub fn linear<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 2>) -> Tensor<B, 3> {
+    let (x, weight) = match kernels::<B>() {
+        Some(k) => match (k.linear)(x, weight) {
+            Outcome::Computed(y) => return y,
+            Outcome::Declined(inputs) => inputs,
+        },
+        None => (x, weight),
+    };
+    burn::tensor::module::linear(x, weight, None)
+}
+
+/// `layer.forward(x)` for `x` `[b, s, d_in]` → `[b, s, d_out]`, its product through
+/// [`linear`] (a bias, if the layer has one, added after it).
+pub fn linear_layer<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let y = linear(x, layer.weight.val());
+    match &layer.bias {
+        Some(bias) => y + bias.val().unsqueeze(),
+        None => y,
+    }
 }
 
 /// `norm(x)` over `x`'s last axis `[…, w]` → `[…, w]`: `B`'s fused kernel when registered

@@ -3,7 +3,7 @@
 use crate::attention::{Attention, AttentionMaps};
 use crate::cache::LayerCache;
 use crate::config::LlamaConfig;
-use crate::fused::{rms_norm, swiglu};
+use crate::fused::{linear_layer, rms_norm, swiglu};
 use burn::nn::{
     Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig,
 };
@@ -30,9 +30,11 @@ pub struct Block<B: Backend> {
 impl<B: Backend> Block<B> {
     fn ffn(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = rms_norm(&self.ffn_norm, x.clone());
-        x + self
-            .down
-            .forward(swiglu(self.gate.forward(h.clone()), self.up.forward(h)))
+        let gated = swiglu(
+            linear_layer(&self.gate, h.clone()),
+            linear_layer(&self.up, h),
+        );
+        x + linear_layer(&self.down, gated)
     }
 }
 

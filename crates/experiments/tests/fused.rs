@@ -595,6 +595,75 @@ fn dot(
 
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
+fn linear_maps_and_their_gradients_match_the_exact_products() {
+    let device = device();
+    let (b, s, d_in) = (2, 24, 64);
+    let (n, outs) = (b * s, [48, 40]);
+    // `x` (an intermediate, as the models' normalised inputs are) feeds two linear maps and
+    // a term of its own: `L = Σ c₁⊙(x·W₁) + Σ c₂⊙(x·W₂) + Σ c₃⊙x`.
+    let leaf = Tensor::<Train, 3>::random([b, s, d_in], Distribution::Normal(0.0, 1.0), &device)
+        .require_grad();
+    let x = leaf.clone() * 1.0;
+    let ws = outs.map(|d| {
+        Tensor::<Train, 2>::random([d_in, d], Distribution::Normal(0.0, 0.2), &device)
+            .require_grad()
+    });
+    let cs = outs.map(|d| {
+        Tensor::<Train, 3>::random([b, s, d], Distribution::Normal(0.0, 1.0), &device)
+    });
+    let c3 = Tensor::<Train, 3>::random([b, s, d_in], Distribution::Normal(0.0, 1.0), &device);
+    let before = fused_counts();
+    let ys = [0, 1].map(|i| fused::linear(x.clone(), ws[i].clone()));
+    assert_eq!(fused_counts().linear, before.linear + 2);
+    let loss = (ys[0].clone() * cs[0].clone()).sum()
+        + (ys[1].clone() * cs[1].clone()).sum()
+        + (x.clone() * c3.clone()).sum();
+    let grads = loss.backward();
+    // Three consumers of `x`: at least the last of the two products accumulates into the
+    // gradient registered before it (the order of the three is autodiff's).
+    assert!(fused_counts().accumulated > before.accumulated);
+    let xs = host(&x);
+    let (w_host, c_host) = (ws.clone().map(|w| host(&w)), cs.clone().map(|c| host(&c)));
+    for i in 0..2 {
+        let d = outs[i];
+        // y = x·W.
+        let (want, tol) = exact([1, n, d], d_in, |_, r, j| {
+            dot(&xs, &w_host[i], d_in, (r * d_in, 1), (j, d))
+        });
+        assert_within(&format!("y{i}"), &host(&ys[i]), &want, &tol);
+        // dW = xᵀ·c over all n rows.
+        let (want, tol) = exact([1, d_in, d], n, |_, k, j| {
+            dot(&xs, &c_host[i], n, (k, d_in), (j, d))
+        });
+        let dw = ws[i].grad(&grads).expect("dW");
+        assert_within(&format!("dW{i}"), &host(&dw), &want, &tol);
+    }
+    // dx = c₁·W₁ᵀ + c₂·W₂ᵀ + c₃: three parts, each product's sum in f32 (`n·2⁻²⁴·Σ|terms|`),
+    // and at most three roundings to bf16 of partial sums (the two registrations and the
+    // result), each within 2⁻⁸ of a value bounded by the sum of the parts' magnitudes.
+    let c3_host = host(&c3);
+    let (mut want, mut tol) = (Vec::new(), Vec::new());
+    for r in 0..n {
+        for k in 0..d_in {
+            let parts = [0, 1].map(|i| {
+                let d = outs[i];
+                dot(&c_host[i], &w_host[i], d, (r * d, 1), (k * d, 1))
+            });
+            let c = c3_host[r * d_in + k];
+            let magnitude = parts[0].1 + parts[1].1;
+            want.push(parts[0].0 + parts[1].0 + c);
+            tol.push(
+                3.0 * U_BF16 * (parts[0].0.abs() + parts[1].0.abs() + c.abs())
+                    + outs[0] as f64 * U_F32 * magnitude,
+            );
+        }
+    }
+    let dx = leaf.grad(&grads).expect("dx");
+    assert_within("dx", &host(&dx), &want, &tol);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
 fn attention_scores_and_their_gradients_match_the_exact_products() {
     let device = device();
     // Rows of 16-byte multiples, as the models' (cuBLAS takes them without a copy).
@@ -777,8 +846,21 @@ fn the_models_use_the_fused_kernels() {
             config.n_layers as u64,
             "{variant:?}"
         );
+        // Every projection of the attention and the MLP: MHA's four and three, MLA's six
+        // (its latents, queries, keys, values, output) and three.
+        assert!(
+            after.linear - before.linear >= 7 * config.n_layers as u64,
+            "{variant:?}"
+        );
         assert_eq!(after.declined, before.declined, "{variant:?}");
         assert!(host(&logits).iter().all(|v| v.is_finite()));
+        // In the backward, at least SwiGLU's gate and up share an input in every layer: one
+        // of their products accumulates into the other's gradient.
+        let _grads = logits.sum().backward();
+        assert!(
+            fused_counts().accumulated - after.accumulated >= config.n_layers as u64,
+            "{variant:?}"
+        );
     }
 }
 

@@ -251,12 +251,23 @@ fn blas_types(dtype: DType) -> Option<(blas::cudaDataType, blas::cublasComputeTy
 enum Product {
     /// cuBLAS computed it.
     Computed(CubeTensor<CudaRuntime>),
-    /// cuBLAS cannot take these operands; they are handed back for burn's kernel.
-    Declined(CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>),
+    /// cuBLAS cannot take these operands (or this output to accumulate into); they are
+    /// handed back.
+    Declined(
+        CubeTensor<CudaRuntime>,
+        CubeTensor<CudaRuntime>,
+        Option<CubeTensor<CudaRuntime>>,
+    ),
 }
 
-/// `lhs · rhs` through cuBLAS, or the operands back when cuBLAS cannot take them.
-fn cublas_matmul(lhs: CubeTensor<CudaRuntime>, rhs: CubeTensor<CudaRuntime>) -> Product {
+/// `lhs · rhs` through cuBLAS, or the operands back when cuBLAS cannot take them. With `into`
+/// (`acc`, of the product's shape), `acc + lhs·rhs` written over `acc`'s buffer (`β = 1`),
+/// which must be a uniquely owned row-major matrix (rank 2, unit column stride).
+fn cublas_matmul(
+    lhs: CubeTensor<CudaRuntime>,
+    rhs: CubeTensor<CudaRuntime>,
+    into: Option<CubeTensor<CudaRuntime>>,
+) -> Product {
     let rank = lhs.meta.shape().len();
     let supported = lhs.dtype == rhs.dtype
         && blas_types(lhs.dtype).is_some()
@@ -266,13 +277,13 @@ fn cublas_matmul(lhs: CubeTensor<CudaRuntime>, rhs: CubeTensor<CudaRuntime>) -> 
         && rhs.meta.shape().len() == rank
         && lhs.device == rhs.device;
     if !supported {
-        return Product::Declined(lhs, rhs);
+        return Product::Declined(lhs, rhs, into);
     }
     let (m, k) = (lhs.meta.shape()[rank - 2], lhs.meta.shape()[rank - 1]);
     let (k2, n) = (rhs.meta.shape()[rank - 2], rhs.meta.shape()[rank - 1]);
     let fits = |x: usize| x > 0 && x <= i32::MAX as usize;
     if k != k2 || !fits(m) || !fits(n) || !fits(k) {
-        return Product::Declined(lhs, rhs);
+        return Product::Declined(lhs, rhs, into);
     }
     // Operands whose matrices are neither row- nor column-major are copied first.
     let arrange = |t: CubeTensor<CudaRuntime>, rows: usize, cols: usize| {
@@ -297,28 +308,48 @@ fn cublas_matmul(lhs: CubeTensor<CudaRuntime>, rhs: CubeTensor<CudaRuntime>) -> 
     let (lhs, la) = realigned(lhs, la, n, bytes, m, k);
     let (rhs, lb) = realigned(rhs, lb, m, bytes, k, n);
     if !fits(la.leading) || !fits(lb.leading) {
-        return Product::Declined(lhs, rhs);
+        return Product::Declined(lhs, rhs, into);
     }
     let batch = rank - 2;
     let Some(out_batch) = broadcast_batch(&lhs.meta.shape()[..batch], &rhs.meta.shape()[..batch])
     else {
-        return Product::Declined(lhs, rhs);
+        return Product::Declined(lhs, rhs, into);
     };
     let mut out_shape = out_batch;
     out_shape.extend([m, n]);
     if out_shape.contains(&0) {
-        return Product::Declined(lhs, rhs);
+        return Product::Declined(lhs, rhs, into);
     }
     // The output follows a permuted right operand's memory order (split heads: merging them
     // back is then a view); otherwise its rows are padded to an aligned pitch (a strided view
     // is returned), so that the products reading it later (the head's gradients) are aligned
     // as well.
-    let in_order = (!lb.column_major && (n * bytes) % ROW_ALIGN_BYTES == 0)
+    let accumulate = into.is_some();
+    let out_strides = match &into {
+        Some(acc) => {
+            let strides = acc.meta.strides();
+            let takes = rank == 2
+                && acc.dtype == lhs.dtype
+                && acc.qparams.is_none()
+                && acc.device == lhs.device
+                && acc.meta.shape().as_slice() == out_shape.as_slice()
+                && strides[1] == 1
+                && (m == 1 || strides[0] >= n)
+                && acc.can_mut();
+            if !takes {
+                return Product::Declined(lhs, rhs, into);
+            }
+            strides.to_vec()
+        }
+        None => Vec::new(),
+    };
+    let in_order = (!accumulate && !lb.column_major && (n * bytes) % ROW_ALIGN_BYTES == 0)
         .then(|| strides_in_order_of(rhs.meta.shape(), rhs.meta.strides(), &out_shape))
         .flatten();
-    let (out_strides, out_len) = match in_order {
-        Some(strides) => (strides, out_shape.iter().product()),
-        None => pitched_strides(&out_shape, aligned_leading(n, bytes)),
+    let (out_strides, out_len) = match (accumulate, in_order) {
+        (true, _) => (out_strides, 0),
+        (false, Some(strides)) => (strides, out_shape.iter().product()),
+        (false, None) => pitched_strides(&out_shape, aligned_leading(n, bytes)),
     };
     let out_leading = out_strides[batch];
     let plan = plan_batch(
@@ -327,14 +358,18 @@ fn cublas_matmul(lhs: CubeTensor<CudaRuntime>, rhs: CubeTensor<CudaRuntime>) -> 
         (&out_shape[..batch], &out_strides[..batch]),
     );
     if plan.inner[0] > i32::MAX as usize || !fits(out_leading) {
-        return Product::Declined(lhs, rhs);
+        return Product::Declined(lhs, rhs, into);
     }
-    let out = empty_strided(&lhs, out_shape, out_strides, out_len);
+    let out = match into {
+        Some(acc) => acc,
+        None => empty_strided(&lhs, out_shape, out_strides, out_len),
+    };
     let (element, compute) = blas_types(lhs.dtype).expect("checked above");
     let gemm = Gemm {
         m,
         n,
         k,
+        accumulate,
         lhs: la,
         rhs: lb,
         out_leading,
@@ -410,6 +445,8 @@ struct Gemm {
     m: usize,
     n: usize,
     k: usize,
+    /// `C += A·B` (`β = 1`) rather than `C = A·B`.
+    accumulate: bool,
     lhs: MatrixLayout,
     rhs: MatrixLayout,
     out_leading: usize,
@@ -500,7 +537,8 @@ impl Gemm {
         };
         let address = |base: u64, offset: usize| base + (offset * self.bytes) as u64;
         let one = 1f32;
-        let zero = 0f32;
+        // The first (or only) piece along `k` overwrites `C` unless the product accumulates.
+        let zero = if self.accumulate { 1f32 } else { 0f32 };
         if let Some((device, staging, stream)) = table {
             // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: cuBLAS's first table is B's.
             let offsets = self.plan.offsets();
@@ -792,23 +830,50 @@ pub(super) fn matmul(
     lhs: FloatTensor<CublasCuda>,
     rhs: FloatTensor<CublasCuda>,
 ) -> FloatTensor<CublasCuda> {
+    report_failure();
+    match cublas_matmul(lhs, rhs, None) {
+        Product::Computed(out) => {
+            CUBLAS_PRODUCTS.fetch_add(1, Ordering::Relaxed);
+            out
+        }
+        Product::Declined(lhs, rhs, _) => {
+            FALLBACK_PRODUCTS.fetch_add(1, Ordering::Relaxed);
+            <Inner as burn_backend::ops::FloatTensorOps<Inner>>::float_matmul(lhs, rhs)
+        }
+    }
+}
+
+/// `acc + lhs·rhs` for `lhs` `[m, k]`, `rhs` `[k, n]` and `acc` `[m, n]`, written over
+/// `acc`'s buffer by one cuBLAS product with `β = 1` (the sum formed in the product's f32
+/// accumulator, rounded once), where an addition after the product would read both and
+/// write the sum in a pass of its own. `Err` hands the three back when cuBLAS cannot take the
+/// operands or `acc` is not a uniquely owned row-major matrix of the product's shape and
+/// dtype.
+#[allow(clippy::type_complexity)]
+pub(super) fn matmul_accumulate(
+    lhs: FloatTensor<CublasCuda>,
+    rhs: FloatTensor<CublasCuda>,
+    acc: FloatTensor<CublasCuda>,
+) -> Result<FloatTensor<CublasCuda>, [FloatTensor<CublasCuda>; 3]> {
+    report_failure();
+    match cublas_matmul(lhs, rhs, Some(acc)) {
+        Product::Computed(out) => {
+            CUBLAS_PRODUCTS.fetch_add(1, Ordering::Relaxed);
+            Ok(out)
+        }
+        Product::Declined(lhs, rhs, acc) => Err([lhs, rhs, acc.expect("handed back")]),
+    }
+}
+
+/// Panics with the first failure of a product enqueued earlier on the device thread (its
+/// output is garbage).
+fn report_failure() {
     if let Some(failure) = FAILURE
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .take()
     {
-        // A product enqueued earlier failed on the device thread: its output is garbage.
         panic!("{failure}");
-    }
-    match cublas_matmul(lhs, rhs) {
-        Product::Computed(out) => {
-            CUBLAS_PRODUCTS.fetch_add(1, Ordering::Relaxed);
-            out
-        }
-        Product::Declined(lhs, rhs) => {
-            FALLBACK_PRODUCTS.fetch_add(1, Ordering::Relaxed);
-            <Inner as burn_backend::ops::FloatTensorOps<Inner>>::float_matmul(lhs, rhs)
-        }
     }
 }
 
