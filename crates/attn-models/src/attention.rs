@@ -4,8 +4,8 @@
 //! Shapes: `b` batch, `s` new tokens, `t` keys (cached + new), `H` heads, `d` model width.
 
 use crate::cache::LayerCache;
-use crate::fused::linear_layer;
 use crate::config::{AttentionConfig, AttentionVariant, PreRopePlacement};
+use crate::fused::linear_layer;
 use crate::rope::{Rope, RopePairing};
 use burn::nn::{Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;

@@ -51,9 +51,12 @@ pub enum Outcome<T, I = T> {
     Declined(I),
 }
 
-/// RMSNorm over the last axis: `x` `[n, w]`, gain `γ` `[w]`, `ε` →
-/// `y_ij = γ_j·x_ij / √(mean_j x_ij² + ε)`, `[n, w]`, in `x`'s dtype.
-pub type RmsNormKernel<B> = fn(Tensor<B, 2>, Tensor<B, 1>, f64) -> Outcome<Tensor<B, 2>>;
+/// RMSNorm over the last axis: `x` `[b, s, w]`, gain `γ` `[w]`, `ε` →
+/// `y_bsj = γ_j·x_bsj / √(mean_j x_bsj² + ε)`, `[b, s, w]`, in `x`'s dtype. `x` is the
+/// caller's own tensor (no reshape in between), so that an autodiff kernel sees the gradient
+/// `x` already has from its other consumers (the residual stream's) and may add its own to it
+/// in the same pass.
+pub type RmsNormKernel<B> = fn(Tensor<B, 3>, Tensor<B, 1>, f64) -> Outcome<Tensor<B, 3>>;
 
 /// Causal softmax of `c·scores` (`scores` `[b, H, s, t]`, scale `c`, e.g. `1/√d_k`) for
 /// queries at positions `offset..offset+s`: row `i` is the softmax of its first
@@ -260,10 +263,23 @@ pub fn rms_norm<B: Backend, const D: usize>(norm: &RmsNorm<B>, x: Tensor<B, D>) 
         return norm.forward(x);
     };
     let dims = x.dims();
-    let rows = x.reshape([-1, dims[D - 1] as i32]);
-    match (k.rms_norm)(rows, norm.gamma.val(), norm.epsilon) {
-        Outcome::Computed(y) => y.reshape(dims),
-        Outcome::Declined(rows) => norm.forward(rows.reshape(dims)),
+    // Rank 3, the models' `[b, s, w]`, goes to the kernel as it is (the same autodiff node);
+    // any other rank through a reshape to `[1, n, w]`.
+    let x = if D == 3 {
+        Tensor::<B, 3>::from_primitive(x.into_primitive())
+    } else {
+        x.reshape([1, -1, dims[D - 1] as i32])
+    };
+    let back = |t: Tensor<B, 3>| -> Tensor<B, D> {
+        if D == 3 {
+            Tensor::from_primitive(t.into_primitive())
+        } else {
+            t.reshape(dims)
+        }
+    };
+    match (k.rms_norm)(x, norm.gamma.val(), norm.epsilon) {
+        Outcome::Computed(y) => back(y),
+        Outcome::Declined(x) => norm.forward(back(x)),
     }
 }
 
@@ -464,19 +480,19 @@ mod tests {
     // another test computes.
     type Plain = NdArray<f64, i32>;
     type Grad = Autodiff<NdArray<f32, i32>>;
-    type Other = NdArray<f32, i32>;
+    type Other = NdArray<f32, i64>;
 
     static CALLS: AtomicUsize = AtomicUsize::new(0);
 
     /// A "kernel" that computes the norm differently from burn (`x·γ·r` in one expression
     /// rather than `x/rms·γ`): the test sees whether dispatch reached it.
     fn counted_norm(
-        x: Tensor<Grad, 2>,
+        x: Tensor<Grad, 3>,
         gain: Tensor<Grad, 1>,
         eps: f64,
-    ) -> Outcome<Tensor<Grad, 2>> {
+    ) -> Outcome<Tensor<Grad, 3>> {
         CALLS.fetch_add(1, Ordering::SeqCst);
-        let r = (x.clone().square().mean_dim(1) + eps).sqrt().recip();
+        let r = (x.clone().square().mean_dim(2) + eps).sqrt().recip();
         Outcome::Computed(x * r * gain.unsqueeze())
     }
 

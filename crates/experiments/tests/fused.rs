@@ -148,6 +148,54 @@ fn rms_norm_forward_and_backward_match_the_exact_function() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
+fn rms_norm_backward_adds_the_residual_gradient_in_the_kernel() {
+    let device = device();
+    // `x` `[b, s, w]` (an intermediate, as the residual stream is) feeds the norm and, as in
+    // a block, the addition after it: `L = Σ c⊙(x + 2·norm(x))`. Autodiff takes the addition
+    // first (it is later in the graph), so `x` has the gradient `c` when the norm's backward
+    // runs: `dx = c + norm's gradient for 2c`. Widths of the row kernel (768) and of the
+    // grouped one (1 600).
+    for (b, s, w) in [(3, 40, 768), (2, 30, 1600)] {
+        let norm = norm::<Train>(w, &device);
+        let leaf = Tensor::<Train, 3>::random([b, s, w], Distribution::Normal(0.0, 2.0), &device)
+            .require_grad();
+        let x = leaf.clone() * 1.0;
+        let c = Tensor::<Train, 3>::random([b, s, w], Distribution::Normal(0.0, 1.0), &device);
+        let before = fused_counts();
+        let y = fused::rms_norm(&norm, x.clone());
+        let loss = ((x.clone() + y.mul_scalar(2.0)) * c.clone()).sum();
+        let grads = loss.backward();
+        assert_eq!(
+            fused_counts().accumulated,
+            before.accumulated + 1,
+            "the kernel added the earlier gradient ({w})"
+        );
+        let (xs, gs, cs) = (host(&x), host(&norm.gamma.val()), host(&c));
+        let (n, eps) = (b * s, norm.epsilon);
+        let (mut want, mut tol) = (vec![0.0; n * w], vec![0.0; n * w]);
+        for i in 0..n {
+            let row = &xs[i * w..(i + 1) * w];
+            let r = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / w as f64 + eps).sqrt();
+            let u: Vec<f64> = (0..w).map(|j| gs[j] * 2.0 * cs[i * w + j]).collect();
+            let dot: f64 = (0..w).map(|k| row[k] * u[k]).sum();
+            let dot_abs: f64 = (0..w).map(|k| (row[k] * u[k]).abs()).sum();
+            for j in 0..w {
+                let e = i * w + j;
+                let norm_part = r * u[j] - row[j] * r.powi(3) * dot / w as f64;
+                let terms = r * u[j].abs() + row[j].abs() * r.powi(3) * dot_abs / w as f64;
+                want[e] = norm_part + cs[e];
+                // As the plain backward (one rounding of the sum to bf16, the f32 dot
+                // product), the earlier gradient `c` being exact in bf16 (and `2c` too).
+                tol[e] = U_BF16 * want[e].abs() + (w + 8) as f64 * U_F32 * terms;
+            }
+        }
+        let dx = leaf.grad(&grads).expect("dx");
+        assert_within(&format!("dx ({w})"), &host(&dx), &want, &tol);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
 fn rms_norm_takes_strided_input_and_the_inference_backend() {
     let device = device();
     let (n, w) = (48, 96);
@@ -608,9 +656,8 @@ fn linear_maps_and_their_gradients_match_the_exact_products() {
         Tensor::<Train, 2>::random([d_in, d], Distribution::Normal(0.0, 0.2), &device)
             .require_grad()
     });
-    let cs = outs.map(|d| {
-        Tensor::<Train, 3>::random([b, s, d], Distribution::Normal(0.0, 1.0), &device)
-    });
+    let cs = outs
+        .map(|d| Tensor::<Train, 3>::random([b, s, d], Distribution::Normal(0.0, 1.0), &device));
     let c3 = Tensor::<Train, 3>::random([b, s, d_in], Distribution::Normal(0.0, 1.0), &device);
     let before = fused_counts();
     let ys = [0, 1].map(|i| fused::linear(x.clone(), ws[i].clone()));

@@ -91,8 +91,9 @@ static DECLINED: AtomicU64 = AtomicU64::new(0);
 pub struct FusedCounts {
     /// Linear maps `x·W` whose gradients the fused backward takes (training only).
     pub linear: u64,
-    /// Input gradients `dy·Wᵀ` of those backwards that were accumulated into the gradient `x`
-    /// already had from its other consumers, in the product itself (no addition pass).
+    /// Input gradients accumulated into the gradient the input already had from its other
+    /// consumers, in the pass that computes them (no addition pass): linear maps' `dy·Wᵀ`
+    /// (in the product) and RMSNorms' `dx` (the residual stream's, in the kernel).
     pub accumulated: u64,
     /// RMSNorms computed by the fused kernel.
     pub rms_norm: u64,
@@ -154,17 +155,25 @@ fn tensor<B: Backend, const D: usize>(t: B::FloatTensorPrimitive) -> Tensor<B, D
 
 // ---- Inference backend (`CublasCuda`): forward kernels only. -------------------------------
 
+/// `x` `[b, s, w]` as its rows `[b·s, w]` (a view wherever the strides allow one).
+fn as_rows(x: Primitive) -> Primitive {
+    let [b, s, w] = x.meta.shape().dims::<3>();
+    reshape(x, Shape::new([b * s, w]))
+}
+
 fn rms_norm_plain(
-    x: Tensor<CublasCuda, 2>,
+    x: Tensor<CublasCuda, 3>,
     gain: Tensor<CublasCuda, 1>,
     eps: f64,
-) -> Outcome<Tensor<CublasCuda, 2>> {
+) -> Outcome<Tensor<CublasCuda, 3>> {
     let (xp, gp) = (primitive(x), primitive(gain));
-    if !rms_norm_supported(&xp, &gp) {
+    let shape = xp.meta.shape().clone();
+    let rows = as_rows(xp.clone());
+    if !rms_norm_supported(&rows, &gp) {
         return declined(tensor(xp));
     }
-    let (y, _) = rms_norm_forward(with_unit_rows(xp), into_contiguous(gp), eps);
-    computed(&RMS_NORMS, tensor(y))
+    let (y, _) = rms_norm_forward(with_unit_rows(rows), into_contiguous(gp), eps);
+    computed(&RMS_NORMS, tensor(reshape(y, shape)))
 }
 
 fn causal_softmax_plain(
@@ -360,16 +369,26 @@ fn linear_train(
 struct RmsNormBackward;
 
 impl Backward<CublasCuda, 2> for RmsNormBackward {
-    /// `(x, γ, r)`.
-    type State = (Primitive, Primitive, Primitive);
+    /// `(x as rows [n, w], γ, r, x's shape)`.
+    type State = (Primitive, Primitive, Primitive, Shape);
 
+    /// `dx` and `dγ` in one kernel. When `x` already has a gradient (the residual stream's,
+    /// registered by the addition after the block), the kernel adds `dx` to it in place,
+    /// where autodiff's registration would add the two in a pass of its own.
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_gain] = ops.parents;
-        let dy = grads.consume::<CublasCuda>(&ops.node);
-        let (x, gain, rstd) = ops.state;
-        let (dx, dgain) = rms_norm_backward(x, gain, rstd, dy);
+        let dy = as_rows(grads.consume::<CublasCuda>(&ops.node));
+        let (x, gain, rstd, shape) = ops.state;
+        let earlier = node_x
+            .as_ref()
+            .and_then(|node| take_gradient!(grads, node, x))
+            .map(as_rows);
+        let (dx, dgain, accumulated) = rms_norm_backward(x, gain, rstd, dy, earlier);
+        if accumulated {
+            ACCUMULATED.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(node) = node_x {
-            grads.register::<CublasCuda>(node.id, dx);
+            grads.register::<CublasCuda>(node.id, reshape(dx, shape));
         }
         if let Some(node) = node_gain {
             grads.register::<CublasCuda>(node.id, dgain);
@@ -378,27 +397,27 @@ impl Backward<CublasCuda, 2> for RmsNormBackward {
 }
 
 fn rms_norm_train(
-    x: Tensor<Train, 2>,
+    x: Tensor<Train, 3>,
     gain: Tensor<Train, 1>,
     eps: f64,
-) -> Outcome<Tensor<Train, 2>> {
+) -> Outcome<Tensor<Train, 3>> {
     let (xa, ga) = (primitive(x), primitive(gain));
-    if !rms_norm_supported(&xa.primitive, &ga.primitive) {
+    let shape = xa.primitive.meta.shape().clone();
+    let rows = as_rows(xa.primitive.clone());
+    if !rms_norm_supported(&rows, &ga.primitive) {
         return declined(tensor(xa));
     }
     // A column slice of wider rows (MLA-Decoupled's `c_kv` beside `k_pe`) is read in place,
     // and kept so for the backward.
-    let (xp, gp) = (
-        with_unit_rows(xa.primitive.clone()),
-        into_contiguous(ga.primitive.clone()),
-    );
+    let (xp, gp) = (with_unit_rows(rows), into_contiguous(ga.primitive.clone()));
     let (y, rstd) = rms_norm_forward(xp.clone(), gp.clone(), eps);
+    let y = reshape(y, shape.clone());
     let out = match RmsNormBackward
         .prepare::<NoCheckpointing>([xa.node.clone(), ga.node.clone()])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish((xp, gp, rstd), y),
+        OpsKind::Tracked(prep) => prep.finish((xp, gp, rstd, shape), y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
     computed(&RMS_NORMS, tensor(out))

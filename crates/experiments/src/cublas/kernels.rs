@@ -100,6 +100,7 @@ fn rms_norm_backward_kernel<F: Float, N: Size>(
     groups: u32,
     width: u32,
     pitch: u32,
+    #[comptime] accumulate: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let plane = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
@@ -153,9 +154,11 @@ fn rms_norm_backward_kernel<F: Float, N: Size>(
                     let xv = Vector::<f32, N>::cast_from(x[row as usize * pitch as usize + j]);
                     let d = Vector::<f32, N>::cast_from(dy[e]);
                     let r = Vector::<f32, N>::new(scale[i]);
-                    dx[e] = Vector::<F, N>::cast_from(
-                        r * (g * d) - xv * Vector::<f32, N>::new(coef[i]),
-                    );
+                    let mut v = r * (g * d) - xv * Vector::<f32, N>::new(coef[i]);
+                    if accumulate {
+                        v += Vector::<f32, N>::cast_from(dx[e]);
+                    }
+                    dx[e] = Vector::<F, N>::cast_from(v);
                     acc += d * xv * r;
                 }
             }
@@ -196,6 +199,7 @@ fn rms_norm_backward_rows_kernel<F: Float, N: Size>(
     width: u32,
     pitch: u32,
     #[comptime] per_lane: usize,
+    #[comptime] accumulate: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let slots = comptime!(per_lane * LANES as usize);
@@ -239,7 +243,11 @@ fn rms_norm_backward_rows_kernel<F: Float, N: Size>(
             let xv = Vector::<f32, N>::cast_from(xs[k]);
             let d = Vector::<f32, N>::cast_from(ds[k]);
             let g = Vector::<f32, N>::cast_from(gain[j]);
-            dx[base + j] = Vector::<F, N>::cast_from(rv * (g * d) - xv * c);
+            let mut v = rv * (g * d) - xv * c;
+            if accumulate {
+                v += Vector::<f32, N>::cast_from(dx[base + j]);
+            }
+            dx[base + j] = Vector::<F, N>::cast_from(v);
             term = d * xv * rv;
         }
         terms[own + j] = term;
@@ -1361,17 +1369,35 @@ const NORM_ROW_VECTORS_PER_LANE: usize = 4;
 /// with its column sums) was the first version.
 const NORM_BACKWARD_PLANES: usize = 4096;
 
-/// RMSNorm backward: `(dx [n, w], dγ [w])` in the dtypes of `x` and `gain`; `x` with
-/// unit-stride rows, any pitch ([`with_unit_rows`]).
+/// RMSNorm backward: `(dx [n, w], dγ [w], accumulated)` in the dtypes of `x` and `gain`;
+/// `x` with unit-stride rows, any pitch ([`with_unit_rows`]). With `earlier` (a gradient
+/// `x` already has, `[n, w]`), `dx` is `earlier` plus the norm's gradient: added in the kernel,
+/// over `earlier`'s buffer, when it is a uniquely owned contiguous tensor of `x`'s dtype
+/// (`accumulated`), else by an addition after it.
 pub(super) fn rms_norm_backward(
     x: Primitive,
     gain: Primitive,
     rstd: Primitive,
     dy: Primitive,
-) -> (Primitive, Primitive) {
+    earlier: Option<Primitive>,
+) -> (Primitive, Primitive, bool) {
     let [rows, width] = x.meta.shape().dims::<2>();
     let dy = contiguous_gradient(dy, x.dtype);
-    let dx = empty_like(&x, x.meta.shape().clone(), x.dtype);
+    let (dx, accumulate, left) = match earlier {
+        Some(t)
+            if t.dtype == x.dtype
+                && t.meta.shape() == x.meta.shape()
+                && t.meta.strides()[..] == [width, 1]
+                && t.can_mut() =>
+        {
+            (t, true, None)
+        }
+        other => (
+            empty_like(&x, x.meta.shape().clone(), x.dtype),
+            false,
+            other,
+        ),
+    };
     let (dtype, gain_dtype) = (x.dtype, gain.dtype);
     let vector = vector_size(&[&x, &gain, &dy]);
     let pitch = row_pitch(&x) / vector;
@@ -1396,6 +1422,7 @@ pub(super) fn rms_norm_backward(
             width as u32,
             pitch as u32,
             per_lane,
+            accumulate,
             dtype.into(),
         );
         partial
@@ -1420,12 +1447,17 @@ pub(super) fn rms_norm_backward(
             groups as u32,
             width as u32,
             pitch as u32,
+            accumulate,
             dtype.into(),
         );
         partial
     };
     let dgain = Inner::float_reshape(column_sums(partial), Shape::new([width]));
-    (dx, in_dtype(dgain, gain_dtype))
+    let dx = match left {
+        Some(earlier) => Inner::float_add(dx, earlier),
+        None => dx,
+    };
+    (dx, in_dtype(dgain, gain_dtype), accumulate)
 }
 
 /// The causal softmax's sizes: `(rows, queries s, keys t)` of `[b, H, s, t]`.
