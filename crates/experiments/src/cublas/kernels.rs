@@ -86,7 +86,8 @@ const NORM_GROUP_ROWS: usize = 4;
 /// writing `dx = r·γ·dy − c·x` of every row of the group and adding `Σ_rows dy·x·r` to the
 /// plane's own row of `gain_partial` `[P, w]` (f32) once, so that only `P` rows are left for
 /// [`column_sums`]. Deterministic: fixed groups per plane, fixed order. `x`'s rows are `pitch`
-/// vectors apart, `dy`'s and `dx`'s contiguous.
+/// vectors apart, `dx`'s `dx_pitch`, `dy`'s contiguous. With `accumulate`, `dx` holds a
+/// gradient already and the kernel adds to it.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn rms_norm_backward_kernel<F: Float, N: Size>(
@@ -100,6 +101,7 @@ fn rms_norm_backward_kernel<F: Float, N: Size>(
     groups: u32,
     width: u32,
     pitch: u32,
+    dx_pitch: u32,
     #[comptime] accumulate: bool,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -151,14 +153,15 @@ fn rms_norm_backward_kernel<F: Float, N: Size>(
                 let row = start + i as u32;
                 if row < rows {
                     let e = row as usize * vectors + j;
+                    let out = row as usize * dx_pitch as usize + j;
                     let xv = Vector::<f32, N>::cast_from(x[row as usize * pitch as usize + j]);
                     let d = Vector::<f32, N>::cast_from(dy[e]);
                     let r = Vector::<f32, N>::new(scale[i]);
                     let mut v = r * (g * d) - xv * Vector::<f32, N>::new(coef[i]);
                     if accumulate {
-                        v += Vector::<f32, N>::cast_from(dx[e]);
+                        v += Vector::<f32, N>::cast_from(dx[out]);
                     }
-                    dx[e] = Vector::<F, N>::cast_from(v);
+                    dx[out] = Vector::<F, N>::cast_from(v);
                     acc += d * xv * r;
                 }
             }
@@ -185,7 +188,7 @@ fn rms_norm_backward_kernel<F: Float, N: Size>(
 /// shared memory, and the cube adds its [`ROWS_PER_CUBE`] rows in a fixed order into its
 /// partial row of `gain_partial` `[⌈n/8⌉, w]` (f32) for [`column_sums`]. The grid has a plane
 /// for every row (2 048 cubes for 16 384 rows), where [`rms_norm_backward_kernel`] gives each
-/// of at most 4 096 planes a chain of row groups.
+/// of at most 4 096 planes a chain of row groups. Pitches and `accumulate` as there.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn rms_norm_backward_rows_kernel<F: Float, N: Size>(
@@ -198,6 +201,7 @@ fn rms_norm_backward_rows_kernel<F: Float, N: Size>(
     rows: u32,
     width: u32,
     pitch: u32,
+    dx_pitch: u32,
     #[comptime] per_lane: usize,
     #[comptime] accumulate: bool,
     #[define(F)] _dtype: StorageType,
@@ -243,11 +247,12 @@ fn rms_norm_backward_rows_kernel<F: Float, N: Size>(
             let xv = Vector::<f32, N>::cast_from(xs[k]);
             let d = Vector::<f32, N>::cast_from(ds[k]);
             let g = Vector::<f32, N>::cast_from(gain[j]);
+            let out = row as usize * dx_pitch as usize + j;
             let mut v = rv * (g * d) - xv * c;
             if accumulate {
-                v += Vector::<f32, N>::cast_from(dx[base + j]);
+                v += Vector::<f32, N>::cast_from(dx[out]);
             }
-            dx[base + j] = Vector::<F, N>::cast_from(v);
+            dx[out] = Vector::<F, N>::cast_from(v);
             term = d * xv * rv;
         }
         terms[own + j] = term;
@@ -1372,8 +1377,9 @@ const NORM_BACKWARD_PLANES: usize = 4096;
 /// RMSNorm backward: `(dx [n, w], dγ [w], accumulated)` in the dtypes of `x` and `gain`;
 /// `x` with unit-stride rows, any pitch ([`with_unit_rows`]). With `earlier` (a gradient
 /// `x` already has, `[n, w]`), `dx` is `earlier` plus the norm's gradient: added in the kernel,
-/// over `earlier`'s buffer, when it is a uniquely owned contiguous tensor of `x`'s dtype
-/// (`accumulated`), else by an addition after it.
+/// over `earlier`'s buffer, when it is a uniquely owned tensor of `x`'s dtype with unit-stride
+/// rows (any pitch: burn pads rows that are not a multiple of 512 bytes) (`accumulated`),
+/// else by an addition after it.
 pub(super) fn rms_norm_backward(
     x: Primitive,
     gain: Primitive,
@@ -1387,7 +1393,8 @@ pub(super) fn rms_norm_backward(
         Some(t)
             if t.dtype == x.dtype
                 && t.meta.shape() == x.meta.shape()
-                && t.meta.strides()[..] == [width, 1]
+                && t.meta.strides()[1] == 1
+                && t.meta.strides()[0] >= width
                 && t.can_mut() =>
         {
             (t, true, None)
@@ -1399,8 +1406,8 @@ pub(super) fn rms_norm_backward(
         ),
     };
     let (dtype, gain_dtype) = (x.dtype, gain.dtype);
-    let vector = vector_size(&[&x, &gain, &dy]);
-    let pitch = row_pitch(&x) / vector;
+    let vector = vector_size(&[&x, &gain, &dy, &dx]);
+    let (pitch, dx_pitch) = (row_pitch(&x) / vector, row_pitch(&dx) / vector);
     let per_lane = (width / vector).div_ceil(LANES as usize);
     let partial = if per_lane <= NORM_ROW_VECTORS_PER_LANE {
         // One partial row of the gain's gradient per cube of rows.
@@ -1421,6 +1428,7 @@ pub(super) fn rms_norm_backward(
             rows as u32,
             width as u32,
             pitch as u32,
+            dx_pitch as u32,
             per_lane,
             accumulate,
             dtype.into(),
@@ -1447,6 +1455,7 @@ pub(super) fn rms_norm_backward(
             groups as u32,
             width as u32,
             pitch as u32,
+            dx_pitch as u32,
             accumulate,
             dtype.into(),
         );
