@@ -13,7 +13,7 @@ use cudarc::cublas::sys as blas;
 use cudarc::driver::{CudaContext, DriverError};
 
 use super::plan::{
-    MatrixLayout, broadcast_batch, matrix_layout, plan_batch, row_major_strides,
+    MatrixLayout, broadcast_batch, matrix_layout, plan_batch, row_major_leading, row_major_strides,
     strides_in_order_of, view_strides,
 };
 use std::cell::{Cell, RefCell};
@@ -320,29 +320,32 @@ fn cublas_matmul(
     if out_shape.contains(&0) {
         return Product::Declined(lhs, rhs, into);
     }
-    // The output follows a permuted right operand's memory order (split heads: merging them
-    // back is then a view); otherwise its rows are padded to an aligned pitch (a strided view
-    // is returned), so that the products reading it later (the head's gradients) are aligned
-    // as well.
+    // An output to accumulate into is written as cuBLAS writes any output: row-major rows
+    // (`plan::row_major_leading`, which also gives a single row its own width as the leading
+    // dimension, whatever its stride).
     let accumulate = into.is_some();
     let out_strides = match &into {
         Some(acc) => {
             let strides = acc.meta.strides();
-            let takes = rank == 2
+            let leading = (rank == 2
                 && acc.dtype == lhs.dtype
                 && acc.qparams.is_none()
                 && acc.device == lhs.device
                 && acc.meta.shape().as_slice() == out_shape.as_slice()
-                && strides[1] == 1
-                && (m == 1 || strides[0] >= n)
-                && acc.can_mut();
-            if !takes {
-                return Product::Declined(lhs, rhs, into);
+                && acc.can_mut())
+            .then(|| row_major_leading(m, n, strides[0], strides[1]))
+            .flatten();
+            match leading {
+                Some(leading) => vec![leading, 1],
+                None => return Product::Declined(lhs, rhs, into),
             }
-            strides.to_vec()
         }
         None => Vec::new(),
     };
+    // The output follows a permuted right operand's memory order (split heads: merging them
+    // back is then a view); otherwise its rows are padded to an aligned pitch (a strided view
+    // is returned), so that the products reading it later (the head's gradients) are aligned
+    // as well.
     let in_order = (!accumulate && !lb.column_major && (n * bytes) % ROW_ALIGN_BYTES == 0)
         .then(|| strides_in_order_of(rhs.meta.shape(), rhs.meta.strides(), &out_shape))
         .flatten();

@@ -1403,8 +1403,7 @@ pub(super) fn rms_norm_backward(
         Some(t)
             if t.dtype == x.dtype
                 && t.meta.shape() == x.meta.shape()
-                && t.meta.strides()[1] == 1
-                && t.meta.strides()[0] >= width
+                && unit_rows(&t)
                 && t.can_mut() =>
         {
             (t, true, None)
@@ -1630,13 +1629,16 @@ pub(super) fn cross_entropy_supported(logits: &Primitive, targets: &Primitive) -
 /// `t` `[n, w]` as the row kernels read it: unchanged when its rows are unit-stride and do
 /// not overlap (contiguous or pitched), else a contiguous copy.
 pub(super) fn with_unit_rows(t: Primitive) -> Primitive {
+    if unit_rows(&t) { t } else { into_contiguous(t) }
+}
+
+/// Whether `t` `[n, w]` has unit-stride rows that do not overlap, any pitch (a single row or
+/// column may have any stride along its length of one): what the row kernels read and write
+/// in place, rows [`row_pitch`] apart.
+fn unit_rows(t: &Primitive) -> bool {
     let [rows, width] = t.meta.shape().dims::<2>();
     let strides = t.meta.strides();
-    if (strides[1] == 1 || width == 1) && (strides[0] >= width || rows == 1) {
-        t
-    } else {
-        into_contiguous(t)
-    }
+    (strides[1] == 1 || width == 1) && (strides[0] >= width || rows == 1)
 }
 
 /// An uninitialised `[n, w]` tensor laid out as `t` is, when `t`'s rows are unit-stride (the

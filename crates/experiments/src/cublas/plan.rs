@@ -35,7 +35,7 @@ pub(super) fn matrix_layout(
 
 /// The leading dimension of a row-major reading of a `rows × cols` matrix with these strides:
 /// unit stride along a row (or one column) and rows that do not overlap (or one row).
-fn row_major_leading(
+pub(super) fn row_major_leading(
     rows: usize,
     cols: usize,
     row_stride: usize,
