@@ -67,6 +67,35 @@ fn norm<B: Backend>(w: usize, device: &B::Device) -> RmsNorm<B> {
     norm
 }
 
+/// `r = (mean_j x_j² + ε)^{-1/2}` of one row.
+fn rstd(row: &[f64], eps: f64) -> f64 {
+    1.0 / (row.iter().map(|v| v * v).sum::<f64>() / row.len() as f64 + eps).sqrt()
+}
+
+/// RMSNorm's exact input gradient for rows `xs` `[n, w]`, gain `gs` and output gradient
+/// `dys`, per entry: `dx_ij = r_i u_ij − x_ij r_i³ (1/w) Σ_k x_ik u_ik` with `u_ij = γ_j dy_ij`,
+/// and the sum of its terms' magnitudes (for the f32 part of a tolerance).
+fn rms_norm_dx_exact(
+    xs: &[f64],
+    gs: &[f64],
+    dys: &[f64],
+    w: usize,
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let (mut dx, mut terms) = (Vec::with_capacity(xs.len()), Vec::with_capacity(xs.len()));
+    for (row, dy) in xs.chunks(w).zip(dys.chunks(w)) {
+        let r = rstd(row, eps);
+        let u: Vec<f64> = (0..w).map(|j| gs[j] * dy[j]).collect();
+        let dot: f64 = (0..w).map(|k| row[k] * u[k]).sum();
+        let dot_abs: f64 = (0..w).map(|k| (row[k] * u[k]).abs()).sum();
+        for j in 0..w {
+            dx.push(r * u[j] - row[j] * r.powi(3) * dot / w as f64);
+            terms.push(r * u[j].abs() + row[j].abs() * r.powi(3) * dot_abs / w as f64);
+        }
+    }
+    (dx, terms)
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn rms_norm_forward_and_backward_match_the_exact_function() {
@@ -118,25 +147,22 @@ fn rms_norm_forward_and_backward_match_the_exact_function() {
         let (xs, gs, cs) = (host(&x), host(&norm.gamma.val()), host(&c));
         let eps = norm.epsilon;
         let (mut y_ref, mut y_tol) = (vec![0.0; n * w], vec![0.0; n * w]);
-        let (mut dx_ref, mut dx_tol) = (vec![0.0; n * w], vec![0.0; n * w]);
         let (mut dg_ref, mut dg_abs) = (vec![0.0; w], vec![0.0; w]);
         for i in 0..n {
             let row = &xs[i * w..(i + 1) * w];
-            let r = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / w as f64 + eps).sqrt();
-            let u: Vec<f64> = (0..w).map(|j| gs[j] * cs[i * w + j]).collect();
-            let dot: f64 = (0..w).map(|k| row[k] * u[k]).sum();
-            let dot_abs: f64 = (0..w).map(|k| (row[k] * u[k]).abs()).sum();
+            let r = rstd(row, eps);
             for j in 0..w {
                 let e = i * w + j;
                 y_ref[e] = gs[j] * row[j] * r;
                 y_tol[e] = (U_BF16 + (w + 4) as f64 * U_F32) * y_ref[e].abs();
-                dx_ref[e] = r * u[j] - row[j] * r.powi(3) * dot / w as f64;
-                let terms = r * u[j].abs() + row[j].abs() * r.powi(3) * dot_abs / w as f64;
-                dx_tol[e] = U_BF16 * dx_ref[e].abs() + (w + 8) as f64 * U_F32 * terms;
                 dg_ref[j] += cs[e] * row[j] * r;
                 dg_abs[j] += (cs[e] * row[j] * r).abs();
             }
         }
+        let (dx_ref, dx_terms) = rms_norm_dx_exact(&xs, &gs, &cs, w, eps);
+        let dx_tol: Vec<f64> = (0..n * w)
+            .map(|e| U_BF16 * dx_ref[e].abs() + (w + 8) as f64 * U_F32 * dx_terms[e])
+            .collect();
         let dg_tol: Vec<f64> = (0..w)
             .map(|j| U_BF16 * dg_ref[j].abs() + (n + 4) as f64 * U_F32 * dg_abs[j])
             .collect();
@@ -171,24 +197,14 @@ fn rms_norm_backward_adds_the_residual_gradient_in_the_kernel() {
             "the kernel added the earlier gradient ({w})"
         );
         let (xs, gs, cs) = (host(&x), host(&norm.gamma.val()), host(&c));
-        let (n, eps) = (b * s, norm.epsilon);
-        let (mut want, mut tol) = (vec![0.0; n * w], vec![0.0; n * w]);
-        for i in 0..n {
-            let row = &xs[i * w..(i + 1) * w];
-            let r = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / w as f64 + eps).sqrt();
-            let u: Vec<f64> = (0..w).map(|j| gs[j] * 2.0 * cs[i * w + j]).collect();
-            let dot: f64 = (0..w).map(|k| row[k] * u[k]).sum();
-            let dot_abs: f64 = (0..w).map(|k| (row[k] * u[k]).abs()).sum();
-            for j in 0..w {
-                let e = i * w + j;
-                let norm_part = r * u[j] - row[j] * r.powi(3) * dot / w as f64;
-                let terms = r * u[j].abs() + row[j].abs() * r.powi(3) * dot_abs / w as f64;
-                want[e] = norm_part + cs[e];
-                // As the plain backward (one rounding of the sum to bf16, the f32 dot
-                // product), the earlier gradient `c` being exact in bf16 (and `2c` too).
-                tol[e] = U_BF16 * want[e].abs() + (w + 8) as f64 * U_F32 * terms;
-            }
-        }
+        let twice: Vec<f64> = cs.iter().map(|v| 2.0 * v).collect();
+        let (norm_part, terms) = rms_norm_dx_exact(&xs, &gs, &twice, w, norm.epsilon);
+        let want: Vec<f64> = norm_part.iter().zip(&cs).map(|(d, c)| d + c).collect();
+        // As the plain backward (one rounding of the sum to bf16, the f32 dot product), the
+        // earlier gradient `c` being exact in bf16 (and `2c` too).
+        let tol: Vec<f64> = (0..want.len())
+            .map(|e| U_BF16 * want[e].abs() + (w + 8) as f64 * U_F32 * terms[e])
+            .collect();
         let dx = leaf.grad(&grads).expect("dx");
         assert_within(&format!("dx ({w})"), &host(&dx), &want, &tol);
     }
