@@ -1081,11 +1081,11 @@ fn shared_suffix_backward_kernel<F: Float, N: Size>(
     }
 }
 
-/// `Σ value` over the cube's planes (`CUBE_DIM_Y` ≤ [`ROWS_PER_CUBE`] of them, 32 lanes each),
+/// `Σ value` over the cube's planes (`CUBE_DIM_Y` ≤ [`TOTAL_PLANES`] of them, 32 lanes each),
 /// in a fixed order; the result is valid in unit 0 of the cube.
 #[cube]
 fn cube_sum(value: f32) -> f32 {
-    let mut per_plane = SharedMemory::<f32>::new(ROWS_PER_CUBE as usize);
+    let mut per_plane = SharedMemory::<f32>::new(TOTAL_PLANES as usize);
     let plane = plane_sum(value);
     if UNIT_POS_X == 0 {
         per_plane[UNIT_POS_Y as usize] = plane;
@@ -1155,19 +1155,50 @@ fn sum_of_squares_kernel<F: Float>(
     }
 }
 
-/// `total[0] = Σ x_i` of an f32 `x`, by one cube.
+/// Planes of the one cube of [`cube_total_kernel`] (1 024 threads).
+const TOTAL_PLANES: u32 = 32;
+
+/// `total[0] = scale · Σ x_i` of an f32 `x`, by one cube of [`TOTAL_PLANES`] planes. Each
+/// thread keeps four partial sums of entries a cube's width apart, so that four loads are in
+/// flight (one running sum waits on each load in turn: 16 384 entries took 364 µs in burn's
+/// one-plane `mean`, docs/performance.md). The order of the additions is fixed.
 #[cube(launch)]
-fn cube_total_kernel(x: &Tensor<f32>, total: &mut Tensor<f32>, len: u32) {
+fn cube_total_kernel(x: &Tensor<f32>, total: &mut Tensor<f32>, len: u32, scale: f32) {
+    let threads = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
+    let len = len as usize;
     let mut i = (UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X) as usize;
-    let mut acc = f32::new(0.0);
-    while i < len as usize {
-        acc += x[i];
-        i += (CUBE_DIM_X * CUBE_DIM_Y) as usize;
+    let (mut a0, mut a1, mut a2, mut a3) =
+        (f32::new(0.0), f32::new(0.0), f32::new(0.0), f32::new(0.0));
+    while i + 3 * threads < len {
+        a0 += x[i];
+        a1 += x[i + threads];
+        a2 += x[i + 2 * threads];
+        a3 += x[i + 3 * threads];
+        i += 4 * threads;
     }
-    let sum = cube_sum(acc);
+    while i < len {
+        a0 += x[i];
+        i += threads;
+    }
+    let sum = cube_sum((a0 + a1) + (a2 + a3));
     if UNIT_POS == 0 {
-        total[0] = sum;
+        total[0] = sum * scale;
     }
+}
+
+/// `scale · Σ x_i` `[1]` of a contiguous f32 `x` ([`cube_total_kernel`]).
+fn scaled_total(x: Primitive, scale: f32) -> Primitive {
+    let total = empty_like(&x, Shape::new([1]), DType::F32);
+    cube_total_kernel::launch::<CudaRuntime>(
+        &x.client,
+        CubeCount::Static(1, 1, 1),
+        CubeDim::new_2d(LANES, TOTAL_PLANES),
+        x.clone().into_tensor_arg(),
+        total.clone().into_tensor_arg(),
+        x.meta.num_elements() as u32,
+        scale,
+    );
+    total
 }
 
 /// `acc[t_i, :] += dy[i, :]` (f32 atomics) for the rows `i` of `dy` `[n, w]` whose token
@@ -1693,7 +1724,7 @@ pub(super) fn cross_entropy_forward(
         f32::NAN,
         dtypes,
     );
-    (Inner::float_mean(nll), lse)
+    (scaled_total(nll, 1.0 / rows as f32), lse)
 }
 
 /// Cross-entropy backward: `d logits` in the logits' dtype, from the gradient `grad` `[1]` of
@@ -1778,7 +1809,8 @@ pub(super) fn rotary(
     let table_pitch = cos.meta.strides()[0];
     let fits = |v: usize| {
         let span = if interleaved { w } else { half };
-        let table = if interleaved { 1 } else { table_pitch };
+        // The interleaved kernel reads the tables as scalars: their pitch does not matter.
+        let table = if interleaved { 0 } else { table_pitch };
         span % v == 0
             && strides[..3]
                 .iter()
@@ -2070,16 +2102,8 @@ pub(super) fn sum_of_squares(xs: &[Primitive]) -> Primitive {
         );
         offset += start as usize;
     }
-    let total = empty_like(first, Shape::new([1]), DType::F32);
-    cube_total_kernel::launch::<CudaRuntime>(
-        &first.client,
-        CubeCount::Static(1, 1, 1),
-        CubeDim::new_2d(LANES, ROWS_PER_CUBE),
-        partial.into_tensor_arg(),
-        total.clone().into_tensor_arg(),
-        partials as u32,
-    );
-    total
+    debug_assert_eq!(partial.meta.num_elements(), partials);
+    scaled_total(partial, 1.0)
 }
 
 /// The gradient of an embedding lookup: `dW[t, :] = Σ_{i: t_i = t} dy[i, :]` for `weights`
