@@ -953,7 +953,9 @@ fn rotary_interleaved_kernel<F: Float, N: Size>(
     let at = rotary_index(e, &per_row, &n2, &n1, &layout, position_last);
     let j = at.column as usize;
     let v = Vector::<f32, N>::cast_from(x[at.source + j]);
-    let pairs = comptime!(N::value() / 2);
+    // `N::value()` is resolved while the kernel is expanded (a `comptime!` block would call
+    // its unexpanded form, which panics for the launch-time vector size).
+    let pairs = N::value() / 2;
     let table = at.table_row as usize * layout.table_pitch as usize + j * pairs;
     let mut o = Vector::<F, N>::empty();
     #[unroll]
