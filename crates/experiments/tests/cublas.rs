@@ -505,3 +505,73 @@ fn unaligned_widths_run_on_aligned_pitches_and_match_the_exact_products() {
         "dW = Σ xᵀ·c",
     );
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn slices_starting_on_16_bytes_are_views_and_read_as_the_parent() {
+    use burn::tensor::DType;
+    let device = device();
+    // MLA-Decoupled's down-projection output `[b, s, r + d_r]` split into its latent and its
+    // rotary key (bf16: 16-byte starts at every multiple of 8 columns), and a block starting
+    // at column 3 (6 bytes: burn's copy). Each is read back exactly, used by a product and by
+    // an element-wise kernel of burn's, and differentiated through.
+    let (b, s, r, dr) = (3, 5, 48, 16);
+    let x = random([b, s, r + dr], &device).cast(DType::BF16);
+    let xs = host(&x);
+    let parent = strides(&x);
+    for (range, view) in [(0..r, true), (r..r + dr, true), (3..r, false)] {
+        let part = x.clone().slice([0..b, 0..s, range.clone()]);
+        let what = format!("columns {range:?}");
+        assert_eq!(
+            strides(&part) == parent,
+            view,
+            "{what}: strides {:?}",
+            strides(&part)
+        );
+        let width = range.len();
+        let want: Vec<f64> = (0..b * s * width)
+            .map(|i| xs[(i / width) * (r + dr) + range.start + i % width])
+            .collect();
+        assert_eq!(host(&part), want, "{what}: values");
+        // burn's element-wise kernel and a contiguous copy read the view's entries.
+        assert_eq!(
+            host(&(part.clone() * 2.0)),
+            want.iter().map(|v| 2.0 * v).collect::<Vec<_>>(),
+            "{what}: ×2"
+        );
+        let w = random([width, 8], &device).cast(DType::BF16);
+        let (got, rows) = (host(&part.clone().matmul(w.clone().unsqueeze())), b * s);
+        let (c, abs, _) = reference(&want, &[rows, width], &host(&w), &[width, 8]);
+        assert_close(
+            &got,
+            &c,
+            &abs,
+            width,
+            1.0 / 256.0,
+            0.0,
+            &format!("{what}: product"),
+        );
+    }
+    // Through autodiff: the two blocks' gradients land in their columns of the parent's.
+    let leaf = Tensor::<Autodiff<CublasCuda>, 3>::from_inner(x.clone()).require_grad();
+    let (c0, c1) = (random([b, s, r], &device), random([b, s, dr], &device));
+    let loss = (leaf.clone().slice([0..b, 0..s, 0..r])
+        * Tensor::from_inner(c0.clone().cast(DType::BF16)))
+    .sum()
+        + (leaf.clone().slice([0..b, 0..s, r..r + dr])
+            * Tensor::from_inner(c1.clone().cast(DType::BF16)))
+        .sum();
+    let dx = host(&leaf.grad(&loss.backward()).expect("dx"));
+    let (h0, h1) = (host(&c0.cast(DType::BF16)), host(&c1.cast(DType::BF16)));
+    let want: Vec<f64> = (0..b * s * (r + dr))
+        .map(|i| {
+            let (row, col) = (i / (r + dr), i % (r + dr));
+            if col < r {
+                h0[row * r + col]
+            } else {
+                h1[row * dr + col - r]
+            }
+        })
+        .collect();
+    assert_eq!(dx, want, "gradient of the two blocks");
+}

@@ -899,6 +899,67 @@ pub(super) fn linear_weight_backward(
     CublasCuda::float_matmul(CublasCuda::float_swap_dims(x, 0, 1), dy)
 }
 
+/// Bytes a view's start must be aligned to: the widest vector any kernel loads (16 bytes:
+/// eight bf16, four f32), so that a view reads as its parent does.
+const VIEW_ALIGNMENT: u64 = 16;
+
+/// `slice` as a view whenever every step is 1 and the view's first element lies on a 16-byte
+/// boundary ([`VIEW_ALIGNMENT`]), else burn's slice. burn views a slice only when its first
+/// and last bytes lie on the allocator's 512-byte alignment, and copies every other: MLA's
+/// latent `kv[:, :, ..r]` (its last byte inside a row) was a 25 µs copy per layer, the
+/// decoupled rotary key `kv[:, :, r..]` another (docs/performance.md).
+pub(super) fn slice(
+    tensor: FloatTensor<CublasCuda>,
+    slices: &[burn_backend::Slice],
+) -> FloatTensor<CublasCuda> {
+    let shape = tensor.meta.shape().clone();
+    let strides = tensor.meta.strides().to_vec();
+    let ranges: Vec<_> = slices
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.to_range(shape[i]))
+        .collect();
+    let unit_steps = slices.iter().all(|s| s.step == 1);
+    let elem = tensor.dtype.size() as u64;
+    let start: u64 = ranges
+        .iter()
+        .zip(&strides)
+        .map(|(r, &st)| (r.start * st) as u64)
+        .sum();
+    let non_empty = ranges.iter().all(|r| r.end > r.start);
+    if tensor.qparams.is_some() || !unit_steps || !non_empty || (start * elem) % VIEW_ALIGNMENT != 0
+    {
+        return <Inner as burn_backend::ops::FloatTensorOps<Inner>>::float_slice(tensor, slices);
+    }
+    // The view's last element, and the bytes after it in the parent's binding.
+    let last: u64 = ranges
+        .iter()
+        .zip(&strides)
+        .map(|(r, &st)| ((r.end - 1) * st) as u64)
+        .sum();
+    let parent_last: u64 = shape
+        .iter()
+        .zip(&strides)
+        .map(|(&n, &st)| ((n.max(1) - 1) * st) as u64)
+        .sum();
+    let mut dims = shape;
+    for (i, r) in ranges.iter().enumerate() {
+        dims[i] = r.end - r.start;
+    }
+    let handle = tensor
+        .handle
+        .clone()
+        .offset_start(start * elem)
+        .offset_end((parent_last - last) * elem);
+    CubeTensor::new(
+        tensor.client.clone(),
+        handle,
+        cubecl::zspace::metadata::Metadata::new(dims, strides),
+        tensor.device.clone(),
+        tensor.dtype,
+    )
+}
+
 /// `reshape` as a view whenever the elements' strides allow one ([`view_strides`], PyTorch's
 /// rule), else burn's reshape (which copies). burn views only contiguous tensors, splits and
 /// added axes; merging the leading axes of a pitched tensor (`[b, s, v]` logits → `[b·s, v]`)

@@ -159,7 +159,7 @@ impl FloatTensorOps<Self> for CublasCuda {
         <Inner as FloatTensorOps<Inner>>::float_select_add(tensor, dim, indices, value)
     }
     fn float_slice(tensor: FloatTensor<Self>, slices: &[Slice]) -> FloatTensor<Self> {
-        <Inner as FloatTensorOps<Inner>>::float_slice(tensor, slices)
+        super::backend::slice(tensor, slices)
     }
     fn float_slice_assign(
         tensor: FloatTensor<Self>,
