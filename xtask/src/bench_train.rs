@@ -442,7 +442,7 @@ fn cuda(
     let fused = experiments::cublas::fused_counts();
     if matmul != crate::gpu::Matmul::Cubecl {
         println!(
-            "# cuBLAS products {} ({} through pointer tables; burn's kernel for {}); linear maps {} (input gradients accumulated in the product {}), fused RMSNorms {}, causal softmaxes {}, SwiGLUs {}, cross-entropies {}, rotaries {}, shared suffixes {}, attention scores {}, squared norms {}, AdamW updates {} (declined {})",
+            "# cuBLAS products {} ({} through pointer tables; burn's kernel for {}); linear maps {} (input gradients accumulated where they are computed {}), fused RMSNorms {}, causal softmaxes {}, SwiGLUs {}, cross-entropies {}, rotaries {}, shared suffixes {}, attention scores {}, column blocks {}, squared norms {}, AdamW updates {} (declined {})",
             after.cublas - before.cublas,
             after.pointer_tables - before.pointer_tables,
             after.fallback - before.fallback,
@@ -455,6 +455,7 @@ fn cuda(
             fused.rotary - fused_before.rotary,
             fused.shared_suffix - fused_before.shared_suffix,
             fused.attention_scores - fused_before.attention_scores,
+            fused.columns - fused_before.columns,
             fused.sum_of_squares - fused_before.sum_of_squares,
             fused.adamw - fused_before.adamw,
             fused.declined - fused_before.declined,

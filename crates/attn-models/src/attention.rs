@@ -295,14 +295,12 @@ impl<B: Backend> Mla<B> {
             c_q = rope.apply3(c_q, offset);
         }
         let kv = linear_layer(&self.kv_down, x);
-        let c_kv = self.norm_kv(kv.clone().slice([0..b, 0..s, 0..rkv]));
+        // The latent and the rotary key are blocks of columns of one product (`fused::columns`:
+        // views where the backend makes them, their gradients written into one).
+        let c_kv = self.norm_kv(crate::fused::columns(kv.clone(), 0..rkv));
         let k_pe = (self.rope_dim > 0).then(|| {
-            // The head axis added before slicing: a view of `kv`'s last columns (slicing
-            // first and then reshaping would copy the strided slice).
             let dr = self.rope_dim;
-            let pe = kv
-                .reshape([b, 1, s, rkv + dr])
-                .slice([0..b, 0..1, 0..s, rkv..rkv + dr]);
+            let pe = crate::fused::columns(kv, rkv..rkv + dr).reshape([b, 1, s, dr]);
             match &self.rope_pe {
                 Some(rope) => rope.apply(pe, offset),
                 None => pe,

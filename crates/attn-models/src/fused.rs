@@ -6,7 +6,7 @@
 //! logits for the loss. A backend that has a fused kernel for any of them (with its backward,
 //! when it is an autodiff backend) registers it here, keyed by the backend's type; the models
 //! call [`linear`], [`rms_norm`], [`causal_softmax`], [`swiglu`], [`cross_entropy`], [`rotary`],
-//! [`shared_suffix`], [`attention_scores`] and [`sum_of_squares`], and the training loop's
+//! [`shared_suffix`], [`attention_scores`], [`columns`] and [`sum_of_squares`], and the training loop's
 //! optimizer calls [`adamw`]; each runs the registered kernel when there is one and burn's
 //! composition otherwise. The composition is the definition: a registered kernel must
 //! compute the same function (tests compare them), and may decline an input it does not
@@ -40,6 +40,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::activation::{log_softmax, silu, softmax};
 use std::any::{Any, TypeId};
+use std::ops::Range;
 use std::sync::{PoisonError, RwLock};
 
 /// A kernel's answer: its result `T`, or its input `I` handed back.
@@ -103,6 +104,13 @@ pub type AttentionScoresKernel<B> =
 pub type LinearKernel<B> =
     fn(Tensor<B, 3>, Tensor<B, 2>) -> Outcome<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 2>)>;
 
+/// Columns `range` of the last axis: `x` `[b, s, w]` → `x[:, :, range]` `[b, s, |range|]`
+/// (MLA's latent and MLA-Decoupled's rotary key, the two blocks of one down-projection). A
+/// kernel may return a view of `x`'s memory, and write the block's gradient into its columns
+/// of the gradient `x` already has from its other blocks, where autodiff's slice fills a zero
+/// tensor of `x`'s size for each block and adds them up. See [`columns`].
+pub type ColumnsKernel<B> = fn(Tensor<B, 3>, Range<usize>) -> Outcome<Tensor<B, 3>>;
+
 /// `Σ_t Σ_i x_{t,i}²` over one or more flat tensors `x_t`, `[1]` in f32 (the squared global
 /// norm of a model's gradients, in one reduction instead of one per parameter).
 pub type SumOfSquaresKernel<B> = fn(Vec<Tensor<B, 1>>) -> Outcome<Tensor<B, 1>, Vec<Tensor<B, 1>>>;
@@ -157,6 +165,8 @@ pub struct FusedKernels<B: Backend> {
     pub shared_suffix: SharedSuffixKernel<B>,
     /// See [`AttentionScoresKernel`].
     pub attention_scores: AttentionScoresKernel<B>,
+    /// See [`ColumnsKernel`].
+    pub columns: ColumnsKernel<B>,
     /// See [`SumOfSquaresKernel`].
     pub sum_of_squares: SumOfSquaresKernel<B>,
     /// See [`AdamWKernel`].
@@ -175,6 +185,7 @@ impl<B: Backend> FusedKernels<B> {
             rotary: |x, _, _, _, _| Outcome::Declined(x),
             shared_suffix: |x, shared| Outcome::Declined((x, shared)),
             attention_scores: |q, k| Outcome::Declined((q, k)),
+            columns: |x, _| Outcome::Declined(x),
             sum_of_squares: Outcome::Declined,
             adamw: Outcome::Declined,
         }
@@ -370,6 +381,38 @@ pub fn shared_suffix<B: Backend>(x: Tensor<B, 4>, shared: Tensor<B, 4>) -> Tenso
     let [b, h, t, _] = x.dims();
     let w1 = shared.dims()[3];
     Tensor::cat(vec![x, shared.expand([b, h, t, w1])], 3)
+}
+
+/// Columns `range` of the last axis of `x` `[b, s, w]`, `[b, s, |range|]`, by `B`'s kernel
+/// ([`ColumnsKernel`]) when registered and accepting, else burn's `slice`.
+///
+/// ```
+/// use attn_models::fused;
+/// use burn::backend::NdArray;
+/// use burn::prelude::*;
+///
+/// type B = NdArray<f32>;
+/// let device = Default::default();
+/// let x = Tensor::<B, 3>::from_floats([[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]], &device);
+/// let tail = fused::columns(x, 1..3);
+/// assert_eq!(tail.dims(), [1, 2, 2]);
+/// assert_eq!(tail.into_data().to_vec::<f32>().unwrap(), [2.0, 3.0, 5.0, 6.0]);
+/// ```
+pub fn columns<B: Backend>(x: Tensor<B, 3>, range: Range<usize>) -> Tensor<B, 3> {
+    // All the columns: `x` itself (autodiff's slice would still fill zeros and assign the
+    // whole gradient into them).
+    if range == (0..x.dims()[2]) {
+        return x;
+    }
+    let x = match kernels::<B>() {
+        Some(k) => match (k.columns)(x, range.clone()) {
+            Outcome::Computed(y) => return y,
+            Outcome::Declined(x) => x,
+        },
+        None => x,
+    };
+    let [b, s, _] = x.dims();
+    x.slice([0..b, 0..s, range])
 }
 
 /// Attention's raw scores `q·kᵀ` `[b, H, s, t]` of queries `q` `[b, H, s, w]` and keys `k`

@@ -531,6 +531,70 @@ fn rotary_embedding_matches_the_composition_forward_and_backward() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
+fn column_blocks_are_views_and_their_gradients_land_in_their_columns() {
+    use burn::tensor::DType;
+    let device = device();
+    let (b, s) = (3, 5);
+    // MLA-Decoupled's `[latent | rotary key]` in bf16 (both blocks views, vectors of 8), and
+    // odd blocks in f32 (the second starts on 20 bytes: burn's copy; single entries).
+    for (r, dr, dtype) in [(48, 16, DType::BF16), (5, 3, DType::F32)] {
+        let w = r + dr;
+        let normal = |shape: [usize; 3]| {
+            Tensor::<CublasCuda, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device)
+                .cast(dtype)
+        };
+        let leaf = Tensor::<Train, 3>::from_inner(normal([b, s, w])).require_grad();
+        let (c0, c1, c2) = (normal([b, s, r]), normal([b, s, dr]), normal([b, s, w]));
+        let before = fused_counts();
+        let y0 = fused::columns(leaf.clone(), 0..r);
+        let y1 = fused::columns(leaf.clone(), r..w);
+        let whole = fused::columns(leaf.clone(), 0..w);
+        let after = fused_counts();
+        // Two blocks; all the columns are `x` itself (no node, no block).
+        assert_eq!(after.columns - before.columns, 2, "{dtype:?}");
+        assert_eq!(after.declined, before.declined, "{dtype:?}");
+        let xs = host(&leaf);
+        let pick = |start: usize, width: usize| -> Vec<f64> {
+            (0..b * s * width)
+                .map(|i| xs[(i / width) * w + start + i % width])
+                .collect()
+        };
+        assert_eq!(host(&y0), pick(0, r), "latent {dtype:?}");
+        assert_eq!(host(&y1), pick(r, dr), "rotary key {dtype:?}");
+        assert_eq!(host(&whole), xs, "all columns {dtype:?}");
+        if dtype == DType::BF16 {
+            let parent = strides(&leaf.clone().inner());
+            assert_eq!(strides(&y0.clone().inner()), parent, "latent is a view");
+            assert_eq!(strides(&y1.clone().inner()), parent, "rotary key is a view");
+        }
+        // `x` has a consumer of its own as well: the blocks' gradients go into its columns of
+        // that gradient (in place: at least the second block accumulates).
+        let loss = (y0 * Tensor::from_inner(c0.clone())).sum()
+            + (y1 * Tensor::from_inner(c1.clone())).sum()
+            + (leaf.clone() * Tensor::from_inner(c2.clone())).sum();
+        let dx = host(&leaf.grad(&loss.backward()).expect("dx"));
+        assert!(fused_counts().accumulated > after.accumulated, "{dtype:?}");
+        let (h0, h1, h2) = (host(&c0), host(&c1), host(&c2));
+        let want: Vec<f64> = (0..b * s * w)
+            .map(|i| {
+                let (row, col) = (i / w, i % w);
+                let block = if col < r {
+                    h0[row * r + col]
+                } else {
+                    h1[row * dr + col - r]
+                };
+                h2[i] + block
+            })
+            .collect();
+        // Each sum of two terms rounded once to the dtype.
+        let u = if dtype == DType::BF16 { U_BF16 } else { U_F32 };
+        let tol: Vec<f64> = want.iter().map(|v| u * v.abs()).collect();
+        assert_within(&format!("dx {dtype:?}"), &dx, &want, &tol);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
 fn shared_suffix_matches_the_composition_forward_and_backward() {
     let device = device();
     let (b, h, t) = (2, 3, 5);
@@ -927,6 +991,13 @@ fn the_models_use_the_fused_kernels() {
             after.linear - before.linear >= 7 * config.n_layers as u64,
             "{variant:?}"
         );
+        // MLA-Decoupled's latent and rotary key: two blocks of one product a layer (the other
+        // variants' latents are whole products: no block).
+        let blocks = match variant {
+            AttentionVariant::MlaDecoupled => 2 * config.n_layers as u64,
+            _ => 0,
+        };
+        assert_eq!(after.columns - before.columns, blocks, "{variant:?}");
         assert_eq!(after.declined, before.declined, "{variant:?}");
         assert!(host(&logits).iter().all(|v| v.is_finite()));
         // In the backward, at least SwiGLU's gate and up share an input in every layer: one

@@ -51,14 +51,14 @@
 //! the backend itself (`forward.rs`): f32 atomics into a zeroed `[vocab, w]` table, rounded
 //! once.
 
-use super::backend::{CublasCuda, Inner, matmul, matmul_accumulate, reshape};
+use super::backend::{CublasCuda, Inner, matmul, matmul_accumulate, reshape, slice};
 use super::kernels::{
     AdamWScalars, Primitive, adamw, adamw_supported, causal_softmax_backward,
     causal_softmax_forward, cross_entropy_backward, cross_entropy_forward, cross_entropy_supported,
-    in_dtype, rms_norm_backward, rms_norm_forward, rms_norm_supported, rotary, rotary_supported,
-    shared_suffix, shared_suffix_backward, shared_suffix_supported, softmax_supported,
-    split_heads_layout, sum_of_squares, sum_of_squares_supported, swiglu_backward, swiglu_forward,
-    swiglu_supported, with_unit_rows,
+    in_dtype, place_columns, place_columns_supported, rms_norm_backward, rms_norm_forward,
+    rms_norm_supported, rotary, rotary_supported, shared_suffix, shared_suffix_backward,
+    shared_suffix_supported, softmax_supported, split_heads_layout, sum_of_squares,
+    sum_of_squares_supported, swiglu_backward, swiglu_forward, swiglu_supported, with_unit_rows,
 };
 use attn_models::fused::{self, AdamWStep, AdamWUpdate, FusedKernels, Outcome};
 use burn::backend::Autodiff;
@@ -68,9 +68,10 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{DType, Shape, TensorPrimitive};
+use burn::tensor::{DType, Shape, Slice, TensorPrimitive};
 use burn_backend::ops::FloatTensorOps;
 use burn_cubecl::kernel::into_contiguous;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 static LINEARS: AtomicU64 = AtomicU64::new(0);
@@ -82,6 +83,7 @@ static CROSS_ENTROPIES: AtomicU64 = AtomicU64::new(0);
 static ROTARIES: AtomicU64 = AtomicU64::new(0);
 static SHARED_SUFFIXES: AtomicU64 = AtomicU64::new(0);
 static ATTENTION_SCORES: AtomicU64 = AtomicU64::new(0);
+static COLUMNS: AtomicU64 = AtomicU64::new(0);
 static SQUARE_SUMS: AtomicU64 = AtomicU64::new(0);
 static ADAMW_STEPS: AtomicU64 = AtomicU64::new(0);
 static DECLINED: AtomicU64 = AtomicU64::new(0);
@@ -109,6 +111,9 @@ pub struct FusedCounts {
     pub shared_suffix: u64,
     /// Attention scores `q·kᵀ` whose gradients the fused backward takes (`dk = dSᵀ·q`).
     pub attention_scores: u64,
+    /// Blocks of columns whose gradients the fused backward writes into their parent's
+    /// (MLA's latent and MLA-Decoupled's rotary key; training only).
+    pub columns: u64,
     /// Sums of squares (gradient norms) computed by the fused kernel.
     pub sum_of_squares: u64,
     /// Parameters updated by the fused AdamW kernel.
@@ -129,6 +134,7 @@ pub fn fused_counts() -> FusedCounts {
         rotary: ROTARIES.load(Ordering::Relaxed),
         shared_suffix: SHARED_SUFFIXES.load(Ordering::Relaxed),
         attention_scores: ATTENTION_SCORES.load(Ordering::Relaxed),
+        columns: COLUMNS.load(Ordering::Relaxed),
         sum_of_squares: SQUARE_SUMS.load(Ordering::Relaxed),
         adamw: ADAMW_STEPS.load(Ordering::Relaxed),
         declined: DECLINED.load(Ordering::Relaxed),
@@ -658,6 +664,63 @@ fn shared_suffix_train(
 }
 
 #[derive(Debug)]
+struct ColumnsBackward;
+
+impl Backward<CublasCuda, 1> for ColumnsBackward {
+    /// `(x's shape, the block's first column, x's dtype)`.
+    type State = (Shape, usize, DType);
+
+    /// The block's gradient goes into its columns of `x`'s: added in place to the gradient `x`
+    /// already has from its other blocks (the latent's and the rotary key's of one
+    /// down-projection), or written into zeros by the first of them, where autodiff's slice
+    /// fills a zero tensor of `x`'s size for each block and adds them up.
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let (shape, start, dtype) = ops.state;
+        let d = in_dtype(grads.consume::<CublasCuda>(&ops.node), dtype);
+        if let Some(node) = node_x {
+            let width = shape[2];
+            let d = with_unit_rows(as_rows(d));
+            let earlier = take_gradient!(grads, node, d).map(as_rows);
+            let (dx, accumulated) = place_columns(d, width, start, earlier);
+            if accumulated {
+                ACCUMULATED.fetch_add(1, Ordering::Relaxed);
+            }
+            grads.register::<CublasCuda>(node.id, reshape(dx, shape));
+        }
+    }
+}
+
+/// A view of `x`'s columns when `backend::slice` can make one (a copy otherwise, as burn's);
+/// the backward is [`ColumnsBackward`].
+fn columns_train(x: Tensor<Train, 3>, range: Range<usize>) -> Outcome<Tensor<Train, 3>> {
+    let xa = primitive(x);
+    let shape = xa.primitive.meta.shape().clone();
+    let [b, s, w] = shape.dims::<3>();
+    let rows = as_rows(slice(
+        xa.primitive.clone(),
+        &[
+            Slice::from(0..b),
+            Slice::from(0..s),
+            Slice::from(range.clone()),
+        ],
+    ));
+    if range.end > w || !place_columns_supported(&rows, w, range.start) {
+        return declined(tensor(xa));
+    }
+    let block = reshape(rows, Shape::new([b, s, range.len()]));
+    let out = match ColumnsBackward
+        .prepare::<NoCheckpointing>([xa.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((shape, range.start, xa.primitive.dtype), block),
+        OpsKind::UnTracked(prep) => prep.finish(block),
+    };
+    computed(&COLUMNS, tensor(out))
+}
+
+#[derive(Debug)]
 struct AttentionScoresBackward;
 
 impl Backward<CublasCuda, 2> for AttentionScoresBackward {
@@ -726,6 +789,8 @@ pub fn register_fused() {
         shared_suffix: shared_suffix_plain,
         // Without a backward, burn's `q.matmul(k.transpose())` is the same product.
         attention_scores: |q, k| Outcome::Declined((q, k)),
+        // Without a backward, the slice (`backend::slice`: a view) is all there is.
+        columns: |x, _| Outcome::Declined(x),
         sum_of_squares: sum_of_squares_plain,
         adamw: adamw_plain,
     });
@@ -738,6 +803,7 @@ pub fn register_fused() {
         rotary: rotary_train,
         shared_suffix: shared_suffix_train,
         attention_scores: attention_scores_train,
+        columns: columns_train,
         // Gradient norms and the optimizer's update are taken on the inner backend; an
         // autodiff caller gets burn's composition, which it can differentiate.
         ..FusedKernels::declining()

@@ -970,6 +970,46 @@ fn rotary_interleaved_kernel<F: Float, N: Size>(
     out[e as usize] = o;
 }
 
+/// The gradient of a block of columns, one thread per vector of `N` entries: `d` `[n, c]`
+/// into columns `start..start + c` of `out` `[n, w]` (both with unit-stride rows, `pitch`
+/// and `out_pitch` vectors apart; `start`, `block = c` and `per_row` in vectors). Not
+/// `accumulate`: every entry of `out` written, 0 outside the block (`per_row = w/N`).
+/// `accumulate`: the block added to `out` in place (`per_row = c/N`), in f32 and rounded once.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn place_columns_kernel<F: Float, N: Size>(
+    d: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<Vector<F, N>>,
+    vectors: u32,
+    per_row: FastDivmod<u32>,
+    start: u32,
+    block: u32,
+    pitch: u32,
+    out_pitch: u32,
+    #[comptime] accumulate: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let e = ABSOLUTE_POS as u32;
+    if e >= vectors {
+        terminate!();
+    }
+    let (row, j) = per_row.div_mod(e);
+    let source = row as usize * pitch as usize;
+    let target = row as usize * out_pitch as usize;
+    if accumulate {
+        let at = target + (start + j) as usize;
+        let sum = Vector::<f32, N>::cast_from(out[at])
+            + Vector::<f32, N>::cast_from(d[source + j as usize]);
+        out[at] = Vector::<F, N>::cast_from(sum);
+    } else {
+        let mut v = Vector::<F, N>::new(F::new(0.0));
+        if j >= start && j < start + block {
+            v = d[source + (j - start) as usize];
+        }
+        out[target + j as usize] = v;
+    }
+}
+
 /// Keys of whole heads with a shared suffix (MLA-Decoupled's `[k_nope | k_pe]`): `keys`
 /// `[b, H, t, w₀ + w₁]` (contiguous) from `k_nope` `[b, H, t, w₀]` and `shared` `[b, 1, t, w₁]`
 /// (any strides, unit along the last axis), one thread per vector of `N` entries of `keys`.
@@ -1911,6 +1951,80 @@ pub(super) fn rotary(
 pub(super) fn split_heads_layout(x: &Primitive) -> bool {
     let [_, h, s, w] = x.meta.shape().dims::<4>();
     x.meta.strides()[..] == [s * h * w, w, h * w, 1]
+}
+
+/// Whether [`place_columns`] takes the gradient `d` `[n, c]` of columns `start..start + c`
+/// of a `[n, w]` tensor: a float dtype, unit-stride rows, the block inside the row, sizes
+/// within u32 indexing.
+pub(super) fn place_columns_supported(d: &Primitive, width: usize, start: usize) -> bool {
+    let [rows, block] = d.meta.shape().dims::<2>();
+    float_dtype(d.dtype)
+        && unit_rows(d)
+        && block > 0
+        && start + block <= width
+        && rows * width <= u32::MAX as usize - THREADS as usize
+        && row_pitch(d) <= u32::MAX as usize
+}
+
+/// The gradient of `x` `[n, w]` from that of its columns `start..start + c`, `d` `[n, c]`
+/// (after [`place_columns_supported`]): added in place to `earlier`, the gradient `x` already
+/// has, when that is uniquely owned, of `d`'s dtype and with unit-stride rows (`true` is
+/// returned); else written into zeros (one pass over `[n, w]`, where autodiff's slice fills
+/// zeros and then assigns the block), and `earlier` added to it.
+pub(super) fn place_columns(
+    d: Primitive,
+    width: usize,
+    start: usize,
+    earlier: Option<Primitive>,
+) -> (Primitive, bool) {
+    let [rows, block] = d.meta.shape().dims::<2>();
+    let (out, accumulate, left) = match earlier {
+        Some(t)
+            if t.dtype == d.dtype
+                && t.meta.shape().dims::<2>() == [rows, width]
+                && unit_rows(&t)
+                && t.can_mut() =>
+        {
+            (t, true, None)
+        }
+        other => (
+            empty_like(&d, Shape::new([rows, width]), d.dtype),
+            false,
+            other,
+        ),
+    };
+    let (pitch, out_pitch) = (row_pitch(&d), row_pitch(&out));
+    let fits = |v: usize| {
+        [start, block, width, pitch, out_pitch]
+            .iter()
+            .all(|&n| n % v == 0)
+    };
+    let vector = narrowed(vector_size(&[&d, &out]), fits);
+    let per_row = if accumulate { block } else { width } / vector;
+    let vectors = rows * per_row;
+    let (count, dim) = elementwise(vectors);
+    let dtype = d.dtype;
+    place_columns_kernel::launch::<CudaRuntime>(
+        &d.client,
+        count,
+        dim,
+        vector,
+        d.clone().into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        vectors as u32,
+        per_row as u32,
+        (start / vector) as u32,
+        (block / vector) as u32,
+        (pitch / vector) as u32,
+        (out_pitch / vector) as u32,
+        accumulate,
+        dtype.into(),
+    );
+    let out = match left {
+        Some(earlier) => Inner::float_add(out, earlier),
+        None => out,
+    };
+    (out, accumulate)
 }
 
 /// Whether [`shared_suffix`] takes `k_nope` `[b, H, t, w₀]` and `shared` `[b, 1, t, w₁]`:
