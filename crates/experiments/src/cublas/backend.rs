@@ -903,8 +903,9 @@ pub(super) fn linear_weight_backward(
 /// eight bf16, four f32), so that a view reads as its parent does.
 const VIEW_ALIGNMENT: u64 = 16;
 
-/// `slice` as a view whenever every step is 1 and the view's first element lies on a 16-byte
-/// boundary ([`VIEW_ALIGNMENT`]), else burn's slice. burn views a slice only when its first
+/// `slice` as a view whenever every step is 1, the last axis keeps unit stride and two
+/// entries or more, and the view's first element lies on a 16-byte boundary
+/// ([`VIEW_ALIGNMENT`]); else burn's slice. burn views a slice only when its first
 /// and last bytes lie on the allocator's 512-byte alignment, and copies every other: MLA's
 /// latent `kv[:, :, ..r]` (its last byte inside a row) was a 25 µs copy per layer, the
 /// decoupled rotary key `kv[:, :, r..]` another (docs/performance.md).
@@ -927,7 +928,14 @@ pub(super) fn slice(
         .map(|(r, &st)| (r.start * st) as u64)
         .sum();
     let non_empty = ranges.iter().all(|r| r.end > r.start);
-    if tensor.qparams.is_some() || !unit_steps || !non_empty || (start * elem) % VIEW_ALIGNMENT != 0
+    // A last axis cut to one entry would leave the view no unit stride once reshaped away
+    // (`view_strides`), a layout burn's matmul rejects: burn's slice (a copy) keeps those.
+    let unit_last = strides.last() == Some(&1) && ranges.last().is_some_and(|r| r.len() > 1);
+    if tensor.qparams.is_some()
+        || !unit_steps
+        || !non_empty
+        || !unit_last
+        || (start * elem) % VIEW_ALIGNMENT != 0
     {
         return <Inner as burn_backend::ops::FloatTensorOps<Inner>>::float_slice(tensor, slices);
     }

@@ -926,10 +926,12 @@ fn rotary_half_kernel<F: Float, N: Size>(
 }
 
 /// [`rotary_kernel`] for the interleaved pairing `(2k, 2k + 1)`, one thread per vector of
-/// `N` consecutive entries (`N/2` whole pairs, `N` even), 16-byte loads of bf16 when `N = 8`;
-/// the tables are read as scalars (`N/2` entries per vector, from cache). Strides of `x` and
-/// `per_row = w/N` are in vectors, the tables' pitch in entries; `x`'s last axis has unit
-/// stride.
+/// `N` consecutive entries (`N/2` whole pairs; `N` is 2, 4 (`four`) or 8 (`four` and
+/// `eight`); both flags are launch-time constants, so the entries past `N` are not compiled), 16-byte
+/// loads of bf16 when `N = 8`; the tables are read as scalars (`N/2` entries per vector, from
+/// cache). Strides of `x` and `per_row = w/N` are in vectors, the tables' pitch in entries;
+/// `x`'s last axis has unit stride. The entries of a vector are named by literals (a
+/// computed index into a vector register was not generated correctly: the GPU test failed).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn rotary_interleaved_kernel<F: Float, N: Size>(
@@ -942,8 +944,11 @@ fn rotary_interleaved_kernel<F: Float, N: Size>(
     n2: FastDivmod<u32>,
     n1: FastDivmod<u32>,
     layout: RotaryLayout,
+    pairs: u32,
     sign: f32,
     #[comptime] position_last: bool,
+    #[comptime] four: bool,
+    #[comptime] eight: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let e = ABSOLUTE_POS as u32;
@@ -953,19 +958,27 @@ fn rotary_interleaved_kernel<F: Float, N: Size>(
     let at = rotary_index(e, &per_row, &n2, &n1, &layout, position_last);
     let j = at.column as usize;
     let v = Vector::<f32, N>::cast_from(x[at.source + j]);
-    // `N::value()` is resolved while the kernel is expanded (a `comptime!` block would call
-    // its unexpanded form, which panics for the launch-time vector size).
-    let pairs = N::value() / 2;
-    let table = at.table_row as usize * layout.table_pitch as usize + j * pairs;
+    let table = at.table_row as usize * layout.table_pitch as usize + j * pairs as usize;
     let mut o = Vector::<F, N>::empty();
-    #[unroll]
-    for k in 0..pairs {
-        let c = f32::cast_from(cos[table + k]);
-        let sn = sign * f32::cast_from(sin[table + k]);
-        let xa = v[2 * k];
-        let xb = v[2 * k + 1];
-        o[2 * k] = F::cast_from(xa * c - xb * sn);
-        o[2 * k + 1] = F::cast_from(xb * c + xa * sn);
+    let c = f32::cast_from(cos[table]);
+    let sn = sign * f32::cast_from(sin[table]);
+    o[0] = F::cast_from(v[0] * c - v[1] * sn);
+    o[1] = F::cast_from(v[1] * c + v[0] * sn);
+    if four {
+        let c = f32::cast_from(cos[table + 1]);
+        let sn = sign * f32::cast_from(sin[table + 1]);
+        o[2] = F::cast_from(v[2] * c - v[3] * sn);
+        o[3] = F::cast_from(v[3] * c + v[2] * sn);
+    }
+    if eight {
+        let c = f32::cast_from(cos[table + 2]);
+        let sn = sign * f32::cast_from(sin[table + 2]);
+        o[4] = F::cast_from(v[4] * c - v[5] * sn);
+        o[5] = F::cast_from(v[5] * c + v[4] * sn);
+        let c = f32::cast_from(cos[table + 3]);
+        let sn = sign * f32::cast_from(sin[table + 3]);
+        o[6] = F::cast_from(v[6] * c - v[7] * sn);
+        o[7] = F::cast_from(v[7] * c + v[6] * sn);
     }
     out[e as usize] = o;
 }
@@ -1860,7 +1873,8 @@ pub(super) fn rotary(
                 .all(|&st| st % v == 0 && st / v <= u32::MAX as usize)
     };
     let widest = if interleaved {
-        vector_size(&[&x])
+        // The interleaved kernel names at most eight entries of a vector.
+        vector_size(&[&x]).min(8)
     } else {
         vector_size(&[&x, &cos, &sin])
     };
@@ -1892,8 +1906,11 @@ pub(super) fn rotary(
             n2 as u32,
             n1 as u32,
             layout(vector, 1),
+            (vector / 2) as u32,
             sign,
             position_last,
+            vector >= 4,
+            vector == 8,
             dtype.into(),
         );
         return out;
