@@ -525,8 +525,9 @@ fn rotary_embedding_matches_the_composition_forward_and_backward() {
             );
         }
     }
-    // The models' widths (8, 32, 64, 96) are dense: the layout check above ran.
-    assert!(dense >= 12, "dense cases: {dense}");
+    // The models' widths 8, 32 and 64 are dense: the layout check above ran (rows of 96 bf16,
+    // 192 bytes, come padded, as do those of 6).
+    assert!(dense >= 10, "dense cases: {dense}");
 }
 
 #[test]
