@@ -1486,14 +1486,7 @@ pub(super) fn rms_norm_backward(
     let [rows, width] = x.meta.shape().dims::<2>();
     let dy = contiguous_gradient(dy, x.dtype);
     let (dx, accumulate, left) = match earlier {
-        Some(t)
-            if t.dtype == x.dtype
-                && t.meta.shape() == x.meta.shape()
-                && unit_rows(&t)
-                && t.can_mut() =>
-        {
-            (t, true, None)
-        }
+        Some(t) if takes_rows_in_place(&t, x.dtype, [rows, width]) => (t, true, None),
         other => (
             empty_like(&x, x.meta.shape().clone(), x.dtype),
             false,
@@ -1725,6 +1718,13 @@ fn unit_rows(t: &Primitive) -> bool {
     let [rows, width] = t.meta.shape().dims::<2>();
     let strides = t.meta.strides();
     (strides[1] == 1 || width == 1) && (strides[0] >= width || rows == 1)
+}
+
+/// Whether a kernel may write rows `[n, w]` of `dtype` into `t` in place (an earlier
+/// gradient it accumulates into): that dtype and shape, unit-stride rows ([`unit_rows`]), and
+/// a buffer no other tensor shares.
+fn takes_rows_in_place(t: &Primitive, dtype: DType, shape: [usize; 2]) -> bool {
+    t.dtype == dtype && t.meta.shape().iter().copied().eq(shape) && unit_rows(t) && t.can_mut()
 }
 
 /// An uninitialised `[n, w]` tensor laid out as `t` is, when `t`'s rows are unit-stride (the
@@ -1996,14 +1996,7 @@ pub(super) fn place_columns(
 ) -> (Primitive, bool) {
     let [rows, block] = d.meta.shape().dims::<2>();
     let (out, accumulate, left) = match earlier {
-        Some(t)
-            if t.dtype == d.dtype
-                && t.meta.shape().dims::<2>() == [rows, width]
-                && unit_rows(&t)
-                && t.can_mut() =>
-        {
-            (t, true, None)
-        }
+        Some(t) if takes_rows_in_place(&t, d.dtype, [rows, width]) => (t, true, None),
         other => (
             empty_like(&d, Shape::new([rows, width]), d.dtype),
             false,
