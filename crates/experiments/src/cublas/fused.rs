@@ -697,6 +697,9 @@ fn columns_train(x: Tensor<Train, 3>, range: Range<usize>) -> Outcome<Tensor<Tra
     let xa = primitive(x);
     let shape = xa.primitive.meta.shape().clone();
     let [b, s, w] = shape.dims::<3>();
+    if range.is_empty() || range.end > w {
+        return declined(tensor(xa));
+    }
     let rows = as_rows(slice(
         xa.primitive.clone(),
         &[
@@ -705,7 +708,7 @@ fn columns_train(x: Tensor<Train, 3>, range: Range<usize>) -> Outcome<Tensor<Tra
             Slice::from(range.clone()),
         ],
     ));
-    if range.end > w || !place_columns_supported(&rows, w, range.start) {
+    if !place_columns_supported(&rows, w, range.start) {
         return declined(tensor(xa));
     }
     let block = reshape(rows, Shape::new([b, s, range.len()]));
