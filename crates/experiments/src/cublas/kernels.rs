@@ -1485,14 +1485,7 @@ pub(super) fn rms_norm_backward(
 ) -> (Primitive, Primitive, bool) {
     let [rows, width] = x.meta.shape().dims::<2>();
     let dy = contiguous_gradient(dy, x.dtype);
-    let (dx, accumulate, left) = match earlier {
-        Some(t) if takes_rows_in_place(&t, x.dtype, [rows, width]) => (t, true, None),
-        other => (
-            empty_like(&x, x.meta.shape().clone(), x.dtype),
-            false,
-            other,
-        ),
-    };
+    let (dx, accumulate, left) = gradient_target(earlier, &x, x.dtype, [rows, width]);
     let (dtype, gain_dtype) = (x.dtype, gain.dtype);
     let vector = vector_size(&[&x, &gain, &dy, &dx]);
     let (pitch, dx_pitch) = (row_pitch(&x) / vector, row_pitch(&dx) / vector);
@@ -1550,11 +1543,7 @@ pub(super) fn rms_norm_backward(
         partial
     };
     let dgain = Inner::float_reshape(column_sums(partial), Shape::new([width]));
-    let dx = match left {
-        Some(earlier) => Inner::float_add(dx, earlier),
-        None => dx,
-    };
-    (dx, in_dtype(dgain, gain_dtype), accumulate)
+    (add_left(dx, left), in_dtype(dgain, gain_dtype), accumulate)
 }
 
 /// The causal softmax's sizes: `(rows, queries s, keys t)` of `[b, H, s, t]`.
@@ -1720,11 +1709,35 @@ fn unit_rows(t: &Primitive) -> bool {
     (strides[1] == 1 || width == 1) && (strides[0] >= width || rows == 1)
 }
 
-/// Whether a kernel may write rows `[n, w]` of `dtype` into `t` in place (an earlier
-/// gradient it accumulates into): that dtype and shape, unit-stride rows ([`unit_rows`]), and
-/// a buffer no other tensor shares.
-fn takes_rows_in_place(t: &Primitive, dtype: DType, shape: [usize; 2]) -> bool {
-    t.dtype == dtype && t.meta.shape().iter().copied().eq(shape) && unit_rows(t) && t.can_mut()
+/// Where a kernel writes a gradient of rows `[n, w]` of `dtype`: into `earlier`, the gradient
+/// the tensor already has, when the kernel may add to it in place (that dtype and shape,
+/// unit-stride rows ([`unit_rows`]), a buffer no other tensor shares; `true`); else into a new
+/// tensor on `like`'s device, with `earlier` handed back for [`add_left`].
+fn gradient_target(
+    earlier: Option<Primitive>,
+    like: &Primitive,
+    dtype: DType,
+    shape: [usize; 2],
+) -> (Primitive, bool, Option<Primitive>) {
+    match earlier {
+        Some(t)
+            if t.dtype == dtype
+                && t.meta.shape().iter().copied().eq(shape)
+                && unit_rows(&t)
+                && t.can_mut() =>
+        {
+            (t, true, None)
+        }
+        other => (empty_like(like, Shape::new(shape), dtype), false, other),
+    }
+}
+
+/// `out` plus the earlier gradient [`gradient_target`] could not write into, if any.
+fn add_left(out: Primitive, left: Option<Primitive>) -> Primitive {
+    match left {
+        Some(earlier) => Inner::float_add(out, earlier),
+        None => out,
+    }
 }
 
 /// An uninitialised `[n, w]` tensor laid out as `t` is, when `t`'s rows are unit-stride (the
@@ -1995,14 +2008,7 @@ pub(super) fn place_columns(
     earlier: Option<Primitive>,
 ) -> (Primitive, bool) {
     let [rows, block] = d.meta.shape().dims::<2>();
-    let (out, accumulate, left) = match earlier {
-        Some(t) if takes_rows_in_place(&t, d.dtype, [rows, width]) => (t, true, None),
-        other => (
-            empty_like(&d, Shape::new([rows, width]), d.dtype),
-            false,
-            other,
-        ),
-    };
+    let (out, accumulate, left) = gradient_target(earlier, &d, d.dtype, [rows, width]);
     let (pitch, out_pitch) = (row_pitch(&d), row_pitch(&out));
     let fits = |v: usize| {
         [start, block, width, pitch, out_pitch]
@@ -2030,11 +2036,7 @@ pub(super) fn place_columns(
         accumulate,
         dtype.into(),
     );
-    let out = match left {
-        Some(earlier) => Inner::float_add(out, earlier),
-        None => out,
-    };
-    (out, accumulate)
+    (add_left(out, left), accumulate)
 }
 
 /// Whether [`shared_suffix`] takes `k_nope` `[b, H, t, w₀]` and `shared` `[b, 1, t, w₁]`:
@@ -2228,7 +2230,6 @@ pub(super) fn sum_of_squares(xs: &[Primitive]) -> Primitive {
         );
         offset += start as usize;
     }
-    debug_assert_eq!(partial.meta.num_elements(), partials);
     scaled_total(partial, 1.0)
 }
 
