@@ -778,6 +778,57 @@ fn column_sum_kernel(
     partial[chunk as usize * w + j] = (acc0 + acc1) + (acc2 + acc3);
 }
 
+/// Planes of a cube of [`column_total_kernel`]: each adds every `COLUMN_TOTAL_PLANES`-th row.
+const COLUMN_TOTAL_PLANES: u32 = 32;
+
+/// Rows [`column_sums`] hands to [`column_total_kernel`] at most: four loads a thread.
+const COLUMN_TOTAL_ROWS: usize = 4 * COLUMN_TOTAL_PLANES as usize;
+
+/// `total[j] = Σ_i terms[i, j]` of an f32 `terms` `[rows, w]`, in `total`'s dtype: a cube of
+/// [`COLUMN_TOTAL_PLANES`] planes for every 32 columns, lane `x` of plane `y` adding rows
+/// `y, y + P, …` of column `32·cube + x` (four running sums, four loads in flight), then plane
+/// 0 the planes' sums in order. The cast to `total`'s dtype is the last step (it was a launch
+/// of its own). The order of the additions is fixed.
+#[cube(launch)]
+fn column_total_kernel<F: Float>(
+    terms: &Tensor<f32>,
+    total: &mut Tensor<F>,
+    rows: u32,
+    width: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let mut sums = SharedMemory::<f32>::new(comptime!((LANES * COLUMN_TOTAL_PLANES) as usize));
+    let w = width as usize;
+    let j = (CUBE_POS_X * LANES + UNIT_POS_X) as usize;
+    let planes = CUBE_DIM_Y as usize;
+    let rows = rows as usize;
+    let (mut a0, mut a1, mut a2, mut a3) =
+        (f32::new(0.0), f32::new(0.0), f32::new(0.0), f32::new(0.0));
+    if j < w {
+        let mut i = UNIT_POS_Y as usize;
+        while i + 3 * planes < rows {
+            a0 += terms[i * w + j];
+            a1 += terms[(i + planes) * w + j];
+            a2 += terms[(i + 2 * planes) * w + j];
+            a3 += terms[(i + 3 * planes) * w + j];
+            i += 4 * planes;
+        }
+        while i < rows {
+            a0 += terms[i * w + j];
+            i += planes;
+        }
+    }
+    sums[UNIT_POS as usize] = (a0 + a1) + (a2 + a3);
+    sync_cube();
+    if UNIT_POS_Y == 0 && j < w {
+        let mut sum = f32::new(0.0);
+        for p in 0..planes {
+            sum += sums[p * LANES as usize + UNIT_POS_X as usize];
+        }
+        total[j] = F::cast_from(sum);
+    }
+}
+
 /// Where the rows of a rotary kernel lie: `x`'s three leading axes `[n0, n1, n2]` (rows of the
 /// contiguous output in that order) read through `x`'s strides, and the tables' rows. Strides
 /// are in the kernel's unit (vectors, or entries for the scalar kernel).
@@ -1403,13 +1454,16 @@ const ROWS_PER_CHUNK: usize = 16;
 /// Threads per cube of the column sums and the element-wise kernels.
 const THREADS: u32 = 256;
 
-/// Column sums of an f32 `[n, w]` tensor, `[1, w]`, in passes of [`column_sum_kernel`] that
-/// each cut the rows by [`ROWS_PER_CHUNK`]. (burn's `sum_dim(0)` launched two cubes for
-/// `[16384, 768]` and took 1.9 ms.) Deterministic: a fixed order of additions.
-fn column_sums(terms: Primitive) -> Primitive {
+/// Column sums of an f32 `[n, w]` tensor, `[w]` in `dtype`: passes of [`column_sum_kernel`]
+/// that each cut the rows by [`ROWS_PER_CHUNK`] while more than [`COLUMN_TOTAL_ROWS`] are
+/// left, then [`column_total_kernel`], which adds the rest and writes `dtype`. (burn's
+/// `sum_dim(0)` launched two cubes for `[16384, 768]` and took 1.9 ms. Passes down to one row
+/// and a cast after them made an RMSNorm backward five launches, the kernel's included; now
+/// three.) Deterministic: a fixed order of additions.
+fn column_sums(terms: Primitive, dtype: DType) -> Primitive {
     let [mut rows, width] = terms.meta.shape().dims::<2>();
     let mut current = terms;
-    loop {
+    while rows > COLUMN_TOTAL_ROWS {
         let chunks = rows.div_ceil(ROWS_PER_CHUNK);
         let partial = empty_like(&current, Shape::new([chunks, width]), DType::F32);
         column_sum_kernel::launch::<CudaRuntime>(
@@ -1423,10 +1477,19 @@ fn column_sums(terms: Primitive) -> Primitive {
             ROWS_PER_CHUNK as u32,
         );
         (current, rows) = (partial, chunks);
-        if rows == 1 {
-            return current;
-        }
     }
+    let total = empty_like(&current, Shape::new([width]), dtype);
+    column_total_kernel::launch::<CudaRuntime>(
+        &total.client,
+        CubeCount::Static(width.div_ceil(LANES as usize) as u32, 1, 1),
+        CubeDim::new_2d(LANES, COLUMN_TOTAL_PLANES),
+        current.into_tensor_arg(),
+        total.clone().into_tensor_arg(),
+        rows as u32,
+        width as u32,
+        dtype.into(),
+    );
+    total
 }
 
 /// RMSNorm forward on `x` `[n, w]` (unit-stride rows, any pitch: [`with_unit_rows`]) and
@@ -1542,8 +1605,11 @@ pub(super) fn rms_norm_backward(
         );
         partial
     };
-    let dgain = Inner::float_reshape(column_sums(partial), Shape::new([width]));
-    (add_left(dx, left), in_dtype(dgain, gain_dtype), accumulate)
+    (
+        add_left(dx, left),
+        column_sums(partial, gain_dtype),
+        accumulate,
+    )
 }
 
 /// The causal softmax's sizes: `(rows, queries s, keys t)` of `[b, H, s, t]`.
