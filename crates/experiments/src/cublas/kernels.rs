@@ -754,28 +754,38 @@ fn column_sum_kernel(
     if end > rows {
         end = rows;
     }
-    let end = end as usize;
-    let mut acc0 = f32::new(0.0);
-    let mut acc1 = f32::new(0.0);
-    let mut acc2 = f32::new(0.0);
-    let mut acc3 = f32::new(0.0);
-    let mut i = start as usize;
-    while i + 4 <= end {
-        let a0 = terms[i * w + j];
-        let a1 = terms[(i + 1) * w + j];
-        let a2 = terms[(i + 2) * w + j];
-        let a3 = terms[(i + 3) * w + j];
-        acc0 += a0;
-        acc1 += a1;
-        acc2 += a2;
-        acc3 += a3;
-        i += 4;
+    partial[chunk as usize * w + j] = strided_sum(terms, start as usize, end as usize, 1, w, j);
+}
+
+/// `Σ x[i·stride + offset]` over `i = first, first + step, …` below `end`, in four running
+/// sums of every fourth term (four loads in flight; one running sum waits out a memory
+/// latency per term), added as `(s₀ + s₁) + (s₂ + s₃)`: a fixed order of additions. The
+/// column sums (`stride` = the row length, `offset` = the column) and the flat total
+/// (`stride` 1) share it.
+#[cube]
+fn strided_sum(
+    x: &Tensor<f32>,
+    first: usize,
+    end: usize,
+    step: usize,
+    stride: usize,
+    offset: usize,
+) -> f32 {
+    let (mut a0, mut a1, mut a2, mut a3) =
+        (f32::new(0.0), f32::new(0.0), f32::new(0.0), f32::new(0.0));
+    let mut i = first;
+    while i + 3 * step < end {
+        a0 += x[i * stride + offset];
+        a1 += x[(i + step) * stride + offset];
+        a2 += x[(i + 2 * step) * stride + offset];
+        a3 += x[(i + 3 * step) * stride + offset];
+        i += 4 * step;
     }
     while i < end {
-        acc0 += terms[i * w + j];
-        i += 1;
+        a0 += x[i * stride + offset];
+        i += step;
     }
-    partial[chunk as usize * w + j] = (acc0 + acc1) + (acc2 + acc3);
+    (a0 + a1) + (a2 + a3)
 }
 
 /// Planes of a cube of [`column_total_kernel`]: each adds every `COLUMN_TOTAL_PLANES`-th row.
@@ -801,31 +811,18 @@ fn column_total_kernel<F: Float>(
     let w = width as usize;
     let j = (CUBE_POS_X * LANES + UNIT_POS_X) as usize;
     let planes = CUBE_DIM_Y as usize;
-    let rows = rows as usize;
-    let (mut a0, mut a1, mut a2, mut a3) =
-        (f32::new(0.0), f32::new(0.0), f32::new(0.0), f32::new(0.0));
+    let mut sum = f32::new(0.0);
     if j < w {
-        let mut i = UNIT_POS_Y as usize;
-        while i + 3 * planes < rows {
-            a0 += terms[i * w + j];
-            a1 += terms[(i + planes) * w + j];
-            a2 += terms[(i + 2 * planes) * w + j];
-            a3 += terms[(i + 3 * planes) * w + j];
-            i += 4 * planes;
-        }
-        while i < rows {
-            a0 += terms[i * w + j];
-            i += planes;
-        }
+        sum = strided_sum(terms, UNIT_POS_Y as usize, rows as usize, planes, w, j);
     }
-    sums[UNIT_POS as usize] = (a0 + a1) + (a2 + a3);
+    sums[UNIT_POS as usize] = sum;
     sync_cube();
     if UNIT_POS_Y == 0 && j < w {
-        let mut sum = f32::new(0.0);
+        let mut column = f32::new(0.0);
         for p in 0..planes {
-            sum += sums[p * LANES as usize + UNIT_POS_X as usize];
+            column += sums[p * LANES as usize + UNIT_POS_X as usize];
         }
-        total[j] = F::cast_from(sum);
+        total[j] = F::cast_from(column);
     }
 }
 
@@ -1271,22 +1268,8 @@ const TOTAL_PLANES: u32 = 32;
 #[cube(launch)]
 fn cube_total_kernel(x: &Tensor<f32>, total: &mut Tensor<f32>, len: u32, scale: f32) {
     let threads = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
-    let len = len as usize;
-    let mut i = (UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X) as usize;
-    let (mut a0, mut a1, mut a2, mut a3) =
-        (f32::new(0.0), f32::new(0.0), f32::new(0.0), f32::new(0.0));
-    while i + 3 * threads < len {
-        a0 += x[i];
-        a1 += x[i + threads];
-        a2 += x[i + 2 * threads];
-        a3 += x[i + 3 * threads];
-        i += 4 * threads;
-    }
-    while i < len {
-        a0 += x[i];
-        i += threads;
-    }
-    let sum = cube_sum((a0 + a1) + (a2 + a3));
+    let first = (UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X) as usize;
+    let sum = cube_sum(strided_sum(x, first, len as usize, threads, 1, 0));
     if UNIT_POS == 0 {
         total[0] = sum * scale;
     }
