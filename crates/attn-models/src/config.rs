@@ -154,7 +154,7 @@ impl AttentionConfig {
                 self.d_model, self.n_heads, self.head_dim
             ));
         }
-        if self.rope && self.head_dim % 2 != 0 {
+        if self.rope && !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "rotary needs an even head_dim, got {}",
                 self.head_dim
@@ -177,7 +177,7 @@ impl AttentionConfig {
             }
         }
         if self.variant == AttentionVariant::MlaDecoupled
-            && (self.rope_dim == 0 || self.rope_dim % 2 != 0)
+            && (self.rope_dim == 0 || !self.rope_dim.is_multiple_of(2))
         {
             return bad(format!(
                 "MLA-Decoupled needs an even rope_dim ≥ 2, got {}",

@@ -608,7 +608,7 @@ pub fn train<B: AutodiffBackend>(
     let tokens_per_step = (config.batch * config.accumulation * spec.model.context) as f64;
     let t0 = Instant::now();
     let observed = |step: u64, probe: &Probe| {
-        probe.is_due(step) || step % config.eval_every == 0 || step == config.steps
+        probe.is_due(step) || step.is_multiple_of(config.eval_every) || step == config.steps
     };
     // Probe and validation at an observed step (callers check `observed`).
     let observe = |step: u64, model: &Llama<B>, probe: &mut Probe| -> Result<(), ExperimentError> {
@@ -627,7 +627,7 @@ pub fn train<B: AutodiffBackend>(
             };
             probe.observe::<B::InnerBackend, _>(step, &valid, maps)?;
         }
-        if step % config.eval_every == 0 || step == config.steps {
+        if step.is_multiple_of(config.eval_every) || step == config.steps {
             let v = validation_loss(&valid, spec.validation_data, config, device);
             probe.record(vec![row(spec, step, "validation", "loss", v)])?;
         }

@@ -79,7 +79,7 @@ impl Schedule {
         if step == 0 {
             return self.include_zero;
         }
-        if self.every > 0 && step % self.every == 0 {
+        if self.every > 0 && step.is_multiple_of(self.every) {
             return true;
         }
         if self.per_decade > 0 && step <= self.log_until {

@@ -195,7 +195,7 @@ pub fn mha_layout(
         )));
     }
     let head_dim = m / heads;
-    if k[0] == 0 || k[0] % head_dim != 0 || heads % (k[0] / head_dim) != 0 {
+    if k[0] == 0 || !k[0].is_multiple_of(head_dim) || !heads.is_multiple_of(k[0] / head_dim) {
         return Err(err(format!(
             "layer {index}: k_proj has {} rows, not a whole number of {head_dim}-wide heads dividing {heads}",
             k[0]
@@ -325,7 +325,7 @@ pub fn mla_layout(index: usize, heads: usize, w: &MlaShapes) -> Result<MlaLayout
         }
     };
     let q_rows = w.q_up[0];
-    if q_rows % heads != 0 {
+    if !q_rows.is_multiple_of(heads) {
         return Err(err(format!(
             "layer {index}: {q_rows} query rows are not a multiple of {heads} heads"
         )));
@@ -337,7 +337,7 @@ pub fn mla_layout(index: usize, heads: usize, w: &MlaShapes) -> Result<MlaLayout
         )));
     }
     let nope = qk_dim - rope;
-    if w.kv_up[0] % heads != 0 || w.kv_up[0] / heads < nope {
+    if !w.kv_up[0].is_multiple_of(heads) || w.kv_up[0] / heads < nope {
         return Err(err(format!(
             "layer {index}: kv_b_proj has {} rows, not {heads} heads of ≥ {nope}",
             w.kv_up[0]

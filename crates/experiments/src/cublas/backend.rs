@@ -641,7 +641,7 @@ const REALIGN_MIN_REUSE: usize = 64;
 /// The leading dimension for rows of `width` elements of `bytes` each: `width` itself when
 /// its rows are aligned, else rounded up to the next aligned pitch.
 fn aligned_leading(width: usize, bytes: usize) -> usize {
-    if (width * bytes) % ROW_ALIGN_BYTES == 0 {
+    if (width * bytes).is_multiple_of(ROW_ALIGN_BYTES) {
         width
     } else {
         (width * bytes).next_multiple_of(ROW_ALIGN_BYTES) / bytes
@@ -703,7 +703,10 @@ fn realigned(
     cols: usize,
 ) -> (CubeTensor<CudaRuntime>, MatrixLayout) {
     let vectors = if layout.column_major { cols } else { rows };
-    if (layout.leading * bytes) % ROW_ALIGN_BYTES == 0 || vectors < 2 || reuse < REALIGN_MIN_REUSE {
+    if (layout.leading * bytes).is_multiple_of(ROW_ALIGN_BYTES)
+        || vectors < 2
+        || reuse < REALIGN_MIN_REUSE
+    {
         return (t, layout);
     }
     use burn_backend::ops::FloatTensorOps;
@@ -935,7 +938,7 @@ pub(super) fn slice(
         || !unit_steps
         || !non_empty
         || !unit_last
-        || (start * elem) % VIEW_ALIGNMENT != 0
+        || !(start * elem).is_multiple_of(VIEW_ALIGNMENT)
     {
         return <Inner as burn_backend::ops::FloatTensorOps<Inner>>::float_slice(tensor, slices);
     }

@@ -2173,7 +2173,9 @@ pub(super) fn shared_suffix_backward(
     let [b, h, t, w] = dkeys.meta.shape().dims::<4>();
     let w1 = w - w0;
     // `dkeys` is contiguous: the vector need only divide both widths.
-    let vector = narrowed(vector_size(&[&dkeys]), |v| w0 % v == 0 && w1 % v == 0);
+    let vector = narrowed(vector_size(&[&dkeys]), |v| {
+        w0.is_multiple_of(v) && w1.is_multiple_of(v)
+    });
     let dk_nope = empty_like(&dkeys, Shape::new([b, t, h, w0]), dtype);
     let dshared = empty_like(&dkeys, Shape::new([b, 1, t, w1]), dtype);
     let nope_vectors = b * t * h * w0 / vector;

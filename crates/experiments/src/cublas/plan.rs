@@ -534,7 +534,7 @@ mod tests {
             let mut new_shape = Vec::new();
             let mut rest = count;
             for _ in 0..next(4) {
-                let divisors: Vec<usize> = (1..=rest).filter(|d| rest % d == 0).collect();
+                let divisors: Vec<usize> = (1..=rest).filter(|d| rest.is_multiple_of(*d)).collect();
                 let d = divisors[next(divisors.len())];
                 new_shape.push(d);
                 rest /= d;

@@ -54,6 +54,8 @@ fn chunk_bounds(m: usize) -> [usize; CHUNKS + 1] {
 struct Work<T> {
     /// The matrix; its lower triangle is read and reduced in place.
     a: Mat<T>,
+    /// Run the portable (pulp) column kernel even where AVX-512 is available.
+    portable: bool,
     /// `n × VECTORS`: see [`VECTORS`].
     vectors: Mat<T>,
 }
@@ -63,7 +65,7 @@ struct Work<T> {
 const VECTORS: usize = 3 + CHUNKS;
 
 impl<T: Element> Work<T> {
-    fn new(mut a: Mat<T>) -> Self {
+    fn new(mut a: Mat<T>, kernel: ColumnKernel) -> Self {
         let n = a.nrows();
         assert!(
             a.row_stride() == 1 && a.col_stride().unsigned_abs() >= n,
@@ -81,6 +83,7 @@ impl<T: Element> Work<T> {
         }
         Work {
             a,
+            portable: kernel == ColumnKernel::Portable,
             vectors: Mat::zeros(n, VECTORS),
         }
     }
@@ -131,6 +134,8 @@ struct Pass<T> {
     z: [*mut T; CHUNKS],
     /// `τ⁻¹`.
     tau_inv: T,
+    /// [`Work::portable`].
+    portable: bool,
 }
 
 // SAFETY: chunks write disjoint entries (see `Pass`), each chunk is run by the one thread
@@ -149,6 +154,21 @@ impl<T: Element> Pass<T> {
     /// `p`'s outputs meanwhile.
     unsafe fn run(&self, p: usize) {
         use std::any::TypeId;
+        #[cfg(target_arch = "x86_64")]
+        if !self.portable && super::has_avx512f() {
+            if TypeId::of::<T>() == TypeId::of::<f64>() {
+                // SAFETY: T is f64; the CPU has AVX-512F (checked); the caller upholds the
+                // contract.
+                let pass = unsafe { &*(self as *const Pass<T>).cast::<Pass<f64>>() };
+                unsafe { chunk_avx512_f64(pass, p) };
+                return;
+            } else if TypeId::of::<T>() == TypeId::of::<f32>() {
+                // SAFETY: as above, for f32.
+                let pass = unsafe { &*(self as *const Pass<T>).cast::<Pass<f32>>() };
+                unsafe { chunk_avx512_f32(pass, p) };
+                return;
+            }
+        }
         if TypeId::of::<T>() == TypeId::of::<f64>() {
             // SAFETY: T is f64.
             let pass = unsafe { &*(self as *const Pass<T>).cast::<Pass<f64>>() };
@@ -163,14 +183,24 @@ impl<T: Element> Pass<T> {
         }
     }
 
-    /// Runs chunk `p` with `column` as the kernel of one column (see [`fused_column`]).
+    /// The vectors of chunk `p` (`u`, `w`, `v` whole, `m` entries; `z[p]` from the chunk's
+    /// first column, zeroed), its column range, and column `j` of the trailing block from
+    /// its diagonal.
     ///
     /// # Safety
-    /// As [`Pass::run`].
+    /// As [`Pass::run`]; the slices live as long as the chunk runs.
     #[inline(always)]
-    unsafe fn for_each_column(&self, p: usize, column: impl Fn(ColumnArgs<'_, T>) -> T) {
+    #[allow(clippy::type_complexity)]
+    unsafe fn chunk<'a>(
+        &self,
+        p: usize,
+    ) -> (
+        std::ops::Range<usize>,
+        (&'a [T], &'a [T], &'a [T], &'a mut [T]),
+        impl Fn(usize) -> &'a mut [T],
+    ) {
         let (first, last) = (self.bounds[p], self.bounds[p + 1]);
-        let m = self.m;
+        let (m, a, ld) = (self.m, self.a, self.ld);
         // SAFETY: the ranges are inside the buffers (`Pass`'s contract), and this chunk alone
         // writes `z[p][first..m]`, `y[first..last]` and columns `first..last`.
         let (u, w, v, z) = unsafe {
@@ -182,10 +212,23 @@ impl<T: Element> Pass<T> {
             )
         };
         z.fill(T::ZERO);
-        let f = self.tau_inv;
-        for j in first..last {
-            // SAFETY: as above.
-            let a = unsafe { std::slice::from_raw_parts_mut(self.a.add(j * self.ld + j), m - j) };
+        // SAFETY: as above; the caller takes each column once.
+        let column =
+            move |j: usize| unsafe { std::slice::from_raw_parts_mut(a.add(j * ld + j), m - j) };
+        (first..last, (u, w, v, z), column)
+    }
+
+    /// Runs chunk `p` with `column` as the kernel of one column (see [`fused_column`]).
+    ///
+    /// # Safety
+    /// As [`Pass::run`].
+    #[inline(always)]
+    unsafe fn for_each_column(&self, p: usize, column: impl Fn(ColumnArgs<'_, T>) -> T) {
+        // SAFETY: the caller upholds the contract.
+        let (range, (u, w, v, z), col) = unsafe { self.chunk(p) };
+        let (first, f) = (range.start, self.tau_inv);
+        for j in range {
+            let a = col(j);
             let acc = column(ColumnArgs {
                 a: &mut *a,
                 u: &u[j..],
@@ -200,6 +243,76 @@ impl<T: Element> Pass<T> {
             unsafe { *self.y.add(j) = f * (acc - a[0] * v[j]) };
         }
     }
+
+    /// Runs chunk `p`, its columns [`BLOCK`] at a time with `block` (see [`BlockArgs`]) and
+    /// the last few one at a time with `column` (see [`fused_column`]).
+    ///
+    /// # Safety
+    /// As [`Pass::run`].
+    #[inline(always)]
+    unsafe fn for_each_block(
+        &self,
+        p: usize,
+        column: impl Fn(ColumnArgs<'_, T>) -> T,
+        block: impl Fn(BlockArgs<'_, T>) -> [T; BLOCK],
+    ) {
+        // SAFETY: the caller upholds the contract.
+        let (range, (u, w, v, z), col) = unsafe { self.chunk(p) };
+        let (first, last, f) = (range.start, range.end, self.tau_inv);
+        let coefficients = |j: usize| (-w[j], -u[j], f * v[j]);
+        let mut j = first;
+        while j + BLOCK <= last {
+            let sums = block(BlockArgs {
+                columns: std::array::from_fn(|c| col(j + c)),
+                u: &u[j..],
+                w: &w[j..],
+                v: &v[j..],
+                z: &mut z[j - first..],
+                coefficients: std::array::from_fn(|c| coefficients(j + c)),
+            });
+            for (c, acc) in sums.into_iter().enumerate() {
+                let k = j + c;
+                // SAFETY: y[k] belongs to this chunk; column k's diagonal is read after the
+                // block has updated it.
+                unsafe { *self.y.add(k) = f * (acc - *self.a.add(k * self.ld + k) * v[k]) };
+            }
+            j += BLOCK;
+        }
+        for j in j..last {
+            let a = col(j);
+            let (ru, rw, c) = coefficients(j);
+            let acc = column(ColumnArgs {
+                a: &mut *a,
+                u: &u[j..],
+                w: &w[j..],
+                v: &v[j..],
+                z: &mut z[j - first..],
+                ru,
+                rw,
+                c,
+            });
+            // SAFETY: y[j] belongs to this chunk.
+            unsafe { *self.y.add(j) = f * (acc - a[0] * v[j]) };
+        }
+    }
+}
+
+/// Columns the AVX-512 kernel updates together (see [`BlockArgs`]).
+const BLOCK: usize = 4;
+
+/// The operands of the [`BLOCK`] neighbouring columns `j, j + 1, …` of the pass: column
+/// `j + c` from its diagonal (`L − c` entries), the vectors from row `j` (`L` entries), and
+/// each column's `(ru, rw, c)` of [`ColumnArgs`]. A block kernel gives the results of the
+/// columns run one after the other (`z` takes column `j`'s term first), but reads the
+/// vectors and `z` once for all of them: the pass is bound by its loads and stores, and one
+/// column at a time spends five loads and two stores on each vector of the matrix's.
+struct BlockArgs<'a, T> {
+    columns: [&'a mut [T]; BLOCK],
+    u: &'a [T],
+    w: &'a [T],
+    v: &'a [T],
+    z: &'a mut [T],
+    coefficients: [(T, T, T); BLOCK],
 }
 
 /// The operands of one column of the pass (all slices of the column's length).
@@ -317,6 +430,348 @@ simd_part!(
     reduce_sum_f32s
 );
 
+/// A chunk of the pass and its column kernel for AVX-512, in `f32` or `f64`: as the pulp
+/// kernel above, but the column's unaligned head (up to the first 64-byte boundary) and its
+/// tail are one masked vector each, not a scalar loop. The pass runs `n²/2` columns, a few
+/// hundred entries long on average, and the two scalar loops (up to 15 `f32` entries each,
+/// every FMA waiting on the last) were as long as the vector loop between them.
+macro_rules! avx512_part {
+    (
+        $chunk:ident,
+        $column:ident,
+        $step:ident,
+        $step_masked:ident,
+        $block:ident,
+        $block_step:ident,
+        $block_step_masked:ident,
+        $t:ty,
+        $v:ty,
+        $lanes:expr,
+        $mask:ty,
+        $zero:ident,
+        $set1:ident,
+        $loadu:ident,
+        $storeu:ident,
+        $maskz_loadu:ident,
+        $mask_storeu:ident,
+        $fmadd:ident,
+        $add:ident,
+        $reduce:ident
+    ) => {
+        /// Runs chunk `p` of `pass` with its AVX-512 column kernel.
+        ///
+        /// # Safety
+        /// As [`Pass::run`], and the CPU must have AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn $chunk(pass: &Pass<$t>, p: usize) {
+            // SAFETY: the caller upholds the contract and has checked AVX-512F.
+            unsafe { pass.for_each_block(p, |c| $column(c), |b| $block(b)) }
+        }
+
+        /// One column of the pass (see [`fused_column`]) on AVX-512: a masked head up to
+        /// the 64-byte boundary, vectors four at a time, a masked tail. Needs AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        fn $column(c: ColumnArgs<'_, $t>) -> $t {
+            const LANES: usize = $lanes;
+            let len = c.a.len();
+            assert!(
+                c.u.len() >= len && c.w.len() >= len && c.v.len() >= len && c.z.len() >= len,
+                "the operands hold the column's length"
+            );
+            let ptrs = (
+                c.a.as_mut_ptr(),
+                c.z.as_mut_ptr(),
+                c.u.as_ptr(),
+                c.w.as_ptr(),
+                c.v.as_ptr(),
+            );
+            let coef = ($set1(c.ru), $set1(c.rw), $set1(c.c));
+            let mut acc = [$zero(); 4];
+            let h = ptrs.0.align_offset(64).min(len);
+            let end = h + (len - h) / LANES * LANES;
+            // SAFETY (every call below): the entries touched lie below `len`, which every
+            // operand holds (asserted), and the CPU has AVX-512F (this function's feature).
+            if h > 0 {
+                let m = ((1u32 << h) - 1) as $mask;
+                acc[2] = unsafe { $step_masked(ptrs, coef, 0, m, acc[2]) };
+            }
+            let mut i = h;
+            while i + 4 * LANES <= end {
+                for (l, acc) in acc.iter_mut().enumerate() {
+                    *acc = unsafe { $step(ptrs, coef, i + l * LANES, *acc) };
+                }
+                i += 4 * LANES;
+            }
+            while i < end {
+                acc[0] = unsafe { $step(ptrs, coef, i, acc[0]) };
+                i += LANES;
+            }
+            if end < len {
+                let m = ((1u32 << (len - end)) - 1) as $mask;
+                acc[3] = unsafe { $step_masked(ptrs, coef, end, m, acc[3]) };
+            }
+            $reduce($add($add(acc[0], acc[1]), $add(acc[2], acc[3])))
+        }
+
+        /// [`BLOCK`] neighbouring columns of the pass (see [`BlockArgs`]) on AVX-512: the
+        /// triangle of rows `j..j + BLOCK − 1` in scalar code, then the rows all of them
+        /// share together (a masked head, vectors two at a time, a masked tail), so that `u`,
+        /// `w`, `v` and `z` are loaded, and `z` stored, once for the block. Needs AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        fn $block(c: BlockArgs<'_, $t>) -> [$t; BLOCK] {
+            const LANES: usize = $lanes;
+            let BlockArgs {
+                mut columns,
+                u,
+                w,
+                v,
+                z,
+                coefficients,
+            } = c;
+            let len = columns[0].len();
+            assert!(
+                len >= BLOCK
+                    && (0..BLOCK).all(|c| columns[c].len() == len - c)
+                    && u.len() >= len
+                    && w.len() >= len
+                    && v.len() >= len
+                    && z.len() >= len,
+                "the operands hold the block's length"
+            );
+            let mut sums = [0.0; BLOCK];
+            // Rows above the last column's diagonal, column by column within a row.
+            for r in 0..BLOCK - 1 {
+                for (c, column) in columns.iter_mut().enumerate().take(r + 1) {
+                    let (ru, rw, cc) = coefficients[c];
+                    let a = &mut column[r - c];
+                    let x = rw.mul_add(w[r], ru.mul_add(u[r], *a));
+                    *a = x;
+                    z[r] = x.mul_add(cc, z[r]);
+                    sums[c] = x.mul_add(v[r], sums[c]);
+                }
+            }
+            let shared = BLOCK - 1;
+            let n = len - shared;
+            let ptrs = (
+                std::array::from_fn(|c| columns[c][shared - c..].as_mut_ptr()),
+                z[shared..].as_mut_ptr(),
+                u[shared..].as_ptr(),
+                w[shared..].as_ptr(),
+                v[shared..].as_ptr(),
+            );
+            let coef: [($v, $v, $v); BLOCK] = std::array::from_fn(|c| {
+                let (ru, rw, cc) = coefficients[c];
+                ($set1(ru), $set1(rw), $set1(cc))
+            });
+            let mut acc = [[$zero(); BLOCK]; 2];
+            let h = ptrs.1.align_offset(64).min(n);
+            let end = h + (n - h) / LANES * LANES;
+            // SAFETY (every call below): the rows touched lie below `n`, which every operand
+            // holds from the pointers above (asserted), and the CPU has AVX-512F.
+            if h > 0 {
+                let m = ((1u32 << h) - 1) as $mask;
+                unsafe { $block_step_masked(&ptrs, &coef, 0, m, &mut acc[1]) };
+            }
+            let mut i = h;
+            while i + 2 * LANES <= end {
+                for (l, acc) in acc.iter_mut().enumerate() {
+                    unsafe { $block_step(&ptrs, &coef, i + l * LANES, acc) };
+                }
+                i += 2 * LANES;
+            }
+            if i < end {
+                unsafe { $block_step(&ptrs, &coef, i, &mut acc[0]) };
+            }
+            if end < n {
+                let m = ((1u32 << (n - end)) - 1) as $mask;
+                unsafe { $block_step_masked(&ptrs, &coef, end, m, &mut acc[1]) };
+            }
+            std::array::from_fn(|c| $reduce($add(acc[0][c], acc[1][c])) + sums[c])
+        }
+
+        /// Rows `i..i + LANES` of a block (pointers `(columns, z, u, w, v)` from the block's
+        /// first shared row): `x_c = a_c + ru_c·u + rw_c·w` stored to each column,
+        /// `z += c_c·x_c` in column order, `acc_c += x_c·v`.
+        ///
+        /// # Safety
+        /// The operands must hold rows `i..i + LANES`; the CPU must have AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn $block_step(
+            (pa, pz, pu, pw, pv): &([*mut $t; BLOCK], *mut $t, *const $t, *const $t, *const $t),
+            coef: &[($v, $v, $v); BLOCK],
+            i: usize,
+            acc: &mut [$v; BLOCK],
+        ) {
+            // SAFETY: the caller upholds the contract.
+            unsafe {
+                let (u, w, v) = ($loadu(pu.add(i)), $loadu(pw.add(i)), $loadu(pv.add(i)));
+                let mut z = $loadu(pz.add(i));
+                for c in 0..BLOCK {
+                    let (ru, rw, cc) = coef[c];
+                    let x = $fmadd(rw, w, $fmadd(ru, u, $loadu(pa[c].add(i))));
+                    $storeu(pa[c].add(i), x);
+                    z = $fmadd(x, cc, z);
+                    acc[c] = $fmadd(x, v, acc[c]);
+                }
+                $storeu(pz.add(i), z);
+            }
+        }
+
+        /// [`
+        #[doc = stringify!($block_step)]
+        /// `] for the lanes of the mask `m` only (the others are neither read nor written,
+        /// and add zero to the sums).
+        ///
+        /// # Safety
+        /// The operands must hold the lanes of `m` from `i`; the CPU must have AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn $block_step_masked(
+            (pa, pz, pu, pw, pv): &([*mut $t; BLOCK], *mut $t, *const $t, *const $t, *const $t),
+            coef: &[($v, $v, $v); BLOCK],
+            i: usize,
+            m: $mask,
+            acc: &mut [$v; BLOCK],
+        ) {
+            // SAFETY: the caller upholds the contract.
+            unsafe {
+                let (u, w, v) = (
+                    $maskz_loadu(m, pu.add(i)),
+                    $maskz_loadu(m, pw.add(i)),
+                    $maskz_loadu(m, pv.add(i)),
+                );
+                let mut z = $maskz_loadu(m, pz.add(i));
+                for c in 0..BLOCK {
+                    let (ru, rw, cc) = coef[c];
+                    let x = $fmadd(rw, w, $fmadd(ru, u, $maskz_loadu(m, pa[c].add(i))));
+                    $mask_storeu(pa[c].add(i), m, x);
+                    z = $fmadd(x, cc, z);
+                    acc[c] = $fmadd(x, v, acc[c]);
+                }
+                $mask_storeu(pz.add(i), m, z);
+            }
+        }
+
+        /// Entries `i..i + LANES` of a column: `x = a + ru·u + rw·w` is stored to `a`,
+        /// `z += c·x`, and `acc + x·v` returned.
+        ///
+        /// # Safety
+        /// The operands `(a, z, u, w, v)` must hold entries `i..i + LANES`; the CPU must
+        /// have AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn $step(
+            (pa, pz, pu, pw, pv): (*mut $t, *mut $t, *const $t, *const $t, *const $t),
+            (ru, rw, cc): ($v, $v, $v),
+            i: usize,
+            acc: $v,
+        ) -> $v {
+            // SAFETY: the caller upholds the contract.
+            unsafe {
+                let x = $fmadd(
+                    rw,
+                    $loadu(pw.add(i)),
+                    $fmadd(ru, $loadu(pu.add(i)), $loadu(pa.add(i))),
+                );
+                $storeu(pa.add(i), x);
+                $storeu(pz.add(i), $fmadd(x, cc, $loadu(pz.add(i))));
+                $fmadd(x, $loadu(pv.add(i)), acc)
+            }
+        }
+
+        /// [`
+        #[doc = stringify!($step)]
+        /// `] for the lanes of the mask `m` only: lanes masked off are neither read nor
+        /// written, and add zero to `acc`.
+        ///
+        /// # Safety
+        /// The operands must hold the lanes of `m` from `i`; the CPU must have AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn $step_masked(
+            (pa, pz, pu, pw, pv): (*mut $t, *mut $t, *const $t, *const $t, *const $t),
+            (ru, rw, cc): ($v, $v, $v),
+            i: usize,
+            m: $mask,
+            acc: $v,
+        ) -> $v {
+            // SAFETY: the caller upholds the contract.
+            unsafe {
+                let x = $fmadd(
+                    rw,
+                    $maskz_loadu(m, pw.add(i)),
+                    $fmadd(ru, $maskz_loadu(m, pu.add(i)), $maskz_loadu(m, pa.add(i))),
+                );
+                $mask_storeu(pa.add(i), m, x);
+                $mask_storeu(pz.add(i), m, $fmadd(x, cc, $maskz_loadu(m, pz.add(i))));
+                $fmadd(x, $maskz_loadu(m, pv.add(i)), acc)
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::{
+    __m512, __m512d, _mm512_add_pd, _mm512_add_ps, _mm512_fmadd_pd, _mm512_fmadd_ps,
+    _mm512_loadu_pd, _mm512_loadu_ps, _mm512_mask_storeu_pd, _mm512_mask_storeu_ps,
+    _mm512_maskz_loadu_pd, _mm512_maskz_loadu_ps, _mm512_reduce_add_pd, _mm512_reduce_add_ps,
+    _mm512_set1_pd, _mm512_set1_ps, _mm512_setzero_pd, _mm512_setzero_ps, _mm512_storeu_pd,
+    _mm512_storeu_ps,
+};
+
+avx512_part!(
+    chunk_avx512_f32,
+    column_avx512_f32,
+    step_avx512_f32,
+    masked_step_avx512_f32,
+    block_avx512_f32,
+    block_step_avx512_f32,
+    masked_block_step_avx512_f32,
+    f32,
+    __m512,
+    16,
+    u16,
+    _mm512_setzero_ps,
+    _mm512_set1_ps,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    _mm512_maskz_loadu_ps,
+    _mm512_mask_storeu_ps,
+    _mm512_fmadd_ps,
+    _mm512_add_ps,
+    _mm512_reduce_add_ps
+);
+avx512_part!(
+    chunk_avx512_f64,
+    column_avx512_f64,
+    step_avx512_f64,
+    masked_step_avx512_f64,
+    block_avx512_f64,
+    block_step_avx512_f64,
+    masked_block_step_avx512_f64,
+    f64,
+    __m512d,
+    8,
+    u8,
+    _mm512_setzero_pd,
+    _mm512_set1_pd,
+    _mm512_loadu_pd,
+    _mm512_storeu_pd,
+    _mm512_maskz_loadu_pd,
+    _mm512_mask_storeu_pd,
+    _mm512_fmadd_pd,
+    _mm512_add_pd,
+    _mm512_reduce_add_pd
+);
+
 /// One column of the pass in plain Rust (types other than `f32` and `f64`):
 /// `a −= w₀·u + u₀·w` (coefficients passed negated as `ru`, `rw`), `z += c·a`; returns
 /// `Σ aᵢvᵢ` over the updated column, diagonal included.
@@ -377,7 +832,25 @@ impl<T> Handoff<T> {
 /// tridiagonal form in place, sharing each step's pass between the calling thread and a
 /// second rayon worker when `two_cores`; then gives `a` back to the thread's scratch.
 pub(crate) fn tridiagonalize<T: Element>(a: Mat<T>, two_cores: bool) -> Tridiagonal {
-    let mut work = Work::new(a);
+    tridiagonalize_with(a, two_cores, ColumnKernel::Fastest)
+}
+
+/// The column kernels of the pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ColumnKernel {
+    /// AVX-512 where the CPU has it (masked heads and tails), else the portable one.
+    Fastest,
+    /// pulp's widest vectors with scalar heads and tails, on every CPU.
+    Portable,
+}
+
+/// [`tridiagonalize`] with a choice of column kernel (the tests compare them).
+pub(crate) fn tridiagonalize_with<T: Element>(
+    a: Mat<T>,
+    two_cores: bool,
+    kernel: ColumnKernel,
+) -> Tridiagonal {
+    let mut work = Work::new(a, kernel);
     let tri = reduce_all(&mut work, two_cores);
     release_scratch(work.a);
     tri
@@ -484,6 +957,7 @@ fn reduce_body<T: Element>(
     handoff: Option<&Handoff<T>>,
 ) {
     let (n, ld) = (work.n(), work.ld());
+    let portable = work.portable;
     let (a, [y, w, zeros, z @ ..]) = work.split();
     for k in 0..n {
         // The previous step's update of column k (its reflector u = [1; A[k+1.., k−1]]).
@@ -530,6 +1004,7 @@ fn reduce_body<T: Element>(
                 y: y[k + 2..].as_mut_ptr(),
                 z: std::array::from_fn(|c| z[c][k + 2..].as_mut_ptr()),
                 tau_inv,
+                portable,
             };
             match handoff {
                 Some(h) if bounds[1] < m => {

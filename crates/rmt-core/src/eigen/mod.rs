@@ -78,6 +78,13 @@ pub(crate) fn has_avx2_fma() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
+/// Whether the CPU has AVX-512F (cached by `is_x86_feature_detected!`): the one-stage
+/// reduction's pass then runs its AVX-512 column kernel, with masked heads and tails.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512f() -> bool {
+    is_x86_feature_detected!("avx512f")
+}
+
 /// Whether a second core is free for this call: outside rayon's workers (inside them, as in
 /// the probe's pool or `diagnose`'s layers, every core already runs a job) and with at least
 /// two threads in rayon's pool (so `RAYON_NUM_THREADS=1` means one here too).
@@ -157,6 +164,7 @@ pub(crate) fn eigenvalues_descending<T: Element>(
 mod tests {
     use super::*;
     use faer::Mat;
+    use householder::ColumnKernel;
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
 
@@ -244,13 +252,26 @@ mod tests {
     }
 
     fn one_stage<T: Element>(a: faer::MatRef<'_, T>, two_cores: bool) -> Vec<f64> {
-        householder::tridiagonalize(a.to_owned(), two_cores)
+        one_stage_with(a, two_cores, ColumnKernel::Fastest)
+    }
+
+    fn one_stage_with<T: Element>(
+        a: faer::MatRef<'_, T>,
+        two_cores: bool,
+        kernel: ColumnKernel,
+    ) -> Vec<f64> {
+        householder::tridiagonalize_with(a.to_owned(), two_cores, kernel)
             .eigenvalues_descending()
             .unwrap()
     }
 
+    /// Both column kernels (AVX-512 with masked heads and tails where the CPU has it, and
+    /// the portable one).
+    const KERNELS: [ColumnKernel; 2] = [ColumnKernel::Fastest, ColumnKernel::Portable];
+
     /// The project's one-stage reduction agrees with faer's solver to a few ulps of ‖A‖,
-    /// on one core and on two, across sizes around the split threshold and odd sizes.
+    /// on one core and on two, with either column kernel, across sizes around the split
+    /// threshold and odd sizes (so columns start at every offset from a vector boundary).
     #[test]
     fn one_stage_matches_faer() {
         for n in [1, 2, 3, 5, 17, 97, 98, 99, 100, 130, 257, 300] {
@@ -258,13 +279,15 @@ mod tests {
             let reference = eigenvalues_descending(a.as_ref(), EigenSolver::Faer).unwrap();
             let scale = reference[0].abs().max(reference[n - 1].abs());
             for two_cores in [false, true] {
-                let got = one_stage(a.as_ref(), two_cores);
-                for (g, r) in got.iter().zip(&reference) {
-                    // Backward stable: |Δλ| ≤ c·n·ε·‖A‖ (Wilkinson); c·n ≤ √n·10 here.
-                    assert!(
-                        (g - r).abs() <= 1e-14 * scale * (n as f64).sqrt() * 10.0,
-                        "n={n} two_cores={two_cores}: {g} vs {r}"
-                    );
+                for kernel in KERNELS {
+                    let got = one_stage_with(a.as_ref(), two_cores, kernel);
+                    for (g, r) in got.iter().zip(&reference) {
+                        // Backward stable: |Δλ| ≤ c·n·ε·‖A‖ (Wilkinson); c·n ≤ √n·10 here.
+                        assert!(
+                            (g - r).abs() <= 1e-14 * scale * (n as f64).sqrt() * 10.0,
+                            "n={n} two_cores={two_cores} {kernel:?}: {g} vs {r}"
+                        );
+                    }
                 }
             }
         }
@@ -301,12 +324,14 @@ mod tests {
     fn one_stage_schedules_are_bit_identical() {
         let a = random_symmetric(300, 5);
         let a32 = Mat::<f32>::from_fn(300, 300, |i, j| a[(i, j)] as f32);
-        let one = householder::tridiagonalize(a.clone(), false);
-        let two = householder::tridiagonalize(a, true);
-        assert_eq!((one.d, one.e), (two.d, two.e));
-        let one = householder::tridiagonalize(a32.clone(), false);
-        let two = householder::tridiagonalize(a32, true);
-        assert_eq!((one.d, one.e), (two.d, two.e));
+        for kernel in KERNELS {
+            let one = householder::tridiagonalize_with(a.clone(), false, kernel);
+            let two = householder::tridiagonalize_with(a.clone(), true, kernel);
+            assert_eq!((one.d, one.e), (two.d, two.e), "{kernel:?}");
+            let one = householder::tridiagonalize_with(a32.clone(), false, kernel);
+            let two = householder::tridiagonalize_with(a32.clone(), true, kernel);
+            assert_eq!((one.d, one.e), (two.d, two.e), "{kernel:?}");
+        }
     }
 
     #[test]
@@ -315,8 +340,16 @@ mod tests {
         let a32 = Mat::<f32>::from_fn(300, 300, |i, j| a[(i, j)] as f32);
         let reference = eigenvalues_descending(a.as_ref(), EigenSolver::Faer).unwrap();
         // Backward stable in f32: errors ≈ √n·ε₃₂·‖A‖ ≈ 1e-6‖A‖.
-        for (g, r) in one_stage(a32.as_ref(), true).iter().zip(&reference) {
-            assert!((g - r).abs() < 2e-5 * reference[0].abs(), "{g} vs {r}");
+        for kernel in KERNELS {
+            for (g, r) in one_stage_with(a32.as_ref(), true, kernel)
+                .iter()
+                .zip(&reference)
+            {
+                assert!(
+                    (g - r).abs() < 2e-5 * reference[0].abs(),
+                    "{kernel:?}: {g} vs {r}"
+                );
+            }
         }
     }
 
