@@ -17,6 +17,13 @@
 //! is run by the caller, and the reduction never waits on a worker busy elsewhere. The
 //! chunks and the order in which their accumulators are summed depend on the size alone:
 //! every schedule performs the same operations on the same values (bit-identical results).
+//!
+//! Within a chunk the columns go [`BLOCK`] at a time: every row shared by the block's
+//! columns loads `u`, `w`, `v` and `z` once for all of them and stores `z` once, where one
+//! column at a time spends five loads and two stores on each of the matrix's vectors; that
+//! cut the pass by a quarter to a third (docs/performance.md). On AVX-512 the block's kernel
+//! is written with std's intrinsics (masked heads and tails), elsewhere with pulp's vectors
+//! for whatever the CPU has (scalar heads and tails); [`ColumnKernel`] picks one.
 
 use super::Tridiagonal;
 use crate::linalg::{Element, release_scratch};
@@ -54,8 +61,8 @@ fn chunk_bounds(m: usize) -> [usize; CHUNKS + 1] {
 struct Work<T> {
     /// The matrix; its lower triangle is read and reduced in place.
     a: Mat<T>,
-    /// Run the portable (pulp) column kernel even where AVX-512 is available.
-    portable: bool,
+    /// The column kernel of the pass.
+    kernel: ColumnKernel,
     /// `n × VECTORS`: see [`VECTORS`].
     vectors: Mat<T>,
 }
@@ -83,7 +90,7 @@ impl<T: Element> Work<T> {
         }
         Work {
             a,
-            portable: kernel == ColumnKernel::Portable,
+            kernel,
             vectors: Mat::zeros(n, VECTORS),
         }
     }
@@ -134,8 +141,8 @@ struct Pass<T> {
     z: [*mut T; CHUNKS],
     /// `τ⁻¹`.
     tau_inv: T,
-    /// [`Work::portable`].
-    portable: bool,
+    /// [`Work::kernel`].
+    kernel: ColumnKernel,
 }
 
 // SAFETY: chunks write disjoint entries (see `Pass`), each chunk is run by the one thread
@@ -146,8 +153,9 @@ unsafe impl<T: Sync> Sync for Pass<T> {}
 impl<T: Element> Pass<T> {
     /// Runs chunk `p` of the pass: for each column `j` of the chunk,
     /// `A[j.., j] −= w_j·u[j..] + u_j·w[j..]`, `z[j..] += τ⁻¹v_j·A[j.., j]` and
-    /// `y_j = τ⁻¹·Σ_{i>j} A[i, j]·v_i`. `f32` and `f64` run explicit SIMD code for the
-    /// widest vectors the CPU has (pulp dispatches once per chunk, at run time).
+    /// `y_j = τ⁻¹·Σ_{i>j} A[i, j]·v_i`. `f32` and `f64` run explicit SIMD code: the AVX-512
+    /// kernel, or pulp's for the widest vectors the CPU has (dispatched once per chunk, at
+    /// run time), as [`Work::kernel`] says.
     ///
     /// # Safety
     /// The pointers must be valid for the ranges above, and no other thread may touch chunk
@@ -155,7 +163,7 @@ impl<T: Element> Pass<T> {
     unsafe fn run(&self, p: usize) {
         use std::any::TypeId;
         #[cfg(target_arch = "x86_64")]
-        if !self.portable && super::has_avx512f() {
+        if self.kernel == ColumnKernel::Fastest && super::has_avx512f() {
             if TypeId::of::<T>() == TypeId::of::<f64>() {
                 // SAFETY: T is f64; the CPU has AVX-512F (checked); the caller upholds the
                 // contract.
@@ -166,6 +174,22 @@ impl<T: Element> Pass<T> {
                 // SAFETY: as above, for f32.
                 let pass = unsafe { &*(self as *const Pass<T>).cast::<Pass<f32>>() };
                 unsafe { chunk_avx512_f32(pass, p) };
+                return;
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.kernel == ColumnKernel::Avx2
+            && let Some(v3) = pulp::x86::V3::try_new()
+        {
+            if TypeId::of::<T>() == TypeId::of::<f64>() {
+                // SAFETY: T is f64.
+                let pass = unsafe { &*(self as *const Pass<T>).cast::<Pass<f64>>() };
+                <pulp::x86::V3 as pulp::Simd>::vectorize(v3, SimdPartF64 { pass, p });
+                return;
+            } else if TypeId::of::<T>() == TypeId::of::<f32>() {
+                // SAFETY: T is f32.
+                let pass = unsafe { &*(self as *const Pass<T>).cast::<Pass<f32>>() };
+                <pulp::x86::V3 as pulp::Simd>::vectorize(v3, SimdPartF32 { pass, p });
                 return;
             }
         }
@@ -336,7 +360,8 @@ macro_rules! simd_part {
         $splat:ident,
         $fma:ident,
         $add:ident,
-        $reduce:ident
+        $reduce:ident,
+        $lanes:ident
     ) => {
         /// A chunk of the pass, vectorised for the CPU pulp dispatches to.
         struct $name<'a> {
@@ -402,11 +427,136 @@ macro_rules! simd_part {
                     }
                     sum
                 };
+                let block = |c: BlockArgs<'_, $t>| -> [$t; BLOCK] {
+                    let BlockArgs {
+                        mut columns,
+                        u,
+                        w,
+                        v,
+                        z,
+                        coefficients,
+                    } = c;
+                    let mut sums = [0.0; BLOCK];
+                    block_triangle(&mut columns, u, w, v, z, &coefficients, &mut sums);
+                    let (mut cols, u, w, v, z) = shared_rows(columns, u, w, v, z);
+                    // Scalar rows up to the 64-byte boundary, aligned vectors (one per
+                    // column a step: each column's sum then waits on one FMA per step, which
+                    // the step's loads and stores outlast), scalar rows after them.
+                    let n = z.len();
+                    let h = z.as_ptr().align_offset(64).min(n);
+                    block_rows(&mut cols, u, w, v, z, &coefficients, 0..h, &mut sums);
+                    let (zv, _) = S::$as_mut_simd(&mut z[h..]);
+                    let k = zv.len();
+                    let (uv, _) = S::$as_simd(&u[h..]);
+                    let (wv, _) = S::$as_simd(&w[h..]);
+                    let (vv, _) = S::$as_simd(&v[h..]);
+                    let av = cols.each_mut().map(|a| S::$as_mut_simd(&mut a[h..]).0);
+                    let coef = coefficients
+                        .map(|(ru, rw, cc)| (simd.$splat(ru), simd.$splat(rw), simd.$splat(cc)));
+                    let mut acc = [simd.$splat(0.0); BLOCK];
+                    for i in 0..k {
+                        let (u, w, v) = (uv[i], wv[i], vv[i]);
+                        let mut zi = zv[i];
+                        for c in 0..BLOCK {
+                            let (ru, rw, cc) = coef[c];
+                            let x = simd.$fma(rw, w, simd.$fma(ru, u, av[c][i]));
+                            av[c][i] = x;
+                            zi = simd.$fma(x, cc, zi);
+                            acc[c] = simd.$fma(x, v, acc[c]);
+                        }
+                        zv[i] = zi;
+                    }
+                    let rest = h + k * S::$lanes;
+                    block_rows(&mut cols, u, w, v, z, &coefficients, rest..n, &mut sums);
+                    std::array::from_fn(|c| simd.$reduce(acc[c]) + sums[c])
+                };
                 // SAFETY: `Pass::run`'s caller upholds its contract.
-                unsafe { self.pass.for_each_column(self.p, column) }
+                unsafe { self.pass.for_each_block(self.p, column, block) }
             }
         }
     };
+}
+
+/// Rows `0..BLOCK − 1` of a block (see [`BlockArgs`]): those above the last column's
+/// diagonal, where fewer than [`BLOCK`] columns have entries; column by column within a row,
+/// each column's dot product into `sums`.
+#[inline(always)]
+fn block_triangle<T: Element>(
+    columns: &mut [&mut [T]; BLOCK],
+    u: &[T],
+    w: &[T],
+    v: &[T],
+    z: &mut [T],
+    coefficients: &[(T, T, T); BLOCK],
+    sums: &mut [T; BLOCK],
+) {
+    for r in 0..BLOCK - 1 {
+        for (c, column) in columns.iter_mut().enumerate().take(r + 1) {
+            let (ru, rw, cc) = coefficients[c];
+            let a = &mut column[r - c];
+            let x = rw.fused_mul_add(w[r], ru.fused_mul_add(u[r], *a));
+            *a = x;
+            z[r] = x.fused_mul_add(cc, z[r]);
+            sums[c] = x.fused_mul_add(v[r], sums[c]);
+        }
+    }
+}
+
+/// A block's operands from the first row all its columns share (row `BLOCK − 1`), every
+/// one of the same length: `(columns, u, w, v, z)`.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn shared_rows<'a, T>(
+    columns: [&'a mut [T]; BLOCK],
+    u: &'a [T],
+    w: &'a [T],
+    v: &'a [T],
+    z: &'a mut [T],
+) -> ([&'a mut [T]; BLOCK], &'a [T], &'a [T], &'a [T], &'a mut [T]) {
+    let first = BLOCK - 1;
+    let n = columns[0].len() - first;
+    let mut c = 0;
+    let columns = columns.map(|column| {
+        let rows = &mut column[first - c..][..n];
+        c += 1;
+        rows
+    });
+    let z = &mut z[first..first + n];
+    (
+        columns,
+        &u[first..first + n],
+        &w[first..first + n],
+        &v[first..first + n],
+        z,
+    )
+}
+
+/// Rows `rows` of a block's shared part (operands from [`shared_rows`]) in scalar code: per
+/// row, `x_c = a_c + ru_c·u + rw_c·w` for each column `c` in turn, `z += c_c·x_c`,
+/// `sums[c] += x_c·v`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn block_rows<T: Element>(
+    columns: &mut [&mut [T]; BLOCK],
+    u: &[T],
+    w: &[T],
+    v: &[T],
+    z: &mut [T],
+    coefficients: &[(T, T, T); BLOCK],
+    rows: std::ops::Range<usize>,
+    sums: &mut [T; BLOCK],
+) {
+    for i in rows {
+        let mut zi = z[i];
+        for (c, column) in columns.iter_mut().enumerate() {
+            let (ru, rw, cc) = coefficients[c];
+            let x = rw.fused_mul_add(w[i], ru.fused_mul_add(u[i], column[i]));
+            column[i] = x;
+            zi = x.fused_mul_add(cc, zi);
+            sums[c] = x.fused_mul_add(v[i], sums[c]);
+        }
+        z[i] = zi;
+    }
 }
 
 simd_part!(
@@ -417,7 +567,8 @@ simd_part!(
     splat_f64s,
     mul_add_f64s,
     add_f64s,
-    reduce_sum_f64s
+    reduce_sum_f64s,
+    F64_LANES
 );
 simd_part!(
     SimdPartF32,
@@ -427,14 +578,15 @@ simd_part!(
     splat_f32s,
     mul_add_f32s,
     add_f32s,
-    reduce_sum_f32s
+    reduce_sum_f32s,
+    F32_LANES
 );
 
-/// A chunk of the pass and its column kernel for AVX-512, in `f32` or `f64`: as the pulp
-/// kernel above, but the column's unaligned head (up to the first 64-byte boundary) and its
-/// tail are one masked vector each, not a scalar loop. The pass runs `n²/2` columns, a few
-/// hundred entries long on average, and the two scalar loops (up to 15 `f32` entries each,
-/// every FMA waiting on the last) were as long as the vector loop between them.
+/// A chunk of the pass and its kernels for AVX-512, in `f32` or `f64`: as the pulp kernels
+/// above, but the unaligned head of a block's (or a column's) rows, up to the first 64-byte
+/// boundary, and its tail are one masked vector each, not a scalar loop, and the block's
+/// rows go two vectors a step into two sets of sums. At 768² `f32` on one core this kernel
+/// took 8.1–8.2 ms against the pulp block kernel's 10.0–10.2 on the same AVX-512 vectors.
 macro_rules! avx512_part {
     (
         $chunk:ident,
@@ -542,17 +694,7 @@ macro_rules! avx512_part {
                 "the operands hold the block's length"
             );
             let mut sums = [0.0; BLOCK];
-            // Rows above the last column's diagonal, column by column within a row.
-            for r in 0..BLOCK - 1 {
-                for (c, column) in columns.iter_mut().enumerate().take(r + 1) {
-                    let (ru, rw, cc) = coefficients[c];
-                    let a = &mut column[r - c];
-                    let x = rw.mul_add(w[r], ru.mul_add(u[r], *a));
-                    *a = x;
-                    z[r] = x.mul_add(cc, z[r]);
-                    sums[c] = x.mul_add(v[r], sums[c]);
-                }
-            }
+            block_triangle(&mut columns, u, w, v, z, &coefficients, &mut sums);
             let shared = BLOCK - 1;
             let n = len - shared;
             let ptrs = (
@@ -837,11 +979,17 @@ pub(crate) fn tridiagonalize<T: Element>(a: Mat<T>, two_cores: bool) -> Tridiago
 
 /// The column kernels of the pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))] // the library runs `Fastest`; the tests every kernel
 pub(crate) enum ColumnKernel {
     /// AVX-512 where the CPU has it (masked heads and tails), else the portable one.
     Fastest,
-    /// pulp's widest vectors with scalar heads and tails, on every CPU.
+    /// pulp's widest vectors with scalar heads and tails, on every CPU (blocks of columns
+    /// as the AVX-512 kernel, one vector of rows a step: on AVX2's sixteen registers two
+    /// sets of sums spilled).
     Portable,
+    /// The portable kernel on AVX2 + FMA (pulp's `V3`), where the CPU has them, even if it
+    /// has wider vectors; else the portable one. For the tests: CPUs without AVX-512 run it.
+    Avx2,
 }
 
 /// [`tridiagonalize`] with a choice of column kernel (the tests compare them).
@@ -957,7 +1105,7 @@ fn reduce_body<T: Element>(
     handoff: Option<&Handoff<T>>,
 ) {
     let (n, ld) = (work.n(), work.ld());
-    let portable = work.portable;
+    let kernel = work.kernel;
     let (a, [y, w, zeros, z @ ..]) = work.split();
     for k in 0..n {
         // The previous step's update of column k (its reflector u = [1; A[k+1.., k−1]]).
@@ -1004,7 +1152,7 @@ fn reduce_body<T: Element>(
                 y: y[k + 2..].as_mut_ptr(),
                 z: std::array::from_fn(|c| z[c][k + 2..].as_mut_ptr()),
                 tau_inv,
-                portable,
+                kernel,
             };
             match handoff {
                 Some(h) if bounds[1] < m => {

@@ -265,9 +265,13 @@ mod tests {
             .unwrap()
     }
 
-    /// Both column kernels (AVX-512 with masked heads and tails where the CPU has it, and
-    /// the portable one).
-    const KERNELS: [ColumnKernel; 2] = [ColumnKernel::Fastest, ColumnKernel::Portable];
+    /// Every column kernel: AVX-512 with masked heads and tails where the CPU has it, the
+    /// portable one on pulp's widest vectors, and the portable one on AVX2.
+    const KERNELS: [ColumnKernel; 3] = [
+        ColumnKernel::Fastest,
+        ColumnKernel::Portable,
+        ColumnKernel::Avx2,
+    ];
 
     /// The project's one-stage reduction agrees with faer's solver to a few ulps of ‖A‖,
     /// on one core and on two, with either column kernel, across sizes around the split
