@@ -592,18 +592,14 @@ macro_rules! avx512_part {
         $chunk:ident,
         $column:ident,
         $step:ident,
-        $step_masked:ident,
         $block:ident,
         $block_step:ident,
-        $block_step_masked:ident,
         $t:ty,
         $v:ty,
         $lanes:expr,
         $mask:ty,
         $zero:ident,
         $set1:ident,
-        $loadu:ident,
-        $storeu:ident,
         $maskz_loadu:ident,
         $mask_storeu:ident,
         $fmadd:ident,
@@ -627,6 +623,7 @@ macro_rules! avx512_part {
         #[target_feature(enable = "avx512f")]
         fn $column(c: ColumnArgs<'_, $t>) -> $t {
             const LANES: usize = $lanes;
+            const FULL: $mask = !0;
             let len = c.a.len();
             assert!(
                 c.u.len() >= len && c.w.len() >= len && c.v.len() >= len && c.z.len() >= len,
@@ -647,22 +644,22 @@ macro_rules! avx512_part {
             // operand holds (asserted), and the CPU has AVX-512F (this function's feature).
             if h > 0 {
                 let m = ((1u32 << h) - 1) as $mask;
-                acc[2] = unsafe { $step_masked(ptrs, coef, 0, m, acc[2]) };
+                acc[2] = unsafe { $step(ptrs, coef, 0, m, acc[2]) };
             }
             let mut i = h;
             while i + 4 * LANES <= end {
                 for (l, acc) in acc.iter_mut().enumerate() {
-                    *acc = unsafe { $step(ptrs, coef, i + l * LANES, *acc) };
+                    *acc = unsafe { $step(ptrs, coef, i + l * LANES, FULL, *acc) };
                 }
                 i += 4 * LANES;
             }
             while i < end {
-                acc[0] = unsafe { $step(ptrs, coef, i, acc[0]) };
+                acc[0] = unsafe { $step(ptrs, coef, i, FULL, acc[0]) };
                 i += LANES;
             }
             if end < len {
                 let m = ((1u32 << (len - end)) - 1) as $mask;
-                acc[3] = unsafe { $step_masked(ptrs, coef, end, m, acc[3]) };
+                acc[3] = unsafe { $step(ptrs, coef, end, m, acc[3]) };
             }
             $reduce($add($add(acc[0], acc[1]), $add(acc[2], acc[3])))
         }
@@ -675,6 +672,7 @@ macro_rules! avx512_part {
         #[target_feature(enable = "avx512f")]
         fn $block(c: BlockArgs<'_, $t>) -> [$t; BLOCK] {
             const LANES: usize = $lanes;
+            const FULL: $mask = !0;
             let BlockArgs {
                 mut columns,
                 u,
@@ -715,66 +713,37 @@ macro_rules! avx512_part {
             // holds from the pointers above (asserted), and the CPU has AVX-512F.
             if h > 0 {
                 let m = ((1u32 << h) - 1) as $mask;
-                unsafe { $block_step_masked(&ptrs, &coef, 0, m, &mut acc[1]) };
+                unsafe { $block_step(&ptrs, &coef, 0, m, &mut acc[1]) };
             }
             let mut i = h;
             while i + 2 * LANES <= end {
                 for (l, acc) in acc.iter_mut().enumerate() {
-                    unsafe { $block_step(&ptrs, &coef, i + l * LANES, acc) };
+                    unsafe { $block_step(&ptrs, &coef, i + l * LANES, FULL, acc) };
                 }
                 i += 2 * LANES;
             }
             if i < end {
-                unsafe { $block_step(&ptrs, &coef, i, &mut acc[0]) };
+                unsafe { $block_step(&ptrs, &coef, i, FULL, &mut acc[0]) };
             }
             if end < n {
                 let m = ((1u32 << (n - end)) - 1) as $mask;
-                unsafe { $block_step_masked(&ptrs, &coef, end, m, &mut acc[1]) };
+                unsafe { $block_step(&ptrs, &coef, end, m, &mut acc[1]) };
             }
             std::array::from_fn(|c| $reduce($add(acc[0][c], acc[1][c])) + sums[c])
         }
 
-        /// Rows `i..i + LANES` of a block (pointers `(columns, z, u, w, v)` from the block's
-        /// first shared row): `x_c = a_c + ru_c·u + rw_c·w` stored to each column,
-        /// `z += c_c·x_c` in column order, `acc_c += x_c·v`.
-        ///
-        /// # Safety
-        /// The operands must hold rows `i..i + LANES`; the CPU must have AVX-512F.
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f")]
-        #[inline]
-        unsafe fn $block_step(
-            (pa, pz, pu, pw, pv): &([*mut $t; BLOCK], *mut $t, *const $t, *const $t, *const $t),
-            coef: &[($v, $v, $v); BLOCK],
-            i: usize,
-            acc: &mut [$v; BLOCK],
-        ) {
-            // SAFETY: the caller upholds the contract.
-            unsafe {
-                let (u, w, v) = ($loadu(pu.add(i)), $loadu(pw.add(i)), $loadu(pv.add(i)));
-                let mut z = $loadu(pz.add(i));
-                for c in 0..BLOCK {
-                    let (ru, rw, cc) = coef[c];
-                    let x = $fmadd(rw, w, $fmadd(ru, u, $loadu(pa[c].add(i))));
-                    $storeu(pa[c].add(i), x);
-                    z = $fmadd(x, cc, z);
-                    acc[c] = $fmadd(x, v, acc[c]);
-                }
-                $storeu(pz.add(i), z);
-            }
-        }
-
-        /// [`
-        #[doc = stringify!($block_step)]
-        /// `] for the lanes of the mask `m` only (the others are neither read nor written,
-        /// and add zero to the sums).
+        /// Rows `i..i + LANES` of a block under the mask `m` (pointers `(columns, z, u, w,
+        /// v)` from the block's first shared row): `x_c = a_c + ru_c·u + rw_c·w` stored to
+        /// each column, `z += c_c·x_c` in column order, `acc_c += x_c·v`. Lanes masked off are
+        /// neither read nor written, and add zero to the sums; with every lane on (`FULL`)
+        /// LLVM emits plain loads and stores.
         ///
         /// # Safety
         /// The operands must hold the lanes of `m` from `i`; the CPU must have AVX-512F.
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f")]
         #[inline]
-        unsafe fn $block_step_masked(
+        unsafe fn $block_step(
             (pa, pz, pu, pw, pv): &([*mut $t; BLOCK], *mut $t, *const $t, *const $t, *const $t),
             coef: &[($v, $v, $v); BLOCK],
             i: usize,
@@ -800,45 +769,17 @@ macro_rules! avx512_part {
             }
         }
 
-        /// Entries `i..i + LANES` of a column: `x = a + ru·u + rw·w` is stored to `a`,
-        /// `z += c·x`, and `acc + x·v` returned.
-        ///
-        /// # Safety
-        /// The operands `(a, z, u, w, v)` must hold entries `i..i + LANES`; the CPU must
-        /// have AVX-512F.
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f")]
-        #[inline]
-        unsafe fn $step(
-            (pa, pz, pu, pw, pv): (*mut $t, *mut $t, *const $t, *const $t, *const $t),
-            (ru, rw, cc): ($v, $v, $v),
-            i: usize,
-            acc: $v,
-        ) -> $v {
-            // SAFETY: the caller upholds the contract.
-            unsafe {
-                let x = $fmadd(
-                    rw,
-                    $loadu(pw.add(i)),
-                    $fmadd(ru, $loadu(pu.add(i)), $loadu(pa.add(i))),
-                );
-                $storeu(pa.add(i), x);
-                $storeu(pz.add(i), $fmadd(x, cc, $loadu(pz.add(i))));
-                $fmadd(x, $loadu(pv.add(i)), acc)
-            }
-        }
-
-        /// [`
-        #[doc = stringify!($step)]
-        /// `] for the lanes of the mask `m` only: lanes masked off are neither read nor
-        /// written, and add zero to `acc`.
+        /// Entries `i..i + LANES` of a column under the mask `m`: `x = a + ru·u + rw·w` is
+        /// stored to `a`, `z += c·x`, and `acc + x·v` returned. Lanes masked off are neither
+        /// read nor written, and add zero to `acc`; with every lane on (`FULL`) LLVM emits
+        /// plain loads and stores.
         ///
         /// # Safety
         /// The operands must hold the lanes of `m` from `i`; the CPU must have AVX-512F.
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f")]
         #[inline]
-        unsafe fn $step_masked(
+        unsafe fn $step(
             (pa, pz, pu, pw, pv): (*mut $t, *mut $t, *const $t, *const $t, *const $t),
             (ru, rw, cc): ($v, $v, $v),
             i: usize,
@@ -863,28 +804,23 @@ macro_rules! avx512_part {
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::{
     __m512, __m512d, _mm512_add_pd, _mm512_add_ps, _mm512_fmadd_pd, _mm512_fmadd_ps,
-    _mm512_loadu_pd, _mm512_loadu_ps, _mm512_mask_storeu_pd, _mm512_mask_storeu_ps,
-    _mm512_maskz_loadu_pd, _mm512_maskz_loadu_ps, _mm512_reduce_add_pd, _mm512_reduce_add_ps,
-    _mm512_set1_pd, _mm512_set1_ps, _mm512_setzero_pd, _mm512_setzero_ps, _mm512_storeu_pd,
-    _mm512_storeu_ps,
+    _mm512_mask_storeu_pd, _mm512_mask_storeu_ps, _mm512_maskz_loadu_pd, _mm512_maskz_loadu_ps,
+    _mm512_reduce_add_pd, _mm512_reduce_add_ps, _mm512_set1_pd, _mm512_set1_ps, _mm512_setzero_pd,
+    _mm512_setzero_ps,
 };
 
 avx512_part!(
     chunk_avx512_f32,
     column_avx512_f32,
     step_avx512_f32,
-    masked_step_avx512_f32,
     block_avx512_f32,
     block_step_avx512_f32,
-    masked_block_step_avx512_f32,
     f32,
     __m512,
     16,
     u16,
     _mm512_setzero_ps,
     _mm512_set1_ps,
-    _mm512_loadu_ps,
-    _mm512_storeu_ps,
     _mm512_maskz_loadu_ps,
     _mm512_mask_storeu_ps,
     _mm512_fmadd_ps,
@@ -895,18 +831,14 @@ avx512_part!(
     chunk_avx512_f64,
     column_avx512_f64,
     step_avx512_f64,
-    masked_step_avx512_f64,
     block_avx512_f64,
     block_step_avx512_f64,
-    masked_block_step_avx512_f64,
     f64,
     __m512d,
     8,
     u8,
     _mm512_setzero_pd,
     _mm512_set1_pd,
-    _mm512_loadu_pd,
-    _mm512_storeu_pd,
     _mm512_maskz_loadu_pd,
     _mm512_mask_storeu_pd,
     _mm512_fmadd_pd,
