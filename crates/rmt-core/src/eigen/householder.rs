@@ -638,7 +638,8 @@ macro_rules! avx512_part {
             );
             let coef = ($set1(c.ru), $set1(c.rw), $set1(c.c));
             let mut acc = [$zero(); 4];
-            let h = ptrs.0.align_offset(64).min(len);
+            // `align_offset` may answer `usize::MAX`; the head must stay one masked vector.
+            let h = ptrs.0.align_offset(64).min(LANES - 1).min(len);
             let end = h + (len - h) / LANES * LANES;
             // SAFETY (every call below): the entries touched lie below `len`, which every
             // operand holds (asserted), and the CPU has AVX-512F (this function's feature).
@@ -707,7 +708,8 @@ macro_rules! avx512_part {
                 ($set1(ru), $set1(rw), $set1(cc))
             });
             let mut acc = [[$zero(); BLOCK]; 2];
-            let h = ptrs.1.align_offset(64).min(n);
+            // `align_offset` may answer `usize::MAX`; the head must stay one masked vector.
+            let h = ptrs.1.align_offset(64).min(LANES - 1).min(n);
             let end = h + (n - h) / LANES * LANES;
             // SAFETY (every call below): the rows touched lie below `n`, which every operand
             // holds from the pointers above (asserted), and the CPU has AVX-512F.
