@@ -32,6 +32,44 @@ fn bad_inputs_are_clear_errors() {
         diagnose_layer(view(&q), view(&k), 2, &cfg, None),
         Err(RmtError::NonFinite { .. })
     ));
+    // Q and K are scanned only when ‖M‖² is not finite: every bad entry must still surface,
+    // with its input and index, even where it meets zeros (0·∞ is NaN).
+    let ones = DMatrix::<f64>::from_element(8, 4, 1.0);
+    let mut bad_k = ones.clone();
+    bad_k[(5, 1)] = f64::INFINITY;
+    assert_eq!(
+        diagnose_layer(view(&ones), view(&bad_k), 2, &cfg, None).unwrap_err(),
+        RmtError::NonFinite {
+            what: "K",
+            index: 5 + 8,
+            value: f64::INFINITY
+        }
+    );
+    let mut bad_q = DMatrix::<f64>::zeros(8, 4);
+    bad_q[(2, 3)] = f64::NEG_INFINITY;
+    assert!(matches!(
+        diagnose_layer(view(&bad_q), view(&k), 2, &cfg, None),
+        Err(RmtError::NonFinite {
+            what: "Q",
+            index: 26,
+            ..
+        })
+    ));
+    // Finite inputs whose product overflows: in f32 M itself holds an infinity; in f64 M is
+    // finite but ‖M‖² is not.
+    let big32 = DMatrix::<f32>::from_fn(8, 4, |i, j| 1e20 * (1.0 + (i + j) as f32));
+    assert!(matches!(
+        diagnose_layer(view(&big32), view(&big32), 2, &cfg, None),
+        Err(RmtError::NonFinite {
+            what: "M = QKᵀ",
+            ..
+        })
+    ));
+    let big64 = DMatrix::<f64>::from_fn(8, 4, |i, j| 1e77 * (1.0 + (i + j) as f64));
+    assert!(matches!(
+        diagnose_layer(view(&big64), view(&big64), 2, &cfg, None),
+        Err(RmtError::Degenerate(reason)) if reason.contains("overflows")
+    ));
     let e = DMatrix::<f64>::zeros(0, 4);
     assert!(matches!(
         diagnose_layer(view(&e), view(&e), 1, &cfg, None),
