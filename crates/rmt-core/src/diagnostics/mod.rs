@@ -286,7 +286,8 @@ pub struct LayerDiagnostics {
 ///
 /// # Errors
 /// Empty or non-finite matrices, shapes of `Q` and `K` that differ, `heads` = 0 or not
-/// dividing `m`, an all-zero `M`, or an invalid configuration.
+/// dividing `m`, an all-zero `M`, finite inputs whose `M` or `‖M‖²` overflows, or an
+/// invalid configuration.
 ///
 /// # Example
 /// ```
