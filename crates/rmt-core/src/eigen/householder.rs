@@ -161,50 +161,42 @@ impl<T: Element> Pass<T> {
     /// The pointers must be valid for the ranges above, and no other thread may touch chunk
     /// `p`'s outputs meanwhile.
     unsafe fn run(&self, p: usize) {
-        use std::any::TypeId;
+        let (wide, narrow) = (self.cast::<f64>(), self.cast::<f32>());
         #[cfg(target_arch = "x86_64")]
         if self.kernel == ColumnKernel::Fastest && super::has_avx512f() {
-            if TypeId::of::<T>() == TypeId::of::<f64>() {
-                // SAFETY: T is f64; the CPU has AVX-512F (checked); the caller upholds the
-                // contract.
-                let pass = unsafe { &*(self as *const Pass<T>).cast::<Pass<f64>>() };
-                unsafe { chunk_avx512_f64(pass, p) };
-                return;
-            } else if TypeId::of::<T>() == TypeId::of::<f32>() {
-                // SAFETY: as above, for f32.
-                let pass = unsafe { &*(self as *const Pass<T>).cast::<Pass<f32>>() };
-                unsafe { chunk_avx512_f32(pass, p) };
-                return;
+            // SAFETY (both): the CPU has AVX-512F (checked); the caller upholds the contract.
+            if let Some(pass) = wide {
+                return unsafe { chunk_avx512_f64(pass, p) };
+            } else if let Some(pass) = narrow {
+                return unsafe { chunk_avx512_f32(pass, p) };
             }
         }
         #[cfg(target_arch = "x86_64")]
         if self.kernel == ColumnKernel::Avx2
             && let Some(v3) = pulp::x86::V3::try_new()
         {
-            if TypeId::of::<T>() == TypeId::of::<f64>() {
-                // SAFETY: T is f64.
-                let pass = unsafe { &*(self as *const Pass<T>).cast::<Pass<f64>>() };
-                <pulp::x86::V3 as pulp::Simd>::vectorize(v3, SimdPartF64 { pass, p });
-                return;
-            } else if TypeId::of::<T>() == TypeId::of::<f32>() {
-                // SAFETY: T is f32.
-                let pass = unsafe { &*(self as *const Pass<T>).cast::<Pass<f32>>() };
-                <pulp::x86::V3 as pulp::Simd>::vectorize(v3, SimdPartF32 { pass, p });
-                return;
+            if let Some(pass) = wide {
+                return <pulp::x86::V3 as pulp::Simd>::vectorize(v3, SimdPartF64 { pass, p });
+            } else if let Some(pass) = narrow {
+                return <pulp::x86::V3 as pulp::Simd>::vectorize(v3, SimdPartF32 { pass, p });
             }
         }
-        if TypeId::of::<T>() == TypeId::of::<f64>() {
-            // SAFETY: T is f64.
-            let pass = unsafe { &*(self as *const Pass<T>).cast::<Pass<f64>>() };
+        if let Some(pass) = wide {
             pulp::Arch::new().dispatch(SimdPartF64 { pass, p });
-        } else if TypeId::of::<T>() == TypeId::of::<f32>() {
-            // SAFETY: T is f32.
-            let pass = unsafe { &*(self as *const Pass<T>).cast::<Pass<f32>>() };
+        } else if let Some(pass) = narrow {
             pulp::Arch::new().dispatch(SimdPartF32 { pass, p });
         } else {
             // SAFETY: the caller upholds the contract.
             unsafe { self.for_each_column(p, fused_column) }
         }
+    }
+
+    /// This pass as a `Pass<F>`, when `T` is `F`.
+    fn cast<F: 'static>(&self) -> Option<&Pass<F>> {
+        use std::any::TypeId;
+        // SAFETY: `T` and `F` are the same type.
+        (TypeId::of::<T>() == TypeId::of::<F>())
+            .then(|| unsafe { &*(self as *const Pass<T>).cast::<Pass<F>>() })
     }
 
     /// The vectors of chunk `p` (`u`, `w`, `v` whole, `m` entries; `z[p]` from the chunk's
