@@ -413,7 +413,8 @@ pub(crate) fn gram_lower_of_transpose<T: Element>(at: MatRef<'_, T>, scale: f64)
     let n = at.ncols();
     let mut out = take_scratch::<T>(n, n);
     let (l, alpha) = (at.transpose(), T::from_f64(scale));
-    if n >= GRAM_HALVING_MIN {
+    let one_thread = !crate::eigen::second_core_free();
+    if n >= GRAM_HALVING_MIN || (one_thread && n >= GRAM_HALVING_ONE_THREAD_MIN) {
         lower_gram(out.as_mut(), l, alpha);
     } else {
         lower_product(out.as_mut(), Accum::Replace, l, l, alpha);
@@ -427,6 +428,13 @@ pub(crate) fn gram_lower_of_transpose<T: Element>(at: MatRef<'_, T>, scale: f64)
 /// 3.3–3.5 ms either way (`f32` 1.7–1.8 against 1.9), n = 1024 8.6 → 7.9, n = 2048 68–72 →
 /// 55–57, n = 4096 623 → 490 (`f32` 2048 36–38 → 27–28).
 const GRAM_HALVING_MIN: usize = 1024;
+
+/// The same from this size on when the call has one core (inside a rayon worker, as each of
+/// a model's layers runs, or with one thread in the pool): measured on one thread of the
+/// Xeon (2026-12-04, medians of 21), 768 `f64` 9.3 → 8.8 ms, `f32` 4.3 → 3.9, 1024 `f64`
+/// 22.8 → 20.4; on two cores the two sides stay faster below 1024 there (768 `f64` 5.1
+/// against 5.5 ms, `f32` 2.3 against 3.4). At 512 the two were equal.
+const GRAM_HALVING_ONE_THREAD_MIN: usize = 640;
 
 /// Rows of the diagonal blocks that [`lower_gram`] computes whole.
 const GRAM_BASE: usize = 256;
@@ -955,6 +963,25 @@ mod tests {
         let f = as_faer(&v);
         assert_eq!(f[(1, 2)], 5.0);
         assert!(row_major_view(&w, 4, 2).is_err());
+    }
+
+    /// The halving Gram and the two-sided one compute every entry of the lower triangle with
+    /// the same bits (each entry is one dot product over `k` in faer's order), so which one
+    /// runs may depend on the threads.
+    #[test]
+    fn halving_and_two_sided_grams_agree() {
+        for (n, k) in [(300, 40), (513, 7), (300, 700)] {
+            let at = Mat::<f64>::from_fn(k, n, |i, j| ((i * 31 + j * 17) as f64 * 0.37).sin());
+            let l = at.as_ref().transpose();
+            let (mut halves, mut sides) = (Mat::<f64>::zeros(n, n), Mat::<f64>::zeros(n, n));
+            lower_gram(halves.as_mut(), l, 0.25);
+            lower_product(sides.as_mut(), Accum::Replace, l, l, 0.25);
+            for j in 0..n {
+                for i in j..n {
+                    assert_eq!(halves[(i, j)], sides[(i, j)], "n={n} ({i}, {j})");
+                }
+            }
+        }
     }
 
     #[test]
