@@ -182,11 +182,18 @@ pub(crate) fn par() -> Par {
     Par::rayon(0)
 }
 
-/// Checks that the matrix has entries and that they are all finite.
-pub(crate) fn check_matrix<T: Element>(what: &'static str, m: MatRef<'_, T>) -> Result<()> {
+/// [`RmtError::Empty`] for a matrix without rows or columns: the shape half of
+/// [`check_matrix`], for callers that check the entries another way.
+pub(crate) fn check_non_empty<T>(what: &'static str, m: MatRef<'_, T>) -> Result<()> {
     if m.nrows() == 0 || m.ncols() == 0 {
         return Err(RmtError::Empty { what });
     }
+    Ok(())
+}
+
+/// Checks that the matrix has entries and that they are all finite.
+pub(crate) fn check_matrix<T: Element>(what: &'static str, m: MatRef<'_, T>) -> Result<()> {
+    check_non_empty(what, m)?;
     let non_finite = |i: usize, j: usize| RmtError::NonFinite {
         what,
         index: i + j * m.nrows(),

@@ -24,8 +24,8 @@ use crate::eigen::{EigenSolver, eigenvalues_descending, tridiagonalize, tridiago
 use crate::error::{Result, RmtError};
 use crate::laws::{MarchenkoPastur, ProductGaussianLaw, SpectralLaw};
 use crate::linalg::{
-    Element, MatrixView, as_faer, check_matrix, gram_lower_of_transpose, product_abt,
-    release_scratch,
+    Element, MatrixView, as_faer, check_matrix, check_non_empty, gram_lower_of_transpose,
+    product_abt, release_scratch,
 };
 use crate::tracy_widom::{TracyWidomTest, wishart_largest_eigenvalue_scaling};
 use faer::MatRef;
@@ -320,11 +320,8 @@ pub fn diagnose_layer<T: Element>(
     config.validate()?;
     let (q, k) = (as_faer(&q), as_faer(&k));
     // Their entries are checked through M's (see `diagnose_block`).
-    for (what, m) in [("Q", q), ("K", k)] {
-        if m.nrows() == 0 || m.ncols() == 0 {
-            return Err(RmtError::Empty { what });
-        }
-    }
+    check_non_empty("Q", q)?;
+    check_non_empty("K", k)?;
     if q.nrows() != k.nrows() || q.ncols() != k.ncols() {
         return Err(RmtError::ShapeMismatch {
             context: "diagnose_layer",

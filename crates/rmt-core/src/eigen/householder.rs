@@ -187,7 +187,8 @@ impl<T: Element> Pass<T> {
             pulp::Arch::new().dispatch(SimdPartF32 { pass, p });
         } else {
             // SAFETY: the caller upholds the contract.
-            unsafe { self.for_each_column(p, fused_column) }
+            let no_block: Option<fn(BlockArgs<'_, T>) -> [T; BLOCK]> = None;
+            unsafe { self.for_each_block(p, fused_column, no_block) }
         }
     }
 
@@ -234,34 +235,8 @@ impl<T: Element> Pass<T> {
         (first..last, (u, w, v, z), column)
     }
 
-    /// Runs chunk `p` with `column` as the kernel of one column (see [`fused_column`]).
-    ///
-    /// # Safety
-    /// As [`Pass::run`].
-    #[inline(always)]
-    unsafe fn for_each_column(&self, p: usize, column: impl Fn(ColumnArgs<'_, T>) -> T) {
-        // SAFETY: the caller upholds the contract.
-        let (range, (u, w, v, z), col) = unsafe { self.chunk(p) };
-        let (first, f) = (range.start, self.tau_inv);
-        for j in range {
-            let a = col(j);
-            let acc = column(ColumnArgs {
-                a: &mut *a,
-                u: &u[j..],
-                w: &w[j..],
-                v: &v[j..],
-                z: &mut z[j - first..],
-                ru: -w[j],
-                rw: -u[j],
-                c: f * v[j],
-            });
-            // SAFETY: y[j] belongs to this chunk.
-            unsafe { *self.y.add(j) = f * (acc - a[0] * v[j]) };
-        }
-    }
-
-    /// Runs chunk `p`, its columns [`BLOCK`] at a time with `block` (see [`BlockArgs`]) and
-    /// the last few one at a time with `column` (see [`fused_column`]).
+    /// Runs chunk `p`: its columns [`BLOCK`] at a time with `block` (see [`BlockArgs`]), if
+    /// there is one, and the rest one at a time with `column` (see [`fused_column`]).
     ///
     /// # Safety
     /// As [`Pass::run`].
@@ -270,14 +245,16 @@ impl<T: Element> Pass<T> {
         &self,
         p: usize,
         column: impl Fn(ColumnArgs<'_, T>) -> T,
-        block: impl Fn(BlockArgs<'_, T>) -> [T; BLOCK],
+        block: Option<impl Fn(BlockArgs<'_, T>) -> [T; BLOCK]>,
     ) {
         // SAFETY: the caller upholds the contract.
         let (range, (u, w, v, z), col) = unsafe { self.chunk(p) };
         let (first, last, f) = (range.start, range.end, self.tau_inv);
         let coefficients = |j: usize| (-w[j], -u[j], f * v[j]);
         let mut j = first;
-        while j + BLOCK <= last {
+        while let Some(block) = &block
+            && j + BLOCK <= last
+        {
             let sums = block(BlockArgs {
                 columns: std::array::from_fn(|c| col(j + c)),
                 u: &u[j..],
@@ -313,7 +290,7 @@ impl<T: Element> Pass<T> {
     }
 }
 
-/// Columns the AVX-512 kernel updates together (see [`BlockArgs`]).
+/// Columns the block kernels (AVX-512 and pulp) update together (see [`BlockArgs`]).
 const BLOCK: usize = 4;
 
 /// The operands of the [`BLOCK`] neighbouring columns `j, j + 1, …` of the pass: column
@@ -463,7 +440,7 @@ macro_rules! simd_part {
                     std::array::from_fn(|c| simd.$reduce(acc[c]) + sums[c])
                 };
                 // SAFETY: `Pass::run`'s caller upholds its contract.
-                unsafe { self.pass.for_each_block(self.p, column, block) }
+                unsafe { self.pass.for_each_block(self.p, column, Some(block)) }
             }
         }
     };
@@ -606,7 +583,9 @@ macro_rules! avx512_part {
         #[target_feature(enable = "avx512f")]
         unsafe fn $chunk(pass: &Pass<$t>, p: usize) {
             // SAFETY: the caller upholds the contract and has checked AVX-512F.
-            unsafe { pass.for_each_block(p, |c| $column(c), |b| $block(b)) }
+            unsafe {
+                pass.for_each_block(p, |c| $column(c), Some(|b: BlockArgs<'_, $t>| $block(b)))
+            }
         }
 
         /// One column of the pass (see [`fused_column`]) on AVX-512: a masked head up to
