@@ -11,7 +11,9 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A safetensors checkpoint (HF LLaMA, DeepSeek-V2/V3 MLA, or this project's export).
+    /// A safetensors checkpoint (HF LLaMA, DeepSeek-V2/V3 MLA, or this project's export): a
+    /// `.safetensors` file, a sharded model's `model.safetensors.index.json`, or a directory
+    /// holding either.
     /// Without one, a freshly initialised LLaMA-130M attention stack is diagnosed (12 layers,
     /// d = 768, 12 heads, weights N(0, 0.02²), seed 0) — the paper's starting point.
     checkpoint: Option<PathBuf>,
@@ -98,12 +100,50 @@ pub fn run(args: Args) -> Result<(), String> {
         }
         indices.retain(|i| only.contains(i));
     }
+    // Every layer's shapes are checked before anything is computed or printed, so that a
+    // malformed layer 31 is not found after 30 layers of output.
+    for &index in &indices {
+        source.layout(index)?;
+    }
+    match write_report(&args, &config, &source, &indices) {
+        // The reader went away (`… | head`): what it wanted was printed.
+        Err(Failure::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(Failure::Io(e)) => Err(e.to_string()),
+        Err(Failure::Other(e)) => Err(e),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Why [`write_report`] stopped.
+enum Failure {
+    Io(std::io::Error),
+    Other(String),
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Io(e)
+    }
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Self {
+        Failure::Other(e)
+    }
+}
+
+/// Diagnoses the layers `indices` of `source` and prints them in `args.format`.
+fn write_report(
+    args: &Args,
+    config: &DiagnosticsConfig,
+    source: &Source,
+    indices: &[usize],
+) -> Result<(), Failure> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut reports = Vec::new();
-    let io = |e: std::io::Error| e.to_string();
     match args.format {
-        Format::Csv => writeln!(out, "layer,head,estimator,null,metric,value").map_err(io)?,
+        Format::Csv => writeln!(out, "layer,head,estimator,null,metric,value")?,
         Format::Table => writeln!(
             out,
             "{:>5} {:>4} {:>9} {:>7} {:>12} {:>12} {:>11} {:>8} {:>8} {:>8} {:>9} {:>9}",
@@ -119,8 +159,7 @@ pub fn run(args: Args) -> Result<(), String> {
             "soft_rk",
             "stable_rk",
             "tw_p"
-        )
-        .map_err(io)?,
+        )?,
         Format::Json => {}
     }
     // As many layers in memory at a time as there are cores, diagnosed in parallel (one
@@ -130,7 +169,7 @@ pub fn run(args: Args) -> Result<(), String> {
             .iter()
             .map(|&index| source.layer(index))
             .collect::<Result<Vec<_>, _>>()?;
-        let diagnoses = AttentionLayer::diagnose_all(&layers, &config);
+        let diagnoses = AttentionLayer::diagnose_all(&layers, config);
         for (layer, diag) in layers.into_iter().zip(diagnoses) {
             let index = layer.index;
             let diag = diag.map_err(|e| format!("layer {index}: {e}"))?;
@@ -144,15 +183,15 @@ pub fn run(args: Args) -> Result<(), String> {
                 }),
                 Format::Csv | Format::Table => {
                     for spectrum in std::iter::once(&diag.layer).chain(diag.per_head.iter()) {
-                        write_rows(&mut out, args.format, index, spectrum).map_err(io)?;
+                        write_rows(&mut out, args.format, index, spectrum)?;
                     }
                 }
             }
         }
     }
     if let Format::Json = args.format {
-        serde_json::to_writer_pretty(&mut out, &reports).map_err(|e| e.to_string())?;
-        writeln!(out).map_err(io)?;
+        serde_json::to_writer_pretty(&mut out, &reports).map_err(std::io::Error::from)?;
+        writeln!(out)?;
     }
     Ok(())
 }
@@ -216,6 +255,19 @@ impl Source {
         }
     }
 
+    /// The checks of [`Source::layer`] that need no tensor read.
+    fn layout(&self, index: usize) -> Result<(), String> {
+        match self {
+            Source::Checkpoint(c) => c.layout(index).map(|_| ()).map_err(|e| e.to_string()),
+            Source::Initialised { width, heads, .. } => {
+                if *heads == 0 || width % heads != 0 {
+                    return Err(format!("--heads {heads} does not divide the width {width}"));
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn layer(&self, index: usize) -> Result<AttentionLayer, String> {
         match self {
             Source::Checkpoint(c) => c.layer(index).map_err(|e| e.to_string()),
@@ -224,10 +276,8 @@ impl Source {
             } => {
                 use rand::SeedableRng;
                 use rand_distr::{Distribution, Normal};
+                self.layout(index)?;
                 let d = *width;
-                if *heads == 0 || d % heads != 0 {
-                    return Err(format!("--heads {heads} does not divide the width {d}"));
-                }
                 let mut rng = rand_pcg::Pcg64::seed_from_u64(seed.wrapping_add(index as u64));
                 let normal = Normal::new(0.0f32, 0.02).map_err(|e| e.to_string())?;
                 let mut draw = || {

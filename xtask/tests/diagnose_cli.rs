@@ -207,6 +207,8 @@ fn bad_input_is_one_clear_line_and_a_failure_code() {
     for (args, needle) in cases {
         let out = xtask().arg("diagnose").args(&args).output().unwrap();
         assert!(!out.status.success(), "{args:?} should fail");
+        // Found before anything is printed (the layers' shapes are checked first).
+        assert!(out.stdout.is_empty(), "{args:?} printed before failing");
         let err = String::from_utf8(out.stderr).unwrap();
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
@@ -235,4 +237,93 @@ fn no_checkpoint_diagnoses_an_initialised_stack() {
     assert_eq!(mp.len(), 12);
     assert!(mp.iter().all(|&c| (35.0..=60.0).contains(&c)), "{mp:?}");
     assert!(product.iter().all(|&c| c <= 2.0), "{product:?}");
+}
+
+/// A sharded checkpoint (HF's `model.safetensors.index.json` and two shards, one layer split
+/// across them) gives the same rows as the same tensors in one file, named by its index or
+/// its directory.
+#[test]
+fn sharded_checkpoints_give_the_same_rows() {
+    let dir = temp_dir("shards");
+    let single = llama_checkpoint(&dir);
+    let sharded = dir.join("sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    let d = 64;
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = (0..3)
+        .flat_map(|layer| {
+            ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .enumerate()
+                .map(move |(i, name)| {
+                    (
+                        format!("model.layers.{layer}.self_attn.{name}.weight"),
+                        vec![d, d],
+                        values(d * d, (layer * 10 + i) as u64),
+                    )
+                })
+        })
+        .collect();
+    let (first, second) = tensors.split_at(4);
+    let files = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+    write_bf16(&sharded.join(files[0]), first);
+    write_bf16(&sharded.join(files[1]), second);
+    let weight_map: serde_json::Map<String, serde_json::Value> = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _, _))| (name.clone(), files[usize::from(i >= 4)].into()))
+        .collect();
+    let index = sharded.join("model.safetensors.index.json");
+    std::fs::write(
+        &index,
+        serde_json::json!({ "metadata": {}, "weight_map": weight_map }).to_string(),
+    )
+    .unwrap();
+    std::fs::copy(dir.join("config.json"), sharded.join("config.json")).unwrap();
+    let csv = |path: &Path| {
+        let out = xtask()
+            .args(["diagnose", path.to_str().unwrap(), "--format", "csv"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let want = csv(&single);
+    assert_eq!(want.lines().count(), 1 + 3 * 11);
+    assert_eq!(csv(&sharded), want);
+    assert_eq!(csv(&index), want);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A reader that goes away (`… | head`) ends the run quietly and successfully.
+#[test]
+fn a_closed_pipe_is_a_quiet_success() {
+    let dir = temp_dir("pipe");
+    let path = llama_checkpoint(&dir);
+    let mut child = xtask()
+        .args(["diagnose", path.to_str().unwrap(), "--format", "csv"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before the first row is written: every write fails with EPIPE.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -18,30 +18,91 @@
 //!   LLaMA names and both MLA variants under the DeepSeek names; MLA-PreRoPE has
 //!   `d_rope = 0`).
 //!
+//! A checkpoint is one `.safetensors` file, a sharded one's `model.safetensors.index.json`
+//! (HF's `weight_map` from tensor name to shard file), or a directory holding either (the
+//! index if there is one, else every `*.safetensors` file in it). Every shard is
+//! memory-mapped and its header validated when the checkpoint is opened; a tensor's bytes are
+//! read only when its layer is.
+//!
 //! The head count comes from `config.json` beside the checkpoint (`num_attention_heads`) or
 //! from the caller. F32, F16, BF16 and F64 tensors are read (as `f32`).
+//!
+//! ```
+//! use rmt_core::checkpoint::{AttentionKind, Checkpoint};
+//! use safetensors::{Dtype, tensor::TensorView};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = std::env::temp_dir().join(format!("rmt-core-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir)?;
+//! // A one-layer LLaMA-style checkpoint: q_proj, k_proj [H·d_h, d] with H = 2, d_h = 2, d = 4.
+//! let bytes: Vec<u8> = (0..16).flat_map(|i| ((i % 5) as f32 - 2.0).to_le_bytes()).collect();
+//! let view = || TensorView::new(Dtype::F32, vec![4, 4], &bytes);
+//! let path = dir.join("model.safetensors");
+//! safetensors::serialize_to_file(
+//!     [
+//!         ("model.layers.0.self_attn.q_proj.weight", view()?),
+//!         ("model.layers.0.self_attn.k_proj.weight", view()?),
+//!     ],
+//!     None::<std::collections::HashMap<String, String>>,
+//!     &path,
+//! )?;
+//! let checkpoint = Checkpoint::open(&path, Some(2))?;
+//! // The shapes alone, from the header: nothing is read yet.
+//! let kind = checkpoint.layout(0)?;
+//! assert_eq!(kind, AttentionKind::Mha { heads: 2, kv_heads: 2, head_dim: 2 });
+//! // The effective Q and K (row-major, [rows, width]).
+//! let layer = checkpoint.layer(0)?;
+//! assert_eq!((layer.rows, layer.width, layer.q.len()), (4, 4, 16));
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok(())
+//! # }
+//! ```
 
-use crate::effective::{MlaWeights, RowMajor, mha_effective, mla_effective};
+use crate::effective::{
+    MlaShapes, MlaWeights, RowMajor, mha_effective, mha_layout, mla_effective, mla_layout,
+};
 use crate::error::{Result, RmtError};
+use safetensors::tensor::{Metadata, TensorInfo, TensorView};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use crate::effective::{AttentionKind, AttentionLayer};
 
-/// A memory-mapped safetensors checkpoint.
+/// The file name of a sharded HF checkpoint's index.
+pub const SHARD_INDEX: &str = "model.safetensors.index.json";
+
+/// A memory-mapped safetensors checkpoint: one file or the shards of one.
 pub struct Checkpoint {
     path: PathBuf,
-    map: memmap2::Mmap,
+    shards: Vec<Shard>,
     heads: Option<usize>,
     /// Attention tensors by layer index, then by leaf name (`q_proj`, `kv_b_proj`, …).
-    layers: BTreeMap<usize, BTreeMap<String, String>>,
+    layers: BTreeMap<usize, BTreeMap<String, Entry>>,
+    /// Appended to "not found" errors when the file opened is one shard of an index beside it.
+    shard_hint: String,
+}
+
+/// One mapped safetensors file and its validated header.
+struct Shard {
+    path: PathBuf,
+    map: memmap2::Mmap,
+    /// Bytes before the data: the 8-byte header length and the JSON header.
+    data_start: usize,
+    metadata: Metadata,
+}
+
+/// Where a tensor lives: its shard and its full name.
+#[derive(Debug, Clone)]
+struct Entry {
+    shard: usize,
+    name: String,
 }
 
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Checkpoint")
             .field("path", &self.path)
+            .field("shards", &self.shards.len())
             .field("layers", &self.layers.len())
             .finish()
     }
@@ -68,12 +129,23 @@ fn parse_attention_name(name: &str) -> Option<(usize, String)> {
     }
 }
 
+/// Whether [`tensor_to_f32`] reads this dtype.
+fn dtype_is_read(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16)
+}
+
+fn unsupported_dtype(name: &str, dtype: Dtype) -> RmtError {
+    err(format!(
+        "{name}: unsupported dtype {dtype:?} (F32, F16, BF16, F64 are read)"
+    ))
+}
+
 /// A safetensors tensor's values as `f32` (F32, F64, F16 and BF16 are read), rejecting NaN
 /// and infinities.
 ///
 /// # Errors
 /// Another dtype, or a non-finite value.
-pub fn tensor_to_f32(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
+pub fn tensor_to_f32(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
     let bytes = view.data();
     let values: Vec<f32> = match view.dtype() {
         Dtype::F32 => bytes
@@ -92,15 +164,16 @@ pub fn tensor_to_f32(name: &str, view: &safetensors::tensor::TensorView<'_>) -> 
             .chunks_exact(2)
             .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        other => {
-            return Err(err(format!(
-                "{name}: unsupported dtype {other:?} (F32, F16, BF16, F64 are read)"
-            )));
-        }
+        other => return Err(unsupported_dtype(name, other)),
     };
     if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        let why = if view.dtype() == Dtype::F64 {
+            " (as f32: the f64 value is outside f32's range, or not finite)"
+        } else {
+            ""
+        };
         return Err(err(format!(
-            "{name}: non-finite value {v} at flat index {i}"
+            "{name}: non-finite value {v} at flat index {i}{why}"
         )));
     }
     Ok(values)
@@ -114,63 +187,221 @@ fn heads_from_config(path: &Path) -> Result<Option<usize>> {
     let value: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| err(format!("{}: not valid JSON ({e})", path.display())))?;
     for key in ["num_attention_heads", "n_heads", "num_heads", "n_head"] {
-        if let Some(h) = value.get(key).and_then(|v| v.as_u64()) {
-            return Ok(Some(h as usize));
+        if let Some(h) = value.get(key) {
+            return match h.as_u64() {
+                Some(h) if h >= 1 => Ok(Some(h as usize)),
+                _ => Err(err(format!(
+                    "{}: {key} is {h}, not a head count ≥ 1",
+                    path.display()
+                ))),
+            };
         }
     }
     Ok(None)
 }
 
-impl Checkpoint {
-    /// Opens and validates a checkpoint. `heads` overrides the head count of a `config.json`
-    /// beside the file.
-    ///
-    /// # Errors
-    /// Unreadable or corrupt file (bad header, offsets out of range, truncated data), a
-    /// `config.json` that is not JSON, or no attention weights at all.
-    pub fn open(path: impl AsRef<Path>, heads: Option<usize>) -> Result<Self> {
-        let path = path.as_ref().to_path_buf();
+impl Shard {
+    fn open(path: PathBuf) -> Result<Self> {
         let file =
             std::fs::File::open(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
         // SAFETY: the map is read-only and private to this process; a file truncated or
         // rewritten underneath it is the caller's concurrency problem, as with any reader.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|e| err(format!("{}: {e}", path.display())))?;
-        let tensors = SafeTensors::deserialize(&map).map_err(|e| {
+        // Checks the header and that the data offsets cover the file exactly.
+        let (header, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
             err(format!(
                 "{}: not a valid safetensors file ({e})",
                 path.display()
             ))
         })?;
-        let mut layers: BTreeMap<usize, BTreeMap<String, String>> = BTreeMap::new();
-        for name in tensors.names() {
-            if let Some((index, leaf)) = parse_attention_name(name) {
-                layers
-                    .entry(index)
-                    .or_default()
-                    .insert(leaf, name.to_string());
+        Ok(Self {
+            data_start: 8 + header,
+            path,
+            map,
+            metadata,
+        })
+    }
+
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.metadata
+            .info(name)
+            .ok_or_else(|| err(format!("{name}: not in {}", self.path.display())))
+    }
+
+    fn view(&self, name: &str) -> Result<TensorView<'_>> {
+        let info = self.info(name)?;
+        let (start, end) = info.data_offsets;
+        let data = &self.map[self.data_start + start..self.data_start + end];
+        TensorView::new(info.dtype, info.shape.clone(), data)
+            .map_err(|e| err(format!("{name} in {}: {e}", self.path.display())))
+    }
+}
+
+/// The shard files of `path` (the file itself, those an index names, or a directory's) and,
+/// for an index, each tensor it lists with the position of its shard.
+type ShardFiles = (Vec<PathBuf>, Option<Vec<(String, usize)>>);
+
+fn shard_files(path: &Path) -> Result<ShardFiles> {
+    let shown = path.display();
+    if path.is_dir() {
+        let index = path.join(SHARD_INDEX);
+        if index.is_file() {
+            return indexed_shards(&index);
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| err(format!("{shown}: {e}")))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(err(format!(
+                "{shown}: no {SHARD_INDEX} and no .safetensors file in this directory"
+            )));
+        }
+        return Ok((files, None));
+    }
+    if path.extension().is_some_and(|x| x == "json") {
+        return indexed_shards(path);
+    }
+    Ok((vec![path.to_path_buf()], None))
+}
+
+/// The shard files that a HF index's `weight_map` names, in order of first mention, and
+/// each tensor with the position of its shard.
+fn indexed_shards(index: &Path) -> Result<ShardFiles> {
+    let shown = index.display();
+    let text = std::fs::read_to_string(index).map_err(|e| err(format!("{shown}: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| err(format!("{shown}: not valid JSON ({e})")))?;
+    let map = value
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| {
+            err(format!(
+                "{shown}: no \"weight_map\" object (not a shard index)"
+            ))
+        })?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = Vec::new();
+    let mut listed = Vec::with_capacity(map.len());
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            err(format!(
+                "{shown}: the shard of {tensor} is {file}, not a file name"
+            ))
+        })?;
+        let path = dir.join(file);
+        let s = match files.iter().position(|f| *f == path) {
+            Some(s) => s,
+            None => {
+                files.push(path);
+                files.len() - 1
+            }
+        };
+        listed.push((tensor.clone(), s));
+    }
+    if files.is_empty() {
+        return Err(err(format!("{shown}: the weight_map is empty")));
+    }
+    Ok((files, Some(listed)))
+}
+
+/// The tensors one layer's attention is read from, by role.
+enum Parts<'a> {
+    Mha {
+        q: &'a Entry,
+        k: &'a Entry,
+    },
+    Mla {
+        /// `q_a_proj` and `q_a_layernorm`.
+        q_down: Option<(&'a Entry, Option<&'a Entry>)>,
+        /// `q_b_proj`, or `q_proj` without query compression.
+        q_up: &'a Entry,
+        kv_down: &'a Entry,
+        kv_norm: Option<&'a Entry>,
+        kv_up: &'a Entry,
+    },
+}
+
+impl Checkpoint {
+    /// Opens and validates a checkpoint: a `.safetensors` file, a sharded checkpoint's
+    /// [`SHARD_INDEX`], or a directory with either. `heads` overrides the head count of a
+    /// `config.json` beside it.
+    ///
+    /// # Errors
+    /// Unreadable or corrupt files (bad header, offsets out of range, truncated data), an
+    /// index that is not one or names a tensor its shard lacks, a tensor in two shards, a
+    /// `config.json` that is not JSON or has a head count below 1, or no attention weights.
+    pub fn open(path: impl AsRef<Path>, heads: Option<usize>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if heads == Some(0) {
+            return Err(err("--heads must be at least 1"));
+        }
+        let (files, listed) = shard_files(&path)?;
+        let shards = files
+            .into_iter()
+            .map(Shard::open)
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(expected) = &listed {
+            for (name, s) in expected {
+                if shards[*s].metadata.info(name).is_none() {
+                    return Err(err(format!(
+                        "{}: the index puts {name} in {}, which has no such tensor",
+                        path.display(),
+                        shards[*s].path.display()
+                    )));
+                }
             }
         }
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        let mut layers: BTreeMap<usize, BTreeMap<String, Entry>> = BTreeMap::new();
+        for (s, shard) in shards.iter().enumerate() {
+            for name in shard.metadata.tensors().into_keys() {
+                if let Some(other) = seen.insert(name.clone(), s) {
+                    return Err(err(format!(
+                        "{name} is in both {} and {}",
+                        shards[other].path.display(),
+                        shard.path.display()
+                    )));
+                }
+                if let Some((index, leaf)) = parse_attention_name(&name) {
+                    layers
+                        .entry(index)
+                        .or_default()
+                        .insert(leaf, Entry { shard: s, name });
+                }
+            }
+        }
+        let beside = path.parent().unwrap_or(Path::new(".")).join(SHARD_INDEX);
+        let shard_hint = if path.is_file() && listed.is_none() && beside.is_file() {
+            format!(
+                " ({} is one shard of the checkpoint indexed by {}: pass that index or its directory)",
+                path.display(),
+                beside.display()
+            )
+        } else {
+            String::new()
+        };
         if layers.is_empty() {
             return Err(err(format!(
-                "{}: no attention weights found (expected names like model.layers.0.self_attn.q_proj.weight)",
+                "{}: no attention weights found (expected names like model.layers.0.self_attn.q_proj.weight){shard_hint}",
                 path.display()
             )));
         }
-        let config_heads = match path.parent() {
-            Some(dir) => heads_from_config(&dir.join("config.json"))?,
-            None => None,
+        let config = if path.is_dir() {
+            path.join("config.json")
+        } else {
+            path.parent().unwrap_or(Path::new(".")).join("config.json")
         };
-        if let Some(h) = heads
-            && h == 0
-        {
-            return Err(err("--heads must be at least 1"));
-        }
+        let config_heads = heads_from_config(&config)?;
         Ok(Self {
             heads: heads.or(config_heads),
             path,
-            map,
+            shards,
             layers,
+            shard_hint,
         })
     }
 
@@ -184,104 +415,155 @@ impl Checkpoint {
         self.heads
     }
 
-    fn tensors(&self) -> Result<SafeTensors<'_>> {
-        SafeTensors::deserialize(&self.map)
-            .map_err(|e| err(format!("{}: {e}", self.path.display())))
+    /// How many files the checkpoint is read from.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
     }
 
-    /// Loads one tensor as `f32`, checking its rank.
-    fn load(
-        &self,
-        st: &SafeTensors<'_>,
-        name: &str,
-        rank: usize,
-    ) -> Result<(Vec<f32>, Vec<usize>)> {
-        let view = st.tensor(name).map_err(|e| err(format!("{name}: {e}")))?;
-        let shape = view.shape().to_vec();
-        if shape.len() != rank {
-            return Err(err(format!(
-                "{name}: expected a rank-{rank} tensor, found shape {shape:?}"
-            )));
+    /// The head count, or the error that says where to give it.
+    fn known_heads(&self) -> Result<usize> {
+        self.heads.ok_or_else(|| {
+            err("cannot tell the number of heads: put the model's config.json beside the checkpoint or pass --heads")
+        })
+    }
+
+    /// Which tensors layer `index` is read from.
+    fn parts(&self, index: usize) -> Result<Parts<'_>> {
+        let leaves = self
+            .layers
+            .get(&index)
+            .ok_or_else(|| err(format!("no attention weights for layer {index}")))?;
+        let entry = |leaf: &str| leaves.get(leaf);
+        let need = |leaf: &str| {
+            entry(leaf).ok_or_else(|| {
+                err(format!(
+                    "layer {index}: MLA layer without {leaf}{}",
+                    self.shard_hint
+                ))
+            })
+        };
+        if let Some(kv_down) = entry("kv_a_proj_with_mqa") {
+            let q_down = entry("q_a_proj").map(|qa| (qa, entry("q_a_layernorm")));
+            Ok(Parts::Mla {
+                q_up: need(if q_down.is_some() {
+                    "q_b_proj"
+                } else {
+                    "q_proj"
+                })?,
+                q_down,
+                kv_down,
+                kv_norm: entry("kv_a_layernorm"),
+                kv_up: need("kv_b_proj")?,
+            })
+        } else if let (Some(q), Some(k)) = (entry("q_proj"), entry("k_proj")) {
+            Ok(Parts::Mha { q, k })
+        } else {
+            Err(err(format!(
+                "layer {index}: neither q_proj/k_proj nor kv_a_proj_with_mqa found (have: {}){}",
+                leaves.keys().cloned().collect::<Vec<_>>().join(", "),
+                self.shard_hint
+            )))
         }
-        let values = tensor_to_f32(name, &view)?;
+    }
+
+    /// A tensor's shape from the header, checking its rank and that its dtype is read.
+    fn shape<const R: usize>(&self, e: &Entry) -> Result<[usize; R]> {
+        let info = self.shards[e.shard].info(&e.name)?;
+        if !dtype_is_read(info.dtype) {
+            return Err(unsupported_dtype(&e.name, info.dtype));
+        }
+        info.shape.as_slice().try_into().map_err(|_| {
+            err(format!(
+                "{}: expected a rank-{R} tensor, found shape {:?}",
+                e.name, info.shape
+            ))
+        })
+    }
+
+    /// A tensor's values as `f32`, checking its rank.
+    fn load<const R: usize>(&self, e: &Entry) -> Result<(Vec<f32>, [usize; R])> {
+        let shape = self.shape::<R>(e)?;
+        let values = tensor_to_f32(&e.name, &self.shards[e.shard].view(&e.name)?)?;
         Ok((values, shape))
+    }
+
+    fn matrix(&self, e: &Entry) -> Result<RowMajor> {
+        let (data, [rows, cols]) = self.load::<2>(e)?;
+        RowMajor::new(data, rows, cols)
+    }
+
+    fn vector(&self, e: Option<&Entry>) -> Result<Option<Vec<f32>>> {
+        e.map(|e| self.load::<1>(e).map(|(v, _)| v)).transpose()
+    }
+
+    /// Layer `index`'s parametrisation, from the headers alone (no tensor is read): every
+    /// check of [`Checkpoint::layer`] but the values' finiteness. Checking every layer this
+    /// way first finds a malformed checkpoint before any work is done.
+    ///
+    /// # Errors
+    /// As [`Checkpoint::layer`], less non-finite values.
+    pub fn layout(&self, index: usize) -> Result<AttentionKind> {
+        let heads = self.known_heads()?;
+        match self.parts(index)? {
+            Parts::Mha { q, k } => mha_layout(index, heads, self.shape(q)?, self.shape(k)?),
+            Parts::Mla {
+                q_down,
+                q_up,
+                kv_down,
+                kv_norm,
+                kv_up,
+            } => {
+                let length = |e: Option<&Entry>| -> Result<Option<usize>> {
+                    e.map(|e| self.shape::<1>(e).map(|[n]| n)).transpose()
+                };
+                let q_down = match q_down {
+                    Some((qa, g)) => Some((self.shape(qa)?, length(g)?)),
+                    None => None,
+                };
+                let shapes = MlaShapes {
+                    q_down,
+                    q_up: self.shape(q_up)?,
+                    kv_down: self.shape(kv_down)?,
+                    kv_norm: length(kv_norm)?,
+                    kv_up: self.shape(kv_up)?,
+                };
+                mla_layout(index, heads, &shapes).map(|l| l.kind)
+            }
+        }
     }
 
     /// Forms layer `index`'s effective `Q` and `K`.
     ///
     /// # Errors
-    /// Unknown head count, missing tensors, or shapes that contradict the head count or each
-    /// other.
+    /// Unknown head count, missing tensors, an unread dtype, non-finite values, or shapes
+    /// that contradict the head count or each other.
     pub fn layer(&self, index: usize) -> Result<AttentionLayer> {
-        let leaves = self
-            .layers
-            .get(&index)
-            .ok_or_else(|| err(format!("no attention weights for layer {index}")))?;
-        let heads = self.heads.ok_or_else(|| {
-            err("cannot tell the number of heads: put the model's config.json beside the checkpoint or pass --heads")
-        })?;
-        let st = self.tensors()?;
-        let name = |leaf: &str| leaves.get(leaf).map(String::as_str);
-        if let Some(kva) = name("kv_a_proj_with_mqa") {
-            self.mla_layer(&st, index, heads, kva, &name)
-        } else if let (Some(q), Some(k)) = (name("q_proj"), name("k_proj")) {
-            self.mha_layer(&st, index, heads, q, k)
-        } else {
-            Err(err(format!(
-                "layer {index}: neither q_proj/k_proj nor kv_a_proj_with_mqa found (have: {})",
-                leaves.keys().cloned().collect::<Vec<_>>().join(", ")
-            )))
+        // The shapes first: a malformed layer is reported before its tensors are read.
+        self.layout(index)?;
+        let heads = self.known_heads()?;
+        match self.parts(index)? {
+            Parts::Mha { q, k } => mha_effective(index, heads, self.matrix(q)?, self.matrix(k)?),
+            Parts::Mla {
+                q_down,
+                q_up,
+                kv_down,
+                kv_norm,
+                kv_up,
+            } => {
+                let q_down = match q_down {
+                    Some((qa, g)) => Some((self.matrix(qa)?, self.vector(g)?)),
+                    None => None,
+                };
+                let weights = MlaWeights {
+                    q_down,
+                    q_up: self.matrix(q_up)?,
+                    kv_down: self.matrix(kv_down)?,
+                    kv_norm: self.vector(kv_norm)?,
+                    kv_up: self.matrix(kv_up)?,
+                };
+                mla_effective(index, heads, weights)
+            }
         }
-    }
-
-    fn load2(&self, st: &SafeTensors<'_>, name: &str) -> Result<RowMajor> {
-        let (data, shape) = self.load(st, name, 2)?;
-        RowMajor::new(data, shape[0], shape[1])
-    }
-
-    fn mha_layer(
-        &self,
-        st: &SafeTensors<'_>,
-        index: usize,
-        heads: usize,
-        q: &str,
-        k: &str,
-    ) -> Result<AttentionLayer> {
-        mha_effective(index, heads, self.load2(st, q)?, self.load2(st, k)?)
-    }
-
-    fn mla_layer<'n>(
-        &self,
-        st: &SafeTensors<'_>,
-        index: usize,
-        heads: usize,
-        kva_name: &str,
-        name: &dyn Fn(&str) -> Option<&'n str>,
-    ) -> Result<AttentionLayer> {
-        let need = |leaf: &str| {
-            name(leaf).ok_or_else(|| err(format!("layer {index}: MLA layer without {leaf}")))
-        };
-        let vector = |leaf: &str| -> Result<Option<Vec<f32>>> {
-            name(leaf)
-                .map(|n| self.load(st, n, 1).map(|(v, _)| v))
-                .transpose()
-        };
-        let q_down = match name("q_a_proj") {
-            Some(qa) => Some((self.load2(st, qa)?, vector("q_a_layernorm")?)),
-            None => None,
-        };
-        let q_up = match q_down {
-            Some(_) => self.load2(st, need("q_b_proj")?)?,
-            None => self.load2(st, need("q_proj")?)?,
-        };
-        let weights = MlaWeights {
-            q_down,
-            q_up,
-            kv_down: self.load2(st, kva_name)?,
-            kv_norm: vector("kv_a_layernorm")?,
-            kv_up: self.load2(st, need("kv_b_proj")?)?,
-        };
-        mla_effective(index, heads, weights)
     }
 }
 
@@ -322,6 +604,15 @@ mod tests {
             })
             .collect();
         safetensors::serialize_to_file(views, None::<HashMap<String, String>>, path).unwrap();
+    }
+
+    /// [`write_safetensors`] in `f32` for owned names.
+    fn write_owned(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+        let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = tensors
+            .iter()
+            .map(|(n, s, v)| (n.as_str(), s.clone(), v.clone()))
+            .collect();
+        write_safetensors(path, &refs, Dtype::F32);
     }
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -589,6 +880,138 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("non-finite"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A sharded HF checkpoint (index, two shards, config.json) reads exactly like the same
+    /// tensors in one file, whether the index or its directory is named.
+    #[test]
+    fn sharded_checkpoints_read_like_one_file() {
+        let dir = std::env::temp_dir().join(format!("rmt-ckpt-shards-{}", std::process::id()));
+        let sharded = dir.join("sharded");
+        std::fs::create_dir_all(&sharded).unwrap();
+        let (heads, d) = (2, 6);
+        let name = |l: usize, leaf: &str| format!("model.layers.{l}.self_attn.{leaf}.weight");
+        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = (0..3)
+            .flat_map(|l| {
+                ["q_proj", "k_proj"]
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(t, leaf)| {
+                        (name(l, leaf), vec![d, d], values(d * d, (2 * l + t) as u32))
+                    })
+            })
+            .collect();
+        // Layer 1's q_proj in the first shard, its k_proj in the second.
+        let (first, second) = tensors.split_at(3);
+        let files = [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+        ];
+        write_owned(&sharded.join(files[0]), first);
+        write_owned(&sharded.join(files[1]), second);
+        let weight_map: serde_json::Map<String, serde_json::Value> = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _, _))| (n.clone(), files[i / 3].into()))
+            .collect();
+        let index = sharded.join(SHARD_INDEX);
+        std::fs::write(
+            &index,
+            serde_json::json!({ "metadata": {}, "weight_map": weight_map }).to_string(),
+        )
+        .unwrap();
+        std::fs::write(
+            sharded.join("config.json"),
+            format!("{{\"num_attention_heads\": {heads}}}"),
+        )
+        .unwrap();
+        let single = dir.join("single.safetensors");
+        write_owned(&single, &tensors);
+        let one = Checkpoint::open(&single, Some(heads)).unwrap();
+        for path in [&sharded, &index] {
+            let ck = Checkpoint::open(path, None).unwrap();
+            assert_eq!(ck.shard_count(), 2);
+            assert_eq!(ck.heads(), Some(heads));
+            assert_eq!(ck.layer_indices(), vec![0, 1, 2]);
+            for l in 0..3 {
+                let (a, b) = (ck.layer(l).unwrap(), one.layer(l).unwrap());
+                assert_eq!((a.q, a.k, a.kind), (b.q, b.k, b.kind), "layer {l}");
+            }
+        }
+        // One shard alone: layer 1 lacks its k_proj, and the error says where the rest is.
+        let shard = Checkpoint::open(sharded.join(files[0]), None).unwrap();
+        let e = shard.layout(1).unwrap_err().to_string();
+        assert!(e.contains("have: q_proj") && e.contains(SHARD_INDEX), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Indexes and directories that do not add up are one clear error each; a layer's
+    /// shapes are checked from the headers before anything is read.
+    #[test]
+    fn bad_shards_and_layouts_are_clear_errors() {
+        let dir = std::env::temp_dir().join(format!("rmt-ckpt-badshards-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pair = |l: usize, k_rows: usize, q: Vec<f32>| {
+            vec![
+                (format!("layers.{l}.self_attn.q_proj.weight"), vec![4, 4], q),
+                (
+                    format!("layers.{l}.self_attn.k_proj.weight"),
+                    vec![k_rows, 4],
+                    values(4 * k_rows, 2),
+                ),
+            ]
+        };
+        let open_err = |path: &Path| Checkpoint::open(path, Some(2)).unwrap_err().to_string();
+        let a = dir.join("a.safetensors");
+        write_owned(&a, &pair(0, 4, values(16, 1)));
+        let index = |name: &str, body: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, body).unwrap();
+            p
+        };
+        let e = open_err(&index(
+            "missing.json",
+            r#"{"weight_map": {"layers.0.self_attn.q_proj.weight": "nowhere.safetensors"}}"#,
+        ));
+        assert!(e.contains("nowhere.safetensors"), "{e}");
+        let e = open_err(&index(
+            "absent.json",
+            r#"{"weight_map": {"layers.9.self_attn.q_proj.weight": "a.safetensors"}}"#,
+        ));
+        assert!(e.contains("has no such tensor"), "{e}");
+        let e = open_err(&index("nomap.json", r#"{"metadata": {}}"#));
+        assert!(e.contains("weight_map"), "{e}");
+        let e = open_err(&index("broken.json", "{"));
+        assert!(e.contains("not valid JSON"), "{e}");
+        // The same tensor in two files of a directory without an index.
+        let twice = dir.join("twice");
+        std::fs::create_dir_all(&twice).unwrap();
+        std::fs::copy(&a, twice.join("x.safetensors")).unwrap();
+        std::fs::copy(&a, twice.join("y.safetensors")).unwrap();
+        let e = open_err(&twice);
+        assert!(e.contains("is in both"), "{e}");
+        let empty = dir.join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        assert!(open_err(&empty).contains("no .safetensors file"));
+        // A head count of 0 in config.json.
+        std::fs::write(twice.join("config.json"), r#"{"num_attention_heads": 0}"#).unwrap();
+        std::fs::remove_file(twice.join("y.safetensors")).unwrap();
+        let e = Checkpoint::open(&twice, None).unwrap_err().to_string();
+        assert!(e.contains("num_attention_heads is 0"), "{e}");
+        // Layer 1's k_proj contradicts the head count: `layout` finds it from the header;
+        // layer 0's NaN is only found when its values are read.
+        let mut q = values(16, 1);
+        q[3] = f32::NAN;
+        let b = dir.join("b.safetensors");
+        let mut ts = pair(0, 4, q);
+        ts.extend(pair(1, 3, values(16, 3)));
+        write_owned(&b, &ts);
+        let ck = Checkpoint::open(&b, Some(2)).unwrap();
+        assert!(ck.layout(0).is_ok());
+        assert!(ck.layer(0).unwrap_err().to_string().contains("non-finite"));
+        let e = ck.layout(1).unwrap_err().to_string();
+        assert!(e.contains("k_proj has 3 rows"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -183,6 +183,9 @@ pub fn mha_layout(
     if heads == 0 {
         return Err(err("the head count must be at least 1"));
     }
+    if m == 0 || d == 0 {
+        return Err(err(format!("layer {index}: q_proj is [{m}, {d}] (empty)")));
+    }
     if k[1] != d {
         return Err(err(format!(
             "layer {index}: q_proj is [{m}, {d}] but k_proj is [{}, {}] (widths differ)",
@@ -294,6 +297,12 @@ pub fn mla_layout(index: usize, heads: usize, w: &MlaShapes) -> Result<MlaLayout
         return Err(err("the head count must be at least 1"));
     }
     let d = w.kv_down[1];
+    if d == 0 || w.q_up[0] == 0 {
+        return Err(err(format!(
+            "layer {index}: kv_a_proj_with_mqa is [{}, {d}] and the query projection [{}, {}] (empty)",
+            w.kv_down[0], w.q_up[0], w.q_up[1]
+        )));
+    }
     let kv_latent = w.kv_up[1];
     let g_kv = w.kv_norm.unwrap_or(kv_latent);
     if g_kv != kv_latent || w.kv_down[0] < kv_latent {
