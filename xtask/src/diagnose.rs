@@ -13,7 +13,8 @@ use std::path::PathBuf;
 pub struct Args {
     /// A safetensors checkpoint (HF LLaMA, DeepSeek-V2/V3 MLA, or this project's export): a
     /// `.safetensors` file, a sharded model's `model.safetensors.index.json`, or a directory
-    /// holding either.
+    /// holding either. F32, F16, BF16, F64 and FP8 weights (DeepSeek-V3's block scales
+    /// applied) are read.
     /// Without one, a freshly initialised LLaMA-130M attention stack is diagnosed (12 layers,
     /// d = 768, 12 heads, weights N(0, 0.02²), seed 0) — the paper's starting point.
     checkpoint: Option<PathBuf>,

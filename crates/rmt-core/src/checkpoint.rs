@@ -25,7 +25,9 @@
 //! read only when its layer is.
 //!
 //! The head count comes from `config.json` beside the checkpoint (`num_attention_heads`) or
-//! from the caller. F32, F16, BF16 and F64 tensors are read (as `f32`).
+//! from the caller. F32, F16, BF16, F64 and FP8 (`F8_E4M3`, `F8_E5M2`) tensors are read as
+//! `f32`; an FP8 weight with a `…weight_scale_inv` beside it (DeepSeek-V3's block scales, in
+//! blocks of config.json's `quantization_config.weight_block_size`, else 128 × 128) is scaled.
 //!
 //! ```
 //! use rmt_core::checkpoint::{AttentionKind, Checkpoint};
@@ -80,6 +82,11 @@ pub struct Checkpoint {
     layers: BTreeMap<usize, BTreeMap<String, Entry>>,
     /// Appended to "not found" errors when the file opened is one shard of an index beside it.
     shard_hint: String,
+    /// FP8 block scales (`…weight_scale_inv`) by the full name of the weight they scale.
+    scales: BTreeMap<String, Entry>,
+    /// Rows and columns of a block that one scale covers (config.json's
+    /// `quantization_config.weight_block_size`, else DeepSeek-V3's 128 × 128).
+    scale_block: [usize; 2],
 }
 
 /// One mapped safetensors file and its validated header.
@@ -112,8 +119,18 @@ fn err(msg: impl Into<String>) -> RmtError {
     RmtError::Checkpoint(msg.into())
 }
 
-/// Splits `…layers.N.(self_attn|attn).LEAF.weight` into `(N, LEAF)`.
-fn parse_attention_name(name: &str) -> Option<(usize, String)> {
+/// What a recognised attention tensor holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// `LEAF.weight`.
+    Weight,
+    /// `LEAF.weight_scale_inv`: the block scales of an FP8 weight (DeepSeek-V3's layout).
+    ScaleInv,
+}
+
+/// Splits `…layers.N.(self_attn|attn).LEAF.weight` (or `.weight_scale_inv`) into
+/// `(N, LEAF, role)`.
+fn parse_attention_name(name: &str) -> Option<(usize, String, Role)> {
     let parts: Vec<&str> = name.split('.').collect();
     let at = parts.iter().position(|p| *p == "layers")?;
     let index: usize = parts.get(at + 1)?.parse().ok()?;
@@ -121,26 +138,48 @@ fn parse_attention_name(name: &str) -> Option<(usize, String)> {
     if module != "self_attn" && module != "attn" {
         return None;
     }
-    let rest = &parts[at + 3..];
-    if rest.len() == 2 && rest[1] == "weight" {
-        Some((index, rest[0].to_string()))
-    } else {
-        None
+    match &parts[at + 3..] {
+        [leaf, "weight"] => Some((index, leaf.to_string(), Role::Weight)),
+        [leaf, "weight_scale_inv"] => Some((index, leaf.to_string(), Role::ScaleInv)),
+        _ => None,
+    }
+}
+
+/// An FP8 value as `f32`: `E4M3` (`float8_e4m3fn`: bias 7, no infinities, `S.1111.111` is
+/// NaN, largest 448) or `E5M2` (bias 15, IEEE-style infinities and NaNs).
+fn fp8_to_f32(byte: u8, e4m3: bool) -> f32 {
+    // Mantissa bits, exponent bias, and the all-ones exponent.
+    let (bits, bias, top) = if e4m3 { (3, 7, 15) } else { (2, 15, 31) };
+    let sign = if byte & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let exponent = i32::from((byte & 0x7f) >> bits);
+    let m = byte & ((1 << bits) - 1);
+    let fraction = f32::from(m) / f32::from(1u8 << bits);
+    match (e4m3, exponent == top) {
+        (true, true) if m == 0b111 => f32::NAN,
+        (false, true) if m == 0 => sign * f32::INFINITY,
+        (false, true) => f32::NAN,
+        // Subnormal: 0.m · 2^(1 − bias).
+        _ if exponent == 0 => sign * fraction * 2f32.powi(1 - bias),
+        _ => sign * (1.0 + fraction) * 2f32.powi(exponent - bias),
     }
 }
 
 /// Whether [`tensor_to_f32`] reads this dtype.
 fn dtype_is_read(dtype: Dtype) -> bool {
-    matches!(dtype, Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16)
+    matches!(
+        dtype,
+        Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16 | Dtype::F8_E4M3 | Dtype::F8_E5M2
+    )
 }
 
 fn unsupported_dtype(name: &str, dtype: Dtype) -> RmtError {
     err(format!(
-        "{name}: unsupported dtype {dtype:?} (F32, F16, BF16, F64 are read)"
+        "{name}: unsupported dtype {dtype:?} (F32, F16, BF16, F64, F8_E4M3, F8_E5M2 are read)"
     ))
 }
 
-/// A safetensors tensor's values as `f32` (F32, F64, F16 and BF16 are read), rejecting NaN
+/// A safetensors tensor's values as `f32` (F32, F64, F16, BF16, F8_E4M3 and F8_E5M2 are
+/// read; an FP8 tensor's block scales are applied by [`Checkpoint::layer`]), rejecting NaN
 /// and infinities.
 ///
 /// # Errors
@@ -164,6 +203,8 @@ pub fn tensor_to_f32(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
             .chunks_exact(2)
             .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
+        Dtype::F8_E4M3 => bytes.iter().map(|&b| fp8_to_f32(b, true)).collect(),
+        Dtype::F8_E5M2 => bytes.iter().map(|&b| fp8_to_f32(b, false)).collect(),
         other => return Err(unsupported_dtype(name, other)),
     };
     if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
@@ -179,25 +220,52 @@ pub fn tensor_to_f32(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
     Ok(values)
 }
 
-/// Reads the head count from a HF-style `config.json`.
-fn heads_from_config(path: &Path) -> Result<Option<usize>> {
+/// What this reader takes from a HF-style `config.json`.
+#[derive(Debug, Default)]
+struct ConfigJson {
+    heads: Option<usize>,
+    /// `quantization_config.weight_block_size`.
+    scale_block: Option<[usize; 2]>,
+}
+
+/// Reads the head count and the FP8 block size from a HF-style `config.json` (none there:
+/// neither is known).
+fn read_config(path: &Path) -> Result<ConfigJson> {
     let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(None);
+        return Ok(ConfigJson::default());
     };
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| err(format!("{}: not valid JSON ({e})", path.display())))?;
+    let shown = path.display();
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| err(format!("{shown}: not valid JSON ({e})")))?;
+    let mut config = ConfigJson::default();
     for key in ["num_attention_heads", "n_heads", "num_heads", "n_head"] {
         if let Some(h) = value.get(key) {
-            return match h.as_u64() {
-                Some(h) if h >= 1 => Ok(Some(h as usize)),
-                _ => Err(err(format!(
-                    "{}: {key} is {h}, not a head count ≥ 1",
-                    path.display()
-                ))),
-            };
+            match h.as_u64() {
+                Some(h) if h >= 1 => config.heads = Some(h as usize),
+                _ => {
+                    return Err(err(format!("{shown}: {key} is {h}, not a head count ≥ 1")));
+                }
+            }
+            break;
         }
     }
-    Ok(None)
+    if let Some(block) = value.pointer("/quantization_config/weight_block_size") {
+        let sizes: Option<Vec<usize>> = block
+            .as_array()
+            .map(|a| a.iter().map(|v| v.as_u64().map(|x| x as usize)).collect())
+            .unwrap_or_default();
+        match sizes.as_deref() {
+            Some(&[rows, cols]) if rows >= 1 && cols >= 1 => {
+                config.scale_block = Some([rows, cols])
+            }
+            _ => {
+                return Err(err(format!(
+                    "{shown}: quantization_config.weight_block_size is {block}, not two sizes ≥ 1"
+                )));
+            }
+        }
+    }
+    Ok(config)
 }
 
 impl Shard {
@@ -357,6 +425,7 @@ impl Checkpoint {
         }
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         let mut layers: BTreeMap<usize, BTreeMap<String, Entry>> = BTreeMap::new();
+        let mut scales = BTreeMap::new();
         for (s, shard) in shards.iter().enumerate() {
             for name in shard.metadata.tensors().into_keys() {
                 if let Some(other) = seen.insert(name.clone(), s) {
@@ -366,11 +435,18 @@ impl Checkpoint {
                         shard.path.display()
                     )));
                 }
-                if let Some((index, leaf)) = parse_attention_name(&name) {
-                    layers
-                        .entry(index)
-                        .or_default()
-                        .insert(leaf, Entry { shard: s, name });
+                match parse_attention_name(&name) {
+                    Some((index, leaf, Role::Weight)) => {
+                        layers
+                            .entry(index)
+                            .or_default()
+                            .insert(leaf, Entry { shard: s, name });
+                    }
+                    Some((_, _, Role::ScaleInv)) => {
+                        let weight = name.trim_end_matches("_scale_inv").to_string();
+                        scales.insert(weight, Entry { shard: s, name });
+                    }
+                    None => {}
                 }
             }
         }
@@ -395,9 +471,11 @@ impl Checkpoint {
         } else {
             path.parent().unwrap_or(Path::new(".")).join("config.json")
         };
-        let config_heads = heads_from_config(&config)?;
+        let config = read_config(&config)?;
         Ok(Self {
-            heads: heads.or(config_heads),
+            heads: heads.or(config.heads),
+            scales,
+            scale_block: config.scale_block.unwrap_or([128, 128]),
             path,
             shards,
             layers,
@@ -487,8 +565,46 @@ impl Checkpoint {
         Ok((values, shape))
     }
 
+    /// A weight matrix's `[rows, cols]`, and its FP8 block scales' entry, whose shape must be
+    /// `[⌈rows/b_r⌉, ⌈cols/b_c⌉]` for blocks of `b_r × b_c`.
+    fn matrix_shape(&self, e: &Entry) -> Result<([usize; 2], Option<&Entry>)> {
+        let [rows, cols] = self.shape::<2>(e)?;
+        let Some(scale) = self.scales.get(&e.name) else {
+            return Ok(([rows, cols], None));
+        };
+        let [br, bc] = self.scale_block;
+        let want = [rows.div_ceil(br), cols.div_ceil(bc)];
+        let found = self.shape::<2>(scale)?;
+        if found != want {
+            return Err(err(format!(
+                "{}: {found:?} scales for a [{rows}, {cols}] weight in blocks of {br} × {bc} (expected {want:?})",
+                scale.name
+            )));
+        }
+        Ok(([rows, cols], Some(scale)))
+    }
+
+    /// A weight matrix as `f32`, its FP8 block scales applied (`W = W₈ · s[i/b_r, j/b_c]`, as
+    /// DeepSeek-V3's `weight_dequant`).
     fn matrix(&self, e: &Entry) -> Result<RowMajor> {
-        let (data, [rows, cols]) = self.load::<2>(e)?;
+        let ([rows, cols], scale) = self.matrix_shape(e)?;
+        let (mut data, _) = self.load::<2>(e)?;
+        if let Some(scale) = scale {
+            let (s, _) = self.load::<2>(scale)?;
+            let [br, bc] = self.scale_block;
+            let per_row = cols.div_ceil(bc);
+            for (i, row) in data.chunks_exact_mut(cols).enumerate() {
+                for (j, w) in row.iter_mut().enumerate() {
+                    *w *= s[(i / br) * per_row + j / bc];
+                }
+            }
+            if let Some(i) = data.iter().position(|w| !w.is_finite()) {
+                return Err(err(format!(
+                    "{}: scaled by {}, entry {i} overflows f32",
+                    e.name, scale.name
+                )));
+            }
+        }
         RowMajor::new(data, rows, cols)
     }
 
@@ -505,7 +621,12 @@ impl Checkpoint {
     pub fn layout(&self, index: usize) -> Result<AttentionKind> {
         let heads = self.known_heads()?;
         match self.parts(index)? {
-            Parts::Mha { q, k } => mha_layout(index, heads, self.shape(q)?, self.shape(k)?),
+            Parts::Mha { q, k } => mha_layout(
+                index,
+                heads,
+                self.matrix_shape(q)?.0,
+                self.matrix_shape(k)?.0,
+            ),
             Parts::Mla {
                 q_down,
                 q_up,
@@ -516,16 +637,17 @@ impl Checkpoint {
                 let length = |e: Option<&Entry>| -> Result<Option<usize>> {
                     e.map(|e| self.shape::<1>(e).map(|[n]| n)).transpose()
                 };
+                let matrix = |e: &Entry| self.matrix_shape(e).map(|(shape, _)| shape);
                 let q_down = match q_down {
-                    Some((qa, g)) => Some((self.shape(qa)?, length(g)?)),
+                    Some((qa, g)) => Some((matrix(qa)?, length(g)?)),
                     None => None,
                 };
                 let shapes = MlaShapes {
                     q_down,
-                    q_up: self.shape(q_up)?,
-                    kv_down: self.shape(kv_down)?,
+                    q_up: matrix(q_up)?,
+                    kv_down: matrix(kv_down)?,
                     kv_norm: length(kv_norm)?,
-                    kv_up: self.shape(kv_up)?,
+                    kv_up: matrix(kv_up)?,
                 };
                 mla_layout(index, heads, &shapes).map(|l| l.kind)
             }
@@ -629,11 +751,15 @@ mod tests {
     fn parses_attention_names() {
         assert_eq!(
             parse_attention_name("model.layers.11.self_attn.q_proj.weight"),
-            Some((11, "q_proj".into()))
+            Some((11, "q_proj".into(), Role::Weight))
         );
         assert_eq!(
             parse_attention_name("layers.0.attn.kv_b_proj.weight"),
-            Some((0, "kv_b_proj".into()))
+            Some((0, "kv_b_proj".into(), Role::Weight))
+        );
+        assert_eq!(
+            parse_attention_name("model.layers.4.self_attn.q_a_proj.weight_scale_inv"),
+            Some((4, "q_a_proj".into(), Role::ScaleInv))
         );
         assert_eq!(
             parse_attention_name("model.layers.3.mlp.up_proj.weight"),
@@ -1012,6 +1138,117 @@ mod tests {
         assert!(ck.layer(0).unwrap_err().to_string().contains("non-finite"));
         let e = ck.layout(1).unwrap_err().to_string();
         assert!(e.contains("k_proj has 3 rows"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// FP8 codes decode to the published values of both formats.
+    #[test]
+    fn fp8_codes_decode() {
+        let e4m3 = |b| fp8_to_f32(b, true);
+        let e5m2 = |b| fp8_to_f32(b, false);
+        // E4M3 (float8_e4m3fn): 1, 2, −1, the largest (448 = 1.75·2⁸), the smallest
+        // subnormal (2⁻⁹), 0, and the one NaN code of each sign.
+        assert_eq!(e4m3(0x38), 1.0);
+        assert_eq!(e4m3(0x40), 2.0);
+        assert_eq!(e4m3(0xB8), -1.0);
+        assert_eq!(e4m3(0x7E), 448.0);
+        assert_eq!(e4m3(0x01), 2f32.powi(-9));
+        assert_eq!(e4m3(0x00), 0.0);
+        assert!(e4m3(0x7F).is_nan() && e4m3(0xFF).is_nan());
+        // E5M2: 1, the largest (57344 = 1.75·2¹⁵), the smallest subnormal (2⁻¹⁶), ±∞, NaN.
+        assert_eq!(e5m2(0x3C), 1.0);
+        assert_eq!(e5m2(0x7B), 57344.0);
+        assert_eq!(e5m2(0x01), 2f32.powi(-16));
+        assert_eq!(e5m2(0x7C), f32::INFINITY);
+        assert_eq!(e5m2(0xFC), f32::NEG_INFINITY);
+        assert!(e5m2(0x7E).is_nan());
+        // Every finite E4M3 code round-trips through f32 exactly as the format's grid says:
+        // consecutive positive codes increase.
+        let finite: Vec<f32> = (0u8..0x7F).map(e4m3).collect();
+        assert!(finite.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    /// An FP8 weight with DeepSeek-V3 block scales is read as `W₈ · s[i/b_r, j/b_c]`, with
+    /// the block from config.json (partial blocks at the edges); scales of the wrong shape,
+    /// and a NaN code, are clear errors.
+    #[test]
+    fn fp8_weights_are_scaled_by_blocks() {
+        let dir = std::env::temp_dir().join(format!("rmt-ckpt-fp8-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (rows, cols, block) = (4, 6, [2, 4]);
+        // E4M3 codes of small numbers (no NaN code 0x7F/0xFF among them).
+        let codes: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 + 5) % 0x70) as f32)
+            .collect();
+        let scales = vec![0.5, 2.0, -1.0, 0.25]; // [⌈4/2⌉, ⌈6/4⌉] = [2, 2]
+        let p = "model.layers.0.self_attn.";
+        let raw = |codes: &[f32]| -> Vec<u8> { codes.iter().map(|&c| c as u8).collect() };
+        let write = |path: &Path, codes: &[f32], scale_shape: Vec<usize>, scales: &[f32]| {
+            let bytes = raw(codes);
+            let sbytes: Vec<u8> = scales.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let kbytes: Vec<u8> = values(rows * cols, 9)
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            let views = vec![
+                (
+                    format!("{p}q_proj.weight"),
+                    TensorView::new(Dtype::F8_E4M3, vec![rows, cols], &bytes).unwrap(),
+                ),
+                (
+                    format!("{p}q_proj.weight_scale_inv"),
+                    TensorView::new(Dtype::F32, scale_shape, &sbytes).unwrap(),
+                ),
+                (
+                    format!("{p}k_proj.weight"),
+                    TensorView::new(Dtype::F32, vec![rows, cols], &kbytes).unwrap(),
+                ),
+            ];
+            safetensors::serialize_to_file(views, None::<HashMap<String, String>>, path).unwrap();
+        };
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"num_attention_heads": 2, "quantization_config": {"weight_block_size": [2, 4]}}"#,
+        )
+        .unwrap();
+        let good = dir.join("good.safetensors");
+        write(&good, &codes, vec![2, 2], &scales);
+        let layer = Checkpoint::open(&good, None).unwrap().layer(0).unwrap();
+        for i in 0..rows {
+            for j in 0..cols {
+                let want = fp8_to_f32(codes[i * cols + j] as u8, true)
+                    * scales[(i / block[0]) * 2 + j / block[1]];
+                assert_eq!(layer.q[i * cols + j], want, "({i}, {j})");
+            }
+        }
+        // Scales of the wrong shape: found from the headers, before anything is read.
+        let bad = dir.join("bad.safetensors");
+        write(&bad, &codes, vec![1, 4], &scales);
+        let e = Checkpoint::open(&bad, None)
+            .unwrap()
+            .layout(0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected [2, 2]"), "{e}");
+        // The NaN code.
+        let mut nan = codes.clone();
+        nan[7] = 0x7F as f32;
+        let nan_path = dir.join("nan.safetensors");
+        write(&nan_path, &nan, vec![2, 2], &scales);
+        let e = Checkpoint::open(&nan_path, None)
+            .unwrap()
+            .layer(0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("non-finite value NaN at flat index 7"), "{e}");
+        // A block size that is not two sizes ≥ 1.
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"num_attention_heads": 2, "quantization_config": {"weight_block_size": [0, 4]}}"#,
+        )
+        .unwrap();
+        let e = Checkpoint::open(&good, None).unwrap_err().to_string();
+        assert!(e.contains("weight_block_size"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }
