@@ -516,6 +516,29 @@ pub(crate) fn lower_product_cut(n: usize) -> usize {
     ((n as f64) * (1.0 - std::f64::consts::FRAC_1_SQRT_2)) as usize
 }
 
+/// The factor `R ∈ ℝ^{n×n}` (upper triangular) of a thin QR decomposition `A = UR` of
+/// `A ∈ ℝ^{m×n}`, `m ≥ n`, `UᵀU = I` (blocked Householder, faer's `qr_in_place`, on every
+/// core). `RᵀR = AᵀA`, so `R` stands in for `A` in any product `A·Bᵀ` whose singular values
+/// or Frobenius norm are wanted.
+pub(crate) fn thin_qr_r<T: Element>(a: MatRef<'_, T>) -> Mat<T> {
+    use faer::dyn_stack::{MemBuffer, MemStack};
+    use faer::linalg::qr::no_pivoting::factor;
+    let (m, n) = a.shape();
+    debug_assert!(m >= n);
+    let mut qr = a.to_owned();
+    let block = factor::recommended_block_size::<T>(m, n);
+    let mut coeffs = Mat::<T>::zeros(block, n);
+    let scratch = factor::qr_in_place_scratch::<T>(m, n, block, par(), Default::default());
+    factor::qr_in_place(
+        qr.as_mut(),
+        coeffs.as_mut(),
+        par(),
+        MemStack::new(&mut MemBuffer::new(scratch)),
+        Default::default(),
+    );
+    Mat::from_fn(n, n, |i, j| if i <= j { qr[(i, j)] } else { T::zero() })
+}
+
 /// `scale·A·Aᵀ` (exactly symmetric).
 pub(crate) fn gram_aat<T: Element>(a: MatRef<'_, T>, scale: f64) -> Mat<T> {
     let at = ColMajorTranspose::new(a);

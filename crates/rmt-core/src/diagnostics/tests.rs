@@ -57,7 +57,7 @@ fn bad_inputs_are_clear_errors() {
     ));
     // Finite inputs whose product overflows: in f32 M itself holds an infinity; in f64 M is
     // finite but ‖M‖² is not.
-    let big32 = DMatrix::<f32>::from_fn(8, 4, |i, j| 1e20 * (1.0 + (i + j) as f32));
+    let big32 = DMatrix::<f32>::from_fn(6, 4, |i, j| 1e20 * (1.0 + (i + j) as f32));
     assert!(matches!(
         diagnose_layer(view(&big32), view(&big32), 2, &cfg, None),
         Err(RmtError::NonFinite {
@@ -65,9 +65,15 @@ fn bad_inputs_are_clear_errors() {
             ..
         })
     ));
-    let big64 = DMatrix::<f64>::from_fn(8, 4, |i, j| 1e77 * (1.0 + (i + j) as f64));
+    let big64 = DMatrix::<f64>::from_fn(6, 4, |i, j| 1e77 * (1.0 + (i + j) as f64));
     assert!(matches!(
         diagnose_layer(view(&big64), view(&big64), 2, &cfg, None),
+        Err(RmtError::Degenerate(reason)) if reason.contains("overflows")
+    ));
+    // Through thin factors (m ≥ 2b) M is not formed: its overflow is ‖M‖²'s.
+    let tall = DMatrix::<f32>::from_fn(8, 4, |i, j| 1e20 * (1.0 + (i + j) as f32));
+    assert!(matches!(
+        diagnose_layer(view(&tall), view(&tall), 2, &cfg, None),
         Err(RmtError::Degenerate(reason)) if reason.contains("overflows")
     ));
     let e = DMatrix::<f64>::zeros(0, 4);
@@ -397,4 +403,129 @@ fn layers_in_parallel_match_one_at_a_time() {
     let out = diagnose_layers(&mixed, 4, &cfg, None);
     assert!(out[0].is_ok() && out[2].is_ok());
     assert!(matches!(out[1], Err(RmtError::Degenerate(_))));
+}
+
+/// Every metric of `a` equals `b`'s to `tol` (relative), pair by pair, and the same pairs
+/// are undefined.
+fn assert_same_diagnoses(a: &SpectrumDiagnostics, b: &SpectrumDiagnostics, tol: f64) {
+    assert_eq!((a.rows, a.width), (b.rows, b.width));
+    assert!((a.trace - b.trace).abs() <= tol * b.trace);
+    assert_eq!(a.diagnoses.len(), b.diagnoses.len());
+    assert_eq!(
+        a.undefined.len(),
+        b.undefined.len(),
+        "{:#?} vs {:#?}",
+        a.undefined,
+        b.undefined
+    );
+    for (x, y) in a.diagnoses.iter().zip(&b.diagnoses) {
+        assert_eq!((x.estimator, x.null), (y.estimator, y.null));
+        assert_eq!(x.metrics.outlier_count, y.metrics.outlier_count);
+        for ((name, vx), (_, vy)) in x
+            .metrics
+            .named_values()
+            .iter()
+            .zip(&y.metrics.named_values())
+        {
+            assert!(
+                (vx - vy).abs() <= tol * vy.abs().max(1e-9),
+                "{:?}/{:?} {name}: {vx} vs {vy}",
+                x.estimator,
+                x.null
+            );
+        }
+    }
+}
+
+/// Spiked `Q` (`m × b`) and Gaussian `K`: outliers from far above the MP edge down to near it.
+fn spiked_pair(m: usize, b: usize, seed: u64) -> (DMatrix<f64>, DMatrix<f64>) {
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
+    let mut q = gaussian(m, b, &mut rng);
+    let k = gaussian(m, b, &mut rng);
+    let u = gaussian(m, 4, &mut rng).qr().q();
+    for i in 0..4 {
+        q += u.column(i) * (u.column(i).transpose() * &k) * (0.3 * (i as f64 + 1.0));
+    }
+    (q, k)
+}
+
+/// With three times more rows than columns, a block goes through thin QR factors (no
+/// `m × m` matrix): it gives the metrics of `G = MMᵀ/d` formed explicitly, for every
+/// estimator and null (the full spectrum, its `m − b` zeros included) and on the fast path.
+/// The tolerance is a few hundred ulps of f64: both sides are backward-stable computations of
+/// the same eigenvalues.
+#[test]
+fn thin_factors_match_the_explicit_gram() {
+    let (m, b) = (144, 48);
+    let (q, k) = spiked_pair(m, b, 11);
+    let mm = &q * k.transpose();
+    let g = &mm * mm.transpose() / b as f64;
+    let moments = EntryMoments::from_sums(mm.sum(), mm.norm_squared(), m * m);
+    let all = DiagnosticsConfig {
+        estimators: VarianceEstimator::ALL.to_vec(),
+        nulls: vec![NullModel::Mp, NullModel::Product],
+        ..Default::default()
+    };
+    for config in [all, DiagnosticsConfig::default()] {
+        let thin = diagnose_layer(view(&q), view(&k), 1, &config, None).unwrap();
+        let explicit = diagnose_gram(view(&g), moments, b, None, &config, None).unwrap();
+        assert_eq!(thin.layer.partial_spectrum, explicit.partial_spectrum);
+        assert!(
+            thin.layer
+                .get(VarianceEstimator::Empirical, NullModel::Mp)
+                .unwrap()
+                .outlier_count
+                >= 2
+        );
+        assert_same_diagnoses(&thin.layer, &explicit, 1e-10);
+    }
+}
+
+/// `Q, K` given in a basis of the key space (`K = CB`, `Q̃ = QBᵀ`, `K̃ = C`) give the
+/// diagnostics of the `d`-wide `Q, K`, whole layer and per head, with `d` kept as the width.
+#[test]
+fn a_basis_of_the_key_space_gives_the_same_diagnostics() {
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(12);
+    let (m, d, b, heads) = (96, 64, 24, 4);
+    let c = gaussian(m, b, &mut rng);
+    let basis = gaussian(b, d, &mut rng);
+    let k = &c * &basis;
+    let mut q = gaussian(m, d, &mut rng);
+    let u = gaussian(m, 2, &mut rng).qr().q();
+    for i in 0..2 {
+        q += u.column(i) * (u.column(i).transpose() * &k) * (0.02 * (i as f64 + 1.0));
+    }
+    let q_in_basis = &q * basis.transpose();
+    // The paper's estimator on the full spectrum and on the fast path. (The spectrum-based
+    // estimators are left out: with rank(M) ≤ b < d, half the spectrum beyond the null's
+    // atom is zero; the basis gives exact zeros and reports the median undefined, where the
+    // d-wide product leaves rounding errors of ≈ 1e-15·λ₁ to take medians of.)
+    for fast_path in [false, true] {
+        let config = DiagnosticsConfig {
+            nulls: vec![NullModel::Mp, NullModel::Product],
+            per_head: true,
+            fast_path,
+            ..Default::default()
+        };
+        let full = diagnose_layer(view(&q), view(&k), heads, &config, None).unwrap();
+        let reduced =
+            diagnose_layer_in_basis(view(&q_in_basis), view(&c), d, heads, &config, None).unwrap();
+        assert_eq!(reduced.layer.width, d);
+        assert_same_diagnoses(&reduced.layer, &full.layer, 1e-9);
+        for (a, b) in reduced.per_head.iter().zip(&full.per_head) {
+            assert_same_diagnoses(a, b, 1e-9);
+        }
+    }
+    let median = DiagnosticsConfig {
+        estimators: vec![VarianceEstimator::Median],
+        ..Default::default()
+    };
+    let reduced =
+        diagnose_layer_in_basis(view(&q_in_basis), view(&c), d, heads, &median, None).unwrap();
+    assert_eq!(reduced.layer.undefined.len(), 1);
+    let config = DiagnosticsConfig::default();
+    assert!(matches!(
+        diagnose_layer_in_basis(view(&q_in_basis), view(&c), 0, heads, &config, None),
+        Err(RmtError::InvalidParameter { .. })
+    ));
 }
