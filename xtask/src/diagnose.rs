@@ -299,6 +299,7 @@ impl Source {
                     q,
                     k,
                     factorization: Factorization::dense(d),
+                    key_basis: None,
                 })
             }
         }

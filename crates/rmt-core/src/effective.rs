@@ -15,7 +15,9 @@
 //! The safetensors reader (`checkpoint`, behind the feature of that name) and attn-models'
 //! `EffectiveQk` both go through these functions.
 
-use crate::diagnostics::{DiagnosticsConfig, Factorization, LayerDiagnostics, diagnose_layer};
+use crate::diagnostics::{
+    DiagnosticsConfig, Factorization, LayerDiagnostics, diagnose_layer, diagnose_layer_in_basis,
+};
 use crate::error::{Result, RmtError};
 use crate::linalg::row_major_view;
 use faer::{Accum, MatRef};
@@ -105,14 +107,46 @@ pub struct AttentionLayer {
     pub k: Vec<f32>,
     /// Factor shapes of `M = QKᵀ` for the product null.
     pub factorization: Factorization,
+    /// The same `M` from narrower factors, when the keys span fewer than `d` dimensions
+    /// (MLA); [`AttentionLayer::diagnose`] uses it.
+    pub key_basis: Option<KeyBasis>,
+}
+
+/// `Q, K` in a basis of the key space: with `K = CB`, `B ∈ ℝ^{b×d}`, the factors
+/// `Q̃ = QBᵀ` and `K̃ = C` (`m × b`) give the same `M = QKᵀ = Q̃K̃ᵀ`. For MLA, `B` is
+/// `kv_a_proj_with_mqa` (`b = r_kv + d_rope`): head `h`'s key rows are
+/// `[W_kb,h·diag(g_kv) | 0]·B` (content) and `[0 | I]·B` (rotary).
+#[derive(Debug, Clone)]
+pub struct KeyBasis {
+    /// `b`.
+    pub dim: usize,
+    /// `Q̃ = QBᵀ`, row-major `[m, b]`.
+    pub q: Vec<f32>,
+    /// `K̃ = C`, row-major `[m, b]`.
+    pub k: Vec<f32>,
 }
 
 impl AttentionLayer {
-    /// Diagnoses this layer (whole layer, and per head if `config.per_head`).
+    /// Diagnoses this layer (whole layer, and per head if `config.per_head`), through its
+    /// [`KeyBasis`] when it has one (the same `M`, formed from `b` columns instead of `d`;
+    /// [`diagnose_layer_in_basis`]).
     pub fn diagnose(&self, config: &DiagnosticsConfig) -> Result<LayerDiagnostics> {
+        let heads = self.kind.heads();
+        if let Some(basis) = &self.key_basis {
+            let q = row_major_view(&basis.q, self.rows, basis.dim)?;
+            let k = row_major_view(&basis.k, self.rows, basis.dim)?;
+            return diagnose_layer_in_basis(
+                q,
+                k,
+                self.width,
+                heads,
+                config,
+                Some(&self.factorization),
+            );
+        }
         let q = row_major_view(&self.q, self.rows, self.width)?;
         let k = row_major_view(&self.k, self.rows, self.width)?;
-        diagnose_layer(q, k, self.kind.heads(), config, Some(&self.factorization))
+        diagnose_layer(q, k, heads, config, Some(&self.factorization))
     }
 
     /// [`AttentionLayer::diagnose`] for several layers, in parallel over layers (as
@@ -236,6 +270,7 @@ pub fn mha_effective(
         q: q.data,
         k: k_eff,
         factorization: Factorization::dense(d),
+        key_basis: None,
     })
 }
 
@@ -393,7 +428,12 @@ pub fn mla_effective(index: usize, heads: usize, w: MlaWeights) -> Result<Attent
     let q_eff = match &w.q_down {
         Some((qa, g)) => {
             let g_q = g.clone().unwrap_or_else(|| vec![1.0; qa.rows]);
-            scaled_product(&w.q_up.data, w.q_up.rows, &g_q, &qa.data, d)
+            scaled_product(
+                &w.q_up.data,
+                w.q_up.rows,
+                Some(&g_q),
+                row_major(&qa.data, qa.rows, d),
+            )
         }
         None => w.q_up.data.clone(),
     };
@@ -408,9 +448,8 @@ pub fn mla_effective(index: usize, heads: usize, w: MlaWeights) -> Result<Attent
     let k_content = scaled_product(
         &kb_nope,
         heads * nope,
-        &g_kv,
-        &w.kv_down.data[..kv_latent * d],
-        d,
+        Some(&g_kv),
+        row_major(&w.kv_down.data[..kv_latent * d], kv_latent, d),
     );
     let rope_rows = &w.kv_down.data[kv_latent * d..];
     let mut k_eff = Vec::with_capacity(q_rows * d);
@@ -419,6 +458,7 @@ pub fn mla_effective(index: usize, heads: usize, w: MlaWeights) -> Result<Attent
         k_eff.extend_from_slice(rope_rows);
     }
     debug_assert_eq!(rope_rows.len(), rope * d);
+    let key_basis = mla_key_basis(&w, heads, nope, &g_kv);
     Ok(AttentionLayer {
         index,
         kind,
@@ -427,18 +467,66 @@ pub fn mla_effective(index: usize, heads: usize, w: MlaWeights) -> Result<Attent
         q: q_eff,
         k: k_eff,
         factorization,
+        key_basis,
     })
 }
 
-/// `A·diag(g)·B` for row-major `A ∈ ℝ^{m×r}`, `B ∈ ℝ^{r×n}`, as row-major `f32`.
-fn scaled_product(a: &[f32], m: usize, g: &[f32], b: &[f32], n: usize) -> Vec<f32> {
-    let r = g.len();
-    let scaled: Vec<f32> = a.iter().enumerate().map(|(i, x)| x * g[i % r]).collect();
-    // SAFETY-free views: row-major m×r and r×n.
-    let av = MatRef::from_row_major_slice(&scaled, m, r);
-    let bv = MatRef::from_row_major_slice(b, r, n);
+/// An MLA layer's [`KeyBasis`], `B = kv_a_proj_with_mqa` (`b = r_kv + d_rope` rows), or
+/// `None` when `b ≥ d` (no narrower basis). `Q̃ = QBᵀ` is formed from the factors:
+/// `W_qb·diag(g_q)·(W_qa·Bᵀ)`, or `W_q·Bᵀ` without query compression.
+fn mla_key_basis(w: &MlaWeights, heads: usize, nope: usize, g_kv: &[f32]) -> Option<KeyBasis> {
+    let (b, d) = (w.kv_down.rows, w.kv_down.cols);
+    if b >= d {
+        return None;
+    }
+    let basis_t = row_major(&w.kv_down.data, b, d).transpose();
+    let q = match &w.q_down {
+        Some((qa, g)) => {
+            let qa_bt = scaled_product(&qa.data, qa.rows, None, basis_t);
+            let factor = row_major(&qa_bt, qa.rows, b);
+            scaled_product(&w.q_up.data, w.q_up.rows, g.as_deref(), factor)
+        }
+        None => scaled_product(&w.q_up.data, w.q_up.rows, None, basis_t),
+    };
+    let kv_latent = g_kv.len();
+    let (kv_head, rope) = (w.kv_up.rows / heads, b - kv_latent);
+    let mut k = vec![0.0f32; w.q_up.rows * b];
+    let mut rows = k.chunks_exact_mut(b);
+    for h in 0..heads {
+        for i in 0..nope {
+            let row = rows.next().expect("m = H·(d_nope + d_rope) rows");
+            let kb = &w.kv_up.data[(h * kv_head + i) * kv_latent..][..kv_latent];
+            for ((c, x), g) in row.iter_mut().zip(kb).zip(g_kv) {
+                *c = x * g;
+            }
+        }
+        for j in 0..rope {
+            rows.next().expect("m = H·(d_nope + d_rope) rows")[kv_latent + j] = 1.0;
+        }
+    }
+    Some(KeyBasis { dim: b, q, k })
+}
+
+/// A row-major `f32` slice as an `rows × cols` matrix view.
+fn row_major(data: &[f32], rows: usize, cols: usize) -> MatRef<'_, f32> {
+    MatRef::from_row_major_slice(data, rows, cols)
+}
+
+/// `A·diag(g)·B` (`A·B` without `g`) for row-major `A ∈ ℝ^{m×r}` and `B ∈ ℝ^{r×n}`, as
+/// row-major `f32`.
+fn scaled_product(a: &[f32], m: usize, g: Option<&[f32]>, b: MatRef<'_, f32>) -> Vec<f32> {
+    let (r, n) = b.shape();
+    let scaled: Vec<f32>;
+    let av = match g {
+        Some(g) => {
+            debug_assert_eq!(g.len(), r);
+            scaled = a.iter().enumerate().map(|(i, x)| x * g[i % r]).collect();
+            row_major(&scaled, m, r)
+        }
+        None => row_major(a, m, r),
+    };
     let mut out = faer::Mat::<f32>::zeros(m, n);
-    crate::linalg::matmul_by_rows(out.as_mut(), Accum::Replace, av, bv, 1.0f32);
+    crate::linalg::matmul_by_rows(out.as_mut(), Accum::Replace, av, b, 1.0f32);
     let mut rows = Vec::with_capacity(m * n);
     for i in 0..m {
         for j in 0..n {
@@ -446,4 +534,93 @@ fn scaled_product(a: &[f32], m: usize, g: &[f32], b: &[f32], n: usize) -> Vec<f3
         }
     }
     rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diagnostics::{NullModel, SpectrumDiagnostics};
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, StandardNormal};
+        let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
+        (0..n).map(|_| StandardNormal.sample(&mut rng)).collect()
+    }
+
+    fn matrix(rows: usize, cols: usize, seed: u64) -> RowMajor {
+        RowMajor::new(values(rows * cols, seed), rows, cols).unwrap()
+    }
+
+    /// An MLA layer (H = 4, d = 64, r_q = 24, r_kv = 12, d_nope = 8, d_rope = 4): its key
+    /// basis satisfies `K = CB` and `Q̃ = QBᵀ`, and diagnosing through it (thin factors,
+    /// `m = 48 ≥ 2b = 32`) gives what the `d`-wide `Q, K` give, whole layer and per head.
+    /// The tolerance is f32's: both sides round the same products differently (the widest gap
+    /// seen, 2.2e-5 relative, is in `mp_gap`, a difference of two eigenvalues).
+    #[test]
+    fn mla_key_basis_gives_the_layers_diagnostics() {
+        let (heads, d, rq, rkv, nope, rope, v) = (4, 64, 24, 12, 8, 4, 8);
+        let (b, m) = (rkv + rope, heads * (nope + rope));
+        for compressed in [true, false] {
+            let weights = MlaWeights {
+                q_down: compressed.then(|| (matrix(rq, d, 1), Some(values(rq, 2)))),
+                q_up: matrix(m, if compressed { rq } else { d }, 3),
+                kv_down: matrix(b, d, 4),
+                kv_norm: Some(values(rkv, 5)),
+                kv_up: matrix(heads * (nope + v), rkv, 6),
+            };
+            let basis_rows = weights.kv_down.data.clone();
+            let layer = mla_effective(0, heads, weights).unwrap();
+            let kb = layer.key_basis.as_ref().expect("b = 16 < d = 64");
+            assert_eq!(kb.dim, b);
+            let close = |x: f32, y: f32| (x - y).abs() <= 1e-4 * (1.0 + y.abs());
+            for i in 0..m {
+                for j in 0..d {
+                    let k: f32 = (0..b)
+                        .map(|r| kb.k[i * b + r] * basis_rows[r * d + j])
+                        .sum();
+                    assert!(close(k, layer.k[i * d + j]), "K[{i}, {j}]");
+                }
+                for r in 0..b {
+                    let q: f32 = (0..d)
+                        .map(|j| layer.q[i * d + j] * basis_rows[r * d + j])
+                        .sum();
+                    assert!(close(kb.q[i * b + r], q), "Q̃[{i}, {r}]");
+                }
+            }
+            let config = DiagnosticsConfig {
+                nulls: vec![NullModel::Mp, NullModel::Product],
+                per_head: true,
+                ..Default::default()
+            };
+            let through_basis = layer.diagnose(&config).unwrap();
+            let dense = AttentionLayer {
+                key_basis: None,
+                ..layer.clone()
+            }
+            .diagnose(&config)
+            .unwrap();
+            let same = |a: &SpectrumDiagnostics, b: &SpectrumDiagnostics| {
+                assert_eq!((a.rows, a.width), (b.rows, b.width));
+                for (x, y) in a.diagnoses.iter().zip(&b.diagnoses) {
+                    assert_eq!(x.metrics.outlier_count, y.metrics.outlier_count);
+                    for ((name, vx), (_, vy)) in x
+                        .metrics
+                        .named_values()
+                        .iter()
+                        .zip(&y.metrics.named_values())
+                    {
+                        assert!(
+                            (vx - vy).abs() <= 1e-4 * vy.abs().max(1e-6),
+                            "{name}: {vx} vs {vy}"
+                        );
+                    }
+                }
+            };
+            same(&through_basis.layer, &dense.layer);
+            for (a, b) in through_basis.per_head.iter().zip(&dense.per_head) {
+                same(a, b);
+            }
+        }
+    }
 }
