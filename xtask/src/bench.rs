@@ -44,6 +44,18 @@ pub enum Bench {
         #[arg(long, default_value_t = 12)]
         layers: usize,
     },
+    /// One MLA layer of a DeepSeek shape (random weights): its effective Q, K and the
+    /// whole-layer diagnostics through its key basis (b = r_kv + d_rope columns) against the
+    /// same diagnostics from the d-wide Q, K, where that m × m G fits (V2-Lite, not V3).
+    Mla {
+        /// Shapes: v2-lite (d 2048, 16 heads, no query compression) or v3 (d 7168, 128
+        /// heads, r_q 1536); both r_kv 512, d_rope 64.
+        #[arg(long, value_delimiter = ',', default_value = "v2-lite,v3")]
+        presets: Vec<String>,
+        /// Timed repetitions per preset (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
     /// Forward + backward throughput of each attention variant (no reference: see the
     /// PyTorch comparison in docs/performance.md).
     Models {
@@ -92,6 +104,9 @@ pub fn run(b: Bench) -> Result<(), String> {
     {
         return models(backend, dtype, *matmul, preset, *batch, (*steps).max(1));
     }
+    if let Bench::Mla { presets, repeats } = &b {
+        return mla(presets, (*repeats).max(1));
+    }
     check_numpy()?;
     let dir = std::env::temp_dir().join(format!("xtask-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -107,7 +122,9 @@ pub fn run(b: Bench) -> Result<(), String> {
             repeats,
             layers,
         } => diagnose(&dir, &sizes, &dtype, repeats.max(1), layers),
-        Bench::Models { .. } | Bench::Probe(_) | Bench::Train(_) => unreachable!("handled above"),
+        Bench::Models { .. } | Bench::Probe(_) | Bench::Train(_) | Bench::Mla { .. } => {
+            unreachable!("handled above")
+        }
     };
     std::fs::remove_dir_all(&dir).ok();
     result
@@ -379,6 +396,84 @@ fn diagnose_copies<T: rmt_core::linalg::Element>(
         .last()
         .expect("count ≥ 1")
         .expect("valid layer")
+}
+
+/// Largest `m` for which `bench mla` times the `d`-wide reference (its `G` is `m × m`).
+const MLA_DENSE_MAX_ROWS: usize = 4096;
+
+/// `bench mla`: one layer per preset, random `N(0, 0.02²)` weights (seeded).
+fn mla(presets: &[String], repeats: usize) -> Result<(), String> {
+    use rmt_core::effective::{AttentionLayer, MlaWeights, RowMajor, mla_effective};
+    println!(
+        "# bench mla: one MLA layer, effective Q, K and the paper metrics through the key basis vs from the d-wide Q, K (same run), medians (and minima) of {repeats}, threads={}",
+        rayon_threads()
+    );
+    for preset in presets {
+        // (heads, d, r_q (0: none), r_kv, d_nope, d_rope, d_v)
+        let (heads, d, rq, rkv, nope, rope, v) = match preset.as_str() {
+            "v2-lite" => (16, 2048, 0, 512, 128, 64, 128),
+            "v3" => (128, 7168, 1536, 512, 128, 64, 128),
+            other => return Err(format!("unknown preset `{other}` (v2-lite, v3)")),
+        };
+        let mut rng = rand_pcg::Pcg64::seed_from_u64(7);
+        let normal = rand_distr::Normal::new(0.0f32, 0.02).map_err(|e| e.to_string())?;
+        let mut matrix = |rows: usize, cols: usize| {
+            let data = (0..rows * cols).map(|_| normal.sample(&mut rng)).collect();
+            RowMajor::new(data, rows, cols).map_err(|e| e.to_string())
+        };
+        let m = heads * (nope + rope);
+        let q_down = if rq > 0 {
+            Some((matrix(rq, d)?, Some(vec![1.0; rq])))
+        } else {
+            None
+        };
+        let weights = MlaWeights {
+            q_down,
+            q_up: matrix(m, if rq > 0 { rq } else { d })?,
+            kv_down: matrix(rkv + rope, d)?,
+            kv_norm: Some(vec![1.0; rkv]),
+            kv_up: matrix(heads * (nope + v), rkv)?,
+        };
+        let (effective, layer) = time_ms(repeats, || mla_effective(0, heads, weights.clone()));
+        let layer = layer.map_err(|e| e.to_string())?;
+        let b = layer.key_basis.as_ref().map_or(d, |k| k.dim);
+        let config = DiagnosticsConfig::default();
+        let (basis, through_basis) = time_ms(repeats, || layer.diagnose(&config));
+        let through_basis = through_basis.map_err(|e| e.to_string())?;
+        let ours = through_basis
+            .layer
+            .get(VarianceEstimator::Empirical, NullModel::Mp)
+            .expect("default pair");
+        let prefix = format!(
+            "preset={preset} d={d} m={m} b={b} effective_ms={:.1} basis_ms={:.1} outliers={}",
+            effective.median, basis.median, ours.outlier_count
+        );
+        if m > MLA_DENSE_MAX_ROWS {
+            println!(
+                "{prefix} dense_ms=NA (G would be {m}² = {:.1} GiB in f32)",
+                (m * m * 4) as f64 / (1u64 << 30) as f64
+            );
+            continue;
+        }
+        let dense_layer = AttentionLayer {
+            key_basis: None,
+            ..layer.clone()
+        };
+        let (dense, from_dense) = time_ms(repeats, || dense_layer.diagnose(&config));
+        let from_dense = from_dense.map_err(|e| e.to_string())?;
+        let reference = from_dense
+            .layer
+            .get(VarianceEstimator::Empirical, NullModel::Mp)
+            .expect("default pair");
+        println!(
+            "{prefix} dense_ms={:.1} {} dense_outliers={} lambda_max_rel_diff={:.1e}",
+            dense.median,
+            ratios(basis, dense),
+            reference.outlier_count,
+            (ours.lambda_max / reference.lambda_max - 1.0).abs()
+        );
+    }
+    Ok(())
 }
 
 fn path_arg(p: &Path) -> String {
