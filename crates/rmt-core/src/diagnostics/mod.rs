@@ -646,10 +646,24 @@ fn diagnose_block<T: Element>(
         found?;
         return Err(overflow(head));
     }
-    // The lower triangle only: every consumer of G reads no more.
-    let g = gram_lower_of_transpose(mt.as_ref(), 1.0 / width as f64);
-    release_scratch(mt);
     let rows = q.nrows();
+    through_factor(mt, rows, moments, width, head, config, factorization)
+}
+
+/// The metrics of `G = FFᵀ/d` from `Fᵀ` (column-major; `F = M`, or [`diagnose_thin`]'s core
+/// `C`): `G`'s lower triangle only — every consumer of `G` reads no more — then
+/// [`spectrum_diagnostics`].
+fn through_factor<T: Element>(
+    ft: faer::Mat<T>,
+    rows: usize,
+    moments: EntryMoments,
+    width: usize,
+    head: Option<usize>,
+    config: &DiagnosticsConfig,
+    factorization: &Factorization,
+) -> Result<SpectrumDiagnostics> {
+    let g = gram_lower_of_transpose(ft.as_ref(), 1.0 / width as f64);
+    release_scratch(ft);
     spectrum_diagnostics(
         Gram::Owned(g),
         rows,
@@ -702,17 +716,7 @@ fn diagnose_thin<T: Element>(
         return Err(overflow(head));
     }
     let moments = EntryMoments::from_sums(sum, frobenius2, rows * rows);
-    let g = gram_lower_of_transpose(ct.as_ref(), 1.0 / width as f64);
-    release_scratch(ct);
-    spectrum_diagnostics(
-        Gram::Owned(g),
-        rows,
-        moments,
-        width,
-        head,
-        config,
-        factorization,
-    )
+    through_factor(ct, rows, moments, width, head, config, factorization)
 }
 
 /// The error for finite `Q` and `K` whose `‖M‖²` is not finite.
@@ -939,3 +943,36 @@ pub fn metrics_from_spectrum(
 
 #[cfg(test)]
 mod tests;
+
+/// Every metric of `a` equals `b`'s to `tol` (relative), pair by pair, and the same pairs
+/// are undefined.
+#[cfg(test)]
+pub(crate) fn assert_same_diagnoses(a: &SpectrumDiagnostics, b: &SpectrumDiagnostics, tol: f64) {
+    assert_eq!((a.rows, a.width), (b.rows, b.width));
+    assert!((a.trace - b.trace).abs() <= tol * b.trace);
+    assert_eq!(a.diagnoses.len(), b.diagnoses.len());
+    assert_eq!(
+        a.undefined.len(),
+        b.undefined.len(),
+        "{:#?} vs {:#?}",
+        a.undefined,
+        b.undefined
+    );
+    for (x, y) in a.diagnoses.iter().zip(&b.diagnoses) {
+        assert_eq!((x.estimator, x.null), (y.estimator, y.null));
+        assert_eq!(x.metrics.outlier_count, y.metrics.outlier_count);
+        for ((name, vx), (_, vy)) in x
+            .metrics
+            .named_values()
+            .iter()
+            .zip(&y.metrics.named_values())
+        {
+            assert!(
+                (vx - vy).abs() <= tol * vy.abs().max(1e-9),
+                "{:?}/{:?} {name}: {vx} vs {vy}",
+                x.estimator,
+                x.null
+            );
+        }
+    }
+}

@@ -405,38 +405,6 @@ fn layers_in_parallel_match_one_at_a_time() {
     assert!(matches!(out[1], Err(RmtError::Degenerate(_))));
 }
 
-/// Every metric of `a` equals `b`'s to `tol` (relative), pair by pair, and the same pairs
-/// are undefined.
-fn assert_same_diagnoses(a: &SpectrumDiagnostics, b: &SpectrumDiagnostics, tol: f64) {
-    assert_eq!((a.rows, a.width), (b.rows, b.width));
-    assert!((a.trace - b.trace).abs() <= tol * b.trace);
-    assert_eq!(a.diagnoses.len(), b.diagnoses.len());
-    assert_eq!(
-        a.undefined.len(),
-        b.undefined.len(),
-        "{:#?} vs {:#?}",
-        a.undefined,
-        b.undefined
-    );
-    for (x, y) in a.diagnoses.iter().zip(&b.diagnoses) {
-        assert_eq!((x.estimator, x.null), (y.estimator, y.null));
-        assert_eq!(x.metrics.outlier_count, y.metrics.outlier_count);
-        for ((name, vx), (_, vy)) in x
-            .metrics
-            .named_values()
-            .iter()
-            .zip(&y.metrics.named_values())
-        {
-            assert!(
-                (vx - vy).abs() <= tol * vy.abs().max(1e-9),
-                "{:?}/{:?} {name}: {vx} vs {vy}",
-                x.estimator,
-                x.null
-            );
-        }
-    }
-}
-
 /// Spiked `Q` (`m × b`) and Gaussian `K`: outliers from far above the MP edge down to near it.
 fn spiked_pair(m: usize, b: usize, seed: u64) -> (DMatrix<f64>, DMatrix<f64>) {
     let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
