@@ -108,14 +108,15 @@ pub struct AttentionLayer {
     /// Factor shapes of `M = QKᵀ` for the product null.
     pub factorization: Factorization,
     /// The same `M` from narrower factors, when the keys span fewer than `d` dimensions
-    /// (MLA); [`AttentionLayer::diagnose`] uses it.
+    /// (MLA, GQA); [`AttentionLayer::diagnose`] uses it.
     pub key_basis: Option<KeyBasis>,
 }
 
 /// `Q, K` in a basis of the key space: with `K = CB`, `B ∈ ℝ^{b×d}`, the factors
 /// `Q̃ = QBᵀ` and `K̃ = C` (`m × b`) give the same `M = QKᵀ = Q̃K̃ᵀ`. For MLA, `B` is
 /// `kv_a_proj_with_mqa` (`b = r_kv + d_rope`): head `h`'s key rows are
-/// `[W_kb,h·diag(g_kv) | 0]·B` (content) and `[0 | I]·B` (rotary).
+/// `[W_kb,h·diag(g_kv) | 0]·B` (content) and `[0 | I]·B` (rotary). For GQA, `B` is `k_proj`
+/// (`b = H_kv·d_h`) and each effective key row is a unit row of `C` (when `b < d`).
 #[derive(Debug, Clone)]
 pub struct KeyBasis {
     /// `b`.
@@ -259,9 +260,24 @@ pub fn mha_effective(
     let kind = mha_layout(index, heads, [m, d], [k.rows, k.cols])?;
     let rows = kind.key_rows().expect("mha_layout returns an MHA kind");
     let mut k_eff = Vec::with_capacity(m * d);
-    for r in rows {
+    for &r in &rows {
         k_eff.extend_from_slice(&k.data[r * d..(r + 1) * d]);
     }
+    // GQA: the keys are k_proj's b = H_kv·d_h rows, repeated. B = W_k, each effective key
+    // row a unit row of C, and Q̃ = QW_kᵀ.
+    let b = k.rows;
+    let key_basis = (b < d).then(|| {
+        let q_t = scaled_product(&q.data, m, None, row_major(&k.data, b, d).transpose());
+        let mut c = vec![0.0f32; m * b];
+        for (row, &r) in c.chunks_exact_mut(b).zip(&rows) {
+            row[r] = 1.0;
+        }
+        KeyBasis {
+            dim: b,
+            q: q_t,
+            k: c,
+        }
+    });
     Ok(AttentionLayer {
         index,
         kind,
@@ -270,7 +286,7 @@ pub fn mha_effective(
         q: q.data,
         k: k_eff,
         factorization: Factorization::dense(d),
-        key_basis: None,
+        key_basis,
     })
 }
 
@@ -615,5 +631,36 @@ mod tests {
                 same(a, b);
             }
         }
+    }
+
+    /// A GQA layer (8 query heads, 2 key heads of 8, d = 64): its key basis is `k_proj` with
+    /// unit rows in `C`, and diagnosing through it (`m = 64 ≥ 2b = 32`) gives what the
+    /// `d`-wide `Q, K` give, whole layer and per head (f32's tolerance, as above).
+    #[test]
+    fn gqa_key_basis_gives_the_layers_diagnostics() {
+        let (heads, kv, hd, d) = (8, 2, 8, 64);
+        let layer =
+            mha_effective(0, heads, matrix(heads * hd, d, 1), matrix(kv * hd, d, 2)).unwrap();
+        let kb = layer.key_basis.as_ref().expect("b = 16 < d = 64");
+        assert_eq!(kb.dim, kv * hd);
+        let config = DiagnosticsConfig {
+            nulls: vec![NullModel::Mp, NullModel::Product],
+            per_head: true,
+            ..Default::default()
+        };
+        let through_basis = layer.diagnose(&config).unwrap();
+        let dense = AttentionLayer {
+            key_basis: None,
+            ..layer.clone()
+        }
+        .diagnose(&config)
+        .unwrap();
+        assert_same_diagnoses(&through_basis.layer, &dense.layer, 1e-4);
+        for (a, b) in through_basis.per_head.iter().zip(&dense.per_head) {
+            assert_same_diagnoses(a, b, 1e-4);
+        }
+        // MHA (H_kv = H, b = d): no narrower basis.
+        let mha = mha_effective(0, 8, matrix(64, 64, 3), matrix(64, 64, 4)).unwrap();
+        assert!(mha.key_basis.is_none());
     }
 }

@@ -329,6 +329,32 @@ pub fn diagnose_layer<T: Element>(
 ///
 /// # Errors
 /// As [`diagnose_layer`], and `width` = 0.
+///
+/// # Example
+/// ```
+/// use nalgebra::DMatrix;
+/// use rand::SeedableRng;
+/// use rand_distr::{Distribution, StandardNormal};
+/// use rmt_core::diagnostics::{
+///     diagnose_layer, diagnose_layer_in_basis, DiagnosticsConfig, NullModel, VarianceEstimator,
+/// };
+/// use rmt_core::linalg::view;
+///
+/// let mut rng = rand_pcg::Pcg64::seed_from_u64(0);
+/// let mut draw = |r, c| DMatrix::<f64>::from_fn(r, c, |_, _| StandardNormal.sample(&mut rng));
+/// // Keys in a 16-dimensional subspace of a 64-wide model: K = C·B.
+/// let (m, d, b) = (48, 64, 16);
+/// let (q, c, basis) = (draw(m, d), draw(m, b), draw(b, d));
+/// let k = &c * &basis;
+/// let cfg = DiagnosticsConfig::default();
+/// let wide = diagnose_layer(view(&q), view(&k), 4, &cfg, None).unwrap();
+/// let q_in_basis = &q * basis.transpose();
+/// let narrow = diagnose_layer_in_basis(view(&q_in_basis), view(&c), d, 4, &cfg, None).unwrap();
+/// let pair = (VarianceEstimator::Empirical, NullModel::Mp);
+/// let (x, y) = (wide.layer.get(pair.0, pair.1).unwrap(), narrow.layer.get(pair.0, pair.1).unwrap());
+/// assert_eq!(x.outlier_count, y.outlier_count);
+/// assert!((x.lambda_max - y.lambda_max).abs() < 1e-9 * x.lambda_max);
+/// ```
 pub fn diagnose_layer_in_basis<T: Element>(
     q: MatrixView<'_, T>,
     k: MatrixView<'_, T>,
