@@ -44,13 +44,19 @@ pub enum Bench {
         #[arg(long, default_value_t = 12)]
         layers: usize,
     },
-    /// One MLA layer of a DeepSeek shape (random weights): its effective Q, K and the
-    /// whole-layer diagnostics through its key basis (b = r_kv + d_rope columns) against the
-    /// same diagnostics from the d-wide Q, K, where that m × m G fits (V2-Lite, not V3).
-    Mla {
-        /// Shapes: v2-lite (d 2048, 16 heads, no query compression) or v3 (d 7168, 128
-        /// heads, r_q 1536); both r_kv 512, d_rope 64.
-        #[arg(long, value_delimiter = ',', default_value = "v2-lite,v3")]
+    /// One layer of a published shape (random weights) whose keys span fewer than d
+    /// dimensions (MLA: b = r_kv + d_rope; GQA: b = H_kv·d_h): its effective Q, K and the
+    /// whole-layer diagnostics through its key basis against the same diagnostics from the
+    /// d-wide Q, K, where that m × m G fits (not DeepSeek-V3's).
+    KeyBasis {
+        /// Shapes: deepseek-v2-lite (MLA, d 2048, 16 heads, no query compression),
+        /// deepseek-v3 (MLA, d 7168, 128 heads, r_q 1536; both r_kv 512, d_rope 64),
+        /// llama3-8b (GQA, d 4096, 32 query heads, 8 key heads of 128).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "llama3-8b,deepseek-v2-lite,deepseek-v3"
+        )]
         presets: Vec<String>,
         /// Timed repetitions per preset (the median is reported).
         #[arg(long, default_value_t = 3)]
@@ -104,8 +110,8 @@ pub fn run(b: Bench) -> Result<(), String> {
     {
         return models(backend, dtype, *matmul, preset, *batch, (*steps).max(1));
     }
-    if let Bench::Mla { presets, repeats } = &b {
-        return mla(presets, (*repeats).max(1));
+    if let Bench::KeyBasis { presets, repeats } = &b {
+        return key_basis(presets, (*repeats).max(1));
     }
     check_numpy()?;
     let dir = std::env::temp_dir().join(format!("xtask-bench-{}", std::process::id()));
@@ -122,7 +128,7 @@ pub fn run(b: Bench) -> Result<(), String> {
             repeats,
             layers,
         } => diagnose(&dir, &sizes, &dtype, repeats.max(1), layers),
-        Bench::Models { .. } | Bench::Probe(_) | Bench::Train(_) | Bench::Mla { .. } => {
+        Bench::Models { .. } | Bench::Probe(_) | Bench::Train(_) | Bench::KeyBasis { .. } => {
             unreachable!("handled above")
         }
     };
@@ -398,44 +404,65 @@ fn diagnose_copies<T: rmt_core::linalg::Element>(
         .expect("valid layer")
 }
 
-/// Largest `m` for which `bench mla` times the `d`-wide reference (its `G` is `m × m`).
-const MLA_DENSE_MAX_ROWS: usize = 4096;
+/// Largest `m` for which `bench key-basis` times the `d`-wide reference (its `G` is
+/// `m × m`).
+const KEY_BASIS_DENSE_MAX_ROWS: usize = 4096;
 
-/// `bench mla`: one layer per preset, random `N(0, 0.02²)` weights (seeded).
-fn mla(presets: &[String], repeats: usize) -> Result<(), String> {
-    use rmt_core::effective::{AttentionLayer, MlaWeights, RowMajor, mla_effective};
+/// `bench key-basis`: one layer per preset, random `N(0, 0.02²)` weights (seeded).
+fn key_basis(presets: &[String], repeats: usize) -> Result<(), String> {
+    use rmt_core::effective::{AttentionLayer, MlaWeights, RowMajor, mha_effective, mla_effective};
     println!(
-        "# bench mla: one MLA layer, effective Q, K and the paper metrics through the key basis vs from the d-wide Q, K (same run), medians (and minima) of {repeats}, threads={}",
+        "# bench key-basis: one layer, effective Q, K and the paper metrics through the key basis vs from the d-wide Q, K (same run), medians (and minima) of {repeats}, threads={}",
         rayon_threads()
     );
     for preset in presets {
-        // (heads, d, r_q (0: none), r_kv, d_nope, d_rope, d_v)
-        let (heads, d, rq, rkv, nope, rope, v) = match preset.as_str() {
-            "v2-lite" => (16, 2048, 0, 512, 128, 64, 128),
-            "v3" => (128, 7168, 1536, 512, 128, 64, 128),
-            other => return Err(format!("unknown preset `{other}` (v2-lite, v3)")),
-        };
         let mut rng = rand_pcg::Pcg64::seed_from_u64(7);
         let normal = rand_distr::Normal::new(0.0f32, 0.02).map_err(|e| e.to_string())?;
         let mut matrix = |rows: usize, cols: usize| {
             let data = (0..rows * cols).map(|_| normal.sample(&mut rng)).collect();
             RowMajor::new(data, rows, cols).map_err(|e| e.to_string())
         };
-        let m = heads * (nope + rope);
-        let q_down = if rq > 0 {
-            Some((matrix(rq, d)?, Some(vec![1.0; rq])))
-        } else {
-            None
+        // The weights, and how to form the layer from them.
+        let form: Box<dyn Fn() -> rmt_core::Result<AttentionLayer>> = match preset.as_str() {
+            "llama3-8b" => {
+                let (heads, kv_heads, head_dim, d) = (32, 8, 128, 4096);
+                let (q, k) = (
+                    matrix(heads * head_dim, d)?,
+                    matrix(kv_heads * head_dim, d)?,
+                );
+                Box::new(move || mha_effective(0, heads, q.clone(), k.clone()))
+            }
+            "deepseek-v2-lite" | "deepseek-v3" => {
+                // (heads, d, r_q (0: none), r_kv, d_nope, d_rope, d_v)
+                let (heads, d, rq, rkv, nope, rope, v) = if preset == "deepseek-v3" {
+                    (128, 7168, 1536, 512, 128, 64, 128)
+                } else {
+                    (16, 2048, 0, 512, 128, 64, 128)
+                };
+                let m = heads * (nope + rope);
+                let q_down = if rq > 0 {
+                    Some((matrix(rq, d)?, Some(vec![1.0; rq])))
+                } else {
+                    None
+                };
+                let weights = MlaWeights {
+                    q_down,
+                    q_up: matrix(m, if rq > 0 { rq } else { d })?,
+                    kv_down: matrix(rkv + rope, d)?,
+                    kv_norm: Some(vec![1.0; rkv]),
+                    kv_up: matrix(heads * (nope + v), rkv)?,
+                };
+                Box::new(move || mla_effective(0, heads, weights.clone()))
+            }
+            other => {
+                return Err(format!(
+                    "unknown preset `{other}` (llama3-8b, deepseek-v2-lite, deepseek-v3)"
+                ));
+            }
         };
-        let weights = MlaWeights {
-            q_down,
-            q_up: matrix(m, if rq > 0 { rq } else { d })?,
-            kv_down: matrix(rkv + rope, d)?,
-            kv_norm: Some(vec![1.0; rkv]),
-            kv_up: matrix(heads * (nope + v), rkv)?,
-        };
-        let (effective, layer) = time_ms(repeats, || mla_effective(0, heads, weights.clone()));
+        let (effective, layer) = time_ms(repeats, &form);
         let layer = layer.map_err(|e| e.to_string())?;
+        let (m, d) = (layer.rows, layer.width);
         let b = layer.key_basis.as_ref().map_or(d, |k| k.dim);
         let config = DiagnosticsConfig::default();
         let (basis, through_basis) = time_ms(repeats, || layer.diagnose(&config));
@@ -448,7 +475,7 @@ fn mla(presets: &[String], repeats: usize) -> Result<(), String> {
             "preset={preset} d={d} m={m} b={b} effective_ms={:.1} basis_ms={:.1} outliers={}",
             effective.median, basis.median, ours.outlier_count
         );
-        if m > MLA_DENSE_MAX_ROWS {
+        if m > KEY_BASIS_DENSE_MAX_ROWS {
             println!(
                 "{prefix} dense_ms=NA (G would be {m}² = {:.1} GiB in f32)",
                 (m * m * 4) as f64 / (1u64 << 30) as f64
