@@ -577,10 +577,8 @@ mod tests {
 
     /// An MLA layer (H = 4, d = 64, r_q = 24, r_kv = 12, d_nope = 8, d_rope = 4): its key
     /// basis satisfies `K = CB` and `Q̃ = QBᵀ`, and diagnosing through it (thin factors,
-    /// `m = 48 ≥ 2b = 32`) gives what the `d`-wide `Q, K` give, whole layer and per head.
-    /// The tolerance is f32's: both sides round the same products differently (the widest gap
-    /// seen, 2.2e-5 relative, is in `mp_gap`, a difference of two eigenvalues; the floor of
-    /// the relative test is 1e-9, which the TW p-values, 0 here, meet).
+    /// `m = 48 ≥ 2b = 32`) gives what the `d`-wide `Q, K` give, whole layer and per head,
+    /// with and without query compression.
     #[test]
     fn mla_key_basis_gives_the_layers_diagnostics() {
         let (heads, d, rq, rkv, nope, rope, v) = (4, 64, 24, 12, 8, 4, 8);
@@ -597,45 +595,14 @@ mod tests {
             let layer = mla_effective(0, heads, weights).unwrap();
             let kb = layer.key_basis.as_ref().expect("b = 16 < d = 64");
             assert_eq!(kb.dim, b);
-            let close = |x: f32, y: f32| (x - y).abs() <= 1e-4 * (1.0 + y.abs());
-            for i in 0..m {
-                for j in 0..d {
-                    let k: f32 = (0..b)
-                        .map(|r| kb.k[i * b + r] * basis_rows[r * d + j])
-                        .sum();
-                    assert!(close(k, layer.k[i * d + j]), "K[{i}, {j}]");
-                }
-                for r in 0..b {
-                    let q: f32 = (0..d)
-                        .map(|j| layer.q[i * d + j] * basis_rows[r * d + j])
-                        .sum();
-                    assert!(close(kb.q[i * b + r], q), "Q̃[{i}, {r}]");
-                }
-            }
-            let config = DiagnosticsConfig {
-                nulls: vec![NullModel::Mp, NullModel::Product],
-                per_head: true,
-                ..Default::default()
-            };
-            let through_basis = layer.diagnose(&config).unwrap();
-            let dense = AttentionLayer {
-                key_basis: None,
-                ..layer.clone()
-            }
-            .diagnose(&config)
-            .unwrap();
-            // f32's tolerance: 1e-4 relative, the widest gap seen 2.2e-5 (in `mp_gap`).
-            let same = |a, b| assert_same_diagnoses(a, b, 1e-4);
-            same(&through_basis.layer, &dense.layer);
-            for (a, b) in through_basis.per_head.iter().zip(&dense.per_head) {
-                same(a, b);
-            }
+            assert_basis_spans_the_keys(&layer, &basis_rows);
+            assert_basis_gives_the_d_wide_diagnoses(&layer);
         }
     }
 
     /// A GQA layer (8 query heads, 2 key heads of 8, d = 64): its key basis is `k_proj` with
     /// unit rows in `C`, and diagnosing through it (`m = 64 ≥ 2b = 32`) gives what the
-    /// `d`-wide `Q, K` give, whole layer and per head (f32's tolerance, as above).
+    /// `d`-wide `Q, K` give, whole layer and per head.
     #[test]
     fn gqa_key_basis_gives_the_layers_diagnostics() {
         let (heads, kv, hd, d) = (8, 2, 8, 64);
@@ -643,6 +610,39 @@ mod tests {
             mha_effective(0, heads, matrix(heads * hd, d, 1), matrix(kv * hd, d, 2)).unwrap();
         let kb = layer.key_basis.as_ref().expect("b = 16 < d = 64");
         assert_eq!(kb.dim, kv * hd);
+        let k_proj = matrix(kv * hd, d, 2).data;
+        assert_basis_spans_the_keys(&layer, &k_proj);
+        assert_basis_gives_the_d_wide_diagnoses(&layer);
+        // MHA (H_kv = H, b = d): no narrower basis.
+        let mha = mha_effective(0, 8, matrix(64, 64, 3), matrix(64, 64, 4)).unwrap();
+        assert!(mha.key_basis.is_none());
+    }
+
+    /// `K = CB` and `Q̃ = QBᵀ` for the layer's key basis, `B` given row-major (`b × d`).
+    fn assert_basis_spans_the_keys(layer: &AttentionLayer, basis_rows: &[f32]) {
+        let kb = layer.key_basis.as_ref().expect("a narrower basis");
+        let (m, d, b) = (layer.rows, layer.width, kb.dim);
+        let close = |x: f32, y: f32| (x - y).abs() <= 1e-4 * (1.0 + y.abs());
+        for i in 0..m {
+            for j in 0..d {
+                let k: f32 = (0..b)
+                    .map(|r| kb.k[i * b + r] * basis_rows[r * d + j])
+                    .sum();
+                assert!(close(k, layer.k[i * d + j]), "K[{i}, {j}]");
+            }
+            for r in 0..b {
+                let q: f32 = (0..d)
+                    .map(|j| layer.q[i * d + j] * basis_rows[r * d + j])
+                    .sum();
+                assert!(close(kb.q[i * b + r], q), "Q̃[{i}, {r}]");
+            }
+        }
+    }
+
+    /// Diagnosing through the key basis gives what the `d`-wide `Q, K` give, whole layer
+    /// and per head. f32's tolerance: 1e-4 relative (the widest gap seen, 2.2e-5, is in
+    /// `mp_gap`, a difference of two eigenvalues).
+    fn assert_basis_gives_the_d_wide_diagnoses(layer: &AttentionLayer) {
         let config = DiagnosticsConfig {
             nulls: vec![NullModel::Mp, NullModel::Product],
             per_head: true,
@@ -659,8 +659,5 @@ mod tests {
         for (a, b) in through_basis.per_head.iter().zip(&dense.per_head) {
             assert_same_diagnoses(a, b, 1e-4);
         }
-        // MHA (H_kv = H, b = d): no narrower basis.
-        let mha = mha_effective(0, 8, matrix(64, 64, 3), matrix(64, 64, 4)).unwrap();
-        assert!(mha.key_basis.is_none());
     }
 }
