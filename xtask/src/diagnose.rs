@@ -163,6 +163,15 @@ fn write_report(
         )?,
         Format::Json => {}
     }
+    // Progress on stderr, drawn only when it is a terminal (a 61-layer DeepSeek-V3 takes
+    // minutes); cleared while rows are printed.
+    let bar = indicatif::ProgressBar::new(indices.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "diagnosing [{bar:30}] {pos}/{len} layers, ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
     // As many layers in memory at a time as there are cores, diagnosed in parallel (one
     // layer per core), printed in order as each batch finishes.
     for batch in indices.chunks(rayon::current_num_threads().max(1)) {
@@ -182,14 +191,16 @@ fn write_report(
                     width: layer.width,
                     diagnostics: diag,
                 }),
-                Format::Csv | Format::Table => {
-                    for spectrum in std::iter::once(&diag.layer).chain(diag.per_head.iter()) {
-                        write_rows(&mut out, args.format, index, spectrum)?;
-                    }
-                }
+                Format::Csv | Format::Table => bar.suspend(|| {
+                    std::iter::once(&diag.layer)
+                        .chain(diag.per_head.iter())
+                        .try_for_each(|spectrum| write_rows(&mut out, args.format, index, spectrum))
+                })?,
             }
         }
+        bar.inc(batch.len() as u64);
     }
+    bar.finish_and_clear();
     if let Format::Json = args.format {
         serde_json::to_writer_pretty(&mut out, &reports).map_err(std::io::Error::from)?;
         writeln!(out)?;
