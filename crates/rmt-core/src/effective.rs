@@ -541,21 +541,18 @@ fn scaled_product(a: &[f32], m: usize, g: Option<&[f32]>, b: MatRef<'_, f32>) ->
         }
         None => row_major(a, m, r),
     };
-    // (AB)ᵀ = BᵀAᵀ column-major is AB row-major: each column is a row of the result (a
-    // column-major AB read row by row missed cache on every entry: 17 s for DeepSeek-V3's
-    // 24 576 × 7 168 Q).
-    let mut out_t = faer::Mat::<f32>::zeros(n, m);
+    // (AB)ᵀ = BᵀAᵀ column-major is AB row-major, so the product is written straight into
+    // the rows returned (no second buffer: for DeepSeek-V3's 24 576 × 7 168 Q, reading a
+    // column-major AB back row by row took 17 s, and a copy of it another 0.7 GB of freshly
+    // faulted pages).
+    let mut rows = vec![0.0f32; m * n];
     crate::linalg::matmul_by_rows(
-        out_t.as_mut(),
+        faer::MatMut::from_column_major_slice_mut(&mut rows, n, m),
         Accum::Replace,
         b.transpose(),
         av.transpose(),
         1.0f32,
     );
-    let mut rows = Vec::with_capacity(m * n);
-    for i in 0..m {
-        rows.extend((0..n).map(|j| out_t[(j, i)]));
-    }
     rows
 }
 
