@@ -164,12 +164,34 @@ fn fp8_to_f32(byte: u8, e4m3: bool) -> f32 {
     }
 }
 
-/// Whether [`tensor_to_f32`] reads this dtype.
-fn dtype_is_read(dtype: Dtype) -> bool {
-    matches!(
-        dtype,
-        Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16 | Dtype::F8_E4M3 | Dtype::F8_E5M2
-    )
+/// Every code of an FP8 format ([`fp8_to_f32`]), computed once: a table lookup per element
+/// rather than a `powi` (64 M codes in 0.17 s against 0.33, throwaway timing on this host).
+fn fp8_table(e4m3: bool) -> &'static [f32; 256] {
+    use std::sync::OnceLock;
+    static E4M3: OnceLock<[f32; 256]> = OnceLock::new();
+    static E5M2: OnceLock<[f32; 256]> = OnceLock::new();
+    let table = if e4m3 { &E4M3 } else { &E5M2 };
+    table.get_or_init(|| std::array::from_fn(|b| fp8_to_f32(b as u8, e4m3)))
+}
+
+/// One element's bytes to its value.
+type Decode = fn(&[u8]) -> f32;
+
+/// How [`tensor_to_f32`] reads one element of `dtype`: its size in bytes and its value as
+/// `f32` (`None`: the dtype is not read). The one list of the dtypes read.
+fn element_decoder(dtype: Dtype) -> Option<(usize, Decode)> {
+    let decode: Decode = match dtype {
+        Dtype::F32 => |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+        Dtype::F64 => {
+            |c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+        }
+        Dtype::F16 => |c| half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
+        Dtype::BF16 => |c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+        Dtype::F8_E4M3 => |c| fp8_table(true)[usize::from(c[0])],
+        Dtype::F8_E5M2 => |c| fp8_table(false)[usize::from(c[0])],
+        _ => return None,
+    };
+    Some((dtype.bitsize() / 8, decode))
 }
 
 fn unsupported_dtype(name: &str, dtype: Dtype) -> RmtError {
@@ -185,28 +207,9 @@ fn unsupported_dtype(name: &str, dtype: Dtype) -> RmtError {
 /// # Errors
 /// Another dtype, or a non-finite value.
 pub fn tensor_to_f32(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
-    let bytes = view.data();
-    let values: Vec<f32> = match view.dtype() {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F8_E4M3 => bytes.iter().map(|&b| fp8_to_f32(b, true)).collect(),
-        Dtype::F8_E5M2 => bytes.iter().map(|&b| fp8_to_f32(b, false)).collect(),
-        other => return Err(unsupported_dtype(name, other)),
-    };
+    let (size, decode) =
+        element_decoder(view.dtype()).ok_or_else(|| unsupported_dtype(name, view.dtype()))?;
+    let values: Vec<f32> = view.data().chunks_exact(size).map(decode).collect();
     if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         let why = if view.dtype() == Dtype::F64 {
             " (as f32: the f64 value is outside f32's range, or not finite)"
@@ -218,6 +221,11 @@ pub fn tensor_to_f32(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
         )));
     }
     Ok(values)
+}
+
+/// `text`, read from `path`, as JSON.
+fn parse_json(path: &Path, text: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| err(format!("{}: not valid JSON ({e})", path.display())))
 }
 
 /// What this reader takes from a HF-style `config.json`.
@@ -235,8 +243,7 @@ fn read_config(path: &Path) -> Result<ConfigJson> {
         return Ok(ConfigJson::default());
     };
     let shown = path.display();
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| err(format!("{shown}: not valid JSON ({e})")))?;
+    let value = parse_json(path, &text)?;
     let mut config = ConfigJson::default();
     for key in ["num_attention_heads", "n_heads", "num_heads", "n_head"] {
         if let Some(h) = value.get(key) {
@@ -341,8 +348,7 @@ fn shard_files(path: &Path) -> Result<ShardFiles> {
 fn indexed_shards(index: &Path) -> Result<ShardFiles> {
     let shown = index.display();
     let text = std::fs::read_to_string(index).map_err(|e| err(format!("{shown}: {e}")))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| err(format!("{shown}: not valid JSON ({e})")))?;
+    let value = parse_json(index, &text)?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -353,21 +359,20 @@ fn indexed_shards(index: &Path) -> Result<ShardFiles> {
         })?;
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut files: Vec<PathBuf> = Vec::new();
+    // Shard path → position in `files` (DeepSeek-V3 lists ≈ 90 000 tensors in 163 shards).
+    let mut position: BTreeMap<PathBuf, usize> = BTreeMap::new();
     let mut listed = Vec::with_capacity(map.len());
     for (tensor, file) in map {
-        let file = file.as_str().ok_or_else(|| {
+        let name = file.as_str().ok_or_else(|| {
             err(format!(
                 "{shown}: the shard of {tensor} is {file}, not a file name"
             ))
         })?;
-        let path = dir.join(file);
-        let s = match files.iter().position(|f| *f == path) {
-            Some(s) => s,
-            None => {
-                files.push(path);
-                files.len() - 1
-            }
-        };
+        let path = dir.join(name);
+        let s = *position.entry(path.clone()).or_insert_with(|| {
+            files.push(path);
+            files.len() - 1
+        });
         listed.push((tensor.clone(), s));
     }
     if files.is_empty() {
@@ -547,7 +552,7 @@ impl Checkpoint {
     /// A tensor's shape from the header, checking its rank and that its dtype is read.
     fn shape<const R: usize>(&self, e: &Entry) -> Result<[usize; R]> {
         let info = self.shards[e.shard].info(&e.name)?;
-        if !dtype_is_read(info.dtype) {
+        if element_decoder(info.dtype).is_none() {
             return Err(unsupported_dtype(&e.name, info.dtype));
         }
         info.shape.as_slice().try_into().map_err(|_| {

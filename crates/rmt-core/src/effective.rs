@@ -474,7 +474,7 @@ pub fn mla_effective(index: usize, heads: usize, w: MlaWeights) -> Result<Attent
         k_eff.extend_from_slice(rope_rows);
     }
     debug_assert_eq!(rope_rows.len(), rope * d);
-    let key_basis = mla_key_basis(&w, heads, nope, &g_kv);
+    let key_basis = mla_key_basis(&w, nope, &kb_nope, &g_kv);
     Ok(AttentionLayer {
         index,
         kind,
@@ -489,8 +489,10 @@ pub fn mla_effective(index: usize, heads: usize, w: MlaWeights) -> Result<Attent
 
 /// An MLA layer's [`KeyBasis`], `B = kv_a_proj_with_mqa` (`b = r_kv + d_rope` rows), or
 /// `None` when `b ≥ d` (no narrower basis). `Q̃ = QBᵀ` is formed from the factors:
-/// `W_qb·diag(g_q)·(W_qa·Bᵀ)`, or `W_q·Bᵀ` without query compression.
-fn mla_key_basis(w: &MlaWeights, heads: usize, nope: usize, g_kv: &[f32]) -> Option<KeyBasis> {
+/// `W_qb·diag(g_q)·(W_qa·Bᵀ)`, or `W_q·Bᵀ` without query compression. `kb_nope` holds
+/// every head's `d_nope` rows of `kv_b_proj`, head after head (as [`mla_effective`] forms
+/// them).
+fn mla_key_basis(w: &MlaWeights, nope: usize, kb_nope: &[f32], g_kv: &[f32]) -> Option<KeyBasis> {
     let (b, d) = (w.kv_down.rows, w.kv_down.cols);
     if b >= d {
         return None;
@@ -505,19 +507,20 @@ fn mla_key_basis(w: &MlaWeights, heads: usize, nope: usize, g_kv: &[f32]) -> Opt
         None => scaled_product(&w.q_up.data, w.q_up.rows, None, basis_t),
     };
     let kv_latent = g_kv.len();
-    let (kv_head, rope) = (w.kv_up.rows / heads, b - kv_latent);
+    let rope = b - kv_latent;
     let mut k = vec![0.0f32; w.q_up.rows * b];
-    let mut rows = k.chunks_exact_mut(b);
-    for h in 0..heads {
-        for i in 0..nope {
-            let row = rows.next().expect("m = H·(d_nope + d_rope) rows");
-            let kb = &w.kv_up.data[(h * kv_head + i) * kv_latent..][..kv_latent];
+    let mut kb_rows = kb_nope.chunks_exact(kv_latent);
+    // Head after head: its content rows [W_kb,h·diag(g_kv) | 0], then its rotary rows [0 | I].
+    for head in k.chunks_exact_mut((nope + rope) * b) {
+        let (content, rotary) = head.split_at_mut(nope * b);
+        for row in content.chunks_exact_mut(b) {
+            let kb = kb_rows.next().expect("H·d_nope rows of kv_b_proj");
             for ((c, x), g) in row.iter_mut().zip(kb).zip(g_kv) {
                 *c = x * g;
             }
         }
-        for j in 0..rope {
-            rows.next().expect("m = H·(d_nope + d_rope) rows")[kv_latent + j] = 1.0;
+        for (j, row) in rotary.chunks_exact_mut(b).enumerate() {
+            row[kv_latent + j] = 1.0;
         }
     }
     Some(KeyBasis { dim: b, q, k })

@@ -808,9 +808,9 @@ impl<T: Element> Gram<'_, T> {
     }
 }
 
-/// The metrics of one `G` (lower triangle read) with the moments of its `M`.
-/// The metrics from `G`'s lower triangle. `G` may be smaller than `rows × rows`
-/// ([`diagnose_thin`]): the spectrum's other `rows − n` eigenvalues are zeros.
+/// The metrics of one `G` (lower triangle read) with the moments of its `M`. `G` may be
+/// smaller than `rows × rows` ([`diagnose_thin`]): the spectrum's other `rows − n`
+/// eigenvalues are zeros.
 fn spectrum_diagnostics<T: Element>(
     g: Gram<'_, T>,
     rows: usize,
