@@ -410,7 +410,10 @@ const KEY_BASIS_DENSE_MAX_ROWS: usize = 4096;
 
 /// `bench key-basis`: one layer per preset, random `N(0, 0.02²)` weights (seeded).
 fn key_basis(presets: &[String], repeats: usize) -> Result<(), String> {
-    use rmt_core::effective::{AttentionLayer, MlaWeights, RowMajor, mha_effective, mla_effective};
+    use rmt_core::effective::{
+        AttentionLayer, LayerFactors, MlaWeights, RowMajor, mha_effective, mla_effective,
+        mla_factors,
+    };
     println!(
         "# bench key-basis: one layer, effective Q, K and the paper metrics through the key basis vs from the d-wide Q, K (same run), medians (and minima) of {repeats}, threads={}",
         rayon_threads()
@@ -422,15 +425,21 @@ fn key_basis(presets: &[String], repeats: usize) -> Result<(), String> {
             let data = (0..rows * cols).map(|_| normal.sample(&mut rng)).collect();
             RowMajor::new(data, rows, cols).map_err(|e| e.to_string())
         };
-        // The weights, and how to form the layer from them.
-        let form: Box<dyn Fn() -> rmt_core::Result<AttentionLayer>> = match preset.as_str() {
+        // The weights, how to form the layer from them, and how to form its factors alone.
+        type Form<L> = Box<dyn Fn() -> rmt_core::Result<L>>;
+        let (form, form_factors): (Form<AttentionLayer>, Form<LayerFactors>) = match preset.as_str()
+        {
             "llama3-8b" => {
                 let (heads, kv_heads, head_dim, d) = (32, 8, 128, 4096);
                 let (q, k) = (
                     matrix(heads * head_dim, d)?,
                     matrix(kv_heads * head_dim, d)?,
                 );
-                Box::new(move || mha_effective(0, heads, q.clone(), k.clone()))
+                let form = move || mha_effective(0, heads, q.clone(), k.clone());
+                (
+                    Box::new(form.clone()),
+                    Box::new(move || form().map(Into::into)),
+                )
             }
             "deepseek-v2-lite" | "deepseek-v3" => {
                 // (heads, d, r_q (0: none), r_kv, d_nope, d_rope, d_v)
@@ -452,7 +461,11 @@ fn key_basis(presets: &[String], repeats: usize) -> Result<(), String> {
                     kv_norm: Some(vec![1.0; rkv]),
                     kv_up: matrix(heads * (nope + v), rkv)?,
                 };
-                Box::new(move || mla_effective(0, heads, weights.clone()))
+                let w = weights.clone();
+                (
+                    Box::new(move || mla_effective(0, heads, weights.clone())),
+                    Box::new(move || mla_factors(0, heads, w.clone())),
+                )
             }
             other => {
                 return Err(format!(
@@ -462,18 +475,31 @@ fn key_basis(presets: &[String], repeats: usize) -> Result<(), String> {
         };
         let (effective, layer) = time_ms(repeats, &form);
         let layer = layer.map_err(|e| e.to_string())?;
+        // What `cargo xtask diagnose` forms; the same diagnostics (checked below).
+        let (factors_time, factors) = time_ms(repeats, &form_factors);
+        let factors = factors.map_err(|e| e.to_string())?;
         let (m, d) = (layer.rows, layer.width);
         let b = layer.key_basis.as_ref().map_or(d, |k| k.dim);
         let config = DiagnosticsConfig::default();
         let (basis, through_basis) = time_ms(repeats, || layer.diagnose(&config));
         let through_basis = through_basis.map_err(|e| e.to_string())?;
+        let from_factors = factors.diagnose(&config).map_err(|e| e.to_string())?;
         let ours = through_basis
             .layer
             .get(VarianceEstimator::Empirical, NullModel::Mp)
             .expect("default pair");
+        let theirs = from_factors
+            .layer
+            .get(VarianceEstimator::Empirical, NullModel::Mp)
+            .expect("default pair");
+        if (theirs.lambda_max, theirs.outlier_count) != (ours.lambda_max, ours.outlier_count) {
+            return Err(format!(
+                "{preset}: the layer's factors alone diagnose differently from the layer"
+            ));
+        }
         let prefix = format!(
-            "preset={preset} d={d} m={m} b={b} effective_ms={:.1} basis_ms={:.1} outliers={}",
-            effective.median, basis.median, ours.outlier_count
+            "preset={preset} d={d} m={m} b={b} effective_ms={:.1} factors_ms={:.1} basis_ms={:.1} outliers={}",
+            effective.median, factors_time.median, basis.median, ours.outlier_count
         );
         if m > KEY_BASIS_DENSE_MAX_ROWS {
             println!(

@@ -1,10 +1,11 @@
 //! `cargo xtask diagnose`.
 
-use rmt_core::checkpoint::{AttentionKind, AttentionLayer, Checkpoint};
+use rmt_core::checkpoint::{AttentionKind, Checkpoint, LayerFactors};
 use rmt_core::diagnostics::{
     DiagnosticsConfig, Factorization, NullModel, SpectralMetrics, SpectrumDiagnostics,
     VarianceEstimator,
 };
+use rmt_core::effective::KeyBasis;
 use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
@@ -179,7 +180,7 @@ fn write_report(
             .iter()
             .map(|&index| source.layer(index))
             .collect::<Result<Vec<_>, _>>()?;
-        let diagnoses = AttentionLayer::diagnose_all(&layers, config);
+        let diagnoses = LayerFactors::diagnose_all(&layers, config);
         for (layer, diag) in layers.into_iter().zip(diagnoses) {
             let index = layer.index;
             let diag = diag.map_err(|e| format!("layer {index}: {e}"))?;
@@ -280,9 +281,9 @@ impl Source {
         }
     }
 
-    fn layer(&self, index: usize) -> Result<AttentionLayer, String> {
+    fn layer(&self, index: usize) -> Result<LayerFactors, String> {
         match self {
-            Source::Checkpoint(c) => c.layer(index).map_err(|e| e.to_string()),
+            Source::Checkpoint(c) => c.layer_factors(index).map_err(|e| e.to_string()),
             Source::Initialised {
                 width, heads, seed, ..
             } => {
@@ -298,7 +299,7 @@ impl Source {
                         .collect::<Vec<f32>>()
                 };
                 let (q, k) = (draw(), draw());
-                Ok(AttentionLayer {
+                Ok(LayerFactors {
                     index,
                     kind: AttentionKind::Mha {
                         heads: *heads,
@@ -307,10 +308,8 @@ impl Source {
                     },
                     rows: d,
                     width: d,
-                    q,
-                    k,
                     factorization: Factorization::dense(d),
-                    key_basis: None,
+                    factors: KeyBasis { dim: d, q, k },
                 })
             }
         }

@@ -60,7 +60,8 @@
 //! ```
 
 use crate::effective::{
-    MlaShapes, MlaWeights, RowMajor, mha_effective, mha_layout, mla_effective, mla_layout,
+    MlaShapes, MlaWeights, RowMajor, mha_effective, mha_layout, mla_effective, mla_factors,
+    mla_layout,
 };
 use crate::error::{Result, RmtError};
 use safetensors::tensor::{Metadata, TensorInfo, TensorView};
@@ -68,7 +69,7 @@ use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub use crate::effective::{AttentionKind, AttentionLayer};
+pub use crate::effective::{AttentionKind, AttentionLayer, LayerFactors};
 
 /// The file name of a sharded HF checkpoint's index.
 pub const SHARD_INDEX: &str = "model.safetensors.index.json";
@@ -665,11 +666,36 @@ impl Checkpoint {
     /// Unknown head count, missing tensors, an unread dtype, non-finite values, or shapes
     /// that contradict the head count or each other.
     pub fn layer(&self, index: usize) -> Result<AttentionLayer> {
+        let heads = self.known_heads()?;
+        match self.weights(index)? {
+            LayerWeights::Mha { q, k } => mha_effective(index, heads, q, k),
+            LayerWeights::Mla(w) => mla_effective(index, heads, w),
+        }
+    }
+
+    /// Forms what layer `index`'s diagnostics read ([`LayerFactors`]): for an MLA layer
+    /// its key basis alone, without the `d`-wide `Q, K` of [`Checkpoint::layer`]
+    /// ([`mla_factors`]). `cargo xtask diagnose` goes through it.
+    ///
+    /// # Errors
+    /// As [`Checkpoint::layer`].
+    pub fn layer_factors(&self, index: usize) -> Result<LayerFactors> {
+        let heads = self.known_heads()?;
+        match self.weights(index)? {
+            LayerWeights::Mha { q, k } => mha_effective(index, heads, q, k).map(Into::into),
+            LayerWeights::Mla(w) => mla_factors(index, heads, w),
+        }
+    }
+
+    /// Layer `index`'s projection weights, read once its shapes are checked.
+    fn weights(&self, index: usize) -> Result<LayerWeights> {
         // The shapes first: a malformed layer is reported before its tensors are read.
         self.layout(index)?;
-        let heads = self.known_heads()?;
-        match self.parts(index)? {
-            Parts::Mha { q, k } => mha_effective(index, heads, self.matrix(q)?, self.matrix(k)?),
+        Ok(match self.parts(index)? {
+            Parts::Mha { q, k } => LayerWeights::Mha {
+                q: self.matrix(q)?,
+                k: self.matrix(k)?,
+            },
             Parts::Mla {
                 q_down,
                 q_up,
@@ -681,17 +707,22 @@ impl Checkpoint {
                     Some((qa, g)) => Some((self.matrix(qa)?, self.vector(g)?)),
                     None => None,
                 };
-                let weights = MlaWeights {
+                LayerWeights::Mla(MlaWeights {
                     q_down,
                     q_up: self.matrix(q_up)?,
                     kv_down: self.matrix(kv_down)?,
                     kv_norm: self.vector(kv_norm)?,
                     kv_up: self.matrix(kv_up)?,
-                };
-                mla_effective(index, heads, weights)
+                })
             }
-        }
+        })
     }
+}
+
+/// One layer's projection weights as read.
+enum LayerWeights {
+    Mha { q: RowMajor, k: RowMajor },
+    Mla(MlaWeights),
 }
 
 #[cfg(test)]
@@ -902,6 +933,17 @@ mod tests {
                 );
             }
         }
+        // What the diagnostics read: the layer's key basis alone (b = r_kv + d_rope < d).
+        let factors = ck.layer_factors(2).unwrap();
+        let basis = layer.key_basis.as_ref().expect("b = 4 < d = 6");
+        assert_eq!(
+            (factors.rows, factors.width, &factors.kind),
+            (m, d, &layer.kind)
+        );
+        assert_eq!(
+            (factors.factors.dim, &factors.factors.q, &factors.factors.k),
+            (rkv + rope, &basis.q, &basis.k)
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -16,7 +16,7 @@
 //! `EffectiveQk` both go through these functions.
 
 use crate::diagnostics::{
-    DiagnosticsConfig, Factorization, LayerDiagnostics, diagnose_layer, diagnose_layer_in_basis,
+    DiagnosticsConfig, Factorization, LayerDiagnostics, diagnose_layer_in_basis,
 };
 use crate::error::{Result, RmtError};
 use crate::linalg::row_major_view;
@@ -132,32 +132,105 @@ impl AttentionLayer {
     /// [`KeyBasis`] when it has one (the same `M`, formed from `b` columns instead of `d`;
     /// [`diagnose_layer_in_basis`]).
     pub fn diagnose(&self, config: &DiagnosticsConfig) -> Result<LayerDiagnostics> {
-        let heads = self.kind.heads();
-        if let Some(basis) = &self.key_basis {
-            let q = row_major_view(&basis.q, self.rows, basis.dim)?;
-            let k = row_major_view(&basis.k, self.rows, basis.dim)?;
-            return diagnose_layer_in_basis(
-                q,
-                k,
-                self.width,
-                heads,
-                config,
-                Some(&self.factorization),
-            );
+        let (q, k, b) = match &self.key_basis {
+            Some(basis) => (&basis.q, &basis.k, basis.dim),
+            None => (&self.q, &self.k, self.width),
+        };
+        diagnose_factors(
+            q,
+            k,
+            b,
+            self.rows,
+            self.width,
+            &self.kind,
+            &self.factorization,
+            config,
+        )
+    }
+}
+
+/// One layer's `M = QKᵀ` as the diagnostics read it: two `m × b` factors `Q̃, K̃` with
+/// `M = Q̃K̃ᵀ` — a [`KeyBasis`] of the key space when the keys span `b < d` dimensions (MLA,
+/// GQA), else `Q, K` themselves (`B = I`, `b = d`). Unlike [`AttentionLayer`] it need not
+/// hold the `d`-wide `Q, K`: [`mla_factors`] forms a DeepSeek-V3 layer's (`m × 576`) without
+/// its `24 576 × 7 168` `Q` and `K`.
+#[derive(Debug, Clone)]
+pub struct LayerFactors {
+    /// The `N` of `layers.N.`.
+    pub index: usize,
+    /// The parametrisation found.
+    pub kind: AttentionKind,
+    /// `m = H·d_k` rows.
+    pub rows: usize,
+    /// Model width `d`.
+    pub width: usize,
+    /// Factor shapes of `M = QKᵀ` for the product null.
+    pub factorization: Factorization,
+    /// `Q̃, K̃ ∈ ℝ^{m×b}` (`b = d` with `B = I` when there is no narrower basis).
+    pub factors: KeyBasis,
+}
+
+impl From<AttentionLayer> for LayerFactors {
+    /// The layer's key basis when it has one, else its `d`-wide `Q, K`.
+    fn from(layer: AttentionLayer) -> Self {
+        let factors = layer.key_basis.unwrap_or(KeyBasis {
+            dim: layer.width,
+            q: layer.q,
+            k: layer.k,
+        });
+        Self {
+            index: layer.index,
+            kind: layer.kind,
+            rows: layer.rows,
+            width: layer.width,
+            factorization: layer.factorization,
+            factors,
         }
-        let q = row_major_view(&self.q, self.rows, self.width)?;
-        let k = row_major_view(&self.k, self.rows, self.width)?;
-        diagnose_layer(q, k, heads, config, Some(&self.factorization))
+    }
+}
+
+impl LayerFactors {
+    /// Diagnoses this layer (whole layer, and per head if `config.per_head`): the same
+    /// values as [`AttentionLayer::diagnose`] on the layer these factors come from.
+    pub fn diagnose(&self, config: &DiagnosticsConfig) -> Result<LayerDiagnostics> {
+        let f = &self.factors;
+        diagnose_factors(
+            &f.q,
+            &f.k,
+            f.dim,
+            self.rows,
+            self.width,
+            &self.kind,
+            &self.factorization,
+            config,
+        )
     }
 
-    /// [`AttentionLayer::diagnose`] for several layers, in parallel over layers (as
+    /// [`LayerFactors::diagnose`] for several layers, in parallel over layers (as
     /// [`crate::diagnostics::diagnose_layers`]); one result per layer, in order.
     pub fn diagnose_all(
-        layers: &[AttentionLayer],
+        layers: &[LayerFactors],
         config: &DiagnosticsConfig,
     ) -> Vec<Result<LayerDiagnostics>> {
         crate::diagnostics::per_layer_in_parallel(layers, |layer| layer.diagnose(config))
     }
+}
+
+/// [`diagnose_layer_in_basis`] on row-major `m × b` factors of a layer of width `d`.
+#[allow(clippy::too_many_arguments)]
+fn diagnose_factors(
+    q: &[f32],
+    k: &[f32],
+    b: usize,
+    rows: usize,
+    width: usize,
+    kind: &AttentionKind,
+    factorization: &Factorization,
+    config: &DiagnosticsConfig,
+) -> Result<LayerDiagnostics> {
+    let q = row_major_view(q, rows, b)?;
+    let k = row_major_view(k, rows, b)?;
+    diagnose_layer_in_basis(q, k, width, kind.heads(), config, Some(factorization))
 }
 
 /// A row-major `f32` matrix `[rows, cols]` in PyTorch's `Linear.weight` layout.
@@ -432,67 +505,156 @@ pub fn mla_layout(index: usize, heads: usize, w: &MlaShapes) -> Result<MlaLayout
 /// # Errors
 /// Shapes that contradict each other or the head count.
 pub fn mla_effective(index: usize, heads: usize, w: MlaWeights) -> Result<AttentionLayer> {
+    let parts = MlaParts::new(index, heads, &w)?;
+    let (q, k) = parts.dense(&w);
+    let key_basis = mla_key_basis(&w, &parts);
     let MlaLayout {
         kind,
         factorization,
-        kv_latent,
-        nope_dim: nope,
-        rope_dim: rope,
-    } = mla_layout(index, heads, &w.shapes())?;
-    let d = w.kv_down.cols;
-    let g_kv = w.kv_norm.clone().unwrap_or_else(|| vec![1.0; kv_latent]);
-    let q_eff = match &w.q_down {
-        Some((qa, g)) => {
-            let g_q = g.clone().unwrap_or_else(|| vec![1.0; qa.rows]);
-            scaled_product(
-                &w.q_up.data,
-                w.q_up.rows,
-                Some(&g_q),
-                row_major(&qa.data, qa.rows, d),
-            )
-        }
-        None => w.q_up.data.clone(),
-    };
-    let q_rows = w.q_up.rows;
-    let kv_head = w.kv_up.rows / heads; // d_nope + d_v
-    let mut kb_nope = Vec::with_capacity(heads * nope * kv_latent);
-    for h in 0..heads {
-        kb_nope.extend_from_slice(
-            &w.kv_up.data[h * kv_head * kv_latent..(h * kv_head + nope) * kv_latent],
-        );
-    }
-    let k_content = scaled_product(
-        &kb_nope,
-        heads * nope,
-        Some(&g_kv),
-        row_major(&w.kv_down.data[..kv_latent * d], kv_latent, d),
-    );
-    let rope_rows = &w.kv_down.data[kv_latent * d..];
-    let mut k_eff = Vec::with_capacity(q_rows * d);
-    for h in 0..heads {
-        k_eff.extend_from_slice(&k_content[h * nope * d..(h + 1) * nope * d]);
-        k_eff.extend_from_slice(rope_rows);
-    }
-    debug_assert_eq!(rope_rows.len(), rope * d);
-    let key_basis = mla_key_basis(&w, nope, &kb_nope, &g_kv);
+        ..
+    } = parts.layout;
     Ok(AttentionLayer {
         index,
         kind,
-        rows: q_rows,
-        width: d,
-        q: q_eff,
-        k: k_eff,
+        rows: w.q_up.rows,
+        width: w.kv_down.cols,
+        q,
+        k,
         factorization,
         key_basis,
     })
 }
 
+/// An MLA layer's [`LayerFactors`]: its [`KeyBasis`] (`b = r_kv + d_rope`), formed without
+/// the `d`-wide `Q, K` of [`mla_effective`], or those when `b ≥ d`. The diagnostics are
+/// those of [`mla_effective`]'s layer.
+///
+/// # Errors
+/// Shapes that contradict each other or the head count.
+///
+/// # Example
+/// ```
+/// use rmt_core::diagnostics::DiagnosticsConfig;
+/// use rmt_core::effective::{MlaWeights, RowMajor, mla_effective, mla_factors};
+///
+/// // 4 heads, d = 64, r_q = 24, r_kv = 12, d_nope = 8, d_rope = 4, d_v = 8.
+/// let w = |rows: usize, cols: usize, seed: usize| {
+///     let data = (0..rows * cols).map(|i| ((i * 7919 + seed) % 101) as f32 / 50.0 - 1.0);
+///     RowMajor::new(data.collect(), rows, cols).unwrap()
+/// };
+/// let weights = MlaWeights {
+///     q_down: Some((w(24, 64, 1), None)),
+///     q_up: w(4 * 12, 24, 2),
+///     kv_down: w(12 + 4, 64, 3),
+///     kv_norm: None,
+///     kv_up: w(4 * (8 + 8), 12, 4),
+/// };
+/// let factors = mla_factors(0, 4, weights.clone()).unwrap();
+/// assert_eq!((factors.rows, factors.width, factors.factors.dim), (48, 64, 16));
+/// let config = DiagnosticsConfig::default();
+/// let ours = factors.diagnose(&config).unwrap();
+/// let dense = mla_effective(0, 4, weights).unwrap().diagnose(&config).unwrap();
+/// assert_eq!(ours.layer.trace, dense.layer.trace);
+/// ```
+pub fn mla_factors(index: usize, heads: usize, w: MlaWeights) -> Result<LayerFactors> {
+    let parts = MlaParts::new(index, heads, &w)?;
+    let factors = match mla_key_basis(&w, &parts) {
+        Some(basis) => basis,
+        None => {
+            let (q, k) = parts.dense(&w);
+            KeyBasis {
+                dim: w.kv_down.cols,
+                q,
+                k,
+            }
+        }
+    };
+    let MlaLayout {
+        kind,
+        factorization,
+        ..
+    } = parts.layout;
+    Ok(LayerFactors {
+        index,
+        kind,
+        rows: w.q_up.rows,
+        width: w.kv_down.cols,
+        factorization,
+        factors,
+    })
+}
+
+/// What both forms of an MLA layer start from: its layout, the latent gain `g_kv`, and
+/// every head's `d_nope` rows of `kv_b_proj`, head after head.
+struct MlaParts {
+    layout: MlaLayout,
+    g_kv: Vec<f32>,
+    kb_nope: Vec<f32>,
+}
+
+impl MlaParts {
+    fn new(index: usize, heads: usize, w: &MlaWeights) -> Result<Self> {
+        let layout = mla_layout(index, heads, &w.shapes())?;
+        let (kv_latent, nope) = (layout.kv_latent, layout.nope_dim);
+        let g_kv = w.kv_norm.clone().unwrap_or_else(|| vec![1.0; kv_latent]);
+        let kv_head = w.kv_up.rows / heads; // d_nope + d_v
+        let mut kb_nope = Vec::with_capacity(heads * nope * kv_latent);
+        for h in 0..heads {
+            kb_nope.extend_from_slice(
+                &w.kv_up.data[h * kv_head * kv_latent..(h * kv_head + nope) * kv_latent],
+            );
+        }
+        Ok(Self {
+            layout,
+            g_kv,
+            kb_nope,
+        })
+    }
+
+    /// The `d`-wide effective `Q, K` (row-major `[m, d]`).
+    fn dense(&self, w: &MlaWeights) -> (Vec<f32>, Vec<f32>) {
+        let MlaLayout {
+            kv_latent,
+            nope_dim: nope,
+            rope_dim: rope,
+            ..
+        } = self.layout;
+        let heads = self.layout.kind.heads();
+        let d = w.kv_down.cols;
+        let q = match &w.q_down {
+            Some((qa, g)) => {
+                let g_q = g.clone().unwrap_or_else(|| vec![1.0; qa.rows]);
+                scaled_product(
+                    &w.q_up.data,
+                    w.q_up.rows,
+                    Some(&g_q),
+                    row_major(&qa.data, qa.rows, d),
+                )
+            }
+            None => w.q_up.data.clone(),
+        };
+        let k_content = scaled_product(
+            &self.kb_nope,
+            heads * nope,
+            Some(&self.g_kv),
+            row_major(&w.kv_down.data[..kv_latent * d], kv_latent, d),
+        );
+        let rope_rows = &w.kv_down.data[kv_latent * d..];
+        debug_assert_eq!(rope_rows.len(), rope * d);
+        let mut k = Vec::with_capacity(w.q_up.rows * d);
+        for h in 0..heads {
+            k.extend_from_slice(&k_content[h * nope * d..(h + 1) * nope * d]);
+            k.extend_from_slice(rope_rows);
+        }
+        (q, k)
+    }
+}
+
 /// An MLA layer's [`KeyBasis`], `B = kv_a_proj_with_mqa` (`b = r_kv + d_rope` rows), or
 /// `None` when `b ≥ d` (no narrower basis). `Q̃ = QBᵀ` is formed from the factors:
-/// `W_qb·diag(g_q)·(W_qa·Bᵀ)`, or `W_q·Bᵀ` without query compression. `kb_nope` holds
-/// every head's `d_nope` rows of `kv_b_proj`, head after head (as [`mla_effective`] forms
-/// them).
-fn mla_key_basis(w: &MlaWeights, nope: usize, kb_nope: &[f32], g_kv: &[f32]) -> Option<KeyBasis> {
+/// `W_qb·diag(g_q)·(W_qa·Bᵀ)`, or `W_q·Bᵀ` without query compression.
+fn mla_key_basis(w: &MlaWeights, parts: &MlaParts) -> Option<KeyBasis> {
+    let (nope, kb_nope, g_kv) = (parts.layout.nope_dim, &parts.kb_nope, &parts.g_kv);
     let (b, d) = (w.kv_down.rows, w.kv_down.cols);
     if b >= d {
         return None;
@@ -597,6 +759,50 @@ mod tests {
             assert_eq!(kb.dim, b);
             assert_basis_spans_the_keys(&layer, &basis_rows);
             assert_basis_gives_the_d_wide_diagnoses(&layer);
+        }
+    }
+
+    /// [`mla_factors`] forms exactly the key basis [`mla_effective`] does (bit for bit), and
+    /// the `d`-wide `Q, K` when there is no narrower basis (`b = r_kv + d_rope ≥ d`); its
+    /// diagnoses are the layer's.
+    #[test]
+    fn mla_factors_are_the_layers() {
+        let (heads, rq, rkv, nope, rope, v) = (4, 24, 12, 8, 4, 8);
+        let (b, m) = (rkv + rope, heads * (nope + rope));
+        for d in [64, b] {
+            let weights = MlaWeights {
+                q_down: Some((matrix(rq, d, 1), Some(values(rq, 2)))),
+                q_up: matrix(m, rq, 3),
+                kv_down: matrix(b, d, 4),
+                kv_norm: Some(values(rkv, 5)),
+                kv_up: matrix(heads * (nope + v), rkv, 6),
+            };
+            let layer = mla_effective(7, heads, weights.clone()).unwrap();
+            let factors = mla_factors(7, heads, weights).unwrap();
+            assert_eq!(
+                (factors.index, &factors.kind, factors.rows, factors.width),
+                (7, &layer.kind, m, d)
+            );
+            assert_eq!(factors.factorization, layer.factorization);
+            let (q, k, dim) = match &layer.key_basis {
+                Some(kb) => (&kb.q, &kb.k, kb.dim),
+                None => (&layer.q, &layer.k, d),
+            };
+            assert_eq!(layer.key_basis.is_some(), d > b);
+            assert_eq!(
+                (&factors.factors.q, &factors.factors.k, factors.factors.dim),
+                (q, k, dim)
+            );
+            let config = DiagnosticsConfig {
+                per_head: true,
+                ..Default::default()
+            };
+            let (ours, theirs) = (factors.diagnose(&config), layer.diagnose(&config));
+            let (ours, theirs) = (ours.unwrap(), theirs.unwrap());
+            assert_same_diagnoses(&ours.layer, &theirs.layer, 0.0);
+            for (a, b) in ours.per_head.iter().zip(&theirs.per_head) {
+                assert_same_diagnoses(a, b, 0.0);
+            }
         }
     }
 
