@@ -37,6 +37,10 @@ pub struct Args {
     /// Only these layers (comma-separated indices).
     #[arg(long, value_delimiter = ',')]
     layers: Option<Vec<usize>>,
+    /// Which stack of layers, by the prefix before `layers.N.` (e.g. `model.language_model`),
+    /// when the checkpoint holds several (a vision-language or encoder–decoder model).
+    #[arg(long)]
+    stack: Option<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -75,8 +79,12 @@ pub fn run(args: Args) -> Result<(), String> {
         ..Default::default()
     };
     let source = match &args.checkpoint {
-        Some(path) => {
-            Source::Checkpoint(Checkpoint::open(path, args.heads).map_err(|e| e.to_string())?)
+        Some(path) => Source::Checkpoint(
+            Checkpoint::open_stack(path, args.heads, args.stack.as_deref())
+                .map_err(|e| e.to_string())?,
+        ),
+        None if args.stack.is_some() => {
+            return Err("--stack chooses among a checkpoint's stacks: give the checkpoint".into());
         }
         None => {
             eprintln!(

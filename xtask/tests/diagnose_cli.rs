@@ -196,6 +196,14 @@ fn bad_input_is_one_clear_line_and_a_failure_code() {
             vec![path.to_string_lossy().into(), "--layers".into(), "7".into()],
             "layer 7",
         ),
+        (
+            vec![
+                path.to_string_lossy().into(),
+                "--stack".into(),
+                "vision".into(),
+            ],
+            "no attention stack `vision.layers.N` (stacks: model.layers.N (3 layers))",
+        ),
     ];
     let junk = dir.join("junk.safetensors");
     std::fs::write(&junk, b"definitely not a safetensors file").unwrap();
@@ -213,6 +221,29 @@ fn bad_input_is_one_clear_line_and_a_failure_code() {
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `--stack` names the prefix before `layers.N.`; the only stack is read without it.
+#[test]
+fn a_stack_is_chosen_by_its_prefix() {
+    let dir = temp_dir("stack");
+    let path = llama_checkpoint(&dir);
+    let run = |extra: &[&str]| {
+        let out = xtask()
+            .args(["diagnose", "--format", "csv", "--layers", "1"])
+            .arg(&path)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    assert_eq!(run(&["--stack", "model"]), run(&[]));
     std::fs::remove_dir_all(&dir).ok();
 }
 

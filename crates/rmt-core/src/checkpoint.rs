@@ -18,6 +18,11 @@
 //!   LLaMA names and both MLA variants under the DeepSeek names; MLA-PreRoPE has
 //!   `d_rope = 0`).
 //!
+//! A checkpoint with several stacks of such layers (a vision-language model's vision tower
+//! and language model, an encoder and a decoder: `STACK.layers.N.` with different `STACK`s)
+//! is read one stack at a time, chosen by its prefix ([`Checkpoint::open_stack`]); their
+//! layers are never merged.
+//!
 //! A checkpoint is one `.safetensors` file, a sharded one's `model.safetensors.index.json`
 //! (HF's `weight_map` from tensor name to shard file), or a directory holding either (the
 //! index if there is one, else every `*.safetensors` file in it). Every shard is
@@ -79,6 +84,8 @@ pub struct Checkpoint {
     path: PathBuf,
     shards: Vec<Shard>,
     heads: Option<usize>,
+    /// The prefix before `layers.N.` of the stack read.
+    stack: String,
     /// Attention tensors by layer index, then by leaf name (`q_proj`, `kv_b_proj`, …).
     layers: BTreeMap<usize, BTreeMap<String, Entry>>,
     /// Appended to "not found" errors when the file opened is one shard of an index beside it.
@@ -129,20 +136,46 @@ enum Role {
     ScaleInv,
 }
 
-/// Splits `…layers.N.(self_attn|attn).LEAF.weight` (or `.weight_scale_inv`) into
-/// `(N, LEAF, role)`.
-fn parse_attention_name(name: &str) -> Option<(usize, String, Role)> {
+/// A recognised attention tensor's name, `STACK.layers.N.(self_attn|attn).LEAF.weight` (or
+/// `.weight_scale_inv`), taken apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AttentionName {
+    /// What comes before `layers` (`model`, `model.language_model`, `encoder`, or empty):
+    /// one stack of layers. A vision-language or encoder–decoder model has several.
+    stack: String,
+    /// `N`.
+    index: usize,
+    /// `q_proj`, `kv_b_proj`, …
+    leaf: String,
+    role: Role,
+}
+
+fn parse_attention_name(name: &str) -> Option<AttentionName> {
     let parts: Vec<&str> = name.split('.').collect();
-    let at = parts.iter().position(|p| *p == "layers")?;
-    let index: usize = parts.get(at + 1)?.parse().ok()?;
-    let module = *parts.get(at + 2)?;
-    if module != "self_attn" && module != "attn" {
-        return None;
-    }
-    match &parts[at + 3..] {
-        [leaf, "weight"] => Some((index, leaf.to_string(), Role::Weight)),
-        [leaf, "weight_scale_inv"] => Some((index, leaf.to_string(), Role::ScaleInv)),
-        _ => None,
+    let at = (0..parts.len().saturating_sub(4)).find(|&at| {
+        parts[at] == "layers"
+            && parts[at + 1].parse::<usize>().is_ok()
+            && matches!(parts[at + 2], "self_attn" | "attn")
+    })?;
+    let role = match &parts[at + 3..] {
+        [_, "weight"] => Role::Weight,
+        [_, "weight_scale_inv"] => Role::ScaleInv,
+        _ => return None,
+    };
+    Some(AttentionName {
+        stack: parts[..at].join("."),
+        index: parts[at + 1].parse().ok()?,
+        leaf: parts[at + 3].to_string(),
+        role,
+    })
+}
+
+/// How a stack's layers are named: `model.layers.N`, or `layers.N` without a prefix.
+fn stack_pattern(stack: &str) -> String {
+    if stack.is_empty() {
+        "layers.N".to_string()
+    } else {
+        format!("{stack}.layers.N")
     }
 }
 
@@ -407,8 +440,25 @@ impl Checkpoint {
     /// # Errors
     /// Unreadable or corrupt files (bad header, offsets out of range, truncated data), an
     /// index that is not one or names a tensor its shard lacks, a tensor in two shards, a
-    /// `config.json` that is not JSON or has a head count below 1, or no attention weights.
+    /// `config.json` that is not JSON or has a head count below 1, no attention weights, or
+    /// attention weights in more than one stack ([`Checkpoint::open_stack`] chooses one).
     pub fn open(path: impl AsRef<Path>, heads: Option<usize>) -> Result<Self> {
+        Self::open_stack(path, heads, None)
+    }
+
+    /// [`Checkpoint::open`] for a checkpoint with several stacks of attention layers (a
+    /// vision-language model's vision tower and language model, an encoder and a decoder):
+    /// `stack` is the prefix before `layers.N.` of the one to read (`model.language_model`;
+    /// `""` for names that start with `layers.`). `None` reads the only stack there is.
+    ///
+    /// # Errors
+    /// As [`Checkpoint::open`], and a `stack` the checkpoint does not have (the error lists
+    /// those it has).
+    pub fn open_stack(
+        path: impl AsRef<Path>,
+        heads: Option<usize>,
+        stack: Option<&str>,
+    ) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         if heads == Some(0) {
             return Err(err("--heads must be at least 1"));
@@ -430,7 +480,8 @@ impl Checkpoint {
             }
         }
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-        let mut layers: BTreeMap<usize, BTreeMap<String, Entry>> = BTreeMap::new();
+        let mut stacks: BTreeMap<String, BTreeMap<usize, BTreeMap<String, Entry>>> =
+            BTreeMap::new();
         let mut scales = BTreeMap::new();
         for (s, shard) in shards.iter().enumerate() {
             for name in shard.metadata.tensors().into_keys() {
@@ -442,13 +493,23 @@ impl Checkpoint {
                     )));
                 }
                 match parse_attention_name(&name) {
-                    Some((index, leaf, Role::Weight)) => {
-                        layers
+                    Some(AttentionName {
+                        stack,
+                        index,
+                        leaf,
+                        role: Role::Weight,
+                    }) => {
+                        stacks
+                            .entry(stack)
+                            .or_default()
                             .entry(index)
                             .or_default()
                             .insert(leaf, Entry { shard: s, name });
                     }
-                    Some((_, _, Role::ScaleInv)) => {
+                    Some(AttentionName {
+                        role: Role::ScaleInv,
+                        ..
+                    }) => {
                         let weight = name.trim_end_matches("_scale_inv").to_string();
                         scales.insert(weight, Entry { shard: s, name });
                     }
@@ -466,12 +527,41 @@ impl Checkpoint {
         } else {
             String::new()
         };
-        if layers.is_empty() {
+        if stacks.is_empty() {
             return Err(err(format!(
                 "{}: no attention weights found (expected names like model.layers.0.self_attn.q_proj.weight){shard_hint}",
                 path.display()
             )));
         }
+        let listing = stacks
+            .iter()
+            .map(|(s, l)| {
+                let plural = if l.len() == 1 { "" } else { "s" };
+                format!("{} ({} layer{plural})", stack_pattern(s), l.len())
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let stack = match stack {
+            Some(chosen) => chosen.to_string(),
+            None if stacks.len() == 1 => stacks.keys().next().cloned().unwrap_or_default(),
+            None => {
+                return Err(err(format!(
+                    "{}: attention layers in {} stacks, {}: choose one by its prefix (`--stack {}` for the first)",
+                    path.display(),
+                    stacks.len(),
+                    listing,
+                    stacks.keys().next().map(String::as_str).unwrap_or_default()
+                )));
+            }
+        };
+        let Some(layers) = stacks.remove(&stack) else {
+            return Err(err(format!(
+                "{}: no attention stack `{}` (stacks: {})",
+                path.display(),
+                stack_pattern(&stack),
+                listing
+            )));
+        };
         let config = if path.is_dir() {
             path.join("config.json")
         } else {
@@ -484,9 +574,15 @@ impl Checkpoint {
             scale_block: config.scale_block.unwrap_or([128, 128]),
             path,
             shards,
+            stack,
             layers,
             shard_hint,
         })
+    }
+
+    /// The prefix before `layers.N.` of the stack of layers read (`model` for HF LLaMA).
+    pub fn stack(&self) -> &str {
+        &self.stack
     }
 
     /// The layer indices that have attention weights, ascending.
@@ -785,17 +881,29 @@ mod tests {
 
     #[test]
     fn parses_attention_names() {
+        let name = |stack: &str, index, leaf: &str, role| {
+            Some(AttentionName {
+                stack: stack.into(),
+                index,
+                leaf: leaf.into(),
+                role,
+            })
+        };
         assert_eq!(
             parse_attention_name("model.layers.11.self_attn.q_proj.weight"),
-            Some((11, "q_proj".into(), Role::Weight))
+            name("model", 11, "q_proj", Role::Weight)
         );
         assert_eq!(
             parse_attention_name("layers.0.attn.kv_b_proj.weight"),
-            Some((0, "kv_b_proj".into(), Role::Weight))
+            name("", 0, "kv_b_proj", Role::Weight)
         );
         assert_eq!(
             parse_attention_name("model.layers.4.self_attn.q_a_proj.weight_scale_inv"),
-            Some((4, "q_a_proj".into(), Role::ScaleInv))
+            name("model", 4, "q_a_proj", Role::ScaleInv)
+        );
+        assert_eq!(
+            parse_attention_name("model.vision.layers.0.mlp.layers.2.self_attn.k_proj.weight"),
+            name("model.vision.layers.0.mlp", 2, "k_proj", Role::Weight)
         );
         assert_eq!(
             parse_attention_name("model.layers.3.mlp.up_proj.weight"),
@@ -805,6 +913,51 @@ mod tests {
             parse_attention_name("model.layers.x.self_attn.q_proj.weight"),
             None
         );
+    }
+
+    /// A vision-language model's two stacks of `layers.0` are not merged: opening it without
+    /// a stack is an error that names both; each stack reads its own weights.
+    #[test]
+    fn several_stacks_are_told_apart() {
+        let dir = std::env::temp_dir().join(format!("rmt-ckpt-stacks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.safetensors");
+        let (text, vision) = ("model.language_model", "model.vision_tower.encoder");
+        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = [(text, 1), (vision, 3)]
+            .iter()
+            .flat_map(|&(stack, seed)| {
+                ["q_proj", "k_proj"]
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(i, leaf)| {
+                        let name = format!("{stack}.layers.0.self_attn.{leaf}.weight");
+                        (name, vec![4, 4], values(16, seed + i as u32))
+                    })
+            })
+            .collect();
+        let borrowed: Vec<(&str, Vec<usize>, Vec<f32>)> = tensors
+            .iter()
+            .map(|(n, s, v)| (n.as_str(), s.clone(), v.clone()))
+            .collect();
+        write_safetensors(&path, &borrowed, Dtype::F32);
+        let e = Checkpoint::open(&path, Some(2)).unwrap_err().to_string();
+        assert!(e.contains("2 stacks"), "{e}");
+        assert!(e.contains("model.language_model.layers.N (1 layer)"), "{e}");
+        assert!(
+            e.contains("model.vision_tower.encoder.layers.N (1 layer)"),
+            "{e}"
+        );
+        assert!(e.contains("--stack model.language_model"), "{e}");
+        for (stack, seed) in [(text, 1), (vision, 3)] {
+            let ck = Checkpoint::open_stack(&path, Some(2), Some(stack)).unwrap();
+            assert_eq!(ck.stack(), stack);
+            assert_eq!(ck.layer(0).unwrap().q, values(16, seed));
+        }
+        let e = Checkpoint::open_stack(&path, Some(2), Some("model"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no attention stack `model.layers.N`"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
