@@ -6,7 +6,10 @@
 //! * **HF LLaMA** (and Mistral, Qwen2, … — any `q_proj`/`k_proj` pair): `q_proj.weight`
 //!   `[H·d_h, d]`, `k_proj.weight` `[H_kv·d_h, d]`. With grouped-query attention each key head
 //!   is repeated for the `H/H_kv` query heads that read it, so `Q_hK_hᵀ` is the form head `h`
-//!   uses.
+//!   uses. A QK-norm's gain (`q_norm`, `k_norm`: `[d_h]` shared by the heads in Qwen3 and
+//!   Gemma 3, one per row in OLMo-2) scales the projection's rows, `diag(g)·W` — `1 + w` when
+//!   config.json's `model_type` is a Gemma's, whose RMSNorms scale that way; as for MLA's
+//!   latent norms, the per-token `1/rms` is left out (it scales a head's whole row of scores).
 //! * **DeepSeek-V2/V3 MLA**: `q_a_proj` `[r_q, d]`, `q_a_layernorm` `[r_q]`, `q_b_proj`
 //!   `[H·(d_nope + d_rope), r_q]` (or `q_proj` `[H·(d_nope + d_rope), d]` without query
 //!   compression), `kv_a_proj_with_mqa` `[r_kv + d_rope, d]`, `kv_a_layernorm` `[r_kv]`,
@@ -92,6 +95,8 @@ pub struct Checkpoint {
     shard_hint: String,
     /// FP8 block scales (`…weight_scale_inv`) by the full name of the weight they scale.
     scales: BTreeMap<String, Entry>,
+    /// QK-norm gains scale by `1 + w` (a Gemma's `config.json`).
+    gain_offset: bool,
     /// Rows and columns of a block that one scale covers (config.json's
     /// `quantization_config.weight_block_size`, else DeepSeek-V3's 128 × 128).
     scale_block: [usize; 2],
@@ -168,6 +173,17 @@ fn parse_attention_name(name: &str) -> Option<AttentionName> {
         leaf: parts[at + 3].to_string(),
         role,
     })
+}
+
+/// Checks a QK-norm gain's length against its projection's `rows`: `d_h` (one gain per
+/// head dimension, shared by the heads: Qwen3, Gemma 3) or `rows` (one per row: OLMo-2).
+fn check_norm_gain(name: &str, len: usize, rows: usize, head_dim: usize) -> Result<()> {
+    if len == head_dim || len == rows {
+        return Ok(());
+    }
+    Err(err(format!(
+        "{name} has {len} entries: a QK-norm gain has the head width {head_dim} or the projection's {rows} rows"
+    )))
 }
 
 /// How a stack's layers are named: `model.layers.N`, or `layers.N` without a prefix.
@@ -268,6 +284,8 @@ struct ConfigJson {
     heads: Option<usize>,
     /// `quantization_config.weight_block_size`.
     scale_block: Option<[usize; 2]>,
+    /// `model_type` is a Gemma's: its RMSNorms scale by `1 + w`, not `w`.
+    gain_offset: bool,
 }
 
 /// Reads the head count and the FP8 block size from a HF-style `config.json` (none there:
@@ -290,6 +308,10 @@ fn read_config(path: &Path) -> Result<ConfigJson> {
             break;
         }
     }
+    config.gain_offset = value
+        .get("model_type")
+        .and_then(|t| t.as_str())
+        .is_some_and(|t| t.starts_with("gemma"));
     if let Some(block) = value.pointer("/quantization_config/weight_block_size") {
         let sizes: Option<Vec<usize>> = block
             .as_array()
@@ -420,6 +442,9 @@ enum Parts<'a> {
     Mha {
         q: &'a Entry,
         k: &'a Entry,
+        /// QK-norm gains (`q_norm`, `k_norm`: Qwen3, Gemma 3, OLMo-2).
+        q_norm: Option<&'a Entry>,
+        k_norm: Option<&'a Entry>,
     },
     Mla {
         /// `q_a_proj` and `q_a_layernorm`.
@@ -572,6 +597,7 @@ impl Checkpoint {
             heads: heads.or(config.heads),
             scales,
             scale_block: config.scale_block.unwrap_or([128, 128]),
+            gain_offset: config.gain_offset,
             path,
             shards,
             stack,
@@ -636,7 +662,12 @@ impl Checkpoint {
                 kv_up: need("kv_b_proj")?,
             })
         } else if let (Some(q), Some(k)) = (entry("q_proj"), entry("k_proj")) {
-            Ok(Parts::Mha { q, k })
+            Ok(Parts::Mha {
+                q,
+                k,
+                q_norm: entry("q_norm"),
+                k_norm: entry("k_norm"),
+            })
         } else {
             Err(err(format!(
                 "layer {index}: neither q_proj/k_proj nor kv_a_proj_with_mqa found (have: {}){}",
@@ -714,6 +745,22 @@ impl Checkpoint {
         e.map(|e| self.load::<1>(e).map(|(v, _)| v)).transpose()
     }
 
+    /// A projection with its QK-norm's gain, if any, applied to its rows: `diag(g)·W`, `g`
+    /// repeated over the heads when it has `d_h` entries (`1 + w` for a Gemma).
+    fn normed(&self, w: &Entry, norm: Option<&Entry>) -> Result<RowMajor> {
+        let mut w = self.matrix(w)?;
+        if let Some(mut gain) = self.vector(norm)? {
+            if self.gain_offset {
+                gain.iter_mut().for_each(|g| *g += 1.0);
+            }
+            for (r, row) in w.data.chunks_exact_mut(w.cols).enumerate() {
+                let g = gain[r % gain.len()];
+                row.iter_mut().for_each(|x| *x *= g);
+            }
+        }
+        Ok(w)
+    }
+
     /// Layer `index`'s parametrisation, from the headers alone (no tensor is read): every
     /// check of [`Checkpoint::layer`] but the values' finiteness. Checking every layer this
     /// way first finds a malformed checkpoint before any work is done.
@@ -723,12 +770,23 @@ impl Checkpoint {
     pub fn layout(&self, index: usize) -> Result<AttentionKind> {
         let heads = self.known_heads()?;
         match self.parts(index)? {
-            Parts::Mha { q, k } => mha_layout(
-                index,
-                heads,
-                self.matrix_shape(q)?.0,
-                self.matrix_shape(k)?.0,
-            ),
+            Parts::Mha {
+                q,
+                k,
+                q_norm,
+                k_norm,
+            } => {
+                let (q, k) = (self.matrix_shape(q)?.0, self.matrix_shape(k)?.0);
+                let kind = mha_layout(index, heads, q, k)?;
+                let head_dim = q[0] / heads;
+                for (gain, rows) in [(q_norm, q[0]), (k_norm, k[0])] {
+                    if let Some(gain) = gain {
+                        let [len] = self.shape::<1>(gain)?;
+                        check_norm_gain(&gain.name, len, rows, head_dim)?;
+                    }
+                }
+                Ok(kind)
+            }
             Parts::Mla {
                 q_down,
                 q_up,
@@ -788,9 +846,14 @@ impl Checkpoint {
         // The shapes first: a malformed layer is reported before its tensors are read.
         self.layout(index)?;
         Ok(match self.parts(index)? {
-            Parts::Mha { q, k } => LayerWeights::Mha {
-                q: self.matrix(q)?,
-                k: self.matrix(k)?,
+            Parts::Mha {
+                q,
+                k,
+                q_norm,
+                k_norm,
+            } => LayerWeights::Mha {
+                q: self.normed(q, q_norm)?,
+                k: self.normed(k, k_norm)?,
             },
             Parts::Mla {
                 q_down,
@@ -999,6 +1062,82 @@ mod tests {
         assert_eq!(&layer.k[hd * d..2 * hd * d], &k[0..hd * d]);
         assert_eq!(&layer.k[2 * hd * d..3 * hd * d], &k[hd * d..2 * hd * d]);
         assert_eq!(layer.q, q);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// QK-norm gains scale the projections' rows: a `[d_h]` gain in every head (Qwen3), a
+    /// gain per row (OLMo-2), `1 + w` under a Gemma's config.json; a gain of another length
+    /// is an error found from the headers.
+    #[test]
+    fn qk_norm_gains_scale_the_rows() {
+        let dir = std::env::temp_dir().join(format!("rmt-ckpt-qknorm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.safetensors");
+        let (heads, kv, hd, d) = (4, 2, 3, 8);
+        let (q, k) = (values(heads * hd * d, 1), values(kv * hd * d, 2));
+        let (g_q, g_k) = (values(hd, 3), values(kv * hd, 4));
+        let write = |g_k_len: usize| {
+            write_safetensors(
+                &path,
+                &[
+                    (
+                        "model.layers.0.self_attn.q_proj.weight",
+                        vec![heads * hd, d],
+                        q.clone(),
+                    ),
+                    (
+                        "model.layers.0.self_attn.k_proj.weight",
+                        vec![kv * hd, d],
+                        k.clone(),
+                    ),
+                    (
+                        "model.layers.0.self_attn.q_norm.weight",
+                        vec![hd],
+                        g_q.clone(),
+                    ),
+                    (
+                        "model.layers.0.self_attn.k_norm.weight",
+                        vec![g_k_len],
+                        values(g_k_len, 4),
+                    ),
+                ],
+                Dtype::F32,
+            )
+        };
+        write(kv * hd);
+        for (model_type, offset) in [("qwen3", 0.0), ("gemma3_text", 1.0)] {
+            std::fs::write(
+                dir.join("config.json"),
+                format!(r#"{{"num_attention_heads": {heads}, "model_type": "{model_type}"}}"#),
+            )
+            .unwrap();
+            let layer = Checkpoint::open(&path, None).unwrap().layer(0).unwrap();
+            for (r, row) in layer.q.chunks_exact(d).enumerate() {
+                for (c, x) in row.iter().enumerate() {
+                    assert_eq!(
+                        *x,
+                        q[r * d + c] * (g_q[r % hd] + offset),
+                        "{model_type} Q[{r}, {c}]"
+                    );
+                }
+            }
+            // Query head h reads key head h / 2; key row r has its own gain.
+            for (r, row) in layer.k.chunks_exact(d).enumerate() {
+                let kr = (r / hd / 2) * hd + r % hd;
+                for (c, x) in row.iter().enumerate() {
+                    assert_eq!(
+                        *x,
+                        k[kr * d + c] * (g_k[kr] + offset),
+                        "{model_type} K[{r}, {c}]"
+                    );
+                }
+            }
+        }
+        write(5);
+        let ck = Checkpoint::open(&path, None).unwrap();
+        let e = ck.layout(0).unwrap_err().to_string();
+        assert!(e.contains("k_norm.weight has 5 entries"), "{e}");
+        assert!(ck.layer(0).is_err());
         std::fs::remove_dir_all(&dir).ok();
     }
 
