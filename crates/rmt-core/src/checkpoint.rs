@@ -508,6 +508,8 @@ impl Checkpoint {
         let mut stacks: BTreeMap<String, BTreeMap<usize, BTreeMap<String, Entry>>> =
             BTreeMap::new();
         let mut scales = BTreeMap::new();
+        // A GPTQ/AWQ-packed weight's name, for the error when nothing else is found.
+        let mut packed = None;
         for (s, shard) in shards.iter().enumerate() {
             for name in shard.metadata.tensors().into_keys() {
                 if let Some(other) = seen.insert(name.clone(), s) {
@@ -516,6 +518,9 @@ impl Checkpoint {
                         shards[other].path.display(),
                         shard.path.display()
                     )));
+                }
+                if packed.is_none() && name.ends_with(".qweight") {
+                    packed = Some(name.clone());
                 }
                 match parse_attention_name(&name) {
                     Some(AttentionName {
@@ -553,8 +558,13 @@ impl Checkpoint {
             String::new()
         };
         if stacks.is_empty() {
+            let packed = packed
+                .map(|name| {
+                    format!("; {name} is a GPTQ/AWQ-packed weight, which is not read: dequantize the checkpoint first")
+                })
+                .unwrap_or_default();
             return Err(err(format!(
-                "{}: no attention weights found (expected names like model.layers.0.self_attn.q_proj.weight){shard_hint}",
+                "{}: no attention weights found (expected names like model.layers.0.self_attn.q_proj.weight){packed}{shard_hint}",
                 path.display()
             )));
         }
@@ -1310,6 +1320,15 @@ mod tests {
         );
         let e = Checkpoint::open(&mlp, Some(1)).unwrap_err().to_string();
         assert!(e.contains("no attention weights"), "{e}");
+        // Only GPTQ/AWQ-packed attention weights: named in the error.
+        let gptq = dir.join("gptq.safetensors");
+        let name = "model.layers.0.self_attn.q_proj.qweight";
+        write_safetensors(&gptq, &[(name, vec![4, 4], values(16, 1))], Dtype::F32);
+        let e = Checkpoint::open(&gptq, Some(1)).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("{name} is a GPTQ/AWQ-packed weight")),
+            "{e}"
+        );
         // Heads that contradict the shapes, and unknown heads.
         let e = Checkpoint::open(&good, Some(3))
             .unwrap()
