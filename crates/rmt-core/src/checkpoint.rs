@@ -97,6 +97,8 @@ pub struct Checkpoint {
     scales: BTreeMap<String, Entry>,
     /// QK-norm gains scale by `1 + w` (a Gemma's `config.json`).
     gain_offset: bool,
+    /// Head counts below config.json's top level, named in the error when it has none.
+    nested_heads: Vec<String>,
     /// Rows and columns of a block that one scale covers (config.json's
     /// `quantization_config.weight_block_size`, else DeepSeek-V3's 128 × 128).
     scale_block: [usize; 2],
@@ -286,7 +288,13 @@ struct ConfigJson {
     scale_block: Option<[usize; 2]>,
     /// `model_type` is a Gemma's: its RMSNorms scale by `1 + w`, not `w`.
     gain_offset: bool,
+    /// Head counts one level down (`text_config.num_attention_heads = 32`, …), for the error
+    /// when the top level has none (a vision-language model's config).
+    nested_heads: Vec<String>,
 }
+
+/// The keys a `config.json` may give the head count under.
+const HEAD_KEYS: [&str; 4] = ["num_attention_heads", "n_heads", "num_heads", "n_head"];
 
 /// Reads the head count and the FP8 block size from a HF-style `config.json` (none there:
 /// neither is known).
@@ -297,7 +305,7 @@ fn read_config(path: &Path) -> Result<ConfigJson> {
     let shown = path.display();
     let value = parse_json(path, &text)?;
     let mut config = ConfigJson::default();
-    for key in ["num_attention_heads", "n_heads", "num_heads", "n_head"] {
+    for key in HEAD_KEYS {
         if let Some(h) = value.get(key) {
             match h.as_u64() {
                 Some(h) if h >= 1 => config.heads = Some(h as usize),
@@ -306,6 +314,15 @@ fn read_config(path: &Path) -> Result<ConfigJson> {
                 }
             }
             break;
+        }
+    }
+    if let Some(sections) = value.as_object() {
+        for (section, inner) in sections {
+            for key in HEAD_KEYS {
+                if let Some(h) = inner.get(key) {
+                    config.nested_heads.push(format!("{section}.{key} = {h}"));
+                }
+            }
         }
     }
     config.gain_offset = value
@@ -608,6 +625,7 @@ impl Checkpoint {
             scales,
             scale_block: config.scale_block.unwrap_or([128, 128]),
             gain_offset: config.gain_offset,
+            nested_heads: config.nested_heads,
             path,
             shards,
             stack,
@@ -639,7 +657,15 @@ impl Checkpoint {
     /// The head count, or the error that says where to give it.
     fn known_heads(&self) -> Result<usize> {
         self.heads.ok_or_else(|| {
-            err("cannot tell the number of heads: put the model's config.json beside the checkpoint or pass --heads")
+            if self.nested_heads.is_empty() {
+                err("cannot tell the number of heads: put the model's config.json beside the checkpoint or pass --heads")
+            } else {
+                err(format!(
+                    "cannot tell the number of heads: config.json has none at its top level ({}): pass --heads with the one of the stack read, {}",
+                    self.nested_heads.join(", "),
+                    stack_pattern(&self.stack)
+                ))
+            }
         })
     }
 
@@ -1030,6 +1056,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no attention stack `model.layers.N`"), "{e}");
+        // A vision-language config.json gives its head counts one level down: named in the
+        // error, since which one is the stack's is for the caller to say.
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"text_config": {"num_attention_heads": 2}, "vision_config": {"num_heads": 1}}"#,
+        )
+        .unwrap();
+        let ck = Checkpoint::open_stack(&path, None, Some(text)).unwrap();
+        let e = ck.layer(0).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "(text_config.num_attention_heads = 2, vision_config.num_heads = 1): pass --heads"
+            ),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 
