@@ -9,7 +9,9 @@ effective Q and K are then derived from the HF modules themselves, not from the 
 names: every unit vector e_i of the model width goes through the module's own projections
 and norms (q_proj → q_norm, q_a_proj → q_a_layernorm → q_b_proj, kv_a_proj_with_mqa →
 kv_a_layernorm → kv_b_proj, ...), and each norm's per-token 1/rms is undone with the
-module's own epsilon (docs/math.md: only the gain enters). The paper's metrics are computed
+module's own epsilon (docs/math.md: only the gain enters); a fused projection's output
+(qkv_proj, query_key_value, c_attn) is split as that class's forward splits it. Biases drop
+out: each projection's linear part f(e_i) − f(0) is taken. The paper's metrics are computed
 from those Q, K in float64 numpy (whole layer and per head) and compared with the rows
 `xtask diagnose --format csv --per-head` prints for the saved checkpoint. Prints one line
 per architecture; exits 1 if any comparison fails.
@@ -59,6 +61,20 @@ def configs():
         qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
         n_group=1, topk_group=1, first_k_dense_replace=2, **common
     ), transformers.DeepseekV3ForCausalLM
+    # Fused query/key/value projections.
+    yield "phi3", transformers.Phi3Config(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        pad_token_id=0, **common
+    ), transformers.Phi3ForCausalLM
+    yield "gpt-neox", transformers.GPTNeoXConfig(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, rotary_pct=0.25, **common
+    ), transformers.GPTNeoXForCausalLM
+    yield "bloom", transformers.BloomConfig(
+        hidden_size=64, n_head=4, n_layer=2, vocab_size=64
+    ), transformers.BloomForCausalLM
+    yield "gpt2", transformers.GPT2Config(
+        n_embd=64, n_head=4, n_layer=2, vocab_size=64, n_positions=64
+    ), transformers.GPT2LMHeadModel
     # A vision-language model: two stacks of `layers.N` (the language model's, SigLIP's),
     # head counts only in text_config / vision_config. Read with --stack and --heads.
     text = transformers.Gemma3TextConfig(
@@ -107,11 +123,17 @@ def per_head_norm(norm, x, heads):
     return gained(norm, shaped).reshape(x.shape)
 
 
+def linear(module, x):
+    """module's linear part at x: module(x) − module(0), so that biases drop out."""
+    return module(x) - module(torch.zeros_like(x[:1]))
+
+
 def effective_qk(attn, config):
     """Q, K ∈ ℝ^{m×d} (rows grouped by head) from the module, probed with e_1 … e_d."""
     d = config.hidden_size
     eye = torch.eye(d, dtype=torch.float32)
     heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     with torch.no_grad():
         if hasattr(attn, "kv_a_proj_with_mqa"):
             nope, rope, r_kv = config.qk_nope_head_dim, config.qk_rope_head_dim, config.kv_lora_rank
@@ -122,13 +144,24 @@ def effective_qk(attn, config):
             k_nope = kv[:, :, :nope]
             k = torch.cat([k_nope, k_rope[:, None, :].expand(d, heads, rope)], dim=-1)
             q, k = q.reshape(d, -1), k.reshape(d, -1)
+            return q.T.double().numpy(), k.T.double().numpy()
+        # The splits below are those of each class's forward in transformers 5.25.
+        if hasattr(attn, "qkv_proj"):  # Phi-3: every query, then every key, then values
+            qkv = linear(attn.qkv_proj, eye)
+            hd = qkv.shape[1] // (heads + 2 * kv_heads)
+            q, k = qkv[:, : heads * hd], qkv[:, heads * hd : (heads + kv_heads) * hd]
+        elif hasattr(attn, "query_key_value"):  # GPT-NeoX, BLOOM: head by head, q k v
+            qkv = linear(attn.query_key_value, eye).view(d, heads, -1)
+            hd = qkv.shape[2] // 3
+            q, k = qkv[..., :hd].reshape(d, -1), qkv[..., hd : 2 * hd].reshape(d, -1)
+        elif hasattr(attn, "c_attn"):  # GPT-2: Conv1D, q k v columns
+            q, k, _ = linear(attn.c_attn, eye).split(attn.split_size, dim=1)
         else:
-            q = per_head_norm(getattr(attn, "q_norm", None), attn.q_proj(eye), heads)
-            k = per_head_norm(getattr(attn, "k_norm", None), attn.k_proj(eye), heads)
-            kv_heads = config.num_key_value_heads
-            hd = q.shape[1] // heads
-            k = k.view(d, kv_heads, hd).repeat_interleave(heads // kv_heads, dim=1)
-            k = k.reshape(d, -1)
+            q = per_head_norm(getattr(attn, "q_norm", None), linear(attn.q_proj, eye), heads)
+            k = per_head_norm(getattr(attn, "k_norm", None), linear(attn.k_proj, eye), heads)
+        hd = q.shape[1] // heads
+        k = k.reshape(d, kv_heads, hd).repeat_interleave(heads // kv_heads, dim=1)
+        k = k.reshape(d, -1)
     # Rows are the projections' outputs: column i of the probe is e_i's image.
     return q.T.double().numpy(), k.T.double().numpy()
 
@@ -154,11 +187,12 @@ for name, config, cls in configs():
     perturb_gains(model, name.startswith("gemma"))
     model.save_pretrained(path, safe_serialization=True)
     args = [xtask, "diagnose", path, "--format", "csv", "--per-head"]
-    layers = model.model.layers if hasattr(model.model, "layers") else None
+    base = getattr(model, "model", None) or getattr(model, "gpt_neox", None) or model.transformer
+    layers = getattr(base, "layers", None) or getattr(base, "h", None)
     if layers is None:  # the vision-language model: its language model's stack
         config = config.text_config
         layers = model.model.language_model.layers
-        args += ["--stack", "language_model.model", "--heads", str(config.num_attention_heads)]
+        args += ["--stack", "language_model.model.layers", "--heads", str(config.num_attention_heads)]
     run = subprocess.run(args, capture_output=True, text=True)
     if run.returncode != 0:
         print(f"model={name} xtask_error={run.stderr.strip()}")
@@ -170,7 +204,9 @@ for name, config, cls in configs():
             ours[(int(row["layer"]), row["head"], row["metric"])] = float(row["value"])
     worst, compared, tightest = 0.0, 0, math.inf
     for layer_index, layer in enumerate(layers):
-        q, k = effective_qk(layer.self_attn, config)
+        attn = next(getattr(layer, a) for a in ["self_attn", "attention", "self_attention", "attn"]
+                    if hasattr(layer, a))
+        q, k = effective_qk(attn, config)
         d, heads = config.hidden_size, config.num_attention_heads
         dk = q.shape[0] // heads
         blocks = [("all", q, k)] + [

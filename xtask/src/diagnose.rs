@@ -12,7 +12,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A safetensors checkpoint (HF LLaMA, DeepSeek-V2/V3 MLA, or this project's export): a
+    /// A safetensors checkpoint (HF LLaMA/Qwen/Gemma/OLMo, fused Phi-3/GPT-NeoX/BLOOM/GPT-2,
+    /// DeepSeek-V2/V3 MLA, or this project's export): a
     /// `.safetensors` file, a sharded model's `model.safetensors.index.json`, or a directory
     /// holding either. F32, F16, BF16, F64 and FP8 weights (DeepSeek-V3's block scales
     /// applied) are read.
@@ -37,7 +38,7 @@ pub struct Args {
     /// Only these layers (comma-separated indices).
     #[arg(long, value_delimiter = ',')]
     layers: Option<Vec<usize>>,
-    /// Which stack of layers, by the prefix before `layers.N.` (e.g. `model.language_model`),
+    /// Which stack of layers, by its name before `.N.` (e.g. `model.language_model.layers`),
     /// when the checkpoint holds several (a vision-language or encoder–decoder model).
     #[arg(long)]
     stack: Option<String>,

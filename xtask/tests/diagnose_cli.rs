@@ -202,7 +202,7 @@ fn bad_input_is_one_clear_line_and_a_failure_code() {
                 "--stack".into(),
                 "vision".into(),
             ],
-            "no attention stack `vision.layers.N` (stacks: model.layers.N (3 layers))",
+            "no attention stack `vision.N` (stacks: model.layers.N (3 layers))",
         ),
     ];
     let junk = dir.join("junk.safetensors");
@@ -224,7 +224,7 @@ fn bad_input_is_one_clear_line_and_a_failure_code() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// `--stack` names the prefix before `layers.N.`; the only stack is read without it.
+/// `--stack` names a stack by what comes before `.N.`; the only stack is read without it.
 #[test]
 fn a_stack_is_chosen_by_its_prefix() {
     let dir = temp_dir("stack");
@@ -243,7 +243,7 @@ fn a_stack_is_chosen_by_its_prefix() {
         );
         out.stdout
     };
-    assert_eq!(run(&["--stack", "model"]), run(&[]));
+    assert_eq!(run(&["--stack", "model.layers"]), run(&[]));
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -1,7 +1,7 @@
 //! Effective query/key weights from safetensors checkpoints (feature `checkpoint`).
 //!
-//! Recognised layouts, per layer `N` (any prefix before `layers.N.`, attention module named
-//! `self_attn` or `attn`):
+//! Recognised layouts, per layer `N` (any prefix before `layers.N.` or `h.N.`, attention module
+//! named `self_attn`, `attn`, `attention` or `self_attention`):
 //!
 //! * **HF LLaMA** (and Mistral, Qwen2, … — any `q_proj`/`k_proj` pair): `q_proj.weight`
 //!   `[H·d_h, d]`, `k_proj.weight` `[H_kv·d_h, d]`. With grouped-query attention each key head
@@ -10,6 +10,12 @@
 //!   Gemma 3, one per row in OLMo-2) scales the projection's rows, `diag(g)·W` — `1 + w` when
 //!   config.json's `model_type` is a Gemma's, whose RMSNorms scale that way; as for MLA's
 //!   latent norms, the per-token `1/rms` is left out (it scales a head's whole row of scores).
+//! * **Fused query/key/value projections**, split as their models' forwards split them:
+//!   Phi-3's `qkv_proj` `[H·d_h + 2·H_kv·d_h, d]` (every query row, then the keys', then the
+//!   values'; `H_kv` from config.json's `num_key_value_heads`, else `H`), GPT-NeoX's (Pythia)
+//!   and BLOOM's `query_key_value` `[3·H·d_h, d]` (head by head: its query, key, value rows),
+//!   GPT-2's Conv1D `c_attn` `[d, 3·H·d_h]` (`[in, out]`: query, key, value columns). Falcon's
+//!   `query_key_value`, whose layout depends on its config, is an error, not a guess.
 //! * **DeepSeek-V2/V3 MLA**: `q_a_proj` `[r_q, d]`, `q_a_layernorm` `[r_q]`, `q_b_proj`
 //!   `[H·(d_nope + d_rope), r_q]` (or `q_proj` `[H·(d_nope + d_rope), d]` without query
 //!   compression), `kv_a_proj_with_mqa` `[r_kv + d_rope, d]`, `kv_a_layernorm` `[r_kv]`,
@@ -22,9 +28,9 @@
 //!   `d_rope = 0`).
 //!
 //! A checkpoint with several stacks of such layers (a vision-language model's vision tower
-//! and language model, an encoder and a decoder: `STACK.layers.N.` with different `STACK`s)
-//! is read one stack at a time, chosen by its prefix ([`Checkpoint::open_stack`]); their
-//! layers are never merged.
+//! and language model, an encoder and a decoder: `STACK.N.` with different `STACK`s, such as
+//! `model.language_model.layers` and `model.vision_tower.encoder.layers`) is read one stack at
+//! a time, chosen by its name ([`Checkpoint::open_stack`]); their layers are never merged.
 //!
 //! A checkpoint is one `.safetensors` file, a sharded one's `model.safetensors.index.json`
 //! (HF's `weight_map` from tensor name to shard file), or a directory holding either (the
@@ -87,7 +93,7 @@ pub struct Checkpoint {
     path: PathBuf,
     shards: Vec<Shard>,
     heads: Option<usize>,
-    /// The prefix before `layers.N.` of the stack read.
+    /// The name before `.N.` of the stack read (`model.layers`).
     stack: String,
     /// Attention tensors by layer index, then by leaf name (`q_proj`, `kv_b_proj`, …).
     layers: BTreeMap<usize, BTreeMap<String, Entry>>,
@@ -97,6 +103,10 @@ pub struct Checkpoint {
     scales: BTreeMap<String, Entry>,
     /// QK-norm gains scale by `1 + w` (a Gemma's `config.json`).
     gain_offset: bool,
+    /// config.json's `model_type`.
+    model_type: Option<String>,
+    /// config.json's `num_key_value_heads`.
+    kv_heads: Option<usize>,
     /// Head counts below config.json's top level, named in the error when it has none.
     nested_heads: Vec<String>,
     /// Rows and columns of a block that one scale covers (config.json's
@@ -143,12 +153,14 @@ enum Role {
     ScaleInv,
 }
 
-/// A recognised attention tensor's name, `STACK.layers.N.(self_attn|attn).LEAF.weight` (or
-/// `.weight_scale_inv`), taken apart.
+/// A recognised attention tensor's name, `STACK.N.MODULE.LEAF.weight` (or `.weight_scale_inv`)
+/// with `STACK` ending in `layers` or `h` and `MODULE` one of `self_attn`, `attn`, `attention`,
+/// `self_attention`, taken apart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct AttentionName {
-    /// What comes before `layers` (`model`, `model.language_model`, `encoder`, or empty):
-    /// one stack of layers. A vision-language or encoder–decoder model has several.
+    /// What comes before `N` (`model.layers`, `model.language_model.layers`,
+    /// `transformer.h`): one stack of layers. A vision-language or encoder–decoder model has
+    /// several.
     stack: String,
     /// `N`.
     index: usize,
@@ -160,9 +172,12 @@ struct AttentionName {
 fn parse_attention_name(name: &str) -> Option<AttentionName> {
     let parts: Vec<&str> = name.split('.').collect();
     let at = (0..parts.len().saturating_sub(4)).find(|&at| {
-        parts[at] == "layers"
+        matches!(parts[at], "layers" | "h")
             && parts[at + 1].parse::<usize>().is_ok()
-            && matches!(parts[at + 2], "self_attn" | "attn")
+            && matches!(
+                parts[at + 2],
+                "self_attn" | "attn" | "attention" | "self_attention"
+            )
     })?;
     let role = match &parts[at + 3..] {
         [_, "weight"] => Role::Weight,
@@ -170,7 +185,7 @@ fn parse_attention_name(name: &str) -> Option<AttentionName> {
         _ => return None,
     };
     Some(AttentionName {
-        stack: parts[..at].join("."),
+        stack: parts[..=at].join("."),
         index: parts[at + 1].parse().ok()?,
         leaf: parts[at + 3].to_string(),
         role,
@@ -188,13 +203,9 @@ fn check_norm_gain(name: &str, len: usize, rows: usize, head_dim: usize) -> Resu
     )))
 }
 
-/// How a stack's layers are named: `model.layers.N`, or `layers.N` without a prefix.
+/// How a stack's layers are named: `model.layers.N`, `transformer.h.N`.
 fn stack_pattern(stack: &str) -> String {
-    if stack.is_empty() {
-        "layers.N".to_string()
-    } else {
-        format!("{stack}.layers.N")
-    }
+    format!("{stack}.N")
 }
 
 /// An FP8 value as `f32`: `E4M3` (`float8_e4m3fn`: bias 7, no infinities, `S.1111.111` is
@@ -286,8 +297,10 @@ struct ConfigJson {
     heads: Option<usize>,
     /// `quantization_config.weight_block_size`.
     scale_block: Option<[usize; 2]>,
-    /// `model_type` is a Gemma's: its RMSNorms scale by `1 + w`, not `w`.
-    gain_offset: bool,
+    /// `model_type`.
+    model_type: Option<String>,
+    /// `num_key_value_heads` (a fused `qkv_proj`'s split needs it).
+    kv_heads: Option<usize>,
     /// Head counts one level down (`text_config.num_attention_heads = 32`, …), for the error
     /// when the top level has none (a vision-language model's config).
     nested_heads: Vec<String>,
@@ -325,10 +338,20 @@ fn read_config(path: &Path) -> Result<ConfigJson> {
             }
         }
     }
-    config.gain_offset = value
+    config.model_type = value
         .get("model_type")
         .and_then(|t| t.as_str())
-        .is_some_and(|t| t.starts_with("gemma"));
+        .map(str::to_string);
+    if let Some(h) = value.get("num_key_value_heads") {
+        match h.as_u64() {
+            Some(h) if h >= 1 => config.kv_heads = Some(h as usize),
+            _ => {
+                return Err(err(format!(
+                    "{shown}: num_key_value_heads is {h}, not a head count ≥ 1"
+                )));
+            }
+        }
+    }
     if let Some(block) = value.pointer("/quantization_config/weight_block_size") {
         let sizes: Option<Vec<usize>> = block
             .as_array()
@@ -463,6 +486,8 @@ enum Parts<'a> {
         q_norm: Option<&'a Entry>,
         k_norm: Option<&'a Entry>,
     },
+    /// One fused query/key/value projection.
+    Fused { w: &'a Entry, fused: Fused },
     Mla {
         /// `q_a_proj` and `q_a_layernorm`.
         q_down: Option<(&'a Entry, Option<&'a Entry>)>,
@@ -490,8 +515,8 @@ impl Checkpoint {
 
     /// [`Checkpoint::open`] for a checkpoint with several stacks of attention layers (a
     /// vision-language model's vision tower and language model, an encoder and a decoder):
-    /// `stack` is the prefix before `layers.N.` of the one to read (`model.language_model`;
-    /// `""` for names that start with `layers.`). `None` reads the only stack there is.
+    /// `stack` is the name before `.N.` of the one to read (`model.language_model.layers`).
+    /// `None` reads the only stack there is.
     ///
     /// # Errors
     /// As [`Checkpoint::open`], and a `stack` the checkpoint does not have (the error lists
@@ -598,7 +623,7 @@ impl Checkpoint {
             None if stacks.len() == 1 => stacks.keys().next().cloned().unwrap_or_default(),
             None => {
                 return Err(err(format!(
-                    "{}: attention layers in {} stacks, {}: choose one by its prefix (`--stack {}` for the first)",
+                    "{}: attention layers in {} stacks, {}: choose one by its name (`--stack {}` for the first)",
                     path.display(),
                     stacks.len(),
                     listing,
@@ -624,7 +649,12 @@ impl Checkpoint {
             heads: heads.or(config.heads),
             scales,
             scale_block: config.scale_block.unwrap_or([128, 128]),
-            gain_offset: config.gain_offset,
+            gain_offset: config
+                .model_type
+                .as_deref()
+                .is_some_and(|t| t.starts_with("gemma")),
+            model_type: config.model_type,
+            kv_heads: config.kv_heads,
             nested_heads: config.nested_heads,
             path,
             shards,
@@ -634,7 +664,7 @@ impl Checkpoint {
         })
     }
 
-    /// The prefix before `layers.N.` of the stack of layers read (`model` for HF LLaMA).
+    /// The name before `.N.` of the stack of layers read (`model.layers` for HF LLaMA).
     pub fn stack(&self) -> &str {
         &self.stack
     }
@@ -704,9 +734,19 @@ impl Checkpoint {
                 q_norm: entry("q_norm"),
                 k_norm: entry("k_norm"),
             })
+        } else if let Some((w, fused)) = Fused::LEAVES
+            .into_iter()
+            .find_map(|(leaf, fused)| entry(leaf).map(|w| (w, fused)))
+        {
+            if fused == Fused::PerHead && self.model_type.as_deref() == Some("falcon") {
+                return Err(err(format!(
+                    "layer {index}: Falcon's query_key_value (laid out by new_decoder_architecture and multi_query) is not read"
+                )));
+            }
+            Ok(Parts::Fused { w, fused })
         } else {
             Err(err(format!(
-                "layer {index}: neither q_proj/k_proj nor kv_a_proj_with_mqa found (have: {}){}",
+                "layer {index}: none of q_proj/k_proj, kv_a_proj_with_mqa, qkv_proj, query_key_value or c_attn found (have: {}){}",
                 leaves.keys().cloned().collect::<Vec<_>>().join(", "),
                 self.shard_hint
             )))
@@ -823,6 +863,11 @@ impl Checkpoint {
                 }
                 Ok(kind)
             }
+            Parts::Fused { w, fused } => {
+                let (q, k) =
+                    fused.split_shapes(index, heads, self.kv_heads, self.matrix_shape(w)?.0)?;
+                mha_layout(index, heads, q, k)
+            }
             Parts::Mla {
                 q_down,
                 q_up,
@@ -891,6 +936,13 @@ impl Checkpoint {
                 q: self.normed(q, q_norm)?,
                 k: self.normed(k, k_norm)?,
             },
+            Parts::Fused { w, fused } => {
+                let heads = self.known_heads()?;
+                let w = self.matrix(w)?;
+                let (q, k) = fused.split_shapes(index, heads, self.kv_heads, [w.rows, w.cols])?;
+                let (q, k) = fused.split(&w, heads, q, k)?;
+                LayerWeights::Mha { q, k }
+            }
             Parts::Mla {
                 q_down,
                 q_up,
@@ -911,6 +963,108 @@ impl Checkpoint {
                 })
             }
         })
+    }
+}
+
+/// How a fused query/key/value projection orders its outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fused {
+    /// `qkv_proj` `[H·d_h + 2·H_kv·d_h, d]`: every query row, then the keys', then the
+    /// values' (Phi-3; `H_kv` from config.json's `num_key_value_heads`, else `H`).
+    Stacked,
+    /// `query_key_value` `[3·H·d_h, d]`: head after head, its query, key and value rows
+    /// (GPT-NeoX/Pythia, BLOOM).
+    PerHead,
+    /// `c_attn` `[d, 3·H·d_h]`, a Conv1D's `[in, out]`: query, key and value columns (GPT-2).
+    Conv1D,
+}
+
+impl Fused {
+    /// The leaf names, in the order they are looked for.
+    const LEAVES: [(&'static str, Fused); 3] = [
+        ("qkv_proj", Fused::Stacked),
+        ("query_key_value", Fused::PerHead),
+        ("c_attn", Fused::Conv1D),
+    ];
+
+    /// The `[rows, cols]` of the query and key projections inside a fused one of `shape`.
+    fn split_shapes(
+        self,
+        index: usize,
+        heads: usize,
+        kv_heads: Option<usize>,
+        [rows, cols]: [usize; 2],
+    ) -> Result<([usize; 2], [usize; 2])> {
+        match self {
+            Fused::Stacked => {
+                let kv = kv_heads.unwrap_or(heads);
+                let per = heads + 2 * kv;
+                if rows == 0 || rows % per != 0 {
+                    return Err(err(format!(
+                        "layer {index}: qkv_proj has {rows} rows, not (H + 2·H_kv)·d_h for H = {heads}, H_kv = {kv} (config.json's num_key_value_heads)"
+                    )));
+                }
+                let hd = rows / per;
+                Ok(([heads * hd, cols], [kv * hd, cols]))
+            }
+            Fused::PerHead => {
+                if rows == 0 || rows % (3 * heads) != 0 {
+                    return Err(err(format!(
+                        "layer {index}: query_key_value has {rows} rows, not 3·H·d_h for H = {heads}"
+                    )));
+                }
+                Ok(([rows / 3, cols], [rows / 3, cols]))
+            }
+            Fused::Conv1D => {
+                if cols == 0 || cols % 3 != 0 {
+                    return Err(err(format!(
+                        "layer {index}: c_attn is [{rows}, {cols}], not [d, 3·H·d_h]"
+                    )));
+                }
+                Ok(([cols / 3, rows], [cols / 3, rows]))
+            }
+        }
+    }
+
+    /// The query and key projections (`[out, in]`) inside the fused `w`, whose split is
+    /// `q`, `k` ([`Fused::split_shapes`]).
+    fn split(
+        self,
+        w: &RowMajor,
+        heads: usize,
+        q: [usize; 2],
+        k: [usize; 2],
+    ) -> Result<(RowMajor, RowMajor)> {
+        let rows = |range: std::ops::Range<usize>| {
+            w.data[range.start * w.cols..range.end * w.cols].to_vec()
+        };
+        let (qd, kd) = match self {
+            Fused::Stacked => (rows(0..q[0]), rows(q[0]..q[0] + k[0])),
+            Fused::PerHead => {
+                let hd = q[0] / heads;
+                let (mut qd, mut kd) = (
+                    Vec::with_capacity(q[0] * q[1]),
+                    Vec::with_capacity(k[0] * k[1]),
+                );
+                for h in 0..heads {
+                    qd.extend(rows(3 * h * hd..(3 * h + 1) * hd));
+                    kd.extend(rows((3 * h + 1) * hd..(3 * h + 2) * hd));
+                }
+                (qd, kd)
+            }
+            Fused::Conv1D => {
+                let m = q[0];
+                let column = |c: usize| (0..w.rows).map(move |r| w.data[r * w.cols + c]);
+                (
+                    (0..m).flat_map(column).collect(),
+                    (m..2 * m).flat_map(column).collect(),
+                )
+            }
+        };
+        Ok((
+            RowMajor::new(qd, q[0], q[1])?,
+            RowMajor::new(kd, k[0], k[1])?,
+        ))
     }
 }
 
@@ -990,19 +1144,32 @@ mod tests {
         };
         assert_eq!(
             parse_attention_name("model.layers.11.self_attn.q_proj.weight"),
-            name("model", 11, "q_proj", Role::Weight)
+            name("model.layers", 11, "q_proj", Role::Weight)
         );
         assert_eq!(
             parse_attention_name("layers.0.attn.kv_b_proj.weight"),
-            name("", 0, "kv_b_proj", Role::Weight)
+            name("layers", 0, "kv_b_proj", Role::Weight)
         );
         assert_eq!(
             parse_attention_name("model.layers.4.self_attn.q_a_proj.weight_scale_inv"),
-            name("model", 4, "q_a_proj", Role::ScaleInv)
+            name("model.layers", 4, "q_a_proj", Role::ScaleInv)
         );
         assert_eq!(
             parse_attention_name("model.vision.layers.0.mlp.layers.2.self_attn.k_proj.weight"),
-            name("model.vision.layers.0.mlp", 2, "k_proj", Role::Weight)
+            name(
+                "model.vision.layers.0.mlp.layers",
+                2,
+                "k_proj",
+                Role::Weight
+            )
+        );
+        assert_eq!(
+            parse_attention_name("transformer.h.3.attn.c_attn.weight"),
+            name("transformer.h", 3, "c_attn", Role::Weight)
+        );
+        assert_eq!(
+            parse_attention_name("gpt_neox.layers.0.attention.query_key_value.weight"),
+            name("gpt_neox.layers", 0, "query_key_value", Role::Weight)
         );
         assert_eq!(
             parse_attention_name("model.layers.3.mlp.up_proj.weight"),
@@ -1022,6 +1189,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("model.safetensors");
         let (text, vision) = ("model.language_model", "model.vision_tower.encoder");
+        let stack = |prefix: &str| format!("{prefix}.layers");
         let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = [(text, 1), (vision, 3)]
             .iter()
             .flat_map(|&(stack, seed)| {
@@ -1046,16 +1214,16 @@ mod tests {
             e.contains("model.vision_tower.encoder.layers.N (1 layer)"),
             "{e}"
         );
-        assert!(e.contains("--stack model.language_model"), "{e}");
-        for (stack, seed) in [(text, 1), (vision, 3)] {
-            let ck = Checkpoint::open_stack(&path, Some(2), Some(stack)).unwrap();
-            assert_eq!(ck.stack(), stack);
+        assert!(e.contains("`--stack model.language_model.layers`"), "{e}");
+        for (prefix, seed) in [(text, 1), (vision, 3)] {
+            let ck = Checkpoint::open_stack(&path, Some(2), Some(&stack(prefix))).unwrap();
+            assert_eq!(ck.stack(), stack(prefix));
             assert_eq!(ck.layer(0).unwrap().q, values(16, seed));
         }
-        let e = Checkpoint::open_stack(&path, Some(2), Some("model"))
+        let e = Checkpoint::open_stack(&path, Some(2), Some("model.layer"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("no attention stack `model.layers.N`"), "{e}");
+        assert!(e.contains("no attention stack `model.layer.N`"), "{e}");
         // A vision-language config.json gives its head counts one level down: named in the
         // error, since which one is the stack's is for the caller to say.
         std::fs::write(
@@ -1063,7 +1231,7 @@ mod tests {
             r#"{"text_config": {"num_attention_heads": 2}, "vision_config": {"num_heads": 1}}"#,
         )
         .unwrap();
-        let ck = Checkpoint::open_stack(&path, None, Some(text)).unwrap();
+        let ck = Checkpoint::open_stack(&path, None, Some(&stack(text))).unwrap();
         let e = ck.layer(0).unwrap_err().to_string();
         assert!(
             e.contains(
@@ -1189,6 +1357,94 @@ mod tests {
         let e = ck.layout(0).unwrap_err().to_string();
         assert!(e.contains("k_norm.weight has 5 entries"), "{e}");
         assert!(ck.layer(0).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Fused projections are split as their models' forwards split them: Phi-3's `qkv_proj`
+    /// (queries, keys, values; GQA from `num_key_value_heads`), GPT-NeoX's and BLOOM's
+    /// `query_key_value` (head by head), GPT-2's Conv1D `c_attn` (`[in, out]`, columns). A
+    /// size that does not split, and Falcon's `query_key_value`, are errors.
+    #[test]
+    fn fused_projections_are_split() {
+        let dir = std::env::temp_dir().join(format!("rmt-ckpt-fused-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.safetensors");
+        let (heads, kv, hd, d) = (4, 2, 3, 8);
+        let (q, k) = (values(heads * hd * d, 1), values(kv * hd * d, 2));
+        let v = values(kv * hd * d, 3);
+        let rows = |w: &[f32], r: std::ops::Range<usize>| w[r.start * d..r.end * d].to_vec();
+        let config = |extra: &str| {
+            std::fs::write(
+                dir.join("config.json"),
+                format!(r#"{{"num_attention_heads": {heads}{extra}}}"#),
+            )
+            .unwrap()
+        };
+        let open = |name: &str, shape: Vec<usize>, w: Vec<f32>| {
+            write_safetensors(&path, &[(name, shape, w)], Dtype::F32);
+            Checkpoint::open(&path, None).unwrap()
+        };
+        // Phi-3: [q; k; v] rows, two key heads.
+        config(&format!(r#", "num_key_value_heads": {kv}"#));
+        let stacked = [q.clone(), k.clone(), v.clone()].concat();
+        let ck = open(
+            "model.layers.0.self_attn.qkv_proj.weight",
+            vec![(heads + 2 * kv) * hd, d],
+            stacked,
+        );
+        let layer = ck.layer(0).unwrap();
+        assert_eq!(layer.q, q);
+        assert_eq!(
+            rows(&layer.k, 0..2 * hd),
+            [rows(&k, 0..hd), rows(&k, 0..hd)].concat()
+        );
+        // GPT-NeoX: head h's q, k, v rows in turn (MHA: four key heads).
+        config("");
+        let k4 = values(heads * hd * d, 4);
+        let per_head: Vec<f32> = (0..heads)
+            .flat_map(|h| {
+                let r = h * hd..(h + 1) * hd;
+                [rows(&q, r.clone()), rows(&k4, r.clone()), rows(&k4, r)].concat()
+            })
+            .collect();
+        let ck = open(
+            "gpt_neox.layers.0.attention.query_key_value.weight",
+            vec![3 * heads * hd, d],
+            per_head.clone(),
+        );
+        let layer = ck.layer(0).unwrap();
+        assert_eq!((layer.q.clone(), layer.k.clone()), (q.clone(), k4.clone()));
+        // GPT-2: c_attn [d, 3m], the query in columns 0..m, the key in m..2m.
+        let m = heads * hd;
+        let conv: Vec<f32> = (0..d)
+            .flat_map(|j| {
+                let (q, k4) = (&q, &k4);
+                (0..3 * m).map(move |c| match c / m {
+                    0 => q[c * d + j],
+                    1 => k4[(c - m) * d + j],
+                    _ => 0.5,
+                })
+            })
+            .collect();
+        let ck = open("transformer.h.0.attn.c_attn.weight", vec![d, 3 * m], conv);
+        let layer = ck.layer(0).unwrap();
+        assert_eq!((layer.q, layer.k), (q.clone(), k4));
+        // Sizes that do not split, and Falcon.
+        let ck = open(
+            "h.0.self_attention.query_key_value.weight",
+            vec![3 * heads * hd - 1, d],
+            values((3 * heads * hd - 1) * d, 5),
+        );
+        let e = ck.layout(0).unwrap_err().to_string();
+        assert!(e.contains("not 3·H·d_h for H = 4"), "{e}");
+        config(r#", "model_type": "falcon""#);
+        let ck = open(
+            "transformer.h.0.self_attention.query_key_value.weight",
+            vec![3 * heads * hd, d],
+            per_head,
+        );
+        let e = ck.layout(0).unwrap_err().to_string();
+        assert!(e.contains("Falcon's query_key_value"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }
 
