@@ -259,7 +259,7 @@ fn write_rows(
 
 /// Where the layers come from.
 enum Source {
-    Checkpoint(Checkpoint),
+    Checkpoint(Box<Checkpoint>),
     /// LLaMA-style initialisation: `Q, K ∈ ℝ^{d×d}` with i.i.d. `N(0, 0.02²)` entries.
     Initialised {
         layers: usize,
