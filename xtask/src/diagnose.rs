@@ -80,10 +80,10 @@ pub fn run(args: Args) -> Result<(), String> {
         ..Default::default()
     };
     let source = match &args.checkpoint {
-        Some(path) => Source::Checkpoint(
+        Some(path) => Source::Checkpoint(Box::new(
             Checkpoint::open_stack(path, args.heads, args.stack.as_deref())
                 .map_err(|e| e.to_string())?,
-        ),
+        )),
         None if args.stack.is_some() => {
             return Err("--stack chooses among a checkpoint's stacks: give the checkpoint".into());
         }
