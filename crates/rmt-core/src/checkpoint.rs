@@ -3,7 +3,8 @@
 //! Recognised layouts, per layer `N` (any prefix before `layers.N.` or `h.N.`, attention module
 //! named `self_attn`, `attn`, `attention` or `self_attention`):
 //!
-//! * **HF LLaMA** (and Mistral, Qwen2, … — any `q_proj`/`k_proj` pair): `q_proj.weight`
+//! * **HF LLaMA** (and Mistral, Qwen2, … — any `q_proj`/`k_proj` pair, or `wq`/`wk` in
+//!   Mistral's and Meta's own `layers.N.attention.` format): `q_proj.weight`
 //!   `[H·d_h, d]`, `k_proj.weight` `[H_kv·d_h, d]`. With grouped-query attention each key head
 //!   is repeated for the `H/H_kv` query heads that read it, so `Q_hK_hᵀ` is the form head `h`
 //!   uses. A QK-norm's gain (`q_norm`, `k_norm`: `[d_h]` shared by the heads in Qwen3 and
@@ -38,8 +39,9 @@
 //! memory-mapped and its header validated when the checkpoint is opened; a tensor's bytes are
 //! read only when its layer is.
 //!
-//! The head count comes from `config.json` beside the checkpoint (`num_attention_heads`) or
-//! from the caller. F32, F16, BF16, F64 and FP8 (`F8_E4M3`, `F8_E5M2`) tensors are read as
+//! The head count comes from `config.json` beside the checkpoint (`num_attention_heads`; the
+//! `params.json` of Mistral's and Meta's own format when there is no `config.json`) or from
+//! the caller. F32, F16, BF16, F64 and FP8 (`F8_E4M3`, `F8_E5M2`) tensors are read as
 //! `f32`; an FP8 weight with a `…weight_scale_inv` beside it (DeepSeek-V3's block scales, in
 //! blocks of config.json's `quantization_config.weight_block_size`, else 128 × 128) is scaled.
 //!
@@ -639,11 +641,17 @@ impl Checkpoint {
                 listing
             )));
         };
-        let config = if path.is_dir() {
-            path.join("config.json")
+        let dir = if path.is_dir() {
+            path.as_path()
         } else {
-            path.parent().unwrap_or(Path::new(".")).join("config.json")
+            path.parent().unwrap_or(Path::new("."))
         };
+        // HF's config.json, else the params.json of Mistral's and Meta's own format.
+        let config = ["config.json", "params.json"]
+            .iter()
+            .map(|name| dir.join(name))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| dir.join("config.json"));
         let config = read_config(&config)?;
         Ok(Self {
             heads: heads.or(config.heads),
@@ -727,7 +735,10 @@ impl Checkpoint {
                 kv_norm: entry("kv_a_layernorm"),
                 kv_up: need("kv_b_proj")?,
             })
-        } else if let (Some(q), Some(k)) = (entry("q_proj"), entry("k_proj")) {
+        } else if let (Some(q), Some(k)) = (
+            entry("q_proj").or(entry("wq")),
+            entry("k_proj").or(entry("wk")),
+        ) {
             Ok(Parts::Mha {
                 q,
                 k,
@@ -746,7 +757,7 @@ impl Checkpoint {
             Ok(Parts::Fused { w, fused })
         } else {
             Err(err(format!(
-                "layer {index}: none of q_proj/k_proj, kv_a_proj_with_mqa, qkv_proj, query_key_value or c_attn found (have: {}){}",
+                "layer {index}: none of q_proj/k_proj, wq/wk, kv_a_proj_with_mqa, qkv_proj, query_key_value or c_attn found (have: {}){}",
                 leaves.keys().cloned().collect::<Vec<_>>().join(", "),
                 self.shard_hint
             )))
@@ -1357,6 +1368,41 @@ mod tests {
         let e = ck.layout(0).unwrap_err().to_string();
         assert!(e.contains("k_norm.weight has 5 entries"), "{e}");
         assert!(ck.layer(0).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Mistral's own format (`consolidated.safetensors`): `layers.N.attention.wq`/`wk`, the
+    /// head count from `params.json`.
+    #[test]
+    fn mistral_format_is_read() {
+        let dir = std::env::temp_dir().join(format!("rmt-ckpt-mistral-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("consolidated.safetensors");
+        let (q, k) = (values(16 * 8, 1), values(8 * 8, 2));
+        write_safetensors(
+            &path,
+            &[
+                ("layers.0.attention.wq.weight", vec![16, 8], q.clone()),
+                ("layers.0.attention.wk.weight", vec![8, 8], k.clone()),
+                ("layers.0.attention.wv.weight", vec![8, 8], values(64, 3)),
+            ],
+            Dtype::F32,
+        );
+        std::fs::write(
+            dir.join("params.json"),
+            r#"{"dim": 8, "n_heads": 4, "n_kv_heads": 2}"#,
+        )
+        .unwrap();
+        let ck = Checkpoint::open(&path, None).unwrap();
+        assert_eq!((ck.heads(), ck.stack()), (Some(4), "layers"));
+        let layer = ck.layer(0).unwrap();
+        let kind = AttentionKind::Mha {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 4,
+        };
+        assert_eq!((&layer.kind, &layer.q), (&kind, &q));
+        assert_eq!(&layer.k[..32], &k[..32]);
         std::fs::remove_dir_all(&dir).ok();
     }
 
