@@ -1133,6 +1133,13 @@ mod tests {
         write_safetensors(path, &refs, Dtype::F32);
     }
 
+    /// A fresh directory for one test's files (removed by the test).
+    fn scratch_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("rmt-ckpt-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| {
@@ -1196,8 +1203,7 @@ mod tests {
     /// a stack is an error that names both; each stack reads its own weights.
     #[test]
     fn several_stacks_are_told_apart() {
-        let dir = std::env::temp_dir().join(format!("rmt-ckpt-stacks-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("stacks");
         let path = dir.join("model.safetensors");
         let (text, vision) = ("model.language_model", "model.vision_tower.encoder");
         let stack = |prefix: &str| format!("{prefix}.layers");
@@ -1255,8 +1261,7 @@ mod tests {
 
     #[test]
     fn gqa_keys_are_repeated_per_group() {
-        let dir = std::env::temp_dir().join(format!("rmt-ckpt-gqa-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("gqa");
         let path = dir.join("model.safetensors");
         let (heads, kv, hd, d) = (4, 2, 3, 8);
         let q = values(heads * hd * d, 1);
@@ -1300,8 +1305,7 @@ mod tests {
     /// is an error found from the headers.
     #[test]
     fn qk_norm_gains_scale_the_rows() {
-        let dir = std::env::temp_dir().join(format!("rmt-ckpt-qknorm-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("qknorm");
         let path = dir.join("model.safetensors");
         let (heads, kv, hd, d) = (4, 2, 3, 8);
         let (q, k) = (values(heads * hd * d, 1), values(kv * hd * d, 2));
@@ -1375,8 +1379,7 @@ mod tests {
     /// head count from `params.json`.
     #[test]
     fn mistral_format_is_read() {
-        let dir = std::env::temp_dir().join(format!("rmt-ckpt-mistral-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("mistral");
         let path = dir.join("consolidated.safetensors");
         let (q, k) = (values(16 * 8, 1), values(8 * 8, 2));
         write_safetensors(
@@ -1412,8 +1415,7 @@ mod tests {
     /// size that does not split, and Falcon's `query_key_value`, are errors.
     #[test]
     fn fused_projections_are_split() {
-        let dir = std::env::temp_dir().join(format!("rmt-ckpt-fused-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("fused");
         let path = dir.join("model.safetensors");
         let (heads, kv, hd, d) = (4, 2, 3, 8);
         let (q, k) = (values(heads * hd * d, 1), values(kv * hd * d, 2));
@@ -1496,8 +1498,7 @@ mod tests {
 
     #[test]
     fn mla_effective_weights_follow_design() {
-        let dir = std::env::temp_dir().join(format!("rmt-ckpt-mla-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("mla");
         let path = dir.join("model.safetensors");
         let (h, d, rq, rkv, nope, rope, v) = (2, 6, 4, 3, 2, 1, 2);
         let qa = values(rq * d, 1);
@@ -1594,8 +1595,7 @@ mod tests {
 
     #[test]
     fn bf16_and_f16_are_read() {
-        let dir = std::env::temp_dir().join(format!("rmt-ckpt-half-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("half");
         for (dtype, tol) in [(Dtype::BF16, 1e-2), (Dtype::F16, 1e-3)] {
             let path = dir.join(format!("{dtype:?}.safetensors"));
             let q = values(16 * 8, 1);
@@ -1621,8 +1621,7 @@ mod tests {
 
     #[test]
     fn bad_checkpoints_are_clear_errors() {
-        let dir = std::env::temp_dir().join(format!("rmt-ckpt-bad-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("bad");
         // Corrupt: garbage bytes.
         let junk = dir.join("junk.safetensors");
         std::fs::write(&junk, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}").unwrap();
@@ -1714,7 +1713,7 @@ mod tests {
     /// tensors in one file, whether the index or its directory is named.
     #[test]
     fn sharded_checkpoints_read_like_one_file() {
-        let dir = std::env::temp_dir().join(format!("rmt-ckpt-shards-{}", std::process::id()));
+        let dir = scratch_dir("shards");
         let sharded = dir.join("sharded");
         std::fs::create_dir_all(&sharded).unwrap();
         let (heads, d) = (2, 6);
@@ -1777,8 +1776,7 @@ mod tests {
     /// shapes are checked from the headers before anything is read.
     #[test]
     fn bad_shards_and_layouts_are_clear_errors() {
-        let dir = std::env::temp_dir().join(format!("rmt-ckpt-badshards-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("badshards");
         let pair = |l: usize, k_rows: usize, q: Vec<f32>| {
             vec![
                 (format!("layers.{l}.self_attn.q_proj.weight"), vec![4, 4], q),
@@ -1874,8 +1872,7 @@ mod tests {
     /// and a NaN code, are clear errors.
     #[test]
     fn fp8_weights_are_scaled_by_blocks() {
-        let dir = std::env::temp_dir().join(format!("rmt-ckpt-fp8-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("fp8");
         let (rows, cols, block) = (4, 6, [2, 4]);
         // E4M3 codes of small numbers (no NaN code 0x7F/0xFF among them).
         let codes: Vec<f32> = (0..rows * cols)
