@@ -39,6 +39,9 @@
 //! memory-mapped and its header validated when the checkpoint is opened; a tensor's bytes are
 //! read only when its layer is.
 //!
+//! Biases (Qwen2's, GPT-2's, BLOOM's) are not read: they add terms linear in each token to
+//! the scores, outside the bilinear form `Q_hK_hᵀ` the diagnostics are about.
+//!
 //! The head count comes from `config.json` beside the checkpoint (`num_attention_heads`; the
 //! `params.json` of Mistral's and Meta's own format when there is no `config.json`) or from
 //! the caller. F32, F16, BF16, F64 and FP8 (`F8_E4M3`, `F8_E5M2`) tensors are read as
