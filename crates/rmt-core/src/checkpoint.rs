@@ -112,7 +112,7 @@ pub struct Checkpoint {
     model_type: Option<String>,
     /// config.json's `num_key_value_heads`.
     kv_heads: Option<usize>,
-    /// Head counts below config.json's top level, named in the error when it has none.
+    /// config.json's other head counts, named in the error when it has no `num_attention_heads`.
     nested_heads: Vec<String>,
     /// Rows and columns of a block that one scale covers (config.json's
     /// `quantization_config.weight_block_size`, else DeepSeek-V3's 128 × 128).
@@ -306,8 +306,9 @@ struct ConfigJson {
     model_type: Option<String>,
     /// `num_key_value_heads` (a fused `qkv_proj`'s split needs it).
     kv_heads: Option<usize>,
-    /// Head counts one level down (`text_config.num_attention_heads = 32`, …), for the error
-    /// when the top level has none (a vision-language model's config).
+    /// Other head counts (`text_config.num_attention_heads = 32`, `encoder_attention_heads =
+    /// 6`, …), for the error when there is no `num_attention_heads` (a vision-language or
+    /// encoder–decoder model's config).
     nested_heads: Vec<String>,
 }
 
@@ -335,10 +336,14 @@ fn read_config(path: &Path) -> Result<ConfigJson> {
         }
     }
     if let Some(sections) = value.as_object() {
-        for (section, inner) in sections {
-            for key in HEAD_KEYS {
-                if let Some(h) = inner.get(key) {
-                    config.nested_heads.push(format!("{section}.{key} = {h}"));
+        for (key, inner) in sections {
+            // Whisper's `encoder_attention_heads`, BART's …: a count, but whose stack?
+            if key.contains("heads") && !HEAD_KEYS.contains(&key.as_str()) && inner.is_u64() {
+                config.nested_heads.push(format!("{key} = {inner}"));
+            }
+            for head_key in HEAD_KEYS {
+                if let Some(h) = inner.get(head_key) {
+                    config.nested_heads.push(format!("{key}.{head_key} = {h}"));
                 }
             }
         }
@@ -699,10 +704,10 @@ impl Checkpoint {
     fn known_heads(&self) -> Result<usize> {
         self.heads.ok_or_else(|| {
             if self.nested_heads.is_empty() {
-                err("cannot tell the number of heads: put the model's config.json beside the checkpoint or pass --heads")
+                err("cannot tell the number of heads: no config.json (or params.json) beside the checkpoint gives num_attention_heads; put the model's there or pass --heads")
             } else {
                 err(format!(
-                    "cannot tell the number of heads: config.json has none at its top level ({}): pass --heads with the one of the stack read, {}",
+                    "cannot tell the number of heads: config.json has no num_attention_heads, only {}: pass --heads with the one of the stack read, {}",
                     self.nested_heads.join(", "),
                     stack_pattern(&self.stack)
                 ))
@@ -1248,14 +1253,14 @@ mod tests {
         // error, since which one is the stack's is for the caller to say.
         std::fs::write(
             dir.join("config.json"),
-            r#"{"text_config": {"num_attention_heads": 2}, "vision_config": {"num_heads": 1}}"#,
+            r#"{"text_config": {"num_attention_heads": 2}, "vision_config": {"num_heads": 1}, "decoder_attention_heads": 2}"#,
         )
         .unwrap();
         let ck = Checkpoint::open_stack(&path, None, Some(&stack(text))).unwrap();
         let e = ck.layer(0).unwrap_err().to_string();
         assert!(
             e.contains(
-                "(text_config.num_attention_heads = 2, vision_config.num_heads = 1): pass --heads"
+                "only decoder_attention_heads = 2, text_config.num_attention_heads = 2, vision_config.num_heads = 1: pass --heads"
             ),
             "{e}"
         );
