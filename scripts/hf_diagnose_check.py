@@ -86,6 +86,13 @@ def configs():
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
         image_size=28, patch_size=14,
     )
+    # An encoder–decoder: two stacks of self-attention layers (and cross-attention,
+    # `encoder_attn`, which is not read), head counts as encoder/decoder_attention_heads.
+    yield "bart-decoder", transformers.BartConfig(
+        d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=8, encoder_ffn_dim=96, decoder_ffn_dim=96, vocab_size=64,
+        max_position_embeddings=64,
+    ), transformers.BartForConditionalGeneration
     yield "gemma3-vlm", transformers.Gemma3Config(
         text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
         boi_token_index=297, eoi_token_index=298,
@@ -128,11 +135,10 @@ def linear(module, x):
     return module(x) - module(torch.zeros_like(x[:1]))
 
 
-def effective_qk(attn, config):
+def effective_qk(attn, config, heads):
     """Q, K ∈ ℝ^{m×d} (rows grouped by head) from the module, probed with e_1 … e_d."""
     d = config.hidden_size
     eye = torch.eye(d, dtype=torch.float32)
-    heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     with torch.no_grad():
         if hasattr(attn, "kv_a_proj_with_mqa"):
@@ -187,12 +193,17 @@ for name, config, cls in configs():
     perturb_gains(model, name.startswith("gemma"))
     model.save_pretrained(path, safe_serialization=True)
     args = [xtask, "diagnose", path, "--format", "csv", "--per-head"]
-    base = getattr(model, "model", None) or getattr(model, "gpt_neox", None) or model.transformer
-    layers = getattr(base, "layers", None) or getattr(base, "h", None)
-    if layers is None:  # the vision-language model: its language model's stack
+    heads = config.num_attention_heads if hasattr(config, "num_attention_heads") else None
+    if name == "gemma3-vlm":  # the language model's stack
         config = config.text_config
-        layers = model.model.language_model.layers
-        args += ["--stack", "language_model.model.layers", "--heads", str(config.num_attention_heads)]
+        layers, stack, heads = model.model.language_model.layers, "language_model.model.layers", config.num_attention_heads
+    elif name == "bart-decoder":  # the decoder's stack
+        layers, stack, heads = model.model.decoder.layers, "model.decoder.layers", config.decoder_attention_heads
+    else:
+        base = getattr(model, "model", None) or getattr(model, "gpt_neox", None) or model.transformer
+        layers, stack = getattr(base, "layers", None) or getattr(base, "h", None), None
+    if stack:
+        args += ["--stack", stack, "--heads", str(heads)]
     run = subprocess.run(args, capture_output=True, text=True)
     if run.returncode != 0:
         print(f"model={name} xtask_error={run.stderr.strip()}")
@@ -206,8 +217,8 @@ for name, config, cls in configs():
     for layer_index, layer in enumerate(layers):
         attn = next(getattr(layer, a) for a in ["self_attn", "attention", "self_attention", "attn"]
                     if hasattr(layer, a))
-        q, k = effective_qk(attn, config)
-        d, heads = config.hidden_size, config.num_attention_heads
+        q, k = effective_qk(attn, config, heads)
+        d = config.hidden_size
         dk = q.shape[0] // heads
         blocks = [("all", q, k)] + [
             (str(h), q[h * dk:(h + 1) * dk], k[h * dk:(h + 1) * dk]) for h in range(heads)
