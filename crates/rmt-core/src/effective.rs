@@ -93,7 +93,7 @@ impl AttentionKind {
 /// One layer's effective `Q, K ∈ ℝ^{m×d}` (row-major), ready to diagnose.
 #[derive(Debug, Clone)]
 pub struct AttentionLayer {
-    /// The `N` of `layers.N.`.
+    /// The layer number `N` (`layers.N.`, `h.N.`).
     pub index: usize,
     /// The parametrisation found.
     pub kind: AttentionKind,
@@ -156,7 +156,7 @@ impl AttentionLayer {
 /// its `24 576 × 7 168` `Q` and `K`.
 #[derive(Debug, Clone)]
 pub struct LayerFactors {
-    /// The `N` of `layers.N.`.
+    /// The layer number `N` (`layers.N.`, `h.N.`).
     pub index: usize,
     /// The parametrisation found.
     pub kind: AttentionKind,
