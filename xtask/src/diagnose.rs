@@ -42,6 +42,16 @@ pub struct Args {
     /// when the checkpoint holds several (a vision-language or encoder–decoder model).
     #[arg(long)]
     stack: Option<String>,
+    /// Precision of `M = QKᵀ`, `G` and the reduction. `f64` takes twice the time; in `f32` an
+    /// eigenvalue within about √m·6e-8·λ₁ of λ₊ can land on either side of it.
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Precision,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Precision {
+    F32,
+    F64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -189,7 +199,10 @@ fn write_report(
             .iter()
             .map(|&index| source.layer(index))
             .collect::<Result<Vec<_>, _>>()?;
-        let diagnoses = LayerFactors::diagnose_all(&layers, config);
+        let diagnoses = match args.precision {
+            Precision::F32 => LayerFactors::diagnose_all::<f32>(&layers, config),
+            Precision::F64 => LayerFactors::diagnose_all::<f64>(&layers, config),
+        };
         for (layer, diag) in layers.into_iter().zip(diagnoses) {
             let index = layer.index;
             let diag = diag.map_err(|e| format!("layer {index}: {e}"))?;

@@ -224,6 +224,46 @@ fn bad_input_is_one_clear_line_and_a_failure_code() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `--precision f64` computes in float64: the same outlier counts here, λ₁ within float32's
+/// rounding (1e-5 relative leaves a wide margin over ≈ 1e-7).
+#[test]
+fn float64_gives_the_float32_values_to_their_rounding() {
+    let dir = temp_dir("precision");
+    let path = llama_checkpoint(&dir);
+    let rows = |precision: &str| {
+        let out = xtask()
+            .args(["diagnose", "--format", "csv", "--precision", precision])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let (key, value) = l.rsplit_once(',').unwrap();
+                (key.to_string(), value.parse::<f64>().unwrap())
+            })
+            .collect::<Vec<_>>()
+    };
+    let (single, double) = (rows("f32"), rows("f64"));
+    assert_eq!(single.len(), double.len());
+    for ((key, a), (key_b, b)) in single.iter().zip(&double) {
+        assert_eq!(key, key_b);
+        if key.ends_with("outlier_count") {
+            assert_eq!(a, b, "{key}");
+        } else if key.ends_with("lambda_max") {
+            assert!((a - b).abs() <= 1e-5 * b.abs(), "{key}: {a} vs {b}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// `--stack` names a stack by what comes before `.N.`; the only stack is read without it.
 #[test]
 fn a_stack_is_chosen_by_its_prefix() {

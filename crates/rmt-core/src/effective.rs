@@ -19,7 +19,7 @@ use crate::diagnostics::{
     DiagnosticsConfig, Factorization, LayerDiagnostics, diagnose_layer_in_basis,
 };
 use crate::error::{Result, RmtError};
-use crate::linalg::row_major_view;
+use crate::linalg::{Element, row_major_view};
 use faer::{Accum, MatRef};
 use serde::{Deserialize, Serialize};
 
@@ -191,12 +191,21 @@ impl From<AttentionLayer> for LayerFactors {
 
 impl LayerFactors {
     /// Diagnoses this layer (whole layer, and per head if `config.per_head`): the same
-    /// values as [`AttentionLayer::diagnose`] on the layer these factors come from.
+    /// values as [`AttentionLayer::diagnose`] on the layer these factors come from. `M`, `G`
+    /// and the reduction run in `f32`, the factors' precision ([`LayerFactors::diagnose_in`]).
     pub fn diagnose(&self, config: &DiagnosticsConfig) -> Result<LayerDiagnostics> {
+        self.diagnose_in::<f32>(config)
+    }
+
+    /// [`LayerFactors::diagnose`] with `M`, `G` and the reduction in `T` (`f64`: the
+    /// factors widened exactly, twice the time). In `f32` an eigenvalue within about
+    /// `√m·ε₃₂·λ₁` of `λ₊` (ε₃₂ ≈ 6e-8) can fall on either side of it, changing the outlier
+    /// count by one; in `f64` that band is 2²⁹ times narrower.
+    pub fn diagnose_in<T: Element>(&self, config: &DiagnosticsConfig) -> Result<LayerDiagnostics> {
         let f = &self.factors;
-        diagnose_factors(
-            &f.q,
-            &f.k,
+        diagnose_factors::<T>(
+            &in_precision(&f.q),
+            &in_precision(&f.k),
             f.dim,
             self.rows,
             self.width,
@@ -206,21 +215,30 @@ impl LayerFactors {
         )
     }
 
-    /// [`LayerFactors::diagnose`] for several layers, in parallel over layers (as
+    /// [`LayerFactors::diagnose_in`] for several layers, in parallel over layers (as
     /// [`crate::diagnostics::diagnose_layers`]); one result per layer, in order.
-    pub fn diagnose_all(
+    pub fn diagnose_all<T: Element>(
         layers: &[LayerFactors],
         config: &DiagnosticsConfig,
     ) -> Vec<Result<LayerDiagnostics>> {
-        crate::diagnostics::per_layer_in_parallel(layers, |layer| layer.diagnose(config))
+        crate::diagnostics::per_layer_in_parallel(layers, |layer| layer.diagnose_in::<T>(config))
+    }
+}
+
+/// `f32` values in `T`: borrowed when `T` is `f32`, widened exactly into a copy otherwise.
+#[allow(clippy::ptr_arg)] // `Vec<f32>`, not `[f32]`, is what `Any` can name.
+fn in_precision<T: Element>(x: &Vec<f32>) -> std::borrow::Cow<'_, [T]> {
+    match (x as &dyn std::any::Any).downcast_ref::<Vec<T>>() {
+        Some(same) => std::borrow::Cow::Borrowed(same),
+        None => std::borrow::Cow::Owned(x.iter().map(|&v| T::from_f64(f64::from(v))).collect()),
     }
 }
 
 /// [`diagnose_layer_in_basis`] on row-major `m × b` factors of a layer of width `d`.
 #[allow(clippy::too_many_arguments)]
-fn diagnose_factors(
-    q: &[f32],
-    k: &[f32],
+fn diagnose_factors<T: Element>(
+    q: &[T],
+    k: &[T],
     b: usize,
     rows: usize,
     width: usize,
