@@ -821,6 +821,12 @@ mod tests {
             for (a, b) in ours.per_head.iter().zip(&theirs.per_head) {
                 assert_same_diagnoses(a, b, 0.0);
             }
+            // In f64: the same values to f32's tolerance (as in the key-basis tests).
+            let wide = factors.diagnose_in::<f64>(&config).unwrap();
+            assert_same_diagnoses(&ours.layer, &wide.layer, 1e-4);
+            for (a, b) in ours.per_head.iter().zip(&wide.per_head) {
+                assert_same_diagnoses(a, b, 1e-4);
+            }
         }
     }
 
