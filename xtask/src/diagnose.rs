@@ -64,6 +64,10 @@ enum Format {
 #[derive(Serialize)]
 struct LayerReport {
     layer: usize,
+    /// The stack read (`model.layers`); `null` for the initialised stack.
+    stack: Option<String>,
+    /// `f32` or `f64`: the precision of `M`, `G` and the reduction.
+    precision: &'static str,
     attention: rmt_core::checkpoint::AttentionKind,
     rows: usize,
     width: usize,
@@ -209,6 +213,14 @@ fn write_report(
             match args.format {
                 Format::Json => reports.push(LayerReport {
                     layer: index,
+                    stack: match source {
+                        Source::Checkpoint(c) => Some(c.stack().to_string()),
+                        Source::Initialised { .. } => None,
+                    },
+                    precision: match args.precision {
+                        Precision::F32 => "f32",
+                        Precision::F64 => "f64",
+                    },
                     attention: layer.kind,
                     rows: layer.rows,
                     width: layer.width,

@@ -156,6 +156,14 @@ fn json_and_table_formats_and_extra_estimators() {
     let layers = v.as_array().unwrap();
     assert_eq!(layers.len(), 3);
     assert_eq!(
+        (
+            &layers[2]["layer"],
+            &layers[2]["stack"],
+            &layers[2]["precision"]
+        ),
+        (&2.into(), &"model.layers".into(), &"f32".into())
+    );
+    assert_eq!(
         layers[0]["diagnostics"]["layer"]["diagnoses"]
             .as_array()
             .unwrap()
