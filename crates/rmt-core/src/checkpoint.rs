@@ -15,8 +15,10 @@
 //!   Phi-3's `qkv_proj` `[H·d_h + 2·H_kv·d_h, d]` (every query row, then the keys', then the
 //!   values'; `H_kv` from config.json's `num_key_value_heads`, else `H`), GPT-NeoX's (Pythia)
 //!   and BLOOM's `query_key_value` `[3·H·d_h, d]` (head by head: its query, key, value rows),
-//!   GPT-2's Conv1D `c_attn` `[d, 3·H·d_h]` (`[in, out]`: query, key, value columns). Falcon's
-//!   `query_key_value`, whose layout depends on its config, is an error, not a guess.
+//!   GPT-2's Conv1D `c_attn` `[d, 3·d]` (`[in, out]`: query, key, value columns). Other models
+//!   use the same names otherwise (Falcon's and ChatGLM's `query_key_value`, Qwen-1's and
+//!   StarCoder's `c_attn`): with a config.json whose `model_type` is not `phi3`, `gpt_neox`,
+//!   `bloom` or `gpt2` respectively, a fused projection is an error, not a guess.
 //! * **DeepSeek-V2/V3 MLA**: `q_a_proj` `[r_q, d]`, `q_a_layernorm` `[r_q]`, `q_b_proj`
 //!   `[H·(d_nope + d_rope), r_q]` (or `q_proj` `[H·(d_nope + d_rope), d]` without query
 //!   compression), `kv_a_proj_with_mqa` `[r_kv + d_rope, d]`, `kv_a_layernorm` `[r_kv]`,
@@ -757,10 +759,18 @@ impl Checkpoint {
             .into_iter()
             .find_map(|(leaf, fused)| entry(leaf).map(|w| (w, fused)))
         {
-            if fused == Fused::PerHead && self.model_type.as_deref() == Some("falcon") {
-                return Err(err(format!(
-                    "layer {index}: Falcon's query_key_value (laid out by new_decoder_architecture and multi_query) is not read"
-                )));
+            if let Some(model_type) = self.model_type.as_deref() {
+                if !fused.model_types().contains(&model_type) {
+                    return Err(err(format!(
+                        "layer {index}: {}'s layout depends on the model, and config.json's model_type `{model_type}` is not one whose layout is read ({})",
+                        fused.leaf(),
+                        Fused::LEAVES
+                            .iter()
+                            .map(|(leaf, f)| format!("{leaf}: {}", f.model_types().join(", ")))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )));
+                }
             }
             Ok(Parts::Fused { w, fused })
         } else {
@@ -994,7 +1004,7 @@ enum Fused {
     /// `query_key_value` `[3·H·d_h, d]`: head after head, its query, key and value rows
     /// (GPT-NeoX/Pythia, BLOOM).
     PerHead,
-    /// `c_attn` `[d, 3·H·d_h]`, a Conv1D's `[in, out]`: query, key and value columns (GPT-2).
+    /// `c_attn` `[d, 3·d]`, a Conv1D's `[in, out]`: query, key and value columns (GPT-2).
     Conv1D,
 }
 
@@ -1005,6 +1015,26 @@ impl Fused {
         ("query_key_value", Fused::PerHead),
         ("c_attn", Fused::Conv1D),
     ];
+
+    /// The leaf name.
+    fn leaf(self) -> &'static str {
+        Self::LEAVES
+            .iter()
+            .find(|(_, f)| *f == self)
+            .map_or("", |(leaf, _)| leaf)
+    }
+
+    /// The config.json `model_type`s whose fused projection is laid out this way. Others
+    /// use the same names differently (Falcon's and ChatGLM's `query_key_value`, Qwen-1's
+    /// and StarCoder's `c_attn`): a checkpoint of another known type is an error, not a
+    /// guess; one without a config.json is read by the name alone.
+    fn model_types(self) -> &'static [&'static str] {
+        match self {
+            Fused::Stacked => &["phi3"],
+            Fused::PerHead => &["gpt_neox", "bloom"],
+            Fused::Conv1D => &["gpt2"],
+        }
+    }
 
     /// The `[rows, cols]` of the query and key projections inside a fused one of `shape`.
     fn split_shapes(
@@ -1035,9 +1065,9 @@ impl Fused {
                 Ok(([rows / 3, cols], [rows / 3, cols]))
             }
             Fused::Conv1D => {
-                if cols == 0 || cols % 3 != 0 {
+                if cols == 0 || cols != 3 * rows {
                     return Err(err(format!(
-                        "layer {index}: c_attn is [{rows}, {cols}], not [d, 3·H·d_h]"
+                        "layer {index}: c_attn is [{rows}, {cols}], not GPT-2's Conv1D [d, 3·d]"
                     )));
                 }
                 Ok(([cols / 3, rows], [cols / 3, rows]))
@@ -1470,22 +1500,29 @@ mod tests {
         );
         let layer = ck.layer(0).unwrap();
         assert_eq!((layer.q.clone(), layer.k.clone()), (q.clone(), k4.clone()));
-        // GPT-2: c_attn [d, 3m], the query in columns 0..m, the key in m..2m.
-        let m = heads * hd;
+        // GPT-2: c_attn [d, 3d] (m = d), the query in columns 0..d, the key in d..2d.
+        let (q2, k2) = (values(d * d, 6), values(d * d, 7));
         let conv: Vec<f32> = (0..d)
             .flat_map(|j| {
-                let (q, k4) = (&q, &k4);
-                (0..3 * m).map(move |c| match c / m {
-                    0 => q[c * d + j],
-                    1 => k4[(c - m) * d + j],
+                let (q2, k2) = (&q2, &k2);
+                (0..3 * d).map(move |c| match c / d {
+                    0 => q2[c * d + j],
+                    1 => k2[(c - d) * d + j],
                     _ => 0.5,
                 })
             })
             .collect();
-        let ck = open("transformer.h.0.attn.c_attn.weight", vec![d, 3 * m], conv);
+        let ck = open("transformer.h.0.attn.c_attn.weight", vec![d, 3 * d], conv);
         let layer = ck.layer(0).unwrap();
-        assert_eq!((layer.q, layer.k), (q.clone(), k4));
-        // Sizes that do not split, and Falcon.
+        assert_eq!((layer.q, layer.k), (q2, k2));
+        // Sizes that do not split: a Linear-style c_attn [3d, d] (Qwen-1's) is not GPT-2's.
+        let ck = open(
+            "h.0.attn.c_attn.weight",
+            vec![3 * d, d],
+            values(3 * d * d, 8),
+        );
+        let e = ck.layout(0).unwrap_err().to_string();
+        assert!(e.contains("not GPT-2's Conv1D [d, 3·d]"), "{e}");
         let ck = open(
             "h.0.self_attention.query_key_value.weight",
             vec![3 * heads * hd - 1, d],
@@ -1493,14 +1530,27 @@ mod tests {
         );
         let e = ck.layout(0).unwrap_err().to_string();
         assert!(e.contains("not 3·H·d_h for H = 4"), "{e}");
-        config(r#", "model_type": "falcon""#);
-        let ck = open(
-            "transformer.h.0.self_attention.query_key_value.weight",
-            vec![3 * heads * hd, d],
-            per_head,
-        );
-        let e = ck.layout(0).unwrap_err().to_string();
-        assert!(e.contains("Falcon's query_key_value"), "{e}");
+        // A model type known to lay the same names out otherwise is an error; its own
+        // types are read.
+        for (model_type, read) in [("falcon", false), ("chatglm", false), ("gpt_neox", true)] {
+            config(&format!(r#", "model_type": "{model_type}""#));
+            let ck = open(
+                "transformer.h.0.self_attention.query_key_value.weight",
+                vec![3 * heads * hd, d],
+                per_head.clone(),
+            );
+            match ck.layout(0) {
+                Ok(_) => assert!(read, "{model_type}"),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(!read, "{model_type}: {e}");
+                    assert!(
+                        e.contains(&format!("model_type `{model_type}` is not one whose layout is read (qkv_proj: phi3; query_key_value: gpt_neox, bloom; c_attn: gpt2)")),
+                        "{e}"
+                    );
+                }
+            }
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 
