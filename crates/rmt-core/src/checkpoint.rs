@@ -759,18 +759,18 @@ impl Checkpoint {
             .into_iter()
             .find_map(|(leaf, fused)| entry(leaf).map(|w| (w, fused)))
         {
-            if let Some(model_type) = self.model_type.as_deref() {
-                if !fused.model_types().contains(&model_type) {
-                    return Err(err(format!(
-                        "layer {index}: {}'s layout depends on the model, and config.json's model_type `{model_type}` is not one whose layout is read ({})",
-                        fused.leaf(),
-                        Fused::LEAVES
-                            .iter()
-                            .map(|(leaf, f)| format!("{leaf}: {}", f.model_types().join(", ")))
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    )));
-                }
+            if let Some(model_type) = self.model_type.as_deref()
+                && !fused.model_types().contains(&model_type)
+            {
+                return Err(err(format!(
+                    "layer {index}: {}'s layout depends on the model, and config.json's model_type `{model_type}` is not one whose layout is read ({})",
+                    fused.leaf(),
+                    Fused::LEAVES
+                        .iter()
+                        .map(|(leaf, f)| format!("{leaf}: {}", f.model_types().join(", ")))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )));
             }
             Ok(Parts::Fused { w, fused })
         } else {
