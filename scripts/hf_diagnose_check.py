@@ -55,6 +55,18 @@ def configs():
         hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=1,
         head_dim=32, sliding_window=16, **common
     ), transformers.Gemma3ForCausalLM
+    # Gemma 4's RMSNorm scales by w, Gemma 3's by 1 + w.
+    yield "gemma4", transformers.Gemma4TextConfig(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=32, sliding_window=16, **common
+    ), transformers.Gemma4ForCausalLM
+    # A gated query: q_proj gives each head its query rows and as many gate rows; 1 + w gains.
+    yield "qwen3-next", transformers.Qwen3NextConfig(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, layer_types=["full_attention", "full_attention"], num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        **common
+    ), transformers.Qwen3NextForCausalLM
     yield "deepseek-v3", transformers.DeepseekV3Config(
         hidden_size=128, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
         num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=24, qk_nope_head_dim=16,
@@ -163,7 +175,11 @@ def effective_qk(attn, config, heads):
         elif hasattr(attn, "c_attn"):  # GPT-2: Conv1D, q k v columns
             q, k, _ = linear(attn.c_attn, eye).split(attn.split_size, dim=1)
         else:
-            q = per_head_norm(getattr(attn, "q_norm", None), linear(attn.q_proj, eye), heads)
+            q = linear(attn.q_proj, eye)
+            if config.model_type == "qwen3_next":  # per head: query rows, then gate rows
+                hd = config.head_dim
+                q = q.view(d, heads, 2 * hd)[..., :hd].reshape(d, -1)
+            q = per_head_norm(getattr(attn, "q_norm", None), q, heads)
             k = per_head_norm(getattr(attn, "k_norm", None), linear(attn.k_proj, eye), heads)
         hd = q.shape[1] // heads
         k = k.reshape(d, kv_heads, hd).repeat_interleave(heads // kv_heads, dim=1)
@@ -190,7 +206,7 @@ ok = True
 for name, config, cls in configs():
     path = os.path.join(work, name)
     model = cls(config).float().eval()
-    perturb_gains(model, name.startswith("gemma"))
+    perturb_gains(model, name.startswith("gemma3") or name == "qwen3-next")
     model.save_pretrained(path, safe_serialization=True)
     args = [xtask, "diagnose", path, "--format", "csv", "--per-head"]
     heads = config.num_attention_heads if hasattr(config, "num_attention_heads") else None

@@ -9,8 +9,11 @@
 //!   is repeated for the `H/H_kv` query heads that read it, so `Q_hK_hᵀ` is the form head `h`
 //!   uses. A QK-norm's gain (`q_norm`, `k_norm`: `[d_h]` shared by the heads in Qwen3 and
 //!   Gemma 3, one per row in OLMo-2) scales the projection's rows, `diag(g)·W` — `1 + w` when
-//!   config.json's `model_type` is a Gemma's, whose RMSNorms scale that way; as for MLA's
+//!   config.json's `model_type` is one whose RMSNorm scales that way (Gemma 3, Qwen3-Next,
+//!   Qwen3.5: `GAIN_PLUS_ONE_MODEL_TYPES`; not Gemma 3n or 4); as for MLA's
 //!   latent norms, the per-token `1/rms` is left out (it scales a head's whole row of scores).
+//!   A gated query (Qwen3-Next, Qwen3.5: `q_proj` gives each head `d_h` query rows, then
+//!   `d_h` rows of an output gate; `GATED_QUERY_MODEL_TYPES`) keeps its query rows only.
 //! * **Fused query/key/value projections**, split as their models' forwards split them:
 //!   Phi-3's `qkv_proj` `[H·d_h + 2·H_kv·d_h, d]` (every query row, then the keys', then the
 //!   values'; `H_kv` from config.json's `num_key_value_heads`, else `H`), GPT-NeoX's (Pythia)
@@ -108,7 +111,7 @@ pub struct Checkpoint {
     shard_hint: String,
     /// FP8 block scales (`…weight_scale_inv`) by the full name of the weight they scale.
     scales: BTreeMap<String, Entry>,
-    /// QK-norm gains scale by `1 + w` (a Gemma's `config.json`).
+    /// QK-norm gains scale by `1 + w` ([`GAIN_PLUS_ONE_MODEL_TYPES`]).
     gain_offset: bool,
     /// config.json's `model_type`.
     model_type: Option<String>,
@@ -313,6 +316,42 @@ struct ConfigJson {
     /// encoder–decoder model's config).
     nested_heads: Vec<String>,
 }
+
+/// The config.json `model_type`s whose QK-norm (an RMSNorm) scales by `1 + w` rather than
+/// `w`: the modeling files of transformers 5.25 whose `q_norm` multiplies by
+/// `1.0 + self.weight` (their weights are initialised to 0), with their text and
+/// sub-model types. Gemma 3n's and Gemma 4's scale by `w`, as Qwen3's and OLMo-2's do.
+const GAIN_PLUS_ONE_MODEL_TYPES: [&str; 15] = [
+    "gemma3",
+    "gemma3_text",
+    "t5gemma2",
+    "t5gemma2_text",
+    "t5gemma2_encoder",
+    "t5gemma2_decoder",
+    "qwen3_next",
+    "qwen3_5",
+    "qwen3_5_text",
+    "qwen3_5_moe",
+    "qwen3_5_moe_text",
+    "qwen4_exp",
+    "qwen4_exp_text",
+    "minimax_m3_vl",
+    "minimax_m3_vl_text",
+];
+
+/// The config.json `model_type`s whose `q_proj` gives each head `d_h` query rows followed by
+/// `d_h` rows of a sigmoid output gate (transformers 5.25: `query, gate =
+/// torch.chunk(q_proj(x).view(…, -1, 2·d_h), 2, dim=-1)`); the gate rows are not part of
+/// `Q`.
+const GATED_QUERY_MODEL_TYPES: [&str; 7] = [
+    "qwen3_next",
+    "qwen3_5",
+    "qwen3_5_text",
+    "qwen3_5_moe",
+    "qwen3_5_moe_text",
+    "qwen4_exp",
+    "qwen4_exp_text",
+];
 
 /// The keys a `config.json` may give the head count under.
 const HEAD_KEYS: [&str; 4] = ["num_attention_heads", "n_heads", "num_heads", "n_head"];
@@ -670,7 +709,7 @@ impl Checkpoint {
             gain_offset: config
                 .model_type
                 .as_deref()
-                .is_some_and(|t| t.starts_with("gemma")),
+                .is_some_and(|t| GAIN_PLUS_ONE_MODEL_TYPES.contains(&t)),
             model_type: config.model_type,
             kv_heads: config.kv_heads,
             nested_heads: config.nested_heads,
@@ -700,6 +739,14 @@ impl Checkpoint {
     /// How many files the checkpoint is read from.
     pub fn shard_count(&self) -> usize {
         self.shards.len()
+    }
+
+    /// Whether `q_proj` holds each head's query rows followed by as many rows of an output
+    /// gate ([`GATED_QUERY_MODEL_TYPES`]).
+    fn gated_query(&self) -> bool {
+        self.model_type
+            .as_deref()
+            .is_some_and(|t| GATED_QUERY_MODEL_TYPES.contains(&t))
     }
 
     /// The head count, or the error that says where to give it.
@@ -851,9 +898,27 @@ impl Checkpoint {
     }
 
     /// A projection with its QK-norm's gain, if any, applied to its rows: `diag(g)·W`, `g`
-    /// repeated over the heads when it has `d_h` entries (`1 + w` for a Gemma).
-    fn normed(&self, w: &Entry, norm: Option<&Entry>) -> Result<RowMajor> {
+    /// repeated over the heads when it has `d_h` entries (`1 + w` for
+    /// [`GAIN_PLUS_ONE_MODEL_TYPES`]). `gated_heads`: a gated query's head count, whose
+    /// gate rows are dropped first ([`GATED_QUERY_MODEL_TYPES`]).
+    fn normed(
+        &self,
+        w: &Entry,
+        norm: Option<&Entry>,
+        gated_heads: Option<usize>,
+    ) -> Result<RowMajor> {
         let mut w = self.matrix(w)?;
+        if let Some(heads) = gated_heads {
+            // Head after head: d_h query rows, then d_h gate rows.
+            let per_head = w.rows / heads * w.cols;
+            let query: Vec<f32> = w
+                .data
+                .chunks_exact(per_head)
+                .flat_map(|head| &head[..per_head / 2])
+                .copied()
+                .collect();
+            w = RowMajor::new(query, w.rows / 2, w.cols)?;
+        }
         if let Some(mut gain) = self.vector(norm)? {
             if self.gain_offset {
                 gain.iter_mut().for_each(|g| *g += 1.0);
@@ -881,7 +946,16 @@ impl Checkpoint {
                 q_norm,
                 k_norm,
             } => {
-                let (q, k) = (self.matrix_shape(q)?.0, self.matrix_shape(k)?.0);
+                let (mut q, k) = (self.matrix_shape(q)?.0, self.matrix_shape(k)?.0);
+                if self.gated_query() {
+                    if !q[0].is_multiple_of(2 * heads) {
+                        return Err(err(format!(
+                            "layer {index}: a gated q_proj has {} rows, not 2·H·d_h for H = {heads}",
+                            q[0]
+                        )));
+                    }
+                    q[0] /= 2;
+                }
                 let kind = mha_layout(index, heads, q, k)?;
                 let head_dim = q[0] / heads;
                 for (gain, rows) in [(q_norm, q[0]), (k_norm, k[0])] {
@@ -962,8 +1036,8 @@ impl Checkpoint {
                 q_norm,
                 k_norm,
             } => LayerWeights::Mha {
-                q: self.normed(q, q_norm)?,
-                k: self.normed(k, k_norm)?,
+                q: self.normed(q, q_norm, self.gated_query().then_some(self.known_heads()?))?,
+                k: self.normed(k, k_norm, None)?,
             },
             Parts::Fused { w, fused } => {
                 let heads = self.known_heads()?;
@@ -1339,8 +1413,9 @@ mod tests {
     }
 
     /// QK-norm gains scale the projections' rows: a `[d_h]` gain in every head (Qwen3), a
-    /// gain per row (OLMo-2), `1 + w` under a Gemma's config.json; a gain of another length
-    /// is an error found from the headers.
+    /// gain per row (OLMo-2), `1 + w` under Gemma 3's config.json but `w` under Gemma 4's;
+    /// a gain of another length is an error found from the headers; a gated query's gate
+    /// rows are dropped.
     #[test]
     fn qk_norm_gains_scale_the_rows() {
         let dir = scratch_dir("qknorm");
@@ -1377,7 +1452,7 @@ mod tests {
             )
         };
         write(kv * hd);
-        for (model_type, offset) in [("qwen3", 0.0), ("gemma3_text", 1.0)] {
+        for (model_type, offset) in [("qwen3", 0.0), ("gemma3_text", 1.0), ("gemma4_text", 0.0)] {
             std::fs::write(
                 dir.join("config.json"),
                 format!(r#"{{"num_attention_heads": {heads}, "model_type": "{model_type}"}}"#),
@@ -1410,6 +1485,42 @@ mod tests {
         let e = ck.layout(0).unwrap_err().to_string();
         assert!(e.contains("k_norm.weight has 5 entries"), "{e}");
         assert!(ck.layer(0).is_err());
+        // A gated query (Qwen3-Next): q_proj gives each head hd query rows, then hd gate
+        // rows; only the query rows are Q (and its gain is 1 + w).
+        let gated: Vec<f32> = (0..heads)
+            .flat_map(|h| [&q[h * hd * d..(h + 1) * hd * d], &vec![9.0; hd * d][..]].concat())
+            .collect();
+        write_safetensors(
+            &path,
+            &[
+                (
+                    "model.layers.0.self_attn.q_proj.weight",
+                    vec![2 * heads * hd, d],
+                    gated,
+                ),
+                (
+                    "model.layers.0.self_attn.k_proj.weight",
+                    vec![kv * hd, d],
+                    k.clone(),
+                ),
+                (
+                    "model.layers.0.self_attn.q_norm.weight",
+                    vec![hd],
+                    g_q.clone(),
+                ),
+            ],
+            Dtype::F32,
+        );
+        std::fs::write(
+            dir.join("config.json"),
+            format!(r#"{{"num_attention_heads": {heads}, "model_type": "qwen3_next"}}"#),
+        )
+        .unwrap();
+        let layer = Checkpoint::open(&path, None).unwrap().layer(0).unwrap();
+        let want: Vec<f32> = (0..heads * hd * d)
+            .map(|i| q[i] * (g_q[(i / d) % hd] + 1.0))
+            .collect();
+        assert_eq!(layer.q, want);
         std::fs::remove_dir_all(&dir).ok();
     }
 
