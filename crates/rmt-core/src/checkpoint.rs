@@ -321,7 +321,7 @@ struct ConfigJson {
 /// `w`: the modeling files of transformers 5.25 whose `q_norm` multiplies by
 /// `1.0 + self.weight` (their weights are initialised to 0), with their text and
 /// sub-model types. Gemma 3n's and Gemma 4's scale by `w`, as Qwen3's and OLMo-2's do.
-const GAIN_PLUS_ONE_MODEL_TYPES: [&str; 15] = [
+const GAIN_PLUS_ONE_MODEL_TYPES: [&str; 16] = [
     "gemma3",
     "gemma3_text",
     "t5gemma2",
@@ -337,6 +337,7 @@ const GAIN_PLUS_ONE_MODEL_TYPES: [&str; 15] = [
     "qwen4_exp_text",
     "minimax_m3_vl",
     "minimax_m3_vl_text",
+    "step3p7",
 ];
 
 /// The config.json `model_type`s whose `q_proj` gives each head `d_h` query rows followed by
