@@ -8,6 +8,17 @@ fn xtask() -> Command {
     Command::new(env!("CARGO_BIN_EXE_xtask"))
 }
 
+/// `xtask diagnose ARGS`'s standard output, once it has succeeded.
+fn diagnose_ok<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> String {
+    let out = xtask().arg("diagnose").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("xtask-cli-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -82,22 +93,7 @@ fn llama_checkpoint(dir: &Path) -> PathBuf {
 fn csv_has_the_documented_header_and_rows() {
     let dir = temp_dir("csv");
     let path = llama_checkpoint(&dir);
-    let out = xtask()
-        .args([
-            "diagnose",
-            path.to_str().unwrap(),
-            "--format",
-            "csv",
-            "--per-head",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = diagnose_ok([path.to_str().unwrap(), "--format", "csv", "--per-head"]);
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some("layer,head,estimator,null,metric,value"));
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
@@ -134,25 +130,16 @@ fn csv_has_the_documented_header_and_rows() {
 fn json_and_table_formats_and_extra_estimators() {
     let dir = temp_dir("json");
     let path = llama_checkpoint(&dir);
-    let out = xtask()
-        .args([
-            "diagnose",
-            path.to_str().unwrap(),
-            "--format",
-            "json",
-            "--estimators",
-            "empirical,trimmed",
-            "--nulls",
-            "mp,product",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json = diagnose_ok([
+        path.to_str().unwrap(),
+        "--format",
+        "json",
+        "--estimators",
+        "empirical,trimmed",
+        "--nulls",
+        "mp,product",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let layers = v.as_array().unwrap();
     assert_eq!(layers.len(), 3);
     assert_eq!(
@@ -239,18 +226,8 @@ fn float64_gives_the_float32_values_to_their_rounding() {
     let dir = temp_dir("precision");
     let path = llama_checkpoint(&dir);
     let rows = |precision: &str| {
-        let out = xtask()
-            .args(["diagnose", "--format", "csv", "--precision", precision])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
+        let path = path.to_str().unwrap();
+        diagnose_ok(["--format", "csv", "--precision", precision, path])
             .lines()
             .skip(1)
             .map(|l| {
@@ -278,18 +255,12 @@ fn a_stack_is_chosen_by_its_prefix() {
     let dir = temp_dir("stack");
     let path = llama_checkpoint(&dir);
     let run = |extra: &[&str]| {
-        let out = xtask()
-            .args(["diagnose", "--format", "csv", "--layers", "1"])
-            .arg(&path)
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
+        let path = path.to_str().unwrap();
+        diagnose_ok(
+            ["--format", "csv", "--layers", "1", path]
+                .iter()
+                .chain(extra),
+        )
     };
     assert_eq!(run(&["--stack", "model.layers"]), run(&[]));
     std::fs::remove_dir_all(&dir).ok();
@@ -361,18 +332,7 @@ fn sharded_checkpoints_give_the_same_rows() {
     )
     .unwrap();
     std::fs::copy(dir.join("config.json"), sharded.join("config.json")).unwrap();
-    let csv = |path: &Path| {
-        let out = xtask()
-            .args(["diagnose", path.to_str().unwrap(), "--format", "csv"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let csv = |path: &Path| diagnose_ok([path.to_str().unwrap(), "--format", "csv"]);
     let want = csv(&single);
     assert_eq!(want.lines().count(), 1 + 3 * 11);
     assert_eq!(csv(&sharded), want);
