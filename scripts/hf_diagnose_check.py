@@ -67,6 +67,11 @@ def configs():
         num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
         **common
     ), transformers.Qwen3NextForCausalLM
+    # A QK-norm that is a LayerNorm over each head, with a [H, d_h] gain (Command R+).
+    yield "cohere", transformers.CohereConfig(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        use_qk_norm=True, **common
+    ), transformers.CohereForCausalLM
     yield "deepseek-v3", transformers.DeepseekV3Config(
         hidden_size=128, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
         num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=24, qk_nope_head_dim=16,
@@ -120,8 +125,11 @@ def perturb_gains(model, gemma):
 
 
 def undo_rms(norm, x, y):
-    """y = norm(x) with each row's 1/rms undone: the gain alone, applied to x."""
+    """y = norm(x) with each row's 1/rms undone: the gain alone, applied to x (centred
+    first, for a LayerNorm)."""
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if "LayerNorm" in type(norm).__name__:
+        x = x - x.float().mean(-1, keepdim=True)
     rms = torch.sqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
     return y * rms
 
@@ -135,6 +143,8 @@ def per_head_norm(norm, x, heads):
     """A QK-norm over each head's d_h entries, or over the whole projection."""
     if norm is None:
         return x
+    if norm.weight.dim() == 2:  # [H, d_h]: over each head's d_h entries, a gain per head
+        return gained(norm, x.view(x.shape[0], *norm.weight.shape)).reshape(x.shape)
     width = norm.weight.numel()
     if width == x.shape[-1]:
         return gained(norm, x)

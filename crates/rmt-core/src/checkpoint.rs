@@ -14,6 +14,8 @@
 //!   latent norms, the per-token `1/rms` is left out (it scales a head's whole row of scores).
 //!   A gated query (Qwen3-Next, Qwen3.5: `q_proj` gives each head `d_h` query rows, then
 //!   `d_h` rows of an output gate; `GATED_QUERY_MODEL_TYPES`) keeps its query rows only.
+//!   Cohere's QK-norm is a LayerNorm over each head with a `[H, d_h]` gain: its mean
+//!   subtraction, a linear map, enters too, `diag(g_h)·(I − 11ᵀ/d_h)·W_h`.
 //! * **Fused query/key/value projections**, split as their models' forwards split them:
 //!   Phi-3's `qkv_proj` `[H·d_h + 2·H_kv·d_h, d]` (every query row, then the keys', then the
 //!   values'; `H_kv` from config.json's `num_key_value_heads`, else `H`), GPT-NeoX's (Pythia)
@@ -353,6 +355,12 @@ const GATED_QUERY_MODEL_TYPES: [&str; 7] = [
     "qwen4_exp",
     "qwen4_exp_text",
 ];
+
+/// The config.json `model_type`s whose QK-norm is a LayerNorm over each head's `d_h`
+/// entries with a `[H, d_h]` gain (Cohere's Command R+, `use_qk_norm`): the mean
+/// subtraction is a linear map, `(I − 11ᵀ/d_h)`, and enters `Q` and `K`; its `1/σ` is
+/// per-token and left out, as an RMSNorm's `1/rms` is.
+const LAYER_NORM_QK_MODEL_TYPES: [&str; 1] = ["cohere"];
 
 /// The keys a `config.json` may give the head count under.
 const HEAD_KEYS: [&str; 4] = ["num_attention_heads", "n_heads", "num_heads", "n_head"];
@@ -742,6 +750,14 @@ impl Checkpoint {
         self.shards.len()
     }
 
+    /// Whether the QK-norm is a LayerNorm over each head (mean subtracted, a `[H, d_h]` gain:
+    /// [`LAYER_NORM_QK_MODEL_TYPES`]) rather than an RMSNorm.
+    fn layer_norm_qk(&self) -> bool {
+        self.model_type
+            .as_deref()
+            .is_some_and(|t| LAYER_NORM_QK_MODEL_TYPES.contains(&t))
+    }
+
     /// Whether `q_proj` holds each head's query rows followed by as many rows of an output
     /// gate ([`GATED_QUERY_MODEL_TYPES`]).
     fn gated_query(&self) -> bool {
@@ -920,7 +936,36 @@ impl Checkpoint {
                 .collect();
             w = RowMajor::new(query, w.rows / 2, w.cols)?;
         }
-        if let Some(mut gain) = self.vector(norm)? {
+        let gain = match norm {
+            // A LayerNorm over each head's d_h entries: centring, (I − 11ᵀ/d_h)·W_h, then
+            // the gain.
+            Some(e) if self.layer_norm_qk() => {
+                let (gain, [heads, head_dim]) = self.load::<2>(e)?;
+                let head = head_dim * w.cols;
+                if w.data.len() != heads * head {
+                    return Err(err(format!(
+                        "{} is [{heads}, {head_dim}] for a [{}, {}] projection",
+                        e.name, w.rows, w.cols
+                    )));
+                }
+                for block in w.data.chunks_exact_mut(head) {
+                    let mut mean = vec![0.0f64; w.cols];
+                    for row in block.chunks_exact(w.cols) {
+                        for (m, x) in mean.iter_mut().zip(row) {
+                            *m += f64::from(*x) / head_dim as f64;
+                        }
+                    }
+                    for row in block.chunks_exact_mut(w.cols) {
+                        for (x, m) in row.iter_mut().zip(&mean) {
+                            *x = (f64::from(*x) - m) as f32;
+                        }
+                    }
+                }
+                Some(gain)
+            }
+            _ => self.vector(norm)?,
+        };
+        if let Some(mut gain) = gain {
             if self.gain_offset {
                 gain.iter_mut().for_each(|g| *g += 1.0);
             }
@@ -961,7 +1006,19 @@ impl Checkpoint {
                 let head_dim = q[0] / heads;
                 for (gain, rows) in [(q_norm, q[0]), (k_norm, k[0])] {
                     if let Some(gain) = gain {
-                        let [len] = self.shape::<1>(gain)?;
+                        let len = if self.layer_norm_qk() {
+                            // Cohere's [H, d_h]: a gain per head and dimension.
+                            let [heads, width] = self.shape::<2>(gain)?;
+                            if width != head_dim {
+                                return Err(err(format!(
+                                    "{} is [{heads}, {width}], not [H, {head_dim}]",
+                                    gain.name
+                                )));
+                            }
+                            heads * width
+                        } else {
+                            self.shape::<1>(gain)?[0]
+                        };
                         check_norm_gain(&gain.name, len, rows, head_dim)?;
                     }
                 }
@@ -1522,6 +1579,58 @@ mod tests {
             .map(|i| q[i] * (g_q[(i / d) % hd] + 1.0))
             .collect();
         assert_eq!(layer.q, want);
+        // Cohere's LayerNorm over each head: its rows centred, then a [H, d_h] gain.
+        let g_heads = values(heads * hd, 5);
+        write_safetensors(
+            &path,
+            &[
+                (
+                    "model.layers.0.self_attn.q_proj.weight",
+                    vec![heads * hd, d],
+                    q.clone(),
+                ),
+                (
+                    "model.layers.0.self_attn.k_proj.weight",
+                    vec![kv * hd, d],
+                    k.clone(),
+                ),
+                (
+                    "model.layers.0.self_attn.q_norm.weight",
+                    vec![heads, hd],
+                    g_heads.clone(),
+                ),
+            ],
+            Dtype::F32,
+        );
+        std::fs::write(
+            dir.join("config.json"),
+            format!(r#"{{"num_attention_heads": {heads}, "model_type": "cohere"}}"#),
+        )
+        .unwrap();
+        let layer = Checkpoint::open(&path, None).unwrap().layer(0).unwrap();
+        for (r, row) in layer.q.chunks_exact(d).enumerate() {
+            let head = r / hd;
+            for (c, x) in row.iter().enumerate() {
+                let mean: f32 =
+                    (0..hd).map(|i| q[(head * hd + i) * d + c]).sum::<f32>() / hd as f32;
+                let want = (q[r * d + c] - mean) * g_heads[r];
+                assert!(
+                    (x - want).abs() <= 1e-6,
+                    "Cohere Q[{r}, {c}]: {x} vs {want}"
+                );
+            }
+        }
+        // The same [H, d_h] gain under an RMSNorm model type is not read as one.
+        std::fs::write(
+            dir.join("config.json"),
+            format!(r#"{{"num_attention_heads": {heads}, "model_type": "chameleon"}}"#),
+        )
+        .unwrap();
+        let e = Checkpoint::open(&path, None)
+            .unwrap()
+            .layout(0)
+            .unwrap_err();
+        assert!(e.to_string().contains("rank-1"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }
 
