@@ -1481,41 +1481,41 @@ mod tests {
         let (heads, kv, hd, d) = (4, 2, 3, 8);
         let (q, k) = (values(heads * hd * d, 1), values(kv * hd * d, 2));
         let (g_q, g_k) = (values(hd, 3), values(kv * hd, 4));
-        let write = |g_k_len: usize| {
-            write_safetensors(
-                &path,
-                &[
-                    (
-                        "model.layers.0.self_attn.q_proj.weight",
-                        vec![heads * hd, d],
-                        q.clone(),
-                    ),
-                    (
-                        "model.layers.0.self_attn.k_proj.weight",
-                        vec![kv * hd, d],
-                        k.clone(),
-                    ),
-                    (
-                        "model.layers.0.self_attn.q_norm.weight",
-                        vec![hd],
-                        g_q.clone(),
-                    ),
-                    (
-                        "model.layers.0.self_attn.k_norm.weight",
-                        vec![g_k_len],
-                        values(g_k_len, 4),
-                    ),
-                ],
-                Dtype::F32,
-            )
+        // Layer 0: `q_proj` [q_rows, d], `k_proj` as above, and these norms (leaf, shape,
+        // values); config.json with the model type.
+        let write = |q_rows: usize, q_proj: &[f32], norms: &[(&str, Vec<usize>, Vec<f32>)]| {
+            let name = |leaf: &str| format!("model.layers.0.self_attn.{leaf}.weight");
+            let mut tensors = vec![
+                (name("q_proj"), vec![q_rows, d], q_proj.to_vec()),
+                (name("k_proj"), vec![kv * hd, d], k.clone()),
+            ];
+            tensors.extend(
+                norms
+                    .iter()
+                    .map(|(leaf, s, v)| (name(leaf), s.clone(), v.clone())),
+            );
+            let tensors: Vec<(&str, Vec<usize>, Vec<f32>)> = tensors
+                .iter()
+                .map(|(n, s, v)| (n.as_str(), s.clone(), v.clone()))
+                .collect();
+            write_safetensors(&path, &tensors, Dtype::F32);
         };
-        write(kv * hd);
-        for (model_type, offset) in [("qwen3", 0.0), ("gemma3_text", 1.0), ("gemma4_text", 0.0)] {
+        let config = |model_type: &str| {
             std::fs::write(
                 dir.join("config.json"),
                 format!(r#"{{"num_attention_heads": {heads}, "model_type": "{model_type}"}}"#),
             )
-            .unwrap();
+            .unwrap()
+        };
+        let norms = |g_k_len: usize| {
+            [
+                ("q_norm", vec![hd], g_q.clone()),
+                ("k_norm", vec![g_k_len], values(g_k_len, 4)),
+            ]
+        };
+        write(heads * hd, &q, &norms(kv * hd));
+        for (model_type, offset) in [("qwen3", 0.0), ("gemma3_text", 1.0), ("gemma4_text", 0.0)] {
+            config(model_type);
             let layer = Checkpoint::open(&path, None).unwrap().layer(0).unwrap();
             for (r, row) in layer.q.chunks_exact(d).enumerate() {
                 for (c, x) in row.iter().enumerate() {
@@ -1538,7 +1538,7 @@ mod tests {
                 }
             }
         }
-        write(5);
+        write(heads * hd, &q, &norms(5));
         let ck = Checkpoint::open(&path, None).unwrap();
         let e = ck.layout(0).unwrap_err().to_string();
         assert!(e.contains("k_norm.weight has 5 entries"), "{e}");
@@ -1548,32 +1548,8 @@ mod tests {
         let gated: Vec<f32> = (0..heads)
             .flat_map(|h| [&q[h * hd * d..(h + 1) * hd * d], &vec![9.0; hd * d][..]].concat())
             .collect();
-        write_safetensors(
-            &path,
-            &[
-                (
-                    "model.layers.0.self_attn.q_proj.weight",
-                    vec![2 * heads * hd, d],
-                    gated,
-                ),
-                (
-                    "model.layers.0.self_attn.k_proj.weight",
-                    vec![kv * hd, d],
-                    k.clone(),
-                ),
-                (
-                    "model.layers.0.self_attn.q_norm.weight",
-                    vec![hd],
-                    g_q.clone(),
-                ),
-            ],
-            Dtype::F32,
-        );
-        std::fs::write(
-            dir.join("config.json"),
-            format!(r#"{{"num_attention_heads": {heads}, "model_type": "qwen3_next"}}"#),
-        )
-        .unwrap();
+        write(2 * heads * hd, &gated, &[("q_norm", vec![hd], g_q.clone())]);
+        config("qwen3_next");
         let layer = Checkpoint::open(&path, None).unwrap().layer(0).unwrap();
         let want: Vec<f32> = (0..heads * hd * d)
             .map(|i| q[i] * (g_q[(i / d) % hd] + 1.0))
@@ -1581,32 +1557,12 @@ mod tests {
         assert_eq!(layer.q, want);
         // Cohere's LayerNorm over each head: its rows centred, then a [H, d_h] gain.
         let g_heads = values(heads * hd, 5);
-        write_safetensors(
-            &path,
-            &[
-                (
-                    "model.layers.0.self_attn.q_proj.weight",
-                    vec![heads * hd, d],
-                    q.clone(),
-                ),
-                (
-                    "model.layers.0.self_attn.k_proj.weight",
-                    vec![kv * hd, d],
-                    k.clone(),
-                ),
-                (
-                    "model.layers.0.self_attn.q_norm.weight",
-                    vec![heads, hd],
-                    g_heads.clone(),
-                ),
-            ],
-            Dtype::F32,
+        write(
+            heads * hd,
+            &q,
+            &[("q_norm", vec![heads, hd], g_heads.clone())],
         );
-        std::fs::write(
-            dir.join("config.json"),
-            format!(r#"{{"num_attention_heads": {heads}, "model_type": "cohere"}}"#),
-        )
-        .unwrap();
+        config("cohere");
         let layer = Checkpoint::open(&path, None).unwrap().layer(0).unwrap();
         for (r, row) in layer.q.chunks_exact(d).enumerate() {
             let head = r / hd;
@@ -1621,11 +1577,7 @@ mod tests {
             }
         }
         // The same [H, d_h] gain under an RMSNorm model type is not read as one.
-        std::fs::write(
-            dir.join("config.json"),
-            format!(r#"{{"num_attention_heads": {heads}, "model_type": "chameleon"}}"#),
-        )
-        .unwrap();
+        config("chameleon");
         let e = Checkpoint::open(&path, None)
             .unwrap()
             .layout(0)
