@@ -113,8 +113,6 @@ pub struct Checkpoint {
     shard_hint: String,
     /// FP8 block scales (`…weight_scale_inv`) by the full name of the weight they scale.
     scales: BTreeMap<String, Entry>,
-    /// QK-norm gains scale by `1 + w` ([`GAIN_PLUS_ONE_MODEL_TYPES`]).
-    gain_offset: bool,
     /// config.json's `model_type`.
     model_type: Option<String>,
     /// config.json's `num_key_value_heads`.
@@ -374,16 +372,18 @@ fn read_config(path: &Path) -> Result<ConfigJson> {
     let shown = path.display();
     let value = parse_json(path, &text)?;
     let mut config = ConfigJson::default();
-    for key in HEAD_KEYS {
-        if let Some(h) = value.get(key) {
-            match h.as_u64() {
-                Some(h) if h >= 1 => config.heads = Some(h as usize),
-                _ => {
-                    return Err(err(format!("{shown}: {key} is {h}, not a head count ≥ 1")));
-                }
-            }
-            break;
+    // A head count under `key`, if there is one: an integer ≥ 1, else an error.
+    let head_count = |key: &str| -> Result<Option<usize>> {
+        let Some(h) = value.get(key) else {
+            return Ok(None);
+        };
+        match h.as_u64() {
+            Some(n) if n >= 1 => Ok(Some(n as usize)),
+            _ => Err(err(format!("{shown}: {key} is {h}, not a head count ≥ 1"))),
         }
+    };
+    if let Some(key) = HEAD_KEYS.into_iter().find(|key| value.get(key).is_some()) {
+        config.heads = head_count(key)?;
     }
     if let Some(sections) = value.as_object() {
         for (key, inner) in sections {
@@ -402,16 +402,7 @@ fn read_config(path: &Path) -> Result<ConfigJson> {
         .get("model_type")
         .and_then(|t| t.as_str())
         .map(str::to_string);
-    if let Some(h) = value.get("num_key_value_heads") {
-        match h.as_u64() {
-            Some(h) if h >= 1 => config.kv_heads = Some(h as usize),
-            _ => {
-                return Err(err(format!(
-                    "{shown}: num_key_value_heads is {h}, not a head count ≥ 1"
-                )));
-            }
-        }
-    }
+    config.kv_heads = head_count("num_key_value_heads")?;
     if let Some(block) = value.pointer("/quantization_config/weight_block_size") {
         let sizes: Option<Vec<usize>> = block
             .as_array()
@@ -715,10 +706,6 @@ impl Checkpoint {
             heads: heads.or(config.heads),
             scales,
             scale_block: config.scale_block.unwrap_or([128, 128]),
-            gain_offset: config
-                .model_type
-                .as_deref()
-                .is_some_and(|t| GAIN_PLUS_ONE_MODEL_TYPES.contains(&t)),
             model_type: config.model_type,
             kv_heads: config.kv_heads,
             nested_heads: config.nested_heads,
@@ -753,17 +740,20 @@ impl Checkpoint {
     /// Whether the QK-norm is a LayerNorm over each head (mean subtracted, a `[H, d_h]` gain:
     /// [`LAYER_NORM_QK_MODEL_TYPES`]) rather than an RMSNorm.
     fn layer_norm_qk(&self) -> bool {
-        self.model_type
-            .as_deref()
-            .is_some_and(|t| LAYER_NORM_QK_MODEL_TYPES.contains(&t))
+        self.model_type_in(&LAYER_NORM_QK_MODEL_TYPES)
     }
 
     /// Whether `q_proj` holds each head's query rows followed by as many rows of an output
     /// gate ([`GATED_QUERY_MODEL_TYPES`]).
     fn gated_query(&self) -> bool {
+        self.model_type_in(&GATED_QUERY_MODEL_TYPES)
+    }
+
+    /// Whether config.json's `model_type` is one of `types`.
+    fn model_type_in(&self, types: &[&str]) -> bool {
         self.model_type
             .as_deref()
-            .is_some_and(|t| GATED_QUERY_MODEL_TYPES.contains(&t))
+            .is_some_and(|t| types.contains(&t))
     }
 
     /// The head count, or the error that says where to give it.
@@ -824,7 +814,7 @@ impl Checkpoint {
             .find_map(|(leaf, fused)| entry(leaf).map(|w| (w, fused)))
         {
             if let Some(model_type) = self.model_type.as_deref()
-                && !fused.model_types().contains(&model_type)
+                && !self.model_type_in(fused.model_types())
             {
                 return Err(err(format!(
                     "layer {index}: {}'s layout depends on the model, and config.json's model_type `{model_type}` is not one whose layout is read ({})",
@@ -966,7 +956,7 @@ impl Checkpoint {
             _ => self.vector(norm)?,
         };
         if let Some(mut gain) = gain {
-            if self.gain_offset {
+            if self.model_type_in(&GAIN_PLUS_ONE_MODEL_TYPES) {
                 gain.iter_mut().for_each(|g| *g += 1.0);
             }
             for (r, row) in w.data.chunks_exact_mut(w.cols).enumerate() {
