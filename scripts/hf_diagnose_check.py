@@ -72,6 +72,19 @@ def configs():
         hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
         use_qk_norm=True, **common
     ), transformers.CohereForCausalLM
+    # LayerNorm QK-norms: Chameleon's over each head, [H, d_h] gain and bias (its VQ-VAE's
+    # attention blocks are not in a stack of layers, and are not read); ESMC's over the
+    # whole projection.
+    yield "chameleon", transformers.ChameleonConfig(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        vq_config=dict(embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1, 2],
+                       num_res_blocks=1, resolution=32, latent_channels=8, attn_resolutions=[]),
+        vocabulary_map={"<image>": 63}, **common
+    ), transformers.ChameleonForConditionalGeneration
+    yield "esmc", transformers.EsmcConfig(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4,
+        head_dim=16, **common
+    ), transformers.EsmcForMaskedLM
     yield "deepseek-v3", transformers.DeepseekV3Config(
         hidden_size=128, intermediate_size=96, moe_intermediate_size=32, num_attention_heads=4,
         num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=24, qk_nope_head_dim=16,
@@ -93,7 +106,8 @@ def configs():
         n_embd=64, n_head=4, n_layer=2, vocab_size=64, n_positions=64
     ), transformers.GPT2LMHeadModel
     # A vision-language model: two stacks of `layers.N` (the language model's, SigLIP's),
-    # head counts only in text_config / vision_config. Read with --stack and --heads.
+    # head counts only in text_config / vision_config. Read with --stack; the head count is
+    # text_config's, the section whose layer count and width are the stack's.
     text = transformers.Gemma3TextConfig(
         hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=1,
         head_dim=32, sliding_window=16, vocab_size=300, num_hidden_layers=2,
@@ -104,9 +118,10 @@ def configs():
         image_size=28, patch_size=14,
     )
     # An encoder–decoder: two stacks of self-attention layers (and cross-attention,
-    # `encoder_attn`, which is not read), head counts as encoder/decoder_attention_heads.
+    # `encoder_attn`, which is not read), head counts as encoder/decoder_attention_heads,
+    # told apart by encoder_layers / decoder_layers.
     yield "bart-decoder", transformers.BartConfig(
-        d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        d_model=64, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=8, encoder_ffn_dim=96, decoder_ffn_dim=96, vocab_size=64,
         max_position_embeddings=64,
     ), transformers.BartForConditionalGeneration
@@ -135,8 +150,12 @@ def undo_rms(norm, x, y):
 
 
 def gained(norm, x):
-    """norm's gain applied to x, through the module (its 1/rms undone)."""
-    return undo_rms(norm, x, norm(x))
+    """norm's gain applied to x, through the module (its 1/rms undone; a LayerNorm's bias,
+    like a projection's, taken off)."""
+    y = norm(x)
+    if getattr(norm, "bias", None) is not None:
+        y = y - norm.bias
+    return undo_rms(norm, x, y)
 
 
 def per_head_norm(norm, x, heads):
@@ -226,10 +245,11 @@ for name, config, cls in configs():
     elif name == "bart-decoder":  # the decoder's stack
         layers, stack, heads = model.model.decoder.layers, "model.decoder.layers", config.decoder_attention_heads
     else:
-        base = getattr(model, "model", None) or getattr(model, "gpt_neox", None) or model.transformer
+        base = next(getattr(model, a) for a in ["model", "gpt_neox", "esmc", "transformer"]
+                    if hasattr(model, a))
         layers, stack = getattr(base, "layers", None) or getattr(base, "h", None), None
     if stack:
-        args += ["--stack", stack, "--heads", str(heads)]
+        args += ["--stack", stack]
     run = subprocess.run(args, capture_output=True, text=True)
     if run.returncode != 0:
         print(f"model={name} xtask_error={run.stderr.strip()}")

@@ -68,6 +68,9 @@ struct LayerReport {
     stack: Option<String>,
     /// `f32` or `f64`: the precision of `M`, `G` and the reduction.
     precision: &'static str,
+    /// Where the head count came from: `--heads`, or a config.json key
+    /// (`text_config.num_attention_heads`); `null` for the initialised stack.
+    heads_from: Option<String>,
     attention: rmt_core::checkpoint::AttentionKind,
     rows: usize,
     width: usize,
@@ -94,10 +97,24 @@ pub fn run(args: Args) -> Result<(), String> {
         ..Default::default()
     };
     let source = match &args.checkpoint {
-        Some(path) => Source::Checkpoint(Box::new(
-            Checkpoint::open_stack(path, args.heads, args.stack.as_deref())
-                .map_err(|e| e.to_string())?,
-        )),
+        Some(path) => {
+            let checkpoint = Checkpoint::open_stack(path, args.heads, args.stack.as_deref())
+                .map_err(|e| e.to_string())?;
+            // A head count taken from a section of config.json that describes this stack
+            // (a vision-language or encoder–decoder model's) is said, as it was chosen.
+            if let (Some(heads), Some(from)) = (checkpoint.heads(), checkpoint.heads_from())
+                && (from.contains('.')
+                    || from
+                        .strip_suffix("_attention_heads")
+                        .is_some_and(|part| part != "num"))
+            {
+                eprintln!(
+                    "{}.N: {heads} heads, config.json's {from} (its section gives this stack's layer count and width)",
+                    checkpoint.stack()
+                );
+            }
+            Source::Checkpoint(Box::new(checkpoint))
+        }
         None if args.stack.is_some() => {
             return Err("--stack chooses among a checkpoint's stacks: give the checkpoint".into());
         }
@@ -220,6 +237,10 @@ fn write_report(
                     precision: match args.precision {
                         Precision::F32 => "f32",
                         Precision::F64 => "f64",
+                    },
+                    heads_from: match source {
+                        Source::Checkpoint(c) => c.heads_from().map(str::to_string),
+                        Source::Initialised { .. } => None,
                     },
                     attention: layer.kind,
                     rows: layer.rows,

@@ -250,6 +250,8 @@ fn float64_gives_the_float32_values_to_their_rounding() {
 }
 
 /// `--stack` names a stack by what comes before `.N.`; the only stack is read without it.
+/// A vision-language checkpoint's head counts come from the config.json section whose layer
+/// count and width are the stack's, and the run says which.
 #[test]
 fn a_stack_is_chosen_by_its_prefix() {
     let dir = temp_dir("stack");
@@ -263,7 +265,60 @@ fn a_stack_is_chosen_by_its_prefix() {
         )
     };
     assert_eq!(run(&["--stack", "model.layers"]), run(&[]));
+    // Two stacks: the language model's (3 layers, d = 64, 4 heads) and a vision tower's
+    // (2 layers, d = 32, 2 heads); the head counts only in text_config and vision_config.
+    let vlm = temp_dir("stack-vlm");
+    let mut tensors = Vec::new();
+    for (stack, layers, d) in [
+        ("model.language_model", 3, 64),
+        ("model.vision_tower", 2, 32),
+    ] {
+        for layer in 0..layers {
+            for (i, name) in ["q_proj", "k_proj"].iter().enumerate() {
+                tensors.push((
+                    format!("{stack}.layers.{layer}.self_attn.{name}.weight"),
+                    vec![d, d],
+                    values(d * d, (layer * 10 + i) as u64),
+                ));
+            }
+        }
+    }
+    write_bf16(&vlm.join("model.safetensors"), &tensors);
+    std::fs::write(
+        vlm.join("config.json"),
+        r#"{"text_config": {"num_attention_heads": 4, "num_hidden_layers": 3, "hidden_size": 64},
+            "vision_config": {"num_attention_heads": 2, "num_hidden_layers": 2, "hidden_size": 32}}"#,
+    )
+    .unwrap();
+    for (stack, heads, from) in [
+        (
+            "model.language_model.layers",
+            4,
+            "text_config.num_attention_heads",
+        ),
+        (
+            "model.vision_tower.layers",
+            2,
+            "vision_config.num_attention_heads",
+        ),
+    ] {
+        let out = xtask()
+            .args(["diagnose", vlm.to_str().unwrap(), "--stack", stack])
+            .args(["--format", "json", "--layers", "1"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(
+            err.contains(&format!("{stack}.N: {heads} heads, config.json's {from}")),
+            "{err}"
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report[0]["heads_from"], from);
+        assert_eq!(report[0]["attention"]["heads"], heads);
+    }
     std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(&vlm).ok();
 }
 
 #[test]

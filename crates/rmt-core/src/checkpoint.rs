@@ -14,8 +14,10 @@
 //!   latent norms, the per-token `1/rms` is left out (it scales a head's whole row of scores).
 //!   A gated query (Qwen3-Next, Qwen3.5: `q_proj` gives each head `d_h` query rows, then
 //!   `d_h` rows of an output gate; `GATED_QUERY_MODEL_TYPES`) keeps its query rows only.
-//!   Cohere's QK-norm is a LayerNorm over each head with a `[H, d_h]` gain: its mean
-//!   subtraction, a linear map, enters too, `diag(g_h)·(I − 11ᵀ/d_h)·W_h`.
+//!   A LayerNorm QK-norm (Cohere's and Chameleon's over each head with a `[H, d_h]` gain,
+//!   ESMC's over the whole projection, any norm with a bias beside its gain:
+//!   `LAYER_NORM_QK_MODEL_TYPES`) also centres: its mean subtraction, a linear map, enters
+//!   too, `diag(g_h)·(I − 11ᵀ/d_h)·W_h`.
 //! * **Fused query/key/value projections**, split as their models' forwards split them:
 //!   Phi-3's `qkv_proj` `[H·d_h + 2·H_kv·d_h, d]` (every query row, then the keys', then the
 //!   values'; `H_kv` from config.json's `num_key_value_heads`, else `H`), GPT-NeoX's (Pythia)
@@ -39,6 +41,10 @@
 //! and language model, an encoder and a decoder: `STACK.N.` with different `STACK`s, such as
 //! `model.language_model.layers` and `model.vision_tower.encoder.layers`) is read one stack at
 //! a time, chosen by its name ([`Checkpoint::open_stack`]); their layers are never merged.
+//! Its head count, KV-head count and `model_type` come from the config.json section whose
+//! layer count and width are the stack's (`text_config`, `vision_config`, an
+//! encoder–decoder's `encoder_*` / `decoder_*` keys), else from the top level
+//! ([`Checkpoint::heads_from`] says which).
 //!
 //! A checkpoint is one `.safetensors` file, a sharded one's `model.safetensors.index.json`
 //! (HF's `weight_map` from tensor name to shard file), or a directory holding either (the
@@ -92,7 +98,7 @@ use crate::effective::{
 use crate::error::{Result, RmtError};
 use safetensors::tensor::{Metadata, TensorInfo, TensorView};
 use safetensors::{Dtype, SafeTensors};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 pub use crate::effective::{AttentionKind, AttentionLayer, LayerFactors};
@@ -113,11 +119,16 @@ pub struct Checkpoint {
     shard_hint: String,
     /// FP8 block scales (`…weight_scale_inv`) by the full name of the weight they scale.
     scales: BTreeMap<String, Entry>,
-    /// config.json's `model_type`.
+    /// The gains of norms that have a bias beside them (`….q_norm.weight`): LayerNorms.
+    norm_biases: BTreeSet<String>,
+    /// Where the head count came from (`--heads`, `text_config.num_attention_heads`).
+    heads_from: Option<String>,
+    /// The `model_type` of the stack's config.json section, else of its top level.
     model_type: Option<String>,
-    /// config.json's `num_key_value_heads`.
+    /// The `num_key_value_heads` of the stack's config.json section.
     kv_heads: Option<usize>,
-    /// config.json's other head counts, named in the error when it has no `num_attention_heads`.
+    /// config.json's head counts below its top level, named in the error when none is the
+    /// stack's.
     nested_heads: Vec<String>,
     /// Rows and columns of a block that one scale covers (config.json's
     /// `quantization_config.weight_block_size`, else DeepSeek-V3's 128 × 128).
@@ -304,18 +315,57 @@ fn parse_json(path: &Path, text: &str) -> Result<serde_json::Value> {
 /// What this reader takes from a HF-style `config.json`.
 #[derive(Debug, Default)]
 struct ConfigJson {
-    heads: Option<usize>,
+    /// The top level's attention hyper-parameters.
+    top: ConfigSection,
+    /// Those of nested sections (`text_config`, `vision_config`) and of an encoder–decoder's
+    /// `encoder_*` / `decoder_*` keys: one per stack of a multi-stack model.
+    nested: Vec<ConfigSection>,
     /// `quantization_config.weight_block_size`.
     scale_block: Option<[usize; 2]>,
-    /// `model_type`.
-    model_type: Option<String>,
-    /// `num_key_value_heads` (a fused `qkv_proj`'s split needs it).
-    kv_heads: Option<usize>,
-    /// Other head counts (`text_config.num_attention_heads = 32`, `encoder_attention_heads =
-    /// 6`, …), for the error when there is no `num_attention_heads` (a vision-language or
-    /// encoder–decoder model's config).
+    /// Every head count config.json gives below its top level (`text_config.num_attention_heads
+    /// = 32`, `encoder_attention_heads = 6`, …), for the error when none can be chosen.
     nested_heads: Vec<String>,
 }
+
+/// One set of attention hyper-parameters of a config.json: its top level, a nested section
+/// (`text_config`), or an encoder–decoder's `encoder_*` / `decoder_*` keys.
+#[derive(Debug, Clone, Default)]
+struct ConfigSection {
+    /// Where its head count is, for messages (`text_config.num_attention_heads`).
+    heads_key: String,
+    heads: Option<usize>,
+    /// `num_key_value_heads` (a fused `qkv_proj`'s split needs it).
+    kv_heads: Option<usize>,
+    /// The layer count (`num_hidden_layers`, `num_layers`, `n_layer`, `depth`, `encoder_layers`).
+    layers: Option<usize>,
+    /// The model width (`hidden_size`, `d_model`, `n_embd`, `dim`, `embed_dim`).
+    width: Option<usize>,
+    /// `model_type`.
+    model_type: Option<String>,
+}
+
+impl ConfigSection {
+    /// Whether this section describes a stack of `layers` layers of width `width`: it gives
+    /// at least one of the two, and each it gives is the stack's.
+    fn describes(&self, layers: usize, width: usize) -> bool {
+        (self.layers.is_some() || self.width.is_some())
+            && self.layers.is_none_or(|l| l == layers)
+            && self.width.is_none_or(|w| w == width)
+    }
+}
+
+/// The keys a `config.json` may give the head count under.
+const HEAD_KEYS: [&str; 4] = ["num_attention_heads", "n_heads", "num_heads", "n_head"];
+/// … the layer count under.
+const LAYER_KEYS: [&str; 5] = [
+    "num_hidden_layers",
+    "num_layers",
+    "n_layer",
+    "n_layers",
+    "depth",
+];
+/// … the model width under.
+const WIDTH_KEYS: [&str; 5] = ["hidden_size", "d_model", "n_embd", "dim", "embed_dim"];
 
 /// The config.json `model_type`s whose QK-norm (an RMSNorm) scales by `1 + w` rather than
 /// `w`: the modeling files of transformers 5.25 whose `q_norm` multiplies by
@@ -354,55 +404,97 @@ const GATED_QUERY_MODEL_TYPES: [&str; 7] = [
     "qwen4_exp_text",
 ];
 
-/// The config.json `model_type`s whose QK-norm is a LayerNorm over each head's `d_h`
-/// entries with a `[H, d_h]` gain (Cohere's Command R+, `use_qk_norm`): the mean
-/// subtraction is a linear map, `(I − 11ᵀ/d_h)`, and enters `Q` and `K`; its `1/σ` is
-/// per-token and left out, as an RMSNorm's `1/rms` is.
-const LAYER_NORM_QK_MODEL_TYPES: [&str; 1] = ["cohere"];
+/// The config.json `model_type`s whose QK-norm is a LayerNorm (transformers 5.25): over
+/// each head's `d_h` entries with a `[H, d_h]` gain (Cohere's Command R+ with `use_qk_norm`,
+/// Chameleon), over each head with a `[d_h]` gain (Nemotron-3.5 Transcribe's audio
+/// encoders), or over the whole projection (ESMC).
+/// The mean subtraction is a linear map, `(I − 11ᵀ/n)` over each group of `n` rows, and
+/// enters `Q` and `K`; its `1/σ` is per-token and left out, as an RMSNorm's `1/rms` is. A
+/// norm with a bias beside its gain is a LayerNorm whatever the `model_type` (an RMSNorm has
+/// none); the bias, like a projection's, is not read.
+const LAYER_NORM_QK_MODEL_TYPES: [&str; 7] = [
+    "cohere",
+    "chameleon",
+    "esmc",
+    "nemo_speechlm",
+    "nemotron3_5_transcribe_audio",
+    "nemotron3_5_transcribe_asr_audio",
+    "nemotron3_5_transcribe_word_timestamp",
+];
 
-/// The keys a `config.json` may give the head count under.
-const HEAD_KEYS: [&str; 4] = ["num_attention_heads", "n_heads", "num_heads", "n_head"];
-
-/// Reads the head count and the FP8 block size from a HF-style `config.json` (none there:
-/// neither is known).
+/// Reads the attention hyper-parameters and the FP8 block size from a HF-style `config.json`
+/// (none there: nothing is known).
 fn read_config(path: &Path) -> Result<ConfigJson> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(ConfigJson::default());
     };
     let shown = path.display();
     let value = parse_json(path, &text)?;
-    let mut config = ConfigJson::default();
-    // A head count under `key`, if there is one: an integer ≥ 1, else an error.
-    let head_count = |key: &str| -> Result<Option<usize>> {
-        let Some(h) = value.get(key) else {
+    // A count under `key` of `object`, if there is one: an integer ≥ 1, else an error.
+    let count = |object: &serde_json::Value, at: &str, key: &str| -> Result<Option<usize>> {
+        let Some(h) = object.get(key) else {
             return Ok(None);
         };
         match h.as_u64() {
             Some(n) if n >= 1 => Ok(Some(n as usize)),
-            _ => Err(err(format!("{shown}: {key} is {h}, not a head count ≥ 1"))),
+            _ => Err(err(format!("{shown}: {at}{key} is {h}, not a count ≥ 1"))),
         }
     };
-    if let Some(key) = HEAD_KEYS.into_iter().find(|key| value.get(key).is_some()) {
-        config.heads = head_count(key)?;
-    }
+    let first = |object: &serde_json::Value, at: &str, keys: &[&str]| -> Result<Option<usize>> {
+        match keys.iter().find(|key| object.get(**key).is_some()) {
+            Some(key) => count(object, at, key),
+            None => Ok(None),
+        }
+    };
+    // The section at `object`, named `at` ("" for the top level, "text_config." below it).
+    let section = |object: &serde_json::Value, at: &str| -> Result<ConfigSection> {
+        let heads_key = HEAD_KEYS.into_iter().find(|key| object.get(key).is_some());
+        Ok(ConfigSection {
+            heads_key: format!("{at}{}", heads_key.unwrap_or(HEAD_KEYS[0])),
+            heads: first(object, at, &HEAD_KEYS)?,
+            kv_heads: count(object, at, "num_key_value_heads")?,
+            layers: first(object, at, &LAYER_KEYS)?,
+            width: first(object, at, &WIDTH_KEYS)?,
+            model_type: object
+                .get("model_type")
+                .and_then(|t| t.as_str())
+                .map(str::to_string),
+        })
+    };
+    let mut config = ConfigJson {
+        top: section(&value, "")?,
+        ..Default::default()
+    };
     if let Some(sections) = value.as_object() {
         for (key, inner) in sections {
-            // Whisper's `encoder_attention_heads`, BART's …: a count, but whose stack?
-            if key.contains("heads") && !HEAD_KEYS.contains(&key.as_str()) && inner.is_u64() {
+            // Whisper's `encoder_attention_heads`, BART's …: the encoder's or the decoder's.
+            if key.contains("heads")
+                && !key.contains("key_value")
+                && !HEAD_KEYS.contains(&key.as_str())
+                && inner.is_u64()
+            {
                 config.nested_heads.push(format!("{key} = {inner}"));
+                if let Some(part) = key.strip_suffix("_attention_heads") {
+                    config.nested.push(ConfigSection {
+                        heads_key: key.clone(),
+                        heads: count(&value, "", key)?,
+                        layers: count(&value, "", &format!("{part}_layers"))?,
+                        width: config.top.width,
+                        ..Default::default()
+                    });
+                }
             }
-            for head_key in HEAD_KEYS {
-                if let Some(h) = inner.get(head_key) {
-                    config.nested_heads.push(format!("{key}.{head_key} = {h}"));
+            if inner.is_object() {
+                let nested = section(inner, &format!("{key}."))?;
+                if let Some(h) = nested.heads {
+                    config
+                        .nested_heads
+                        .push(format!("{} = {h}", nested.heads_key));
+                    config.nested.push(nested);
                 }
             }
         }
     }
-    config.model_type = value
-        .get("model_type")
-        .and_then(|t| t.as_str())
-        .map(str::to_string);
-    config.kv_heads = head_count("num_key_value_heads")?;
     if let Some(block) = value.pointer("/quantization_config/weight_block_size") {
         let sizes: Option<Vec<usize>> = block
             .as_array()
@@ -601,6 +693,8 @@ impl Checkpoint {
         let mut stacks: BTreeMap<String, BTreeMap<usize, BTreeMap<String, Entry>>> =
             BTreeMap::new();
         let mut scales = BTreeMap::new();
+        // The gains (`….q_norm.weight`) of norms with a bias: LayerNorms.
+        let mut norm_biases = BTreeSet::new();
         // A GPTQ/AWQ-packed weight's name, for the error when nothing else is found.
         let mut packed = None;
         for (s, shard) in shards.iter().enumerate() {
@@ -614,6 +708,9 @@ impl Checkpoint {
                 }
                 if packed.is_none() && name.ends_with(".qweight") {
                     packed = Some(name.clone());
+                }
+                if let Some(norm) = name.strip_suffix("_norm.bias") {
+                    norm_biases.insert(format!("{norm}_norm.weight"));
                 }
                 match parse_attention_name(&name) {
                     Some(AttentionName {
@@ -702,19 +799,71 @@ impl Checkpoint {
             .find(|p| p.is_file())
             .unwrap_or_else(|| dir.join("config.json"));
         let config = read_config(&config)?;
-        Ok(Self {
-            heads: heads.or(config.heads),
+        let mut checkpoint = Self {
+            heads: None,
+            heads_from: None,
             scales,
+            norm_biases,
             scale_block: config.scale_block.unwrap_or([128, 128]),
-            model_type: config.model_type,
-            kv_heads: config.kv_heads,
+            model_type: None,
+            kv_heads: None,
             nested_heads: config.nested_heads,
             path,
             shards,
             stack,
             layers,
             shard_hint,
-        })
+        };
+        // The config.json section that describes this stack: the one section (or several
+        // that agree) whose layer count and width are the stack's, else the top level.
+        let (count, width) = checkpoint.stack_size();
+        let agreeing = |a: &ConfigSection, b: &ConfigSection| {
+            (a.heads, a.kv_heads, &a.model_type) == (b.heads, b.kv_heads, &b.model_type)
+        };
+        let describing: Vec<&ConfigSection> = std::iter::once(&config.top)
+            .chain(&config.nested)
+            .filter(|s| s.heads.is_some() && width.is_some_and(|w| s.describes(count, w)))
+            .collect();
+        let section = match describing.as_slice() {
+            [one, rest @ ..] if rest.iter().all(|s| agreeing(one, s)) => Some(*one),
+            _ if config.top.heads.is_some() => Some(&config.top),
+            _ => None,
+        };
+        checkpoint.heads = heads.or(section.and_then(|s| s.heads));
+        checkpoint.heads_from = if heads.is_some() {
+            Some("--heads".to_string())
+        } else {
+            section.map(|s| s.heads_key.clone())
+        };
+        checkpoint.kv_heads = section.and_then(|s| s.kv_heads);
+        checkpoint.model_type = section
+            .and_then(|s| s.model_type.clone())
+            .or(config.top.model_type);
+        Ok(checkpoint)
+    }
+
+    /// The stack's layer count (its highest index plus one) and, read off the first layer's
+    /// headers, its model width (`None` where the headers do not tell it).
+    fn stack_size(&self) -> (usize, Option<usize>) {
+        let count = self.layers.keys().next_back().map_or(0, |last| last + 1);
+        let width = self.layers.values().next().and_then(|leaves| {
+            let input = |leaf: &str, axis: usize| {
+                let e = leaves.get(leaf)?;
+                let info = self.shards[e.shard].info(&e.name).ok()?;
+                (info.shape.len() == 2).then(|| info.shape[axis])
+            };
+            [
+                "q_proj",
+                "wq",
+                "kv_a_proj_with_mqa",
+                "qkv_proj",
+                "query_key_value",
+            ]
+            .into_iter()
+            .find_map(|leaf| input(leaf, 1))
+            .or_else(|| input("c_attn", 0))
+        });
+        (count, width)
     }
 
     /// The name before `.N.` of the stack of layers read (`model.layers` for HF LLaMA).
@@ -732,15 +881,52 @@ impl Checkpoint {
         self.heads
     }
 
+    /// Where the head count came from: `--heads` (the caller's), or the config.json key
+    /// (`num_attention_heads`, `text_config.num_attention_heads`, `decoder_attention_heads`).
+    pub fn heads_from(&self) -> Option<&str> {
+        self.heads_from.as_deref()
+    }
+
     /// How many files the checkpoint is read from.
     pub fn shard_count(&self) -> usize {
         self.shards.len()
     }
 
-    /// Whether the QK-norm is a LayerNorm over each head (mean subtracted, a `[H, d_h]` gain:
-    /// [`LAYER_NORM_QK_MODEL_TYPES`]) rather than an RMSNorm.
-    fn layer_norm_qk(&self) -> bool {
-        self.model_type_in(&LAYER_NORM_QK_MODEL_TYPES)
+    /// Whether the QK-norm whose gain is `gain` is a LayerNorm (mean subtracted:
+    /// [`LAYER_NORM_QK_MODEL_TYPES`], or a bias beside the gain) rather than an RMSNorm.
+    fn is_layer_norm(&self, gain: &Entry) -> bool {
+        self.model_type_in(&LAYER_NORM_QK_MODEL_TYPES) || self.norm_biases.contains(&gain.name)
+    }
+
+    /// A QK-norm gain's length and, for a LayerNorm, how many consecutive rows it centres
+    /// together, from the headers: a `[d_h]` gain (shared by the heads) or a `[H, d_h]` one
+    /// (a LayerNorm's, per head) centres each head's `d_h` rows, a gain with the
+    /// projection's `rows` entries all of them. An RMSNorm centres nothing (`None`).
+    fn qk_norm_shape(
+        &self,
+        gain: &Entry,
+        rows: usize,
+        head_dim: usize,
+    ) -> Result<(usize, Option<usize>)> {
+        let layer_norm = self.is_layer_norm(gain);
+        let (len, group) = match self.shards[gain.shard].info(&gain.name)?.shape.as_slice() {
+            [heads, width] if layer_norm => {
+                self.shape::<2>(gain)?;
+                if *width != head_dim {
+                    return Err(err(format!(
+                        "{} is [{heads}, {width}], not [H, {head_dim}]",
+                        gain.name
+                    )));
+                }
+                (heads * width, head_dim)
+            }
+            _ => {
+                let [len] = self.shape::<1>(gain)?;
+                (len, if len == rows { rows } else { head_dim })
+            }
+        };
+        check_norm_gain(&gain.name, len, rows, head_dim)?;
+        Ok((len, layer_norm.then_some(group)))
     }
 
     /// Whether `q_proj` holds each head's query rows followed by as many rows of an output
@@ -762,8 +948,11 @@ impl Checkpoint {
             if self.nested_heads.is_empty() {
                 err("cannot tell the number of heads: no config.json (or params.json) beside the checkpoint gives num_attention_heads; put the model's there or pass --heads")
             } else {
+                let (count, width) = self.stack_size();
+                let width = width.map(|w| format!(" of width {w}")).unwrap_or_default();
+                let plural = if count == 1 { "" } else { "s" };
                 err(format!(
-                    "cannot tell the number of heads: config.json has no num_attention_heads, only {}: pass --heads with the one of the stack read, {}",
+                    "cannot tell the number of heads: config.json has no num_attention_heads, only {}, and no one of its sections (or several that agree) gives the layer count and width of the stack read, {} ({count} layer{plural}{width}): pass --heads with that stack's",
                     self.nested_heads.join(", "),
                     stack_pattern(&self.stack)
                 ))
@@ -906,13 +1095,15 @@ impl Checkpoint {
 
     /// A projection with its QK-norm's gain, if any, applied to its rows: `diag(g)·W`, `g`
     /// repeated over the heads when it has `d_h` entries (`1 + w` for
-    /// [`GAIN_PLUS_ONE_MODEL_TYPES`]). `gated_heads`: a gated query's head count, whose
+    /// [`GAIN_PLUS_ONE_MODEL_TYPES`]), after a LayerNorm's centring
+    /// ([`Checkpoint::qk_norm_shape`]). `gated_heads`: a gated query's head count, whose
     /// gate rows are dropped first ([`GATED_QUERY_MODEL_TYPES`]).
     fn normed(
         &self,
         w: &Entry,
         norm: Option<&Entry>,
         gated_heads: Option<usize>,
+        head_dim: usize,
     ) -> Result<RowMajor> {
         let mut w = self.matrix(w)?;
         if let Some(heads) = gated_heads {
@@ -927,33 +1118,31 @@ impl Checkpoint {
             w = RowMajor::new(query, w.rows / 2, w.cols)?;
         }
         let gain = match norm {
-            // A LayerNorm over each head's d_h entries: centring, (I − 11ᵀ/d_h)·W_h, then
-            // the gain.
-            Some(e) if self.layer_norm_qk() => {
-                let (gain, [heads, head_dim]) = self.load::<2>(e)?;
-                let head = head_dim * w.cols;
-                if w.data.len() != heads * head {
-                    return Err(err(format!(
-                        "{} is [{heads}, {head_dim}] for a [{}, {}] projection",
-                        e.name, w.rows, w.cols
-                    )));
-                }
-                for block in w.data.chunks_exact_mut(head) {
-                    let mut mean = vec![0.0f64; w.cols];
-                    for row in block.chunks_exact(w.cols) {
-                        for (m, x) in mean.iter_mut().zip(row) {
-                            *m += f64::from(*x) / head_dim as f64;
+            Some(e) => {
+                let (_, centred) = self.qk_norm_shape(e, w.rows, head_dim)?;
+                // A LayerNorm over groups of n rows (a head's d_h, or all): centring,
+                // (I − 11ᵀ/n)·W_group, then the gain.
+                if let Some(n) = centred {
+                    for block in w.data.chunks_exact_mut(n * w.cols) {
+                        let mut mean = vec![0.0f64; w.cols];
+                        for row in block.chunks_exact(w.cols) {
+                            for (m, x) in mean.iter_mut().zip(row) {
+                                *m += f64::from(*x) / n as f64;
+                            }
                         }
-                    }
-                    for row in block.chunks_exact_mut(w.cols) {
-                        for (x, m) in row.iter_mut().zip(&mean) {
-                            *x = (f64::from(*x) - m) as f32;
+                        for row in block.chunks_exact_mut(w.cols) {
+                            for (x, m) in row.iter_mut().zip(&mean) {
+                                *x = (f64::from(*x) - m) as f32;
+                            }
                         }
                     }
                 }
-                Some(gain)
+                Some(tensor_to_f32(
+                    &e.name,
+                    &self.shards[e.shard].view(&e.name)?,
+                )?)
             }
-            _ => self.vector(norm)?,
+            None => None,
         };
         if let Some(mut gain) = gain {
             if self.model_type_in(&GAIN_PLUS_ONE_MODEL_TYPES) {
@@ -996,20 +1185,7 @@ impl Checkpoint {
                 let head_dim = q[0] / heads;
                 for (gain, rows) in [(q_norm, q[0]), (k_norm, k[0])] {
                     if let Some(gain) = gain {
-                        let len = if self.layer_norm_qk() {
-                            // Cohere's [H, d_h]: a gain per head and dimension.
-                            let [heads, width] = self.shape::<2>(gain)?;
-                            if width != head_dim {
-                                return Err(err(format!(
-                                    "{} is [{heads}, {width}], not [H, {head_dim}]",
-                                    gain.name
-                                )));
-                            }
-                            heads * width
-                        } else {
-                            self.shape::<1>(gain)?[0]
-                        };
-                        check_norm_gain(&gain.name, len, rows, head_dim)?;
+                        self.qk_norm_shape(gain, rows, head_dim)?;
                     }
                 }
                 Ok(kind)
@@ -1076,17 +1252,24 @@ impl Checkpoint {
     /// Layer `index`'s projection weights, read once its shapes are checked.
     fn weights(&self, index: usize) -> Result<LayerWeights> {
         // The shapes first: a malformed layer is reported before its tensors are read.
-        self.layout(index)?;
+        let kind = self.layout(index)?;
         Ok(match self.parts(index)? {
             Parts::Mha {
                 q,
                 k,
                 q_norm,
                 k_norm,
-            } => LayerWeights::Mha {
-                q: self.normed(q, q_norm, self.gated_query().then_some(self.known_heads()?))?,
-                k: self.normed(k, k_norm, None)?,
-            },
+            } => {
+                let gated = self.gated_query().then_some(self.known_heads()?);
+                let head_dim = match kind {
+                    AttentionKind::Mha { head_dim, .. } => head_dim,
+                    AttentionKind::Mla { .. } => unreachable!("q_proj and k_proj: an MHA layout"),
+                };
+                LayerWeights::Mha {
+                    q: self.normed(q, q_norm, gated, head_dim)?,
+                    k: self.normed(k, k_norm, None, head_dim)?,
+                }
+            }
             Parts::Fused { w, fused } => {
                 let heads = self.known_heads()?;
                 let w = self.matrix(w)?;
@@ -1367,15 +1550,17 @@ mod tests {
         let path = dir.join("model.safetensors");
         let (text, vision) = ("model.language_model", "model.vision_tower.encoder");
         let stack = |prefix: &str| format!("{prefix}.layers");
-        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = [(text, 1), (vision, 3)]
+        // The language model's one layer is 4 wide, the vision tower's 6.
+        let stacks = [(text, 1, 4), (vision, 3, 6)];
+        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = stacks
             .iter()
-            .flat_map(|&(stack, seed)| {
+            .flat_map(|&(stack, seed, d)| {
                 ["q_proj", "k_proj"]
                     .into_iter()
                     .enumerate()
                     .map(move |(i, leaf)| {
                         let name = format!("{stack}.layers.0.self_attn.{leaf}.weight");
-                        (name, vec![4, 4], values(16, seed + i as u32))
+                        (name, vec![d, d], values(d * d, seed + i as u32))
                     })
             })
             .collect();
@@ -1392,27 +1577,84 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("`--stack model.language_model.layers`"), "{e}");
-        for (prefix, seed) in [(text, 1), (vision, 3)] {
+        for (prefix, seed, d) in stacks {
             let ck = Checkpoint::open_stack(&path, Some(2), Some(&stack(prefix))).unwrap();
             assert_eq!(ck.stack(), stack(prefix));
-            assert_eq!(ck.layer(0).unwrap().q, values(16, seed));
+            assert_eq!(ck.heads_from(), Some("--heads"));
+            assert_eq!(ck.layer(0).unwrap().q, values(d * d, seed));
         }
         let e = Checkpoint::open_stack(&path, Some(2), Some("model.layer"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("no attention stack `model.layer.N`"), "{e}");
-        // A vision-language config.json gives its head counts one level down: named in the
-        // error, since which one is the stack's is for the caller to say.
-        std::fs::write(
-            dir.join("config.json"),
-            r#"{"text_config": {"num_attention_heads": 2}, "vision_config": {"num_heads": 1}, "decoder_attention_heads": 2}"#,
-        )
-        .unwrap();
-        let ck = Checkpoint::open_stack(&path, None, Some(&stack(text))).unwrap();
+        // A vision-language config.json gives its head counts one level down. The section
+        // whose layer count and width are the stack's gives its head count, KV-head count
+        // and model_type; a top level that describes the stack comes first.
+        let open_with = |config: &str, prefix: &str| {
+            std::fs::write(dir.join("config.json"), config).unwrap();
+            Checkpoint::open_stack(&path, None, Some(&stack(prefix))).unwrap()
+        };
+        let nested = r#""text_config": {"num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 1, "hidden_size": 4, "model_type": "gemma3_text"}, "vision_config": {"num_heads": 3, "num_hidden_layers": 1, "hidden_size": 6}"#;
+        for (config, prefix, heads, from, kv_heads, model_type) in [
+            (
+                format!(r#"{{{nested}, "model_type": "gemma3"}}"#),
+                text,
+                2,
+                "text_config.num_attention_heads",
+                Some(1),
+                "gemma3_text",
+            ),
+            (
+                format!(r#"{{{nested}, "model_type": "gemma3"}}"#),
+                vision,
+                3,
+                "vision_config.num_heads",
+                None,
+                "gemma3",
+            ),
+            // A top level that gives the text model's counts flat.
+            (
+                r#"{"num_attention_heads": 1, "num_hidden_layers": 1, "hidden_size": 4, "model_type": "llava", "vision_config": {"num_heads": 3, "hidden_size": 6}}"#.to_string(),
+                text,
+                1,
+                "num_attention_heads",
+                None,
+                "llava",
+            ),
+            (
+                r#"{"num_attention_heads": 1, "num_hidden_layers": 1, "hidden_size": 4, "model_type": "llava", "vision_config": {"num_heads": 3, "hidden_size": 6}}"#.to_string(),
+                vision,
+                3,
+                "vision_config.num_heads",
+                None,
+                "llava",
+            ),
+            // An encoder–decoder's flat counts, told apart by their layer counts.
+            (
+                r#"{"encoder_attention_heads": 2, "encoder_layers": 3, "decoder_attention_heads": 3, "decoder_layers": 1, "d_model": 6}"#.to_string(),
+                vision,
+                3,
+                "decoder_attention_heads",
+                None,
+                "",
+            ),
+        ] {
+            let ck = open_with(&config, prefix);
+            assert_eq!(ck.heads(), Some(heads), "{config} {prefix}");
+            assert_eq!(ck.heads_from(), Some(from), "{config} {prefix}");
+            assert_eq!(ck.kv_heads, kv_heads, "{config} {prefix}");
+            assert_eq!(ck.model_type.as_deref().unwrap_or(""), model_type);
+        }
+        // No section describes the stack alone (no widths, equal layer counts, different
+        // head counts): named in the error, for the caller to choose.
+        let ck = open_with(
+            r#"{"text_config": {"num_attention_heads": 2, "num_hidden_layers": 1}, "vision_config": {"num_heads": 1, "num_hidden_layers": 1}, "decoder_attention_heads": 2, "num_key_value_heads": 1}"#,
+            text,
+        );
         let e = ck.layer(0).unwrap_err().to_string();
         assert!(
             e.contains(
-                "only decoder_attention_heads = 2, text_config.num_attention_heads = 2, vision_config.num_heads = 1: pass --heads"
+                "only decoder_attention_heads = 2, text_config.num_attention_heads = 2, vision_config.num_heads = 1, and no one of its sections (or several that agree) gives the layer count and width of the stack read, model.language_model.layers.N (1 layer of width 4): pass --heads"
             ),
             "{e}"
         );
@@ -1474,7 +1716,11 @@ mod tests {
         // Layer 0: `q_proj` [q_rows, d], `k_proj` as above, and these norms (leaf, shape,
         // values); config.json with the model type.
         let write = |q_rows: usize, q_proj: &[f32], norms: &[(&str, Vec<usize>, Vec<f32>)]| {
-            let name = |leaf: &str| format!("model.layers.0.self_attn.{leaf}.weight");
+            // `q_norm.bias` as it is, `q_norm` the gain.
+            let name = |leaf: &str| match leaf.ends_with(".bias") {
+                true => format!("model.layers.0.self_attn.{leaf}"),
+                false => format!("model.layers.0.self_attn.{leaf}.weight"),
+            };
             let mut tensors = vec![
                 (name("q_proj"), vec![q_rows, d], q_proj.to_vec()),
                 (name("k_proj"), vec![kv * hd, d], k.clone()),
@@ -1545,29 +1791,51 @@ mod tests {
             .map(|i| q[i] * (g_q[(i / d) % hd] + 1.0))
             .collect();
         assert_eq!(layer.q, want);
-        // Cohere's LayerNorm over each head: its rows centred, then a [H, d_h] gain.
+        // LayerNorms: each group of `n` rows centred, then the gain (`gain[r % len]`).
+        let layer_norm = |label: &str, n: usize, gain: &[f32]| {
+            let layer = Checkpoint::open(&path, None).unwrap().layer(0).unwrap();
+            for (r, row) in layer.q.chunks_exact(d).enumerate() {
+                let group = r / n * n;
+                for (c, x) in row.iter().enumerate() {
+                    let mean = (0..n).map(|i| q[(group + i) * d + c]).sum::<f32>() / n as f32;
+                    let want = (q[r * d + c] - mean) * gain[r % gain.len()];
+                    assert!(
+                        (x - want).abs() <= 1e-6,
+                        "{label} Q[{r}, {c}]: {x} vs {want}"
+                    );
+                }
+            }
+        };
+        // Cohere's over each head, a [H, d_h] gain; Chameleon's the same with a bias.
         let g_heads = values(heads * hd, 5);
+        let bias = ("q_norm.bias", vec![heads, hd], values(heads * hd, 6));
+        let per_head = ("q_norm", vec![heads, hd], g_heads.clone());
+        write(heads * hd, &q, std::slice::from_ref(&per_head));
+        config("cohere");
+        layer_norm("Cohere", hd, &g_heads);
+        write(heads * hd, &q, &[per_head.clone(), bias.clone()]);
+        config("chameleon");
+        layer_norm("Chameleon", hd, &g_heads);
+        // ESMC's over the whole projection, a gain per row.
         write(
             heads * hd,
             &q,
-            &[("q_norm", vec![heads, hd], g_heads.clone())],
+            &[("q_norm", vec![heads * hd], g_heads.clone())],
         );
-        config("cohere");
-        let layer = Checkpoint::open(&path, None).unwrap().layer(0).unwrap();
-        for (r, row) in layer.q.chunks_exact(d).enumerate() {
-            let head = r / hd;
-            for (c, x) in row.iter().enumerate() {
-                let mean: f32 =
-                    (0..hd).map(|i| q[(head * hd + i) * d + c]).sum::<f32>() / hd as f32;
-                let want = (q[r * d + c] - mean) * g_heads[r];
-                assert!(
-                    (x - want).abs() <= 1e-6,
-                    "Cohere Q[{r}, {c}]: {x} vs {want}"
-                );
-            }
-        }
-        // The same [H, d_h] gain under an RMSNorm model type is not read as one.
-        config("chameleon");
+        config("esmc");
+        layer_norm("ESMC", heads * hd, &g_heads);
+        // A bias beside the gain makes a LayerNorm whatever the model type: over each head
+        // with a [d_h] gain (Nemotron-3.5 Transcribe's audio encoder).
+        let shared = ("q_norm", vec![hd], g_q.clone());
+        write(
+            heads * hd,
+            &q,
+            &[shared, ("q_norm.bias", vec![hd], values(hd, 6))],
+        );
+        config("qwen3");
+        layer_norm("a [d_h] gain with a bias", hd, &g_q);
+        // The [H, d_h] gain under an RMSNorm model type, without a bias, is not read as one.
+        write(heads * hd, &q, &[per_head]);
         let e = Checkpoint::open(&path, None)
             .unwrap()
             .layout(0)
