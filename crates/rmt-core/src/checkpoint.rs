@@ -431,38 +431,55 @@ fn read_config(path: &Path) -> Result<ConfigJson> {
     let shown = path.display();
     let value = parse_json(path, &text)?;
     // A count under `key` of `object`, if there is one: an integer ≥ 1, else an error.
-    let count = |object: &serde_json::Value, at: &str, key: &str| -> Result<Option<usize>> {
+    let count = |object: &serde_json::Value, key: &str| -> Result<Option<usize>> {
         let Some(h) = object.get(key) else {
             return Ok(None);
         };
         match h.as_u64() {
             Some(n) if n >= 1 => Ok(Some(n as usize)),
-            _ => Err(err(format!("{shown}: {at}{key} is {h}, not a count ≥ 1"))),
+            _ => Err(err(format!("{shown}: {key} is {h}, not a count ≥ 1"))),
         }
     };
-    let first = |object: &serde_json::Value, at: &str, keys: &[&str]| -> Result<Option<usize>> {
-        match keys.iter().find(|key| object.get(**key).is_some()) {
-            Some(key) => count(object, at, key),
-            None => Ok(None),
-        }
+    // The first of `keys` that `object` has, if it is an integer ≥ 1 (lenient: a nested
+    // section's or a size's odd value, such as Swin's per-stage `num_heads` list, is not an
+    // error, only not a count).
+    let first = |object: &serde_json::Value, keys: &[&str]| -> Option<usize> {
+        let key = keys.iter().find(|key| object.get(**key).is_some())?;
+        object[*key]
+            .as_u64()
+            .filter(|&n| n >= 1)
+            .map(|n| n as usize)
     };
     // The section at `object`, named `at` ("" for the top level, "text_config." below it).
-    let section = |object: &serde_json::Value, at: &str| -> Result<ConfigSection> {
-        let heads_key = HEAD_KEYS.into_iter().find(|key| object.get(key).is_some());
-        Ok(ConfigSection {
-            heads_key: format!("{at}{}", heads_key.unwrap_or(HEAD_KEYS[0])),
-            heads: first(object, at, &HEAD_KEYS)?,
-            kv_heads: count(object, at, "num_key_value_heads")?,
-            layers: first(object, at, &LAYER_KEYS)?,
-            width: first(object, at, &WIDTH_KEYS)?,
-            model_type: object
-                .get("model_type")
-                .and_then(|t| t.as_str())
-                .map(str::to_string),
-        })
+    let section = |object: &serde_json::Value, at: &str| ConfigSection {
+        heads_key: format!(
+            "{at}{}",
+            HEAD_KEYS
+                .into_iter()
+                .find(|key| object.get(key).is_some())
+                .unwrap_or(HEAD_KEYS[0])
+        ),
+        heads: first(object, &HEAD_KEYS),
+        kv_heads: first(object, &["num_key_value_heads"]),
+        layers: first(object, &LAYER_KEYS),
+        width: first(object, &WIDTH_KEYS),
+        model_type: object
+            .get("model_type")
+            .and_then(|t| t.as_str())
+            .map(str::to_string),
+    };
+    // The top level's head counts are checked: they are the ones used without a stack.
+    let top_heads = match HEAD_KEYS.into_iter().find(|key| value.get(key).is_some()) {
+        Some(key) => count(&value, key)?,
+        None => None,
+    };
+    let top = ConfigSection {
+        heads: top_heads,
+        kv_heads: count(&value, "num_key_value_heads")?,
+        ..section(&value, "")
     };
     let mut config = ConfigJson {
-        top: section(&value, "")?,
+        top,
         ..Default::default()
     };
     if let Some(sections) = value.as_object() {
@@ -477,15 +494,15 @@ fn read_config(path: &Path) -> Result<ConfigJson> {
                 if let Some(part) = key.strip_suffix("_attention_heads") {
                     config.nested.push(ConfigSection {
                         heads_key: key.clone(),
-                        heads: count(&value, "", key)?,
-                        layers: count(&value, "", &format!("{part}_layers"))?,
+                        heads: first(&value, &[key.as_str()]),
+                        layers: first(&value, &[&format!("{part}_layers")]),
                         width: config.top.width,
                         ..Default::default()
                     });
                 }
             }
             if inner.is_object() {
-                let nested = section(inner, &format!("{key}."))?;
+                let nested = section(inner, &format!("{key}."));
                 if let Some(h) = nested.heads {
                     config
                         .nested_heads
@@ -1628,6 +1645,16 @@ mod tests {
                 "vision_config.num_heads",
                 None,
                 "llava",
+            ),
+            // A nested section's odd values (Swin's per-stage head list) are not counts, and
+            // not errors.
+            (
+                r#"{"text_config": {"num_attention_heads": 2, "hidden_size": 4}, "vision_config": {"num_heads": [3, 6], "num_hidden_layers": 0, "hidden_size": 6}}"#.to_string(),
+                text,
+                2,
+                "text_config.num_attention_heads",
+                None,
+                "",
             ),
             // An encoder–decoder's flat counts, told apart by their layer counts.
             (
