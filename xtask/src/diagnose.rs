@@ -1,6 +1,6 @@
 //! `cargo xtask diagnose`.
 
-use rmt_core::checkpoint::{AttentionKind, Checkpoint, LayerFactors};
+use rmt_core::checkpoint::{AttentionKind, Checkpoint, HeadsFrom, LayerFactors};
 use rmt_core::diagnostics::{
     DiagnosticsConfig, Factorization, NullModel, SpectralMetrics, SpectrumDiagnostics,
     VarianceEstimator,
@@ -102,11 +102,8 @@ pub fn run(args: Args) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             // A head count taken from a section of config.json that describes this stack
             // (a vision-language or encoder–decoder model's) is said, as it was chosen.
-            if let (Some(heads), Some(from)) = (checkpoint.heads(), checkpoint.heads_from())
-                && (from.contains('.')
-                    || from
-                        .strip_suffix("_attention_heads")
-                        .is_some_and(|part| part != "num"))
+            if let (Some(heads), Some(HeadsFrom::Section(from))) =
+                (checkpoint.heads(), checkpoint.heads_from())
             {
                 eprintln!(
                     "{}.N: {heads} heads, config.json's {from} (its section gives this stack's layer count and width)",
@@ -239,7 +236,7 @@ fn write_report(
                         Precision::F64 => "f64",
                     },
                     heads_from: match source {
-                        Source::Checkpoint(c) => c.heads_from().map(str::to_string),
+                        Source::Checkpoint(c) => c.heads_from().map(|h| h.key().to_string()),
                         Source::Initialised { .. } => None,
                     },
                     attention: layer.kind,

@@ -103,6 +103,28 @@ use std::path::{Path, PathBuf};
 
 pub use crate::effective::{AttentionKind, AttentionLayer, LayerFactors};
 
+/// Where a checkpoint's head count came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadsFrom {
+    /// The caller (`--heads`).
+    Caller,
+    /// config.json's (or params.json's) top level, under this key (`num_attention_heads`).
+    TopLevel(String),
+    /// The config.json section whose layer count and width are the stack's, under this key
+    /// (`text_config.num_attention_heads`, `decoder_attention_heads`).
+    Section(String),
+}
+
+impl HeadsFrom {
+    /// `--heads`, or the config.json key.
+    pub fn key(&self) -> &str {
+        match self {
+            HeadsFrom::Caller => "--heads",
+            HeadsFrom::TopLevel(key) | HeadsFrom::Section(key) => key,
+        }
+    }
+}
+
 /// The file name of a sharded HF checkpoint's index.
 pub const SHARD_INDEX: &str = "model.safetensors.index.json";
 
@@ -121,8 +143,8 @@ pub struct Checkpoint {
     scales: BTreeMap<String, Entry>,
     /// The gains of norms that have a bias beside them (`….q_norm.weight`): LayerNorms.
     norm_biases: BTreeSet<String>,
-    /// Where the head count came from (`--heads`, `text_config.num_attention_heads`).
-    heads_from: Option<String>,
+    /// Where the head count came from.
+    heads_from: Option<HeadsFrom>,
     /// The `model_type` of the stack's config.json section, else of its top level.
     model_type: Option<String>,
     /// The `num_key_value_heads` of the stack's config.json section.
@@ -469,15 +491,9 @@ fn read_config(path: &Path) -> Result<ConfigJson> {
             .map(str::to_string),
     };
     // The top level's head counts are checked: they are the ones used without a stack.
-    let top_heads = match HEAD_KEYS.into_iter().find(|key| value.get(key).is_some()) {
-        Some(key) => count(&value, key)?,
-        None => None,
-    };
-    let top = ConfigSection {
-        heads: top_heads,
-        kv_heads: count(&value, "num_key_value_heads")?,
-        ..section(&value, "")
-    };
+    let mut top = section(&value, "");
+    top.heads = count(&value, &top.heads_key)?;
+    top.kv_heads = count(&value, "num_key_value_heads")?;
     let mut config = ConfigJson {
         top,
         ..Default::default()
@@ -847,10 +863,13 @@ impl Checkpoint {
             _ => None,
         };
         checkpoint.heads = heads.or(section.and_then(|s| s.heads));
-        checkpoint.heads_from = if heads.is_some() {
-            Some("--heads".to_string())
-        } else {
-            section.map(|s| s.heads_key.clone())
+        checkpoint.heads_from = match section {
+            _ if heads.is_some() => Some(HeadsFrom::Caller),
+            Some(s) if std::ptr::eq(s, &config.top) => {
+                Some(HeadsFrom::TopLevel(s.heads_key.clone()))
+            }
+            Some(s) => Some(HeadsFrom::Section(s.heads_key.clone())),
+            None => None,
         };
         checkpoint.kv_heads = section.and_then(|s| s.kv_heads);
         checkpoint.model_type = section
@@ -860,25 +879,21 @@ impl Checkpoint {
     }
 
     /// The stack's layer count (its highest index plus one) and, read off the first layer's
-    /// headers, its model width (`None` where the headers do not tell it).
+    /// headers, its model width (`None` where the headers do not tell it): the input side of
+    /// the projection its keys are read from.
     fn stack_size(&self) -> (usize, Option<usize>) {
         let count = self.layers.keys().next_back().map_or(0, |last| last + 1);
-        let width = self.layers.values().next().and_then(|leaves| {
-            let input = |leaf: &str, axis: usize| {
-                let e = leaves.get(leaf)?;
-                let info = self.shards[e.shard].info(&e.name).ok()?;
-                (info.shape.len() == 2).then(|| info.shape[axis])
-            };
-            [
-                "q_proj",
-                "wq",
-                "kv_a_proj_with_mqa",
-                "qkv_proj",
-                "query_key_value",
-            ]
-            .into_iter()
-            .find_map(|leaf| input(leaf, 1))
-            .or_else(|| input("c_attn", 0))
+        let width = self.layers.keys().next().and_then(|&first| {
+            let shape = |e: &Entry| self.shape::<2>(e).ok();
+            match self.parts(first).ok()? {
+                Parts::Mha { k, .. } => shape(k).map(|[_, d]| d),
+                Parts::Mla { kv_down, .. } => shape(kv_down).map(|[_, d]| d),
+                Parts::Fused {
+                    w,
+                    fused: Fused::Conv1D,
+                } => shape(w).map(|[d, _]| d),
+                Parts::Fused { w, .. } => shape(w).map(|[_, d]| d),
+            }
         });
         (count, width)
     }
@@ -898,10 +913,10 @@ impl Checkpoint {
         self.heads
     }
 
-    /// Where the head count came from: `--heads` (the caller's), or the config.json key
-    /// (`num_attention_heads`, `text_config.num_attention_heads`, `decoder_attention_heads`).
-    pub fn heads_from(&self) -> Option<&str> {
-        self.heads_from.as_deref()
+    /// Where the head count came from: the caller, config.json's top level, or the section
+    /// of it that describes the stack read (`None`: no head count).
+    pub fn heads_from(&self) -> Option<&HeadsFrom> {
+        self.heads_from.as_ref()
     }
 
     /// How many files the checkpoint is read from.
@@ -1059,8 +1074,12 @@ impl Checkpoint {
     /// A tensor's values as `f32`, checking its rank.
     fn load<const R: usize>(&self, e: &Entry) -> Result<(Vec<f32>, [usize; R])> {
         let shape = self.shape::<R>(e)?;
-        let values = tensor_to_f32(&e.name, &self.shards[e.shard].view(&e.name)?)?;
-        Ok((values, shape))
+        Ok((self.values(e)?, shape))
+    }
+
+    /// A tensor's values as `f32`, whatever its rank.
+    fn values(&self, e: &Entry) -> Result<Vec<f32>> {
+        tensor_to_f32(&e.name, &self.shards[e.shard].view(&e.name)?)
     }
 
     /// A weight matrix's `[rows, cols]`, and its FP8 block scales' entry, whose shape must be
@@ -1154,10 +1173,7 @@ impl Checkpoint {
                         }
                     }
                 }
-                Some(tensor_to_f32(
-                    &e.name,
-                    &self.shards[e.shard].view(&e.name)?,
-                )?)
+                Some(self.values(e)?)
             }
             None => None,
         };
@@ -1278,9 +1294,10 @@ impl Checkpoint {
                 k_norm,
             } => {
                 let gated = self.gated_query().then_some(self.known_heads()?);
-                let head_dim = match kind {
-                    AttentionKind::Mha { head_dim, .. } => head_dim,
-                    AttentionKind::Mla { .. } => unreachable!("q_proj and k_proj: an MHA layout"),
+                let AttentionKind::Mha { head_dim, .. } = kind else {
+                    return Err(err(format!(
+                        "layer {index}: q_proj and k_proj, not an MHA layout"
+                    )));
                 };
                 LayerWeights::Mha {
                     q: self.normed(q, q_norm, gated, head_dim)?,
@@ -1597,7 +1614,7 @@ mod tests {
         for (prefix, seed, d) in stacks {
             let ck = Checkpoint::open_stack(&path, Some(2), Some(&stack(prefix))).unwrap();
             assert_eq!(ck.stack(), stack(prefix));
-            assert_eq!(ck.heads_from(), Some("--heads"));
+            assert_eq!(ck.heads_from(), Some(&HeadsFrom::Caller));
             assert_eq!(ck.layer(0).unwrap().q, values(d * d, seed));
         }
         let e = Checkpoint::open_stack(&path, Some(2), Some("model.layer"))
@@ -1668,7 +1685,11 @@ mod tests {
         ] {
             let ck = open_with(&config, prefix);
             assert_eq!(ck.heads(), Some(heads), "{config} {prefix}");
-            assert_eq!(ck.heads_from(), Some(from), "{config} {prefix}");
+            assert_eq!(
+                ck.heads_from().map(HeadsFrom::key),
+                Some(from),
+                "{config} {prefix}"
+            );
             assert_eq!(ck.kv_heads, kv_heads, "{config} {prefix}");
             assert_eq!(ck.model_type.as_deref().unwrap_or(""), model_type);
         }
