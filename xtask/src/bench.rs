@@ -479,7 +479,7 @@ fn key_basis(presets: &[String], repeats: usize) -> Result<(), String> {
         let (factors_time, factors) = time_ms(repeats, &form_factors);
         let factors = factors.map_err(|e| e.to_string())?;
         let (m, d) = (layer.rows, layer.width);
-        let b = layer.key_basis.as_ref().map_or(d, |k| k.dim);
+        let b = layer.factors().2;
         let config = DiagnosticsConfig::default();
         let (basis, through_basis) = time_ms(repeats, || layer.diagnose(&config));
         let through_basis = through_basis.map_err(|e| e.to_string())?;

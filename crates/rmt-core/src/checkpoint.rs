@@ -888,11 +888,7 @@ impl Checkpoint {
             match self.parts(first).ok()? {
                 Parts::Mha { k, .. } => shape(k).map(|[_, d]| d),
                 Parts::Mla { kv_down, .. } => shape(kv_down).map(|[_, d]| d),
-                Parts::Fused {
-                    w,
-                    fused: Fused::Conv1D,
-                } => shape(w).map(|[d, _]| d),
-                Parts::Fused { w, .. } => shape(w).map(|[_, d]| d),
+                Parts::Fused { w, fused } => shape(w).map(|s| fused.input_width(s)),
             }
         });
         (count, width)
@@ -1375,6 +1371,15 @@ impl Fused {
         }
     }
 
+    /// The model width `d` of a fused projection of `[rows, cols]`: its input side (a
+    /// Conv1D stores `[in, out]`, a Linear `[out, in]`).
+    fn input_width(self, [rows, cols]: [usize; 2]) -> usize {
+        match self {
+            Fused::Conv1D => rows,
+            Fused::Stacked | Fused::PerHead => cols,
+        }
+    }
+
     /// The `[rows, cols]` of the query and key projections inside a fused one of `shape`.
     fn split_shapes(
         self,
@@ -1392,8 +1397,8 @@ impl Fused {
                         "layer {index}: qkv_proj has {rows} rows, not (H + 2·H_kv)·d_h for H = {heads}, H_kv = {kv} (config.json's num_key_value_heads)"
                     )));
                 }
-                let hd = rows / per;
-                Ok(([heads * hd, cols], [kv * hd, cols]))
+                let (hd, d) = (rows / per, self.input_width([rows, cols]));
+                Ok(([heads * hd, d], [kv * hd, d]))
             }
             Fused::PerHead => {
                 if rows == 0 || rows % (3 * heads) != 0 {
@@ -1401,7 +1406,8 @@ impl Fused {
                         "layer {index}: query_key_value has {rows} rows, not 3·H·d_h for H = {heads}"
                     )));
                 }
-                Ok(([rows / 3, cols], [rows / 3, cols]))
+                let d = self.input_width([rows, cols]);
+                Ok(([rows / 3, d], [rows / 3, d]))
             }
             Fused::Conv1D => {
                 if cols == 0 || cols != 3 * rows {
@@ -1409,7 +1415,8 @@ impl Fused {
                         "layer {index}: c_attn is [{rows}, {cols}], not GPT-2's Conv1D [d, 3·d]"
                     )));
                 }
-                Ok(([cols / 3, rows], [cols / 3, rows]))
+                let d = self.input_width([rows, cols]);
+                Ok(([cols / 3, d], [cols / 3, d]))
             }
         }
     }

@@ -128,14 +128,20 @@ pub struct KeyBasis {
 }
 
 impl AttentionLayer {
+    /// The `m × b` factors `Q̃, K̃` of `M` the diagnostics read, and `b`: the key basis when
+    /// there is one, else `Q, K` (`b = d`). [`LayerFactors`] holds the same.
+    pub fn factors(&self) -> (&[f32], &[f32], usize) {
+        match &self.key_basis {
+            Some(basis) => (&basis.q, &basis.k, basis.dim),
+            None => (&self.q, &self.k, self.width),
+        }
+    }
+
     /// Diagnoses this layer (whole layer, and per head if `config.per_head`), through its
     /// [`KeyBasis`] when it has one (the same `M`, formed from `b` columns instead of `d`;
     /// [`diagnose_layer_in_basis`]).
     pub fn diagnose(&self, config: &DiagnosticsConfig) -> Result<LayerDiagnostics> {
-        let (q, k, b) = match &self.key_basis {
-            Some(basis) => (&basis.q, &basis.k, basis.dim),
-            None => (&self.q, &self.k, self.width),
-        };
+        let (q, k, b) = self.factors();
         diagnose_factors(
             q,
             k,
@@ -802,15 +808,9 @@ mod tests {
                 (7, &layer.kind, m, d)
             );
             assert_eq!(factors.factorization, layer.factorization);
-            let (q, k, dim) = match &layer.key_basis {
-                Some(kb) => (&kb.q, &kb.k, kb.dim),
-                None => (&layer.q, &layer.k, d),
-            };
             assert_eq!(layer.key_basis.is_some(), d > b);
-            assert_eq!(
-                (&factors.factors.q, &factors.factors.k, factors.factors.dim),
-                (q, k, dim)
-            );
+            let f = &factors.factors;
+            assert_eq!((&f.q[..], &f.k[..], f.dim), layer.factors());
             let config = DiagnosticsConfig {
                 per_head: true,
                 ..Default::default()
